@@ -1,0 +1,399 @@
+"""Configuration: one dataclass per concern, YAML <-> dataclass, dotted CLI overrides.
+
+A YAML file has one top-level section per dataclass (``model:``, ``parallel:``, ...).
+Command-line overrides are ``section.key=value`` strings parsed as YAML scalars, so
+``parallel.tp=2`` gives an int and ``model.flavor=llama`` a string. Each dataclass
+validates itself in ``__post_init__``; cross-section checks live in ``Config``.
+Unknown keys and wrong types are errors that name the key, the nearest valid key,
+and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message says what to change."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    _require(value in options, f"{name}={value!r} is not one of {', '.join(options)}")
+
+
+@dataclass
+class ModelConfig:
+    flavor: str = "gpt2"  # gpt2 | llama
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: same as num_heads (no grouped-query attention)
+    ffn_hidden_size: int | None = None  # None: 4h for gpt2, SwiGLU's 8h/3 rounded to 64 for llama
+    seq_length: int = 256
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    make_vocab_size_divisible_by: int = 128
+    dropout: float = 0.0
+    tie_embeddings: bool | None = None  # None: True for gpt2, False for llama
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    attention_backend: str = "torch"  # torch | triton | flash_attn
+    norm_backend: str = "torch"  # torch | triton | apex
+
+    def __post_init__(self) -> None:
+        _choice("model.flavor", self.flavor, ("gpt2", "llama"))
+        _choice("model.attention_backend", self.attention_backend, ("torch", "triton", "flash_attn"))
+        _choice("model.norm_backend", self.norm_backend, ("torch", "triton", "apex"))
+        for name in ("num_layers", "hidden_size", "num_heads", "seq_length", "make_vocab_size_divisible_by"):
+            _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
+        _require(self.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
+            f"choose a head count that divides the hidden size",
+        )
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        _require(self.num_kv_heads > 0, f"model.num_kv_heads must be positive, got {self.num_kv_heads}")
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads={self.num_kv_heads}; "
+            f"grouped-query attention needs a whole number of query heads per kv head",
+        )
+        if self.flavor == "gpt2":
+            _require(
+                self.num_kv_heads == self.num_heads,
+                "model.num_kv_heads must equal model.num_heads for the gpt2 flavor (no grouped-query attention)",
+            )
+        if self.ffn_hidden_size is None:
+            if self.flavor == "gpt2":
+                self.ffn_hidden_size = 4 * self.hidden_size
+            else:
+                self.ffn_hidden_size = 64 * ((8 * self.hidden_size // 3 + 63) // 64)
+        if self.tie_embeddings is None:
+            self.tie_embeddings = self.flavor == "gpt2"
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    virtual_pp: int = 1  # model chunks per pipeline stage (interleaved 1F1B when > 1)
+    pipeline_schedule: str = "1f1b"  # 1f1b | afab (all-forward-all-backward, the reference)
+    stage_layers: list[int] | None = None  # explicit layers per (virtual) stage; None = even split
+    sequence_parallel: bool = False
+    zero1: bool = False
+    bucket_size_mb: float = 25.0
+    timeout_s: float = 600.0
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "virtual_pp"):
+            _require(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        _choice("parallel.pipeline_schedule", self.pipeline_schedule, ("1f1b", "afab"))
+        _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
+        _require(self.timeout_s > 0, f"parallel.timeout_s must be positive, got {self.timeout_s}")
+        _require(self.bucket_size_mb > 0, f"parallel.bucket_size_mb must be positive, got {self.bucket_size_mb}")
+
+
+@dataclass
+class MixtureEntry:
+    prefix: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.weight > 0, f"data.mixture weight for {self.prefix!r} must be positive, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = ""  # tokenizer directory
+    mixture: list[MixtureEntry] = field(default_factory=list)  # [{prefix, weight}, ...]
+    split: str = "949,50,1"  # train, valid, test weights over documents
+    cache_dir: str = ""  # index cache; "" = next to the first prefix
+    demo: bool = False  # build the standard-library demo corpus when the data is missing
+    demo_dir: str = "data/demo"
+    demo_vocab_size: int = 2048
+
+    def __post_init__(self) -> None:
+        self.mixture = [m if isinstance(m, MixtureEntry) else MixtureEntry(**m) for m in self.mixture]
+        parts = self.split.replace("/", ",").split(",")
+        _require(
+            len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
+            f"data.split={self.split!r} must be three comma-separated weights such as '949,50,1'",
+        )
+        _require(sum(float(p) for p in parts) > 0, f"data.split={self.split!r} must not be all zeros")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    schedule: str = "cosine"  # cosine | linear | constant | wsd
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # None: train.max_steps
+    wsd_decay_fraction: float = 0.2  # the final fraction of steps that decays (wsd only)
+    fused: str = "auto"  # auto | torch | apex | none
+
+    def __post_init__(self) -> None:
+        _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant", "wsd"))
+        _choice("optim.fused", self.fused, ("auto", "torch", "apex", "none"))
+        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(0 < self.wsd_decay_fraction <= 1, "optim.wsd_decay_fraction must be in (0, 1]")
+        _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    max_steps: int = 100
+    max_tokens: int = 0  # 0: no token budget; otherwise stop once this many tokens were trained
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    seed: int = 1234
+    eval_interval: int = 50  # 0 disables validation
+    eval_steps: int = 4
+    initial_loss_scale: float = 2.0**16
+    loss_scale_window: int = 1000
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        for name in ("micro_batch_size", "global_batch_size", "max_steps"):
+            _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        _require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={self.micro_batch_size}",
+        )
+
+
+@dataclass
+class CheckpointConfig:
+    save: str = ""  # directory; "" = never save
+    load: str = ""  # directory to resume from; "" = start fresh
+    interval: int = 0  # steps between saves; 0 = only at the end
+    finetune: bool = False  # load weights only, not optimizer/scheduler/step
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 0, f"checkpoint.interval must be >= 0, got {self.interval}")
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs/default"
+    interval: int = 10
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.interval > 0, f"log.interval must be positive, got {self.interval}")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "log": LogConfig,
+}
+
+
+def register_section(name: str, cls: type) -> None:
+    """Add a section (the RLHF stages add theirs) so YAML and overrides can name it."""
+    SECTIONS[name] = cls
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    extra: dict[str, Any] = field(default_factory=dict)  # registered sections beyond the core
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name) if name in _CORE else self.extra[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in _CORE}
+        out.update({name: dataclasses.asdict(value) for name, value in self.extra.items()})
+        return out
+
+
+_CORE = tuple(f.name for f in dataclasses.fields(Config) if f.name != "extra")
+
+
+def _nearest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.0)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(path, value, arg)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping with keys {[f.name for f in dataclasses.fields(tp)]}")
+        return build_dataclass(tp, value, path)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected bool (true/false), got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{path}: expected int, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-4 without a dot as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected float, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: expected str, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build_dataclass(cls: type, values: dict[str, Any], path: str) -> Any:
+    """Build ``cls`` from a mapping, rejecting unknown keys and wrong types by name."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown key '{path}.{key}'{_nearest(key, [f'{n}' for n in names])}")
+        kwargs[key] = _coerce(f"{path}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    raw = dict(raw or {})
+    unknown = [k for k in raw if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"unknown section '{unknown[0]}'{_nearest(unknown[0], list(SECTIONS))}")
+    for name, value in raw.items():
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"section '{name}' must be a mapping, got {type(value).__name__}")
+    core = {name: build_dataclass(SECTIONS[name], raw.get(name) or {}, name) for name in _CORE}
+    extra = {name: build_dataclass(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items() if name not in _CORE}
+    return Config(**core, extra=extra)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["parallel.tp=2", "model.flavor=llama"]`` -> nested dict of YAML-parsed values."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (for example parallel.tp=2)")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"override {item!r} must name a section and a key, such as train.max_steps=10")
+        value = yaml.safe_load(text) if text.strip() else ""
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part}")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (optional), apply dotted overrides, validate, return a ``Config``."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return config_from_dict(raw)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
