@@ -1,0 +1,119 @@
+"""Sampling with a KV cache: greedy, temperature, top-k, top-p, batched prompts of any lengths.
+
+Prompts are left-padded to a common length; each row's positions count from its first
+real token (so learned positions and RoPE see the same positions as an unpadded run),
+and the attention mask hides the padding keys. Vocabulary padding is never sampled.
+Works on a whole model (one pipeline stage) at any tp: every tp rank gathers the full
+logits and samples with the same seeded generator, so all ranks pick the same tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_lite.model.gpt import GPT, KVCache
+from megatron_lite.parallel.mappings import gather_from_region
+
+
+def _check(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int, top_p: float):
+    if not (model.pre_process and model.post_process) or len(model.layer_range) != model.config.num_layers:
+        raise ValueError("generate needs the whole model on one pipeline stage (build GPT with pp=1)")
+    if model.dims.sequence_parallel:
+        raise ValueError("generate does not run with sequence parallelism; build the model with it off")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
+    if any(t < 0 or t >= model.config.vocab_size for p in prompts for t in p):
+        raise ValueError(f"prompt token ids must be in [0, {model.config.vocab_size})")
+    if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not (0 < top_p <= 1):
+        raise ValueError(
+            f"need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+            f"{max_new_tokens}, {temperature}, {top_k}, {top_p}"
+        )
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if model.config.flavor == "gpt2" and longest > model.config.seq_length:
+        raise ValueError(
+            f"prompt plus max_new_tokens reaches {longest} positions but the learned position table has "
+            f"model.seq_length={model.config.seq_length}; shorten the prompt or max_new_tokens"
+        )
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator):
+    """One token per row from logits (B, V); -inf entries are never chosen."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token once the mass before it already reaches top_p; the first always stays.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _full_logits(model: GPT, logits: torch.Tensor) -> torch.Tensor:
+    """(B, V/tp) shard -> (B, vocab) float on CPU, padding columns dropped."""
+    full = gather_from_region(logits, model.dims.tp_group)
+    return full[:, : model.config.vocab_size].float().cpu()
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eod_id: int | None = None,
+    seed: int = 0,
+) -> list[list[int]]:
+    """New tokens for each prompt; a row stops after emitting ``eod_id`` (which it includes)."""
+    _check(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id, seed)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id, seed):
+    device = model.dims.device
+    cfg = model.config
+    batch, prompt_length = len(prompts), max(len(p) for p in prompts)
+    total = prompt_length + max_new_tokens
+    pads = torch.tensor([prompt_length - len(p) for p in prompts], device=device)
+    tokens = torch.tensor([[0] * (prompt_length - len(p)) + p for p in prompts], device=device)  # (B, T)
+    key_valid = torch.arange(total, device=device).unsqueeze(0) >= pads.unsqueeze(1)  # (B, S_max)
+
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.layer_range, batch, total, cfg.num_kv_heads // model.dims.tp, cfg.head_dim, device, dtype)
+    positions = (torch.arange(prompt_length, device=device).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+    causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device).tril()
+    # Padding queries see themselves only, so no softmax row is empty; real queries never see padding.
+    mask = (causal & key_valid[:, None, None, :prompt_length]) | torch.eye(prompt_length, dtype=torch.bool, device=device)
+    logits = model(tokens, position_ids=positions, kv_cache=cache, attention_mask=mask)[:, -1]  # (B, V/tp)
+
+    generator = torch.Generator().manual_seed(seed)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * batch
+    for step in range(max_new_tokens):
+        next_tokens = sample(_full_logits(model, logits), temperature, top_k, top_p, generator)  # (B,)
+        for row, token in enumerate(next_tokens.tolist()):
+            if not finished[row]:
+                outputs[row].append(token)
+                finished[row] = token == eod_id
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        length = cache.length + 1
+        positions = (torch.full((batch, 1), length - 1, device=device) - pads.unsqueeze(1)).clamp(min=0)
+        mask = key_valid[:, None, None, :length]  # (B, 1, 1, S)
+        logits = model(next_tokens.to(device).unsqueeze(1), position_ids=positions, kv_cache=cache, attention_mask=mask)
+        logits = logits[:, -1]
+    return outputs
