@@ -109,6 +109,11 @@ class ParallelConfig:
         for name in ("tp", "pp", "virtual_pp"):
             _require(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         _choice("parallel.pipeline_schedule", self.pipeline_schedule, ("1f1b", "afab"))
+        _require(
+            not (self.pipeline_schedule == "afab" and self.virtual_pp > 1),
+            f"parallel.pipeline_schedule=afab runs one model chunk per stage, but parallel.virtual_pp="
+            f"{self.virtual_pp}; use pipeline_schedule=1f1b (interleaved) or virtual_pp=1",
+        )
         _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
         _require(self.timeout_s > 0, f"parallel.timeout_s must be positive, got {self.timeout_s}")
         _require(self.bucket_size_mb > 0, f"parallel.bucket_size_mb must be positive, got {self.bucket_size_mb}")
@@ -166,6 +171,14 @@ class OptimConfig:
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(0 < self.wsd_decay_fraction <= 1, "optim.wsd_decay_fraction must be in (0, 1]")
         _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        _require(self.eps > 0, f"optim.eps must be positive, got {self.eps}")
+        _require(
+            self.decay_steps is None or self.decay_steps > 0,
+            f"optim.decay_steps must be positive (or null for train.max_steps), got {self.decay_steps}",
+        )
 
 
 @dataclass
@@ -192,6 +205,11 @@ class TrainConfig:
             f"train.global_batch_size={self.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={self.micro_batch_size}",
         )
+        _require(self.max_tokens >= 0, f"train.max_tokens must be >= 0 (0 = no token budget), got {self.max_tokens}")
+        _require(self.eval_interval >= 0, f"train.eval_interval must be >= 0 (0 = never), got {self.eval_interval}")
+        _require(self.eval_steps > 0, f"train.eval_steps must be positive, got {self.eval_steps}")
+        _require(self.initial_loss_scale > 0, f"train.initial_loss_scale must be positive, got {self.initial_loss_scale}")
+        _require(self.loss_scale_window > 0, f"train.loss_scale_window must be positive, got {self.loss_scale_window}")
 
 
 @dataclass
