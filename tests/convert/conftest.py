@@ -1,0 +1,69 @@
+"""Tiny tokenizers and random-weight helpers shared by the conversion tests."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+# Accents, CJK, an emoji outside the BMP, a combining mark, tabs and runs of spaces.
+UNICODE_PROBE = "Grüße, naïve café — 日本語のテキスト 🎉🚀 e\u0301 def f(x):\n\treturn x  +  1 # Ω ≤ ∞"
+
+_CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "Grüße aus Köln, naïve café, 日本語のテキスト, emoji 🎉 and symbols Ω ≤ ∞.\n",
+    "The quick brown fox jumps over the lazy dog. 0123456789\n",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def bytelevel_dir(tmp_path_factory):
+    from megatron_lite.data.bytelevel import ByteLevelBPETokenizer
+
+    return ByteLevelBPETokenizer.train(_CORPUS * 10, 300).save(tmp_path_factory.mktemp("bytelevel"))
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_dir(tmp_path_factory):
+    from megatron_lite.data.sentencepiece_bpe import SentencePieceTokenizer
+
+    return SentencePieceTokenizer.train(_CORPUS * 20, 400).save(tmp_path_factory.mktemp("sentencepiece"))
+
+
+def random_full(name: str, shape: list[int], vocab_size: int, seed: int = 7) -> torch.Tensor:
+    """A full tensor for parameter ``name`` that is the same whatever the layout: norms near 1,
+    everything else small noise; vocabulary padding rows zero."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    if name in ("embedding.word.weight", "output.weight"):
+        full = torch.zeros(shape)
+        full[:vocab_size] = 0.1 * torch.randn(vocab_size, *shape[1:], generator=generator)
+        return full
+    return 0.1 * torch.randn(shape, generator=generator)
+
+
+def randomize_(chunks, tp: int, tp_rank: int, vocab_size: int, tied: bool, seed: int = 7) -> None:
+    """Overwrite every parameter with this rank's shard of ``random_full``; a tied head copy
+    (last stage, pp > 1) draws like the embedding so both copies agree."""
+    from megatron_lite.parallel.layers import shard_tensor
+
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            shape = list(param.shape)
+            if param.partition_dim is not None:
+                shape[param.partition_dim] *= tp
+            draw_as = "embedding.word.weight" if tied and name == "output.weight" else name
+            full = random_full(draw_as, shape, vocab_size, seed)
+            with torch.no_grad():
+                param.copy_(shard_tensor(full, param.partition_dim, param.partition_chunks, tp_rank, tp))

@@ -1,0 +1,36 @@
+"""Rank bodies for the distributed conversion tests; kept free of heavy imports (transformers)
+because every spawned rank imports this module."""
+
+from __future__ import annotations
+
+TINY = dict(num_layers=2, hidden_size=32, num_heads=4, seq_length=16, make_vocab_size_divisible_by=16)
+VARIANTS = {
+    "gpt2-tied": dict(flavor="gpt2", tie_embeddings=True),
+    "gpt2-untied": dict(flavor="gpt2", tie_embeddings=False),
+    "llama-gqa-untied": dict(flavor="llama", num_kv_heads=2, tie_embeddings=False, rope_theta=500.0),
+    "llama-gqa-tied": dict(flavor="llama", num_kv_heads=2, tie_embeddings=True),
+}
+
+
+def save_variants_at_tp2_pp2(rank, world_size, root, tokenizer_dirs):
+    """Save every variant with the trainer's save path at (tp, pp) = (2, 2), random full weights."""
+    import time
+
+    from megatron_lite.config import Config, ModelConfig, ParallelConfig
+    from megatron_lite.data import load_tokenizer
+    from megatron_lite.parallel.dims import ParallelDims
+    from megatron_lite.training.checkpoint import save_checkpoint
+    from megatron_lite.training.trainer import build_model_chunks
+    from tests.convert.conftest import randomize_
+
+    start = time.perf_counter()
+    for variant, fields in VARIANTS.items():
+        tokenizer_dir = tokenizer_dirs[fields["flavor"]]
+        vocab = load_tokenizer(tokenizer_dir).vocab_size
+        cfg = Config(model=ModelConfig(**TINY, **fields, vocab_size=vocab), parallel=ParallelConfig(tp=2, pp=2))
+        dims = ParallelDims.initialize(cfg.parallel, cfg.model)
+        chunks = build_model_chunks(cfg, dims)
+        randomize_(chunks, dims.tp, dims.tp_rank, vocab, cfg.model.tie_embeddings)
+        save_checkpoint(f"{root}/{variant}", 5, chunks, dims, cfg.to_dict(), tokenizer_dir=tokenizer_dir,
+                        padded_vocab_size=chunks[0].padded_vocab_size)
+    return time.perf_counter() - start

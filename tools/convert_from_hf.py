@@ -1,0 +1,48 @@
+"""Convert a Hugging Face GPT-2 or Llama model directory into a megatron-lite checkpoint at a layout.
+
+    python tools/convert_from_hf.py --hf hf/model --output ckpt/model --tp 2 --pp 2
+
+The checkpoint carries the model's tokenizer (byte-level BPE ``tokenizer.json`` or SentencePiece
+``tokenizer.model``), so ``python -m megatron_lite generate --load ckpt/model`` works on it, and
+``pretrain`` fine-tunes from it with ``checkpoint.load=ckpt/model checkpoint.finetune=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors + tokenizer)")
+    parser.add_argument("--output", required=True, help="checkpoint save directory to write")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the written shards")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree of the written shards")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weight dtype to write (auto: as stored in the Hugging Face files)")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                        help="vocabulary padding multiple (model.make_vocab_size_divisible_by)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_lite.config import ConfigError
+    from megatron_lite.convert import ConversionError, convert_from_hf
+    from megatron_lite.training.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        out = convert_from_hf(args.hf, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                              make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    except (ConversionError, ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} at tp={args.tp} pp={args.pp} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Convert a megatron-lite checkpoint (any tp / pp / dp layout) into a Hugging Face model directory.
+
+    python tools/convert_to_hf.py --load runs/demo/checkpoint --output hf/demo
+    python tools/convert_to_hf.py --load CKPT/iter_0000300 --output hf/model --max-shard-size 2GB --dtype bfloat16
+
+The result opens with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``:
+``config.json`` (GPT2LMHeadModel or LlamaForCausalLM), safetensors weights (sharded with
+``model.safetensors.index.json`` above ``--max-shard-size``), ``generation_config.json`` and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--load", required=True, help="checkpoint save directory (follows 'latest') or one iter_* dir")
+    parser.add_argument("--output", required=True, help="new (or empty) directory for the Hugging Face model")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weight dtype to write (auto: as saved)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_lite.convert import ConversionError, convert_to_hf
+    from megatron_lite.training.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        out = convert_to_hf(args.load, args.output, max_shard_size=args.max_shard_size, dtype=args.dtype)
+    except (ConversionError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    weights = sorted(p.name for p in out.glob("*.safetensors"))
+    print(f"wrote {out} ({len(weights)} weight file(s)) in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
