@@ -1,0 +1,526 @@
+"""Fused attention in Triton, FlashAttention-2 style.
+
+Forward: each program holds one tile of queries and streams K/V tiles past it, keeping a
+running max and running sum (online softmax, fp32) so the (S, S) score matrix never exists.
+It saves the log-sum-exp of every query row; the backward recomputes probabilities from it.
+
+Backward, without atomics so gradients are bitwise reproducible:
+  1. delta = rowsum(dO * O), one fp32 value per query row;
+  2. dK/dV: each program owns one K/V tile and loops over the query tiles of every query
+     head in its group (grouped-query attention sums over the group inside the program);
+  3. dQ: each program owns one query tile and loops over the K/V tiles.
+
+Scores are kept in base 2 (exp2 is one instruction; exp is exp2 plus a multiply): the
+softmax scale is folded together with log2(e) into one multiplier.
+
+Layout: q (B, S, H, D), k and v (B, S, KVH, D), any strides with a contiguous last dimension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_device, dot_upcast, interpreting, new_output, seq_bucket
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile; masks exist only where the shape needs them."""
+    if MASK_ROWS:
+        if EVEN_D:
+            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < head_dim), other=0.0)
+    else:
+        if EVEN_D:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptrs, value, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    if MASK_ROWS:
+        if EVEN_D:
+            tl.store(ptrs, value, mask=rows[:, None] < n_rows)
+        else:
+            tl.store(ptrs, value, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < head_dim))
+    else:
+        if EVEN_D:
+            tl.store(ptrs, value)
+        else:
+            tl.store(ptrs, value, mask=offs_d[None, :] < head_dim)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+    offs_m, offs_n, offs_d, lo, hi, seq_k, head_dim, qk_scale_log2,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
+        qk = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            keep = cols[None, :] < seq_k
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= cols[None, :])
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    num_heads, group_size, seq_q, seq_k, head_dim, qk_scale_log2, seq_key,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // num_heads).to(tl.int64)
+    head = pid_bh % num_heads
+    kv_head = head // group_size
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+    q = _load_rows(q_ptrs, offs_m, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        # Tiles left of the diagonal need no mask; tiles right of it are skipped entirely.
+        diag_lo = start_m * BLOCK_M
+        diag_hi = tl.minimum(diag_lo + BLOCK_M, seq_k)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                   offs_m, offs_n, offs_d, 0, diag_lo, seq_k, head_dim, qk_scale_log2,
+                                   False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                   offs_m, offs_n, offs_d, diag_lo, diag_hi, seq_k, head_dim, qk_scale_log2,
+                                   True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+    else:
+        full_hi = (seq_k // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                   offs_m, offs_n, offs_d, 0, full_hi, seq_k, head_dim, qk_scale_log2,
+                                   False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+        if not EVEN_N:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                       offs_m, offs_n, offs_d, full_hi, seq_k, seq_k, head_dim, qk_scale_log2,
+                                       True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+
+    acc = acc / l_i[:, None]
+    o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    _store_rows(o_ptrs, acc.to(O.dtype.element_ty), offs_m, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log, (BLOCK_M,)
+    lse_ptrs = LSE + pid_bh.to(tl.int64) * seq_q + offs_m
+    if EVEN_M:
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(lse_ptrs, lse, mask=offs_m < seq_q)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    num_heads, seq_q, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // num_heads).to(tl.int64)
+    head = pid_bh % num_heads
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < head_dim)
+    o = tl.load(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+    cols, offs_m, offs_d, lo, hi, seq_q, head_dim, qk_scale_log2,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        q = _load_rows(q_base + rows[:, None] * stride_qs + offs_d[None, :], rows, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
+        do = _load_rows(do_base + rows[:, None] * stride_dos + offs_d[None, :], rows, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
+        # Padded query rows load q = dO = 0, so whatever p they get adds nothing to dK or dV.
+        if EVEN_M:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        else:
+            lse = tl.load(lse_base + rows, mask=rows < seq_q, other=0.0)
+            delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
+        qk_t = _dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(qk_t - lse[None, :] * 1.4426950408889634)
+        if MASKED:
+            p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+        dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
+        dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    num_heads, num_kv_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2, seq_key,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bkv = tl.program_id(1)
+    batch = (pid_bkv // num_kv_heads).to(tl.int64)
+    kv_head = pid_bkv % num_kv_heads
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    k = _load_rows(K + batch * stride_kb + kv_head * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+                   cols, seq_k, offs_d, head_dim, not EVEN_N, EVEN_D)
+    v = _load_rows(V + batch * stride_vb + kv_head * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
+                   cols, seq_k, offs_d, head_dim, not EVEN_N, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(group_size):
+        head = kv_head * group_size + g
+        q_base = Q + batch * stride_qb + head * stride_qh
+        do_base = DO + batch * stride_dob + head * stride_doh
+        row_base = (batch * num_heads + head) * seq_q
+        if CAUSAL:
+            # Query tiles above this K/V tile see none of it; the ones crossing the diagonal are masked.
+            diag_hi = tl.minimum(start_n + BLOCK_N, seq_q)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                                     stride_qs, stride_dos, cols, offs_m, offs_d, start_n, diag_hi, seq_q, head_dim,
+                                     qk_scale_log2, True, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                                     stride_qs, stride_dos, cols, offs_m, offs_d, start_n + BLOCK_N, seq_q, seq_q,
+                                     head_dim, qk_scale_log2, False, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE)
+        else:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                                     stride_qs, stride_dos, cols, offs_m, offs_d, 0, seq_q, seq_q, head_dim,
+                                     qk_scale_log2, False, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE)
+    dk = dk * softmax_scale
+    _store_rows(DK + batch * stride_dkb + kv_head * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :],
+                dk.to(DK.dtype.element_ty), cols, seq_k, offs_d, head_dim, not EVEN_N, EVEN_D)
+    _store_rows(DV + batch * stride_dvb + kv_head * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :],
+                dv.to(DV.dtype.element_ty), cols, seq_k, offs_d, head_dim, not EVEN_N, EVEN_D)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs,
+    rows, offs_n, offs_d, lo, hi, seq_k, head_dim, qk_scale_log2,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        # Padded key rows load k = v = 0, so their (finite) p adds nothing to dQ = dS K.
+        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
+        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
+        qk = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(qk - lse_log2[:, None])
+        if MASKED:
+            if CAUSAL:
+                p = tl.where(rows[:, None] >= cols[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    num_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2, seq_key,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // num_heads).to(tl.int64)
+    head = pid_bh % num_heads
+    kv_head = head // group_size
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q = _load_rows(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
+                   rows, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
+    do = _load_rows(DO + batch * stride_dob + head * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+                    rows, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
+    row_ptr = pid_bh.to(tl.int64) * seq_q + rows
+    if EVEN_M:
+        lse_log2 = tl.load(LSE + row_ptr) * 1.4426950408889634
+        delta = tl.load(DELTA + row_ptr)
+    else:
+        lse_log2 = tl.load(LSE + row_ptr, mask=rows < seq_q, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row_ptr, mask=rows < seq_q, other=0.0)
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        diag_lo = start_m * BLOCK_M
+        diag_hi = tl.minimum(diag_lo + BLOCK_M, seq_k)
+        dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
+                           0, diag_lo, seq_k, head_dim, qk_scale_log2, False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+        dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
+                           diag_lo, diag_hi, seq_k, head_dim, qk_scale_log2, True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+    else:
+        full_hi = (seq_k // BLOCK_N) * BLOCK_N
+        dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
+                           0, full_hi, seq_k, head_dim, qk_scale_log2, False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+        if not EVEN_N:
+            dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n,
+                               offs_d, full_hi, seq_k, seq_k, head_dim, qk_scale_log2, True, CAUSAL, BLOCK_N,
+                               EVEN_D, UPCAST, IEEE)
+    dq = dq * softmax_scale
+    _store_rows(DQ + batch * stride_dqb + head * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
+                dq.to(DQ.dtype.element_ty), rows, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
+
+
+# ----------------------------------------------------------------------------- launching
+
+_EVEN = {
+    "EVEN_M": lambda args: args["seq_q"] % args["BLOCK_M"] == 0,
+    "EVEN_N": lambda args: args["seq_k"] % args["BLOCK_N"] == 0,
+}
+_TUNING_KEY = ["seq_key", "head_dim", "CAUSAL"]
+
+
+def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        for m, n, warps, stages in shapes
+    ]
+
+
+# The tile held in registers is the larger one; the streamed tile divides it, so the causal
+# diagonal always falls on whole streamed tiles.
+_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+                         (128, 64, 8, 4), (64, 64, 4, 3)])
+_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)])
+_DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)])
+
+# Under the interpreter: small tiles (so short test sequences still span several), with the
+# register tile twice the streamed one to exercise the diagonal logic.
+_INTERPRETER_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+
+
+class _Kernel:
+    """A kernel with its even-shape heuristics, autotuned on GPU and fixed under the interpreter.
+
+    Called as ``kernel(length, programs_per_row, tile, *args)``: the grid is
+    cdiv(length, BLOCK_<tile>) x programs_per_row, with ``tile`` "M" or "N".
+    """
+
+    def __init__(self, fn, configs: list[triton.Config], tiles: tuple[int, int]):
+        self.plain = triton.heuristics(_EVEN)(fn)
+        self.tuned = triton.autotune(configs=configs, key=_TUNING_KEY)(triton.heuristics(_EVEN)(fn))
+        self.tiles = tiles
+
+    def __call__(self, length: int, programs_per_row: int, tile: str, *args, **kwargs) -> None:
+        if interpreting():
+            block_m, block_n = self.tiles
+            rows = triton.cdiv(length, block_m if tile == "M" else block_n)
+            self.plain[(rows, programs_per_row)](*args, **kwargs, BLOCK_M=block_m, BLOCK_N=block_n)
+        else:
+            self.tuned[lambda meta: (triton.cdiv(length, meta["BLOCK_" + tile]), programs_per_row)](*args, **kwargs)
+
+
+_fwd = _Kernel(_attn_fwd_kernel, _FWD_CONFIGS, _INTERPRETER_TILES["fwd"])
+_dkdv = _Kernel(_attn_bwd_dkdv_kernel, _DKDV_CONFIGS, _INTERPRETER_TILES["dkdv"])
+_dq = _Kernel(_attn_bwd_dq_kernel, _DQ_CONFIGS, _INTERPRETER_TILES["dq"])
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _flags(q: torch.Tensor, head_dim: int) -> dict:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return {
+        "BLOCK_D": block_d,
+        "EVEN_D": block_d == head_dim,
+        "UPCAST": dot_upcast(q.dtype),
+        "IEEE": q.dtype == torch.float32,
+    }
+
+
+def attention_forward(q, k, v, causal: bool, softmax_scale: float):
+    """Returns (out (B, S, H, D), lse (B, H, S) fp32, natural log)."""
+    batch, seq_q, num_heads, head_dim = q.shape
+    _, seq_k, num_kv_heads, _ = k.shape
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((batch, num_heads, seq_q), torch.float32, q.device)
+    _fwd(seq_q, batch * num_heads, "M",
+         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+         num_heads, num_heads // num_kv_heads, seq_q, seq_k, head_dim, softmax_scale * LOG2E, seq_bucket(seq_k),
+         CAUSAL=causal, **_flags(q, head_dim))
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float):
+    """Returns (dq, dk, dv), each shaped like its input."""
+    batch, seq_q, num_heads, head_dim = q.shape
+    _, seq_k, num_kv_heads, _ = k.shape
+    group_size = num_heads // num_kv_heads
+    flags = _flags(q, head_dim)
+    delta = new_output((batch, num_heads, seq_q), torch.float32, q.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(seq_q, 64), batch * num_heads)](
+        out, do, delta, *_strides(out), *_strides(do), num_heads, seq_q, head_dim,
+        BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    qk_scale_log2 = softmax_scale * LOG2E
+    _dkdv(seq_k, batch * num_kv_heads, "N",
+          q, k, v, do, lse, delta, dk, dv,
+          *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+          num_heads, num_kv_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2,
+          seq_bucket(seq_q), CAUSAL=causal, **flags)
+    _dq(seq_q, batch * num_heads, "M",
+        q, k, v, do, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        num_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2,
+        seq_bucket(seq_k), CAUSAL=causal, **flags)
+    return dq, dk, dv
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        out, lse = attention_forward(q, k, v, causal, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal = causal
+        ctx.softmax_scale = softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(_last_dim_contiguous(do), q, k, v, out, lse, ctx.causal, ctx.softmax_scale)
+        return dq, dk, dv, None, None
+
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128  # the tile configurations are sized (shared memory, registers) for head dims up to 128
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    """Shape and dtype checks shared by every attention backend."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, seq_q, num_heads, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head_dim"
+        )
+    if num_heads % k.shape[2] != 0:
+        raise ValueError(
+            f"q has {num_heads} heads, not a multiple of the {k.shape[2]} k/v heads; grouped-query attention "
+            f"needs a whole number of query heads per k/v head"
+        )
+    if causal and seq_q != k.shape[1]:
+        raise ValueError(
+            f"causal attention needs q and k of the same length, got {seq_q} and {k.shape[1]}; "
+            f"pass causal=False for cross attention"
+        )
+    if seq_q == 0 or k.shape[1] == 0:
+        raise ValueError("attention over an empty sequence: q and k need at least one position")
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v with q (B, S, H, D), k/v (B, S, KVH, D); returns (B, S, H, D).
+
+    H must be a multiple of KVH (grouped-query attention: query head h reads k/v head
+    h // (H // KVH)). ``softmax_scale`` defaults to 1/sqrt(D). Differentiable.
+    """
+    check_attention_inputs(q, k, v, causal)
+    check_device(q, k, v)
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"flash_attention supports float16, bfloat16 and float32, got {q.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {q.shape[-1]} is larger than the supported {MAX_HEAD_DIM}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    return FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale))

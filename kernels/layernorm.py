@@ -1,0 +1,194 @@
+"""LayerNorm and RMSNorm over the last dimension in Triton.
+
+Forward: a program normalizes a block of whole rows (statistics in fp32) and saves each
+row's mean and 1/std in fp32 for the backward.
+
+Backward: a fixed number of programs each walks a contiguous range of rows, writing dX and
+keeping fp32 running sums of dY * x_hat (for dW) and dY (for dB) in registers. Each program
+stores its partial sums in its own row of a (programs, N) buffer that PyTorch then sums over
+the first dimension, so the weight gradients come out the same on every run (no atomics,
+no locks).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_device, interpreting, multiprocessor_count, new_output
+
+MAX_HIDDEN_SIZE = 65536
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X, Y, W, B, MEAN, RSTD,
+    stride_x, stride_y, n_rows, n_cols, eps,
+    IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # (ROWS, BLOCK_N)
+    if IS_RMS:
+        x_c = x
+    else:
+        mean = tl.sum(x, 1) / n_cols
+        x_c = tl.where(mask, x - mean[:, None], 0.0)
+        tl.store(MEAN + rows, mean, mask=row_ok)
+    rstd = 1.0 / tl.sqrt(tl.sum(x_c * x_c, 1) / n_cols + eps)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = x_c * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    X, DY, DX, W, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL,
+    stride_x, stride_dy, stride_dx, n_rows, n_cols, rows_per_program,
+    IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    first = pid.to(tl.int64) * rows_per_program
+    last = tl.minimum(first + rows_per_program, n_rows)
+    for start in range(first, last, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        row_ok = rows < last
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        if IS_RMS:
+            x_hat = x * rstd[:, None]
+        else:
+            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        w_dy = w[None, :] * dy  # zero outside the row, since dy is
+        c1 = tl.sum(x_hat * w_dy, 1) / n_cols
+        if IS_RMS:
+            dx = (w_dy - x_hat * c1[:, None]) * rstd[:, None]
+        else:
+            c2 = tl.sum(w_dy, 1) / n_cols
+            dx = (w_dy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * x_hat
+        if HAS_BIAS:
+            db += dy
+    tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, 0), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db, 0), mask=col_ok)
+
+
+def _layout(n_cols: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps): short rows are stacked into blocks of about 8192 elements, and
+    warps grow with the block's bytes, so each thread holds a few 16-byte vectors per tensor."""
+    block_n = triton.next_power_of_2(n_cols)
+    rows = max(1, min(16, 8192 // block_n)) if not interpreting() else 2
+    block_bytes = block_n * rows * element_size
+    num_warps = min(32, max(4, block_bytes // 2048))
+    return block_n, rows, num_warps
+
+
+def norm_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, is_rms: bool):
+    """x2d (M, N) -> (y (M, N), mean (M,) fp32 or None, rstd (M,) fp32)."""
+    n_rows, n_cols = x2d.shape
+    y = new_output((n_rows, n_cols), x2d.dtype, x2d.device)
+    mean = None if is_rms else new_output((n_rows,), torch.float32, x2d.device)
+    rstd = new_output((n_rows,), torch.float32, x2d.device)
+    block_n, rows, num_warps = _layout(n_cols, x2d.element_size())
+    _norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+        x2d, y, weight, bias if bias is not None else weight, mean if mean is not None else rstd, rstd,
+        x2d.stride(0), y.stride(0), n_rows, n_cols, eps,
+        IS_RMS=is_rms, HAS_BIAS=bias is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y, mean, rstd
+
+
+def _backward_programs(n_rows: int, rows: int, device: torch.device) -> int:
+    if interpreting():
+        return min(3, triton.cdiv(n_rows, rows))  # several programs, so the partial sums are really summed
+    return max(1, min(4 * multiprocessor_count(device), triton.cdiv(n_rows, rows)))
+
+
+def norm_backward(dy2d, x2d, weight, mean, rstd, has_bias: bool):
+    """Returns (dx (M, N), dw (N,), db (N,) or None); dw and db in the weight's dtype."""
+    n_rows, n_cols = x2d.shape
+    block_n, rows, num_warps = _layout(n_cols, x2d.element_size())
+    programs = _backward_programs(n_rows, rows, x2d.device)
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
+    programs = triton.cdiv(n_rows, rows_per_program)
+    dx = new_output((n_rows, n_cols), x2d.dtype, x2d.device)
+    dw_partial = new_output((programs, n_cols), torch.float32, x2d.device)
+    db_partial = new_output((programs, n_cols), torch.float32, x2d.device) if has_bias else dw_partial
+    _norm_bwd_kernel[(programs,)](
+        x2d, dy2d, dx, weight, mean if mean is not None else rstd, rstd, dw_partial, db_partial,
+        x2d.stride(0), dy2d.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+        IS_RMS=mean is None, HAS_BIAS=has_bias, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    dw = dw_partial.sum(0).to(weight.dtype)
+    db = db_partial.sum(0).to(weight.dtype) if has_bias else None
+    return dx, dw, db
+
+
+def _rows_2d(t: torch.Tensor) -> torch.Tensor:
+    t2d = t.reshape(-1, t.shape[-1])
+    return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
+
+
+class _NormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, is_rms: bool):
+        x2d = _rows_2d(x)
+        y, mean, rstd = norm_forward(x2d, weight, bias, eps, is_rms)
+        ctx.save_for_backward(x2d, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = norm_backward(_rows_2d(dy), x2d, weight, mean, rstd, ctx.has_bias)
+        return dx.view(dy.shape), dw, db, None, None
+
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, name: str) -> None:
+    hidden = x.shape[-1] if x.dim() else 0
+    if x.dim() == 0 or hidden == 0 or x.numel() == 0:
+        raise ValueError(f"{name} needs an input with a non-empty last dimension, got shape {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"{name} supports float16, bfloat16 and float32 inputs, got {x.dtype}")
+    if weight.shape != (hidden,):
+        raise ValueError(f"{name}: weight shape {tuple(weight.shape)} does not match the hidden size {hidden}")
+    if bias is not None and bias.shape != (hidden,):
+        raise ValueError(f"{name}: bias shape {tuple(bias.shape)} does not match the hidden size {hidden}")
+    if hidden > MAX_HIDDEN_SIZE:
+        raise ValueError(f"{name}: hidden size {hidden} is above the supported {MAX_HIDDEN_SIZE}")
+    if eps <= 0:
+        raise ValueError(f"{name}: eps must be positive, got {eps}")
+    check_device(x, weight, *([bias] if bias is not None else []))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension; differentiable."""
+    _check(x, weight, bias, eps, "layer_norm")
+    return _NormFunction.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(), float(eps), False)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension; differentiable."""
+    _check(x, weight, None, eps, "rms_norm")
+    return _NormFunction.apply(x, weight.contiguous(), None, float(eps), True)

@@ -1,0 +1,37 @@
+"""The benchmark's CPU smoke sweep runs end to end and writes its report."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import bench_kernels  # noqa: E402
+
+
+def test_smoke_sweep_checks_and_writes_report(tmp_path):
+    assert bench_kernels.main(["--smoke", "--check", "--out-dir", str(tmp_path)]) == 0
+    markdown = (tmp_path / "bench_kernels_smoke.md").read_text()
+    assert "### Attention" in markdown and "### Norms" in markdown and "Correctness (--check): 6/6" in markdown
+    raw = json.loads((tmp_path / "bench_kernels_smoke.json").read_text())
+    ours = [r for r in raw["attention"] if r["provider"] == "triton"]
+    assert {(r["seq"], r["causal"]) for r in ours} == {(16, True), (16, False), (32, True), (32, False)}
+    assert all(r["fwd_tflops"] > 0 and r["fwd_bwd_tflops"] > 0 for r in ours)
+    assert all(r["fwd_gbs"] > 0 and r["bwd_gbs"] > 0 for r in raw["norms"])
+    assert raw["copy_gbs"] > 0 and all(c["passed"] for c in raw["checks"])
+    for name in ("bench_attention_smoke.png", "bench_norms_smoke.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_attention_flop_count():
+    assert bench_kernels.attention_flops(2, 3, 128, 64, causal=False) == 4 * 2 * 3 * 128 * 128 * 64
+    assert bench_kernels.attention_flops(2, 3, 128, 64, causal=True) == 2 * 2 * 3 * 128 * 128 * 64
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the full sweep is refused only without a GPU")
+def test_full_sweep_without_gpu_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench_kernels.parse_args(["--check"])
+    assert "no CUDA GPU: only --smoke runs here" in capsys.readouterr().err

@@ -1,0 +1,154 @@
+"""Fused attention against a float64 reference (Triton interpreter on CPU, or a GPU)."""
+
+import math
+
+import pytest
+import torch
+from kernel_checks import assert_matches_reference
+
+from megatron_lite.kernels import flash_attention, reference
+from megatron_lite.kernels import attention as attention_module
+from megatron_lite.kernels._common import new_output, poisoned_outputs, seq_bucket
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CPU_DTYPES = (torch.float32, torch.float16)
+
+
+def _qkv(batch, seq, heads, kv_heads, head_dim, dtype):
+    q = torch.randn(batch, seq, heads, head_dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(batch, seq, kv_heads, head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn(batch, seq, kv_heads, head_dim, device=DEVICE, dtype=dtype)
+    return q, k, v
+
+
+# (batch, seq, heads, kv_heads, head_dim, causal, dtype): odd lengths that split tiles unevenly,
+# GQA ratios 1/4/8, a head dim that needs padding (48), and exact tile multiples (64).
+CASES = [
+    (2, 37, 4, 1, 64, True, torch.float16),
+    (2, 37, 4, 1, 64, False, torch.float32),
+    (1, 45, 8, 1, 64, False, torch.float16),
+    (1, 45, 8, 1, 64, True, torch.float32),
+    (2, 33, 2, 2, 48, True, torch.float16),
+    (1, 64, 2, 2, 64, False, torch.float16),
+    (1, 64, 2, 2, 64, True, torch.float32),
+    (1, 20, 2, 1, 128, True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,head_dim,causal,dtype", CASES)
+def test_matches_float64_reference(batch, seq, heads, kv_heads, head_dim, causal, dtype):
+    inputs = list(_qkv(batch, seq, heads, kv_heads, head_dim, dtype))
+    assert_matches_reference(lambda q, k, v: flash_attention(q, k, v, causal),
+                             lambda q, k, v: reference.flash_attention(q, k, v, causal), inputs)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 accuracy is judged on GPU tensor cores")
+@pytest.mark.parametrize("causal", [True, False])
+def test_bfloat16_on_gpu(causal):
+    inputs = list(_qkv(2, 300, 8, 2, 128, torch.bfloat16))
+    assert_matches_reference(lambda q, k, v: flash_attention(q, k, v, causal),
+                             lambda q, k, v: reference.flash_attention(q, k, v, causal), inputs)
+
+
+def test_bfloat16_runs_under_the_interpreter():
+    # The interpreter's bfloat16 dot is wrong unless the kernel upcasts; a coarse bound catches that.
+    q, k, v = _qkv(1, 33, 2, 1, 64, torch.bfloat16)
+    out = flash_attention(q, k, v, causal=True)
+    want = reference.flash_attention(q.double(), k.double(), v.double(), causal=True)
+    assert (out.double() - want).abs().max() < 0.05
+
+
+def test_softmax_scale_and_strided_inputs():
+    # q, k, v as slices of one packed (B, S, 3, H, D) projection: no dense strides anywhere.
+    packed = torch.randn(2, 29, 3, 4, 64, device=DEVICE, dtype=torch.float16)
+    q, k, v = packed.unbind(dim=2)
+    assert not q.is_contiguous()
+    scale = 0.3 / math.sqrt(64)
+    assert_matches_reference(lambda q, k, v: flash_attention(q, k, v, causal=True, softmax_scale=scale),
+                             lambda q, k, v: reference.flash_attention(q, k, v, True, scale), [q, k, v])
+
+
+def test_cross_attention_with_different_lengths():
+    q = torch.randn(1, 19, 4, 64, device=DEVICE, dtype=torch.float32)
+    k = torch.randn(1, 41, 2, 64, device=DEVICE, dtype=torch.float32)
+    v = torch.randn(1, 41, 2, 64, device=DEVICE, dtype=torch.float32)
+    assert_matches_reference(lambda q, k, v: flash_attention(q, k, v, causal=False),
+                             lambda q, k, v: reference.flash_attention(q, k, v, False), [q, k, v])
+
+
+def test_causal_output_ignores_future_keys():
+    q, k, v = _qkv(1, 40, 2, 1, 64, torch.float32)
+    out = flash_attention(q, k, v, causal=True)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 20:] = torch.randn_like(k2[:, 20:])
+    v2[:, 20:] = torch.randn_like(v2[:, 20:])
+    out2 = flash_attention(q, k2, v2, causal=True)
+    assert torch.equal(out[:, :20], out2[:, :20])
+    assert not torch.allclose(out[:, 20:], out2[:, 20:])
+
+
+def test_backward_is_bitwise_deterministic():
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 37, 8, 2, 64, torch.float16))
+    grad_out = torch.randn_like(q)
+    first = torch.autograd.grad(flash_attention(q, k, v), (q, k, v), grad_out)
+    second = torch.autograd.grad(flash_attention(q, k, v), (q, k, v), grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_saved_log_sum_exp_is_the_row_logsumexp():
+    q, k, v = _qkv(1, 37, 2, 1, 64, torch.float32)
+    scale = 0.125
+    _, lse = attention_module.attention_forward(q, k, v, causal=True, softmax_scale=scale)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().expand(-1, -1, 2, -1)) * scale
+    scores = scores.masked_fill(torch.ones(37, 37, dtype=torch.bool, device=DEVICE).triu(1), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_poisoned_outputs_start_as_nan():
+    with poisoned_outputs():
+        buffer = new_output((3, 4), torch.float16, torch.device(DEVICE))
+    assert torch.isnan(buffer).all()
+    with poisoned_outputs(False):
+        assert not torch.isnan(new_output((3, 4), torch.float32, torch.device(DEVICE)).fill_(0)).any()
+
+
+def test_autotuning_is_keyed_on_a_sequence_bucket():
+    assert [seq_bucket(n) for n in (1, 100, 128, 129, 1000, 4096)] == [16, 128, 128, 256, 1024, 4096]
+    for kernel in (attention_module._fwd, attention_module._dkdv, attention_module._dq):
+        assert kernel.tuned.keys == ["seq_key", "head_dim", "CAUSAL"]
+        for config in kernel.tuned.configs:
+            big, small = sorted((config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]), reverse=True)
+            assert big % small == 0, "the streamed tile must divide the held tile for causal block skipping"
+
+
+@pytest.mark.parametrize(
+    "q_shape,kv_shape,kwargs,message",
+    [
+        ((2, 8, 4), (2, 8, 4), {}, "must be 4-D"),
+        ((1, 8, 4, 16), (1, 8, 3, 16), {}, "not a multiple of the 3 k/v heads"),
+        ((1, 8, 4, 16), (1, 9, 4, 16), {"causal": True}, "causal attention needs q and k of the same length"),
+        ((1, 8, 4, 16), (1, 8, 4, 32), {}, "does not match q shape"),
+        ((1, 8, 4, 512), (1, 8, 4, 512), {}, "head_dim 512 is larger than the supported 128"),
+    ],
+)
+def test_bad_shapes_are_rejected(q_shape, kv_shape, kwargs, message):
+    q = torch.randn(q_shape, device=DEVICE)
+    k = torch.randn(kv_shape, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, k, k.clone(), **kwargs)
+
+
+def test_bad_dtypes_are_rejected():
+    q, k, v = _qkv(1, 8, 2, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="must share a dtype"):
+        flash_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="supports float16, bfloat16 and float32"):
+        flash_attention(q.double(), k.double(), v.double())
+
+
+def test_cpu_tensors_without_the_interpreter_are_rejected(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="set TRITON_INTERPRET=1"):
+        flash_attention(q, k, v)

@@ -1,0 +1,63 @@
+"""Streaming cross-entropy against a float64 reference."""
+
+import pytest
+import torch
+from kernel_checks import assert_matches_reference
+
+from megatron_lite.kernels import cross_entropy, reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _targets(rows, vocab, ignored=()):
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE)
+    targets[list(ignored)] = -100
+    return targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_float64_reference(dtype, reduction):
+    # A vocabulary that is not a multiple of the chunk, large logits (no overflow allowed), ignored rows.
+    logits = 8 * torch.randn(7, 1000, device=DEVICE, dtype=dtype)
+    targets = _targets(7, 1000, ignored=(2, 5))
+    assert_matches_reference(lambda x: cross_entropy(x, targets, reduction=reduction),
+                             lambda x: reference.cross_entropy(x, targets, reduction=reduction), [logits])
+
+
+def test_ignored_rows_get_no_loss_and_no_gradient():
+    logits = torch.randn(4, 300, device=DEVICE, requires_grad=True)
+    targets = _targets(4, 300, ignored=(1,))
+    losses = cross_entropy(logits, targets, reduction="none")
+    assert losses[1] == 0
+    losses.sum().backward()
+    assert torch.equal(logits.grad[1], torch.zeros(300, device=DEVICE))
+    torch.testing.assert_close(logits.grad.sum(-1), torch.zeros(4, device=DEVICE), atol=1e-6, rtol=0)
+
+
+def test_every_row_ignored_gives_zero_mean():
+    logits = torch.randn(3, 50, device=DEVICE, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((3,), -100, device=DEVICE))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_logits_are_not_modified():
+    logits = torch.randn(5, 200, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    before = logits.detach().clone()
+    cross_entropy(logits, _targets(5, 200)).backward()
+    assert torch.equal(logits.detach(), before)
+
+
+@pytest.mark.parametrize("make_args,kwargs,message", [
+    (lambda: (torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long)), {}, r"shape \(tokens, vocab\)"),
+    (lambda: (torch.randn(4, 10), torch.zeros(3, dtype=torch.long)), {}, r"integer class ids of shape \(4,\)"),
+    (lambda: (torch.randn(4, 10), torch.zeros(4)), {}, "integer class ids"),
+    (lambda: (torch.randn(2, 10), torch.tensor([3, 10])), {}, r"target 10 is outside the vocabulary \[0, 10\)"),
+    (lambda: (torch.randn(2, 10), torch.tensor([3, 1])), {"reduction": "max"}, "reduction='max' is not one of"),
+])
+def test_bad_arguments(make_args, kwargs, message):
+    logits, targets = (t.to(DEVICE) for t in make_args())
+    with pytest.raises(ValueError, match=message):
+        cross_entropy(logits, targets, **kwargs)
