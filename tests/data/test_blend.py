@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from megatron_lite.data.blend import BlendedDataset, blending_indices_reference, build_blending_indices
+from megatron_lite.data.cache import IndexCache
+
+WEIGHT_SETS = [[0.5, 0.3, 0.2], [0.7, 0.3], [1, 1, 1], [0.123, 0.456, 0.421], [1, 2, 3, 4, 5], [0.98, 0.01, 0.01], [5]]
+
+
+@pytest.mark.parametrize("weights", WEIGHT_SETS)
+def test_vectorised_rule_equals_the_loop(weights):
+    source, within = build_blending_indices(weights, 40_000)
+    ref_source, ref_within = blending_indices_reference(weights, 40_000)
+    np.testing.assert_array_equal(source, ref_source)
+    np.testing.assert_array_equal(within, ref_within)
+
+
+def prefix_deviation(source: np.ndarray, weights) -> np.ndarray:
+    """(D, n): picks of each source among the first n samples minus weight * n, for n = 1..N."""
+    w = np.asarray(weights, float) / sum(weights)
+    counts = np.cumsum(source[None, :] == np.arange(len(w))[:, None], axis=1)
+    return counts - w[:, None] * np.arange(1, len(source) + 1)[None, :]
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [0.7, 0.3], [1, 1, 1], [0.123, 0.456, 0.421], [0.6, 0.25, 0.15], [0.001, 0.999]])
+def test_every_prefix_within_one_sample_of_weights(weights):
+    source, within = build_blending_indices(weights, 50_000)
+    assert np.abs(prefix_deviation(source, weights)).max() < 1.0
+    for d in range(len(weights)):  # the within-source index counts that source's samples 0, 1, 2, ...
+        np.testing.assert_array_equal(within[source == d], np.arange(np.count_nonzero(source == d)))
+
+
+@pytest.mark.parametrize("weights", [[0.98, 0.01, 0.01], [1, 2, 3, 4, 5], [0.3, 0.001, 0.2, 0.499]])
+def test_skewed_weights_never_overdraw_a_source(weights):
+    # The rule picks a source only when it lags the most, so no source ever gets a full sample
+    # ahead of its share of the samples before the pick; with 3+ sources and very uneven
+    # weights a small source can lag by slightly more than one sample (1.3 for 0.98/0.01/0.01).
+    n = 50_000
+    source, _ = build_blending_indices(weights, n)
+    w = np.asarray(weights, float) / sum(weights)
+    before_pick = np.cumsum(source[None, :] == np.arange(len(w))[:, None], axis=1)[:, :-1]  # picks in [0, i]
+    assert (before_pick - w[:, None] * np.arange(1, n)[None, :]).max() < 1.0
+    assert np.abs(prefix_deviation(source, weights)).max() < 1.5
+
+
+def test_bad_weights_are_rejected():
+    with pytest.raises(ValueError, match="positive numbers"):
+        build_blending_indices([1.0, -1.0], 10)
+    with pytest.raises(ValueError, match="positive numbers"):
+        build_blending_indices([], 10)
+
+
+class Numbers:
+    def __init__(self, offset, size):
+        self.offset, self.size = offset, size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        return np.array([self.offset + i])
+
+
+def test_blended_dataset_cached_equals_uncached(tmp_path):
+    parts = [Numbers(0, 400), Numbers(1000, 400)]
+    plain = BlendedDataset(parts, [3, 1], 500)
+    cache = IndexCache(tmp_path)
+    first = BlendedDataset(parts, [3, 1], 500, cache)
+    second = BlendedDataset(parts, [3, 1], 500, cache)
+    assert cache.builds == 1 and cache.hits == 2
+    values = [int(plain[i][0]) for i in range(500)]
+    assert values == [int(first[i][0]) for i in range(500)] == [int(second[i][0]) for i in range(500)]
+    assert sum(v >= 1000 for v in values) == 125
+    with pytest.raises(ValueError, match="source 1 provides 100 samples but the mixture draws 125"):
+        BlendedDataset([Numbers(0, 400), Numbers(1000, 100)], [3, 1], 500)

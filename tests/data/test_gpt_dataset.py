@@ -1,0 +1,125 @@
+import numpy as np
+import pytest
+
+from megatron_lite.config import ConfigError, DataConfig
+from megatron_lite.data import build_datasets
+from megatron_lite.data.blend import BlendedDataset
+from megatron_lite.data.cache import IndexCache
+from megatron_lite.data.gpt_dataset import GPTDataset, split_document_ranges
+from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetError, write_indexed_dataset
+from tests.distributed import run_distributed
+
+
+def write_numbered(prefix, num_docs=60, seed=0, base=0):
+    """Documents whose tokens encode (document, position) so a sample shows where it came from."""
+    rng = np.random.default_rng(seed)
+    docs = [base + 100 * d + np.arange(rng.integers(1, 40)) % 100 for d in range(num_docs)]
+    write_indexed_dataset(prefix, docs, np.int32)
+    return docs
+
+
+def stream_of(dataset: GPTDataset) -> np.ndarray:
+    return np.concatenate([dataset.indexed[int(d)] for d in dataset.document_order])
+
+
+def test_samples_are_windows_of_the_packed_stream(tmp_path):
+    write_numbered(tmp_path / "d")
+    ds = GPTDataset(IndexedDataset(tmp_path / "d"), (0, 60), seq_length=16, num_samples=50, seed=3)
+    stream = stream_of(ds)
+    for i in range(len(ds)):
+        j = int(ds.sample_order[i])
+        sample = ds[i]
+        assert sample.dtype == np.int64 and sample.shape == (17,)
+        np.testing.assert_array_equal(sample, stream[j * 16 : j * 16 + 17])
+    assert len(ds) == (len(stream) - 1) // 16
+
+
+def test_multiple_epochs_each_a_shuffle_of_all_documents(tmp_path):
+    docs = write_numbered(tmp_path / "d", num_docs=20)
+    tokens = sum(len(d) for d in docs)
+    wanted = 3 * tokens // 8 + 1  # one sample more than three epochs hold
+    ds = GPTDataset(IndexedDataset(tmp_path / "d"), (0, 20), seq_length=8, num_samples=wanted, seed=1)
+    assert len(ds) >= wanted and ds.num_epochs == 4
+    epochs = np.asarray(ds.document_order).reshape(4, 20)
+    for epoch in epochs:
+        assert sorted(epoch.tolist()) == list(range(20))
+    assert not all((epochs[0] == e).all() for e in epochs[1:])
+    assert sorted(np.asarray(ds.sample_order).tolist()) == list(range(len(ds)))
+
+
+def test_indices_deterministic_and_cache_consistent(tmp_path):
+    write_numbered(tmp_path / "d")
+    indexed = IndexedDataset(tmp_path / "d")
+    a = GPTDataset(indexed, (0, 50), 16, 70, seed=7)
+    b = GPTDataset(indexed, (0, 50), 16, 70, seed=7)
+    cache = IndexCache(tmp_path / "cache")
+    c = GPTDataset(indexed, (0, 50), 16, 70, seed=7, cache=cache)
+    d = GPTDataset(indexed, (0, 50), 16, 70, seed=7, cache=cache)
+    assert cache.builds == 1 and cache.hits == 2
+    for other in (b, c, d):
+        for name in ("document_order", "sample_starts", "sample_order"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(other, name))
+    other_seed = GPTDataset(indexed, (0, 50), 16, 70, seed=8, cache=cache)
+    assert cache.builds == 2
+    assert not np.array_equal(a.sample_order, other_seed.sample_order)
+
+
+def test_split_ranges_cover_documents_without_overlap():
+    assert split_document_ranges(1000, "949,50,1") == [(0, 949), (949, 999), (999, 1000)]
+    assert split_document_ranges(10, "98,1,1") == [(0, 8), (8, 9), (9, 10)]
+    assert split_document_ranges(10, "1,0,0") == [(0, 10), (10, 10), (10, 10)]
+
+
+def config(tmp_path, prefixes, weights, split="80,10,10"):
+    return DataConfig(mixture=[{"prefix": str(p), "weight": w} for p, w in zip(prefixes, weights)],
+                      split=split, cache_dir=str(tmp_path / "cache"))
+
+
+def test_build_datasets_splits_disjoint_and_blend(tmp_path):
+    write_numbered(tmp_path / "a", num_docs=50, seed=0)
+    write_numbered(tmp_path / "b", num_docs=50, seed=1, base=10_000)
+    train, valid, test = build_datasets(config(tmp_path, [tmp_path / "a"], [1.0]), 16, 5, (30, 5, 0))
+    assert isinstance(train, GPTDataset) and len(train) >= 30 and len(valid) >= 5 and test is None
+    train_docs = set(np.asarray(train.document_order).tolist())
+    valid_docs = set(np.asarray(valid.document_order).tolist())
+    assert train_docs == set(range(40)) and valid_docs == set(range(40, 45))
+    train_tokens = {int(t) // 100 for i in range(len(train)) for t in train[i]}
+    valid_tokens = {int(t) // 100 for i in range(len(valid)) for t in valid[i]}
+    assert train_tokens <= set(range(40)) and valid_tokens <= set(range(40, 45))
+
+    blend_cfg = config(tmp_path, [tmp_path / "a", tmp_path / "b"], [3.0, 1.0])
+    train, valid, _ = build_datasets(blend_cfg, 16, 5, (200, 20, 0))
+    assert isinstance(train, BlendedDataset) and len(train) == 200
+    from_b = sum(int(train[i][0]) >= 10_000 for i in range(200))
+    assert from_b == 50
+    again, _, _ = build_datasets(blend_cfg, 16, 5, (200, 20, 0))
+    assert all(np.array_equal(train[i], again[i]) for i in range(200))
+
+
+def test_build_datasets_errors(tmp_path):
+    with pytest.raises(IndexedDatasetError, match=r"missing.idx does not exist; build .*preprocess_data.py .*data.demo=true"):
+        build_datasets(config(tmp_path, [tmp_path / "missing"], [1.0]), 16, 0, (1, 0, 0))
+    with pytest.raises(ConfigError, match="data.mixture is empty"):
+        build_datasets(DataConfig(), 16, 0, (1, 0, 0))
+    write_numbered(tmp_path / "a", num_docs=10)
+    with pytest.raises(ValueError, match="the test split .* holds no tokens"):
+        build_datasets(config(tmp_path, [tmp_path / "a"], [1.0], split="1,0,0"), 16, 0, (1, 0, 1))
+
+
+def _ranks_build(rank, world_size, prefix, cache_dir):
+    import torch.distributed as dist
+
+    indexed = IndexedDataset(prefix)
+    cache = IndexCache(cache_dir)
+    ds = GPTDataset(indexed, (0, 60), 16, 40, seed=11, cache=cache)
+    dist.barrier()
+    return {"builds": cache.builds, "order": np.asarray(ds.sample_order).tolist(), "first": ds[0].tolist()}
+
+
+def test_rank_zero_builds_other_ranks_load(tmp_path):
+    write_numbered(tmp_path / "d")
+    results = run_distributed(_ranks_build, 2, str(tmp_path / "d"), str(tmp_path / "cache"))
+    assert [r["builds"] for r in results] == [1, 0]
+    assert results[0]["order"] == results[1]["order"] and results[0]["first"] == results[1]["first"]
+    local = GPTDataset(IndexedDataset(tmp_path / "d"), (0, 60), 16, 40, seed=11)
+    assert results[0]["order"] == np.asarray(local.sample_order).tolist()
