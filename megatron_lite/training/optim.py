@@ -1,0 +1,125 @@
+"""AdamW construction, the fp16 loss scaler, and unscaling.
+
+Parameters stay in fp32 (they are the master weights); bf16/fp16 come from autocast.
+The global gradient norm and clipping live in ``parallel.grad_norm``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_lite.config import ConfigError, OptimConfig
+
+NamedParams = list[tuple[str, torch.nn.Parameter]]
+
+
+def apex_fused_adam() -> type | None:
+    """NVIDIA apex's FusedAdam class when apex is installed with its CUDA extensions, else None."""
+    try:
+        from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+    except Exception:  # noqa: BLE001 - apex missing or built without its extensions
+        return None
+    return FusedAdam
+
+
+def skips_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Norm gains and biases are vectors; embeddings are lookup tables whose rows decay unevenly."""
+    leaf = name.split(".")
+    return param.ndim < 2 or any("embed" in part or part in ("wte", "wpe") for part in leaf)
+
+
+def param_groups(named_params: NamedParams, weight_decay: float) -> list[dict]:
+    decay = [p for n, p in named_params if not skips_weight_decay(n, p)]
+    no_decay = [p for n, p in named_params if skips_weight_decay(n, p)]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(named_params: NamedParams, optim: OptimConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW over ``named_params``; returns the optimizer and which implementation was chosen."""
+    groups = param_groups(named_params, optim.weight_decay)
+    common = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    fused_adam = apex_fused_adam() if device.type == "cuda" else None
+    if optim.fused == "apex" and fused_adam is None:
+        raise ConfigError(
+            "optim.fused=apex but apex.optimizers.FusedAdam is not importable on this device; "
+            "install NVIDIA apex with its CUDA extensions or use optim.fused=auto"
+        )
+    if optim.fused in ("apex", "auto") and fused_adam is not None:
+        return fused_adam(groups, adam_w_mode=True, **common), "apex FusedAdam"
+    if optim.fused == "torch" or (optim.fused == "auto" and device.type == "cuda"):
+        return torch.optim.AdamW(groups, fused=True, **common), "torch AdamW (fused)"
+    return torch.optim.AdamW(groups, foreach=False, **common), "torch AdamW"
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, named_params: NamedParams) -> dict:
+    """Per-parameter state keyed by parameter name, so it can be resharded like the weights."""
+    per_param = {}
+    for name, param in named_params:
+        state = optimizer.state.get(param)
+        if state:
+            per_param[name] = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in state.items()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return {"per_param": per_param, "groups": groups}
+
+
+def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, named_params: NamedParams, saved: dict) -> None:
+    for group, saved_group in zip(optimizer.param_groups, saved["groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    # torch keeps AdamW's step counter on the CPU unless the fused/capturable kernels read it on the device
+    step_on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
+    for name, param in named_params:
+        if name in saved["per_param"]:
+            optimizer.state[param] = {
+                k: _to_state_device(v, param.device, step_on_device) for k, v in saved["per_param"][name].items()
+            }
+
+
+def _to_state_device(value, device: torch.device, scalars_on_device: bool):
+    if not torch.is_tensor(value):
+        return value
+    if value.ndim > 0 or scalars_on_device:
+        return value.to(device=device)
+    return value
+
+
+class LossScaler:
+    """Dynamic loss scale for fp16: halve and skip on overflow, double after a clean window.
+
+    With ``dynamic=False`` the scale is a constant 1 and ``update`` never changes it (fp32, bf16).
+    """
+
+    def __init__(self, initial_scale: float = 2.0**16, window: int = 1000, dynamic: bool = True, min_scale: float = 1.0):
+        self.dynamic = dynamic
+        self.scale = float(initial_scale) if dynamic else 1.0
+        self.window = window
+        self.min_scale = min_scale
+        self.clean_steps = 0
+
+    def update(self, found_inf: bool) -> None:
+        if not self.dynamic:
+            return
+        if found_inf:
+            self.scale = max(self.min_scale, self.scale / 2.0)
+            self.clean_steps = 0
+            return
+        self.clean_steps += 1
+        if self.clean_steps >= self.window:
+            self.scale *= 2.0
+            self.clean_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self.clean_steps, "dynamic": self.dynamic}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.clean_steps = int(state["clean_steps"])
+
+
+def unscale_grads(params: list[torch.Tensor], scale: float) -> None:
+    if scale != 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(scale)

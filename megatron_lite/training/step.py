@@ -1,0 +1,210 @@
+"""One parallel training step over a rank's model chunks, and the forward-only validation pass.
+
+Every rank runs the same collectives in the same order:
+
+1. forward and backward of each micro-batch: a plain loop at pp=1, the pipeline schedule
+   (afab, 1F1B or interleaved 1F1B) at pp>1; the loss lives on the last stage;
+2. gradients averaged over dp: ``GradReducer`` buckets launched during each chunk's final
+   micro-batch backward (earlier micro-batches communicate nothing), or under ZeRO-1 a
+   reduce-scatter onto each rank's slice; sequence-parallel parameters summed over tp;
+3. the two copies of a tied embedding (first and last stage) summed, so they stay equal;
+4. the fp16 loss scale removed, the global gradient norm taken (each element counted once
+   across tp, pp and, under ZeRO-1, dp) and clipped;
+5. the optimizer step, skipped when the norm is not finite.
+
+The loss returned is the mean over the global batch, identical on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.parallel.data_parallel import (
+    GradReducer,
+    Zero1AdamW,
+    allreduce_sequence_parallel_grads,
+    pipeline_grad_sync,
+)
+from megatron_lite.parallel.dims import ParallelDims
+from megatron_lite.parallel.grad_norm import clip_grad_norm
+from megatron_lite.parallel.pipeline import forward_backward as run_pipeline
+from megatron_lite.parallel.pipeline import sync_tied_embedding_grads
+from megatron_lite.training import optim
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), each (micro_batch_size, T)
+
+
+def build_optimizer(named_params: optim.NamedParams, cfg: Config, dims: ParallelDims) -> tuple[object, str]:
+    """AdamW over this rank's parameters: sharded over dp with ``parallel.zero1``, else torch's
+    (or apex's). Returns the optimizer and a short description for the start-up line."""
+    if not cfg.parallel.zero1:
+        return optim.build_optimizer(named_params, cfg.optim, dims.device)
+    o = cfg.optim
+    zero = Zero1AdamW(
+        optim.param_groups(named_params, o.weight_decay), dims.dp_group, lr=o.lr, betas=(o.beta1, o.beta2),
+        eps=o.eps, param_names={p: n for n, p in named_params},
+    )
+    return zero, f"ZeRO-1 AdamW over dp={dims.dp}"
+
+
+def validate_batch_layout(cfg: Config, dims: ParallelDims) -> int:
+    """Gradient-accumulation steps per dp rank; the global batch must split over micro-batches
+    x dp, and over a multiple of pp micro-batches when the schedule is interleaved."""
+    per_step = cfg.train.micro_batch_size * dims.dp
+    if cfg.train.global_batch_size % per_step != 0:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+            f"train.micro_batch_size x data-parallel size = {cfg.train.micro_batch_size} x {dims.dp} = {per_step}; "
+            f"pick a global batch that is a multiple of {per_step}"
+        )
+    count = cfg.train.global_batch_size // per_step
+    if dims.virtual_pp > 1 and count % dims.pp != 0:
+        raise ConfigError(
+            f"the interleaved pipeline (parallel.virtual_pp={dims.virtual_pp}) needs the micro-batches per step "
+            f"({cfg.train.global_batch_size} / ({cfg.train.micro_batch_size} x dp {dims.dp}) = {count}) to be a "
+            f"multiple of parallel.pp={dims.pp}; raise train.global_batch_size to a multiple of {per_step * dims.pp} "
+            f"or set parallel.virtual_pp=1"
+        )
+    return count
+
+
+class ParallelStep:
+    """Runs steps for one rank: owns the dp gradient reducers and knows the optimizer kind."""
+
+    def __init__(self, model_chunks: Sequence[torch.nn.Module], optimizer, dims: ParallelDims,
+                 schedule: str = "1f1b", bucket_size_mb: float = 25.0):
+        self.chunks, self.optimizer, self.dims, self.schedule = list(model_chunks), optimizer, dims, schedule
+        self.zero1 = isinstance(optimizer, Zero1AdamW)
+        self.params = [p for chunk in self.chunks for p in chunk.parameters()]
+        self.tied_params = [p for chunk in self.chunks for p in chunk.tied_embedding_params()]
+        self.sp_group = dims.tp_group if dims.sequence_parallel else None
+        # ZeRO-1 reduce-scatters after backward, so only plain AdamW keeps gradients in dp buckets.
+        self.reducers = [] if self.zero1 else [
+            GradReducer(chunk.parameters(), dims.dp_group, bucket_size_mb, tp_group=dims.tp_group,
+                        sequence_parallel=dims.sequence_parallel)
+            for chunk in self.chunks
+        ]
+
+    # ------------------------------------------------------------------ forward and backward
+
+    def forward_backward(self, micro_batches: Sequence[MicroBatch], autocast, loss_scale: float = 1.0) -> float:
+        """Forward and backward of one global batch's local micro-batches, gradients reduced;
+        returns the global-batch mean loss."""
+        if self.dims.pp > 1:
+            losses = self._pipelined(micro_batches, autocast, loss_scale, forward_only=False)
+        else:
+            losses = self._accumulated(micro_batches, autocast, loss_scale)
+        self._reduce_gradients()
+        return self._global_mean(losses)
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: Sequence[MicroBatch], autocast) -> float:
+        """Forward only (through the pipeline at pp>1); the global-batch mean loss."""
+        if self.dims.pp > 1:
+            losses = self._pipelined(micro_batches, autocast, 1.0, forward_only=True)
+        else:
+            losses = [self._loss(self.chunks[0], tokens, labels, len(micro_batches), autocast)
+                      for tokens, labels in micro_batches]
+        return self._global_mean(losses)
+
+    @staticmethod
+    def _loss(chunk, tokens, labels, num_micro_batches: int, autocast) -> torch.Tensor:
+        with autocast:
+            return chunk(tokens, labels=labels).float().mean() / num_micro_batches
+
+    def _accumulated(self, micro_batches, autocast, loss_scale) -> list[torch.Tensor]:
+        losses = []
+        for index, (tokens, labels) in enumerate(micro_batches):
+            final = index == len(micro_batches) - 1
+            with contextlib.ExitStack() as stack:
+                if not final:  # buckets stay local until the last micro-batch's backward
+                    for reducer in self.reducers:
+                        stack.enter_context(reducer.no_sync())
+                loss = self._loss(self.chunks[0], tokens, labels, len(micro_batches), autocast)
+                (loss * loss_scale).backward()
+            losses.append(loss.detach())
+        return losses
+
+    def _pipelined(self, micro_batches, autocast, loss_scale, forward_only: bool) -> list[torch.Tensor]:
+        dims, count = self.dims, len(micro_batches)
+
+        def forward_step(chunk_index: int, hidden, micro_batch):
+            tokens, labels = micro_batch
+            chunk = self.chunks[chunk_index]
+            if chunk.post_process:
+                inputs = tokens if chunk.pre_process else hidden
+                return self._loss(chunk, inputs, labels, count, autocast)
+            with autocast:
+                return chunk(tokens if chunk.pre_process else hidden).float()
+
+        batch, length = micro_batches[0][0].shape
+        if dims.sequence_parallel:
+            length //= dims.tp
+        grad_sync = None if forward_only or not self.reducers else pipeline_grad_sync(self.reducers)
+        # The residual stream is fp32 (fp32 master weights under autocast), so stages exchange fp32.
+        return run_pipeline(
+            self.chunks, micro_batches, forward_step, self.schedule, pp_group=dims.pp_group, pp_rank=dims.pp_rank,
+            pp_size=dims.pp, tensor_shape=(batch, length, self.chunks[0].config.hidden_size), dtype=torch.float32,
+            device=dims.device, forward_only=forward_only, grad_sync=grad_sync, loss_scale=loss_scale,
+        )
+
+    def _reduce_gradients(self) -> None:
+        for reducer in self.reducers:
+            reducer.set_grad_sync(True)
+            reducer.finish_grad_sync()  # dp average, then the sequence-parallel sum over tp
+        if self.zero1:
+            allreduce_sequence_parallel_grads(self.params, self.sp_group)
+        sync_tied_embedding_grads(self.tied_params, self.dims.embedding_group)
+
+    def _global_mean(self, losses: list[torch.Tensor]) -> float:
+        """Sum of the last stage's micro-batch losses (already divided by their number), made
+        known to every pipeline stage and averaged over dp."""
+        dims = self.dims
+        total = torch.zeros((), dtype=torch.float32, device=dims.device)
+        if losses and dims.is_last_stage:
+            total += torch.stack([loss.float() for loss in losses]).sum()
+        if dims.pp > 1:
+            dist.all_reduce(total, group=dims.pp_group)  # only the last stage holds a non-zero sum
+        if dims.dp > 1:
+            dist.all_reduce(total, group=dims.dp_group)
+            total /= dims.dp
+        return total.item()
+
+    # ------------------------------------------------------------------ the update
+
+    def optimizer_step(self, scaler: optim.LossScaler, grad_clip: float) -> tuple[float, bool]:
+        """Unscale, clip to the global norm, step; skip (and shrink the fp16 loss scale) when the
+        norm is not finite. Returns (norm before clipping, skipped)."""
+        dims = self.dims
+        if self.zero1:
+            self.optimizer.reduce_gradients()
+            grads = self.optimizer.grad_shards()
+        else:
+            grads = [p for p in self.params if p.grad is not None]
+        optim.unscale_grads(grads, scaler.scale)
+        norm = clip_grad_norm(grads, grad_clip, dims.tp_group, dims.pp_group,
+                              dims.dp_group if self.zero1 else None)
+        skipped = not math.isfinite(norm)
+        if not skipped:
+            self.optimizer.step()
+        scaler.update(found_inf=skipped)
+        self.zero_grad()
+        return norm, skipped
+
+    def zero_grad(self) -> None:
+        if self.reducers:
+            for reducer in self.reducers:
+                reducer.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def weights_loaded(self) -> None:
+        """Call after parameters were overwritten (a checkpoint): ZeRO-1 re-reads its master slice."""
+        if self.zero1:
+            self.optimizer.reload_params()

@@ -1,0 +1,346 @@
+"""The pretraining loop: setup (grid, data, model chunks, optimizer) and ``Trainer.train``.
+
+The model is a list of chunks (one per virtual pipeline stage this rank holds; one chunk
+at pp=1). ``training.step.ParallelStep`` runs one global batch's micro-batches (a plain loop
+at pp=1, the pipeline schedule at pp>1), reduces the gradients over tp, dp and the tied
+embedding copies, and owns unscaling, the global grad norm, clipping and overflow skipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_lite.config import Config, ConfigError, MixtureEntry
+from megatron_lite.parallel.dims import ParallelDims
+from megatron_lite.training import checkpoint
+from megatron_lite.training.metrics import Metrics
+from megatron_lite.training.optim import LossScaler
+from megatron_lite.training.schedule import LRScheduler
+from megatron_lite.training.step import ParallelStep, build_optimizer, validate_batch_layout
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_dims(cfg: Config) -> ParallelDims:
+    """Join the process group (torchrun env) and build the grid; ``train.device`` picks the backend."""
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if cfg.train.device == "cpu" and cfg.parallel.backend == "auto":
+        cfg.parallel.backend = "gloo"
+    return ParallelDims.initialize(cfg.parallel, cfg.model)
+
+
+def prepare_data_config(cfg: Config, is_logging_rank: bool) -> None:
+    """With ``data.demo``, build the demo corpus if missing and point the data section at it
+    (the paths of the build in ``data.demo_dir`` replace ``data.tokenizer`` and ``data.mixture``)."""
+    if not cfg.data.demo:
+        return
+    from megatron_lite.data.demo import build_demo_data
+
+    if is_logging_rank:  # one rank builds; the others then find it finished (the build is idempotent)
+        build_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size, progress=True)
+    if dist.is_initialized():
+        dist.barrier()
+    demo = build_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size, progress=False)
+    cfg.data.tokenizer = str(demo.tokenizer_dir)
+    cfg.data.mixture = [MixtureEntry(prefix=str(prefix), weight=float(weight)) for prefix, weight in demo.mixture]
+
+
+def load_run_tokenizer(cfg: Config):
+    from megatron_lite.data import load_tokenizer
+
+    if not cfg.data.tokenizer:
+        raise ConfigError("data.tokenizer is empty; set it to a tokenizer directory (or use data.demo=true)")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; "
+            f"set model.vocab_size=0 to take it from the tokenizer"
+        )
+    return tokenizer
+
+
+def build_model_chunks(cfg: Config, dims: ParallelDims) -> list[torch.nn.Module]:
+    """This rank's model chunks, chunk 0 first, on ``dims.device``; they share one dropout RNG tracker."""
+    from megatron_lite.model.gpt import GPT
+
+    ranges = dims.my_layer_ranges(cfg.model.num_layers)
+    chunks = []
+    for index, layer_range in enumerate(ranges):
+        pre_process = dims.is_first_stage and index == 0
+        post_process = dims.is_last_stage and index == len(ranges) - 1
+        chunk = GPT(cfg.model, dims=dims, layer_range=layer_range, pre_process=pre_process,
+                    post_process=post_process, seed=cfg.train.seed,
+                    rng_tracker=chunks[0].rng_tracker if chunks else None)
+        chunks.append(chunk.to(dims.device))
+    return chunks
+
+
+def total_steps(cfg: Config) -> int:
+    """``train.max_steps``, shortened by ``train.max_tokens`` when a token budget is set."""
+    if cfg.train.max_tokens <= 0:
+        return cfg.train.max_steps
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+    return min(cfg.train.max_steps, math.ceil(cfg.train.max_tokens / tokens_per_step))
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def local_batch(dataset, first_sample: int, global_batch_size: int, dims: ParallelDims) -> torch.Tensor:
+    """This dp rank's contiguous slice of the global batch starting at ``first_sample``; (B_dp, T+1).
+
+    Every tp (and pp) rank of a data-parallel replica reads the same samples.
+    """
+    per_rank = global_batch_size // dims.dp
+    start = first_sample + dims.dp_rank * per_rank
+    samples = np.stack([np.asarray(dataset[i], dtype=np.int64) for i in range(start, start + per_rank)])
+    return torch.from_numpy(samples)
+
+
+def split_micro_batches(batch: torch.Tensor, micro_batch_size: int, device: torch.device):
+    """(B_dp, T+1) -> list of (tokens, labels), each (micro_batch_size, T)."""
+    return [
+        (mb[:, :-1].to(device, non_blocking=True), mb[:, 1:].to(device, non_blocking=True))
+        for mb in batch.split(micro_batch_size)
+    ]
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # per step of this run
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    checkpoint_dir: Path | None = None
+    interrupted: bool = False
+
+
+class Trainer:
+    """Everything a pretraining run needs, built from a ``Config``; ``train()`` runs it."""
+
+    def __init__(self, cfg: Config, dims: ParallelDims | None = None, datasets: tuple | None = None):
+        """``datasets``: (train, valid) to use instead of the data section's (benchmarks feed
+        synthetic tokens this way; ``model.vocab_size`` must then be set)."""
+        self.cfg = cfg
+        self.dims = dims if dims is not None else setup_dims(cfg)
+        self.is_logging_rank = self.dims.rank == 0
+        if datasets is None:
+            prepare_data_config(cfg, self.is_logging_rank)
+            self.tokenizer = load_run_tokenizer(cfg)
+        elif cfg.model.vocab_size <= 0:
+            raise ConfigError("model.vocab_size must be set when training on given (synthetic) datasets")
+        self.micro_batches_per_step = validate_batch_layout(cfg, self.dims)
+        self.total_steps = total_steps(cfg)
+        seed_everything(cfg.train.seed)
+        self.model_chunks = build_model_chunks(cfg, self.dims)
+        self.named_params = checkpoint.named_parameters(self.model_chunks)
+        self.params = [p for _, p in self.named_params]
+        self.optimizer, self.optimizer_kind = build_optimizer(self.named_params, cfg, self.dims)
+        self.parallel_step = ParallelStep(self.model_chunks, self.optimizer, self.dims,
+                                          cfg.parallel.pipeline_schedule, cfg.parallel.bucket_size_mb)
+        self.scheduler = LRScheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.scaler = LossScaler(cfg.train.initial_loss_scale, cfg.train.loss_scale_window,
+                                 dynamic=cfg.train.precision == "fp16")
+        self.step = 0
+        self.consumed_samples = 0
+        self.train_ds, self.valid_ds = datasets if datasets is not None else self._build_datasets()
+        self._maybe_load_checkpoint()
+        self.metrics = Metrics(cfg.log, self.is_logging_rank, self.dims.device, cfg.train.precision,
+                               self._train_flops_per_token(), self.dims.world_size, self.total_steps)
+        self._stop_requested = threading.Event()
+
+    def _build_datasets(self) -> tuple:
+        from megatron_lite.data import build_datasets
+
+        gb = self.cfg.train.global_batch_size
+        eval_samples = gb * self.cfg.train.eval_steps if self.cfg.train.eval_interval > 0 else 0
+        train_ds, valid_ds, _ = build_datasets(
+            self.cfg.data, self.cfg.model.seq_length, self.cfg.train.seed,
+            num_samples=(self.total_steps * gb, eval_samples, 0),
+        )
+        return train_ds, valid_ds
+
+    def _train_flops_per_token(self) -> float:
+        from megatron_lite.model.gpt import flops_per_token
+
+        return float(flops_per_token(self.cfg.model, self.cfg.model.seq_length))
+
+    @property
+    def rng_trackers(self) -> list:
+        return [chunk.rng_tracker for chunk in self.model_chunks]
+
+    def _padded_vocab(self) -> int:
+        return self.model_chunks[0].padded_vocab_size
+
+    def _maybe_load_checkpoint(self) -> None:
+        ck = self.cfg.checkpoint
+        if not ck.load:
+            return
+        state = checkpoint.load_checkpoint(
+            ck.load, self.model_chunks, self.dims, self.optimizer, weights_only=ck.finetune,
+            rng_trackers=self.rng_trackers, padded_vocab_size=self._padded_vocab(),
+        )
+        self.parallel_step.weights_loaded()
+        train_state = state["train_state"]
+        if train_state:
+            self.step = train_state["step"]
+            self.consumed_samples = train_state["consumed_samples"]
+            self.scheduler.load_state_dict(train_state["scheduler"])
+            self.scaler.load_state_dict(train_state["scaler"])
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        cfg, result = self.cfg, TrainResult(steps=self.step)
+        self._announce()
+        with _sigterm_sets(self._stop_requested):
+            while self.step < self.total_steps:
+                batch = local_batch(self.train_ds, self.consumed_samples, cfg.train.global_batch_size, self.dims)
+                micro = split_micro_batches(batch, cfg.train.micro_batch_size, self.dims.device)
+                loss = self.parallel_step.forward_backward(micro, self._autocast(), self.scaler.scale)
+                grad_norm, skipped = self.parallel_step.optimizer_step(self.scaler, cfg.optim.grad_clip)
+                lr = self.scheduler.lr
+                if not skipped:
+                    self.scheduler.step()
+                self.step += 1
+                self.consumed_samples += cfg.train.global_batch_size
+                result.losses.append(loss)
+                self.metrics.step(self.step, loss, lr, grad_norm, cfg.train.global_batch_size * cfg.model.seq_length,
+                                  loss_scale=self.scaler.scale if self.scaler.dynamic else None, skipped=skipped)
+                if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == self.total_steps):
+                    result.val_losses.append((self.step, self.evaluate()))
+                stop = self._stop_agreed()
+                if self._save_due() or stop:
+                    result.checkpoint_dir = self.save()
+                if stop:
+                    saved = f"saved step {self.step} to {result.checkpoint_dir}" if result.checkpoint_dir else "nothing saved"
+                    self.metrics.print(f"SIGTERM received: {saved}; stopping")
+                    result.interrupted = True
+                    break
+        result.steps = self.step
+        self.metrics.close()
+        return result
+
+    # ------------------------------------------------------------------ pieces the loop calls
+
+    def _autocast(self):
+        return autocast_context(self.cfg.train.precision, self.dims.device)
+
+    def _announce(self) -> None:
+        from megatron_lite.model.gpt import num_parameters
+        from megatron_lite.parallel.dims import padded_vocab_size
+
+        m = self.cfg.model
+        count = num_parameters(m, padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, 1))
+        d = self.dims
+        self.metrics.print(
+            f"training {m.flavor} ({count / 1e6:.2f}M parameters) on {d.device} | "
+            f"tp={d.tp} pp={d.pp} dp={d.dp} | global batch {self.cfg.train.global_batch_size} = "
+            f"{self.cfg.train.micro_batch_size} x {self.micro_batches_per_step} accumulation x {d.dp} dp | "
+            f"{self.cfg.train.precision} | {self.optimizer_kind} | steps {self.step}->{self.total_steps}"
+        )
+
+    def evaluate(self) -> float:
+        """Mean validation loss over ``train.eval_steps`` global batches (same batches every time)."""
+        gb = self.cfg.train.global_batch_size
+        for chunk in self.model_chunks:
+            chunk.eval()
+        losses = []
+        steps = tqdm(range(self.cfg.train.eval_steps), desc="validation", leave=False,
+                     disable=not self.is_logging_rank or self.cfg.train.eval_steps < 20)
+        with torch.no_grad():
+            for i in steps:
+                batch = local_batch(self.valid_ds, i * gb, gb, self.dims)
+                micro = split_micro_batches(batch, self.cfg.train.micro_batch_size, self.dims.device)
+                losses.append(self.parallel_step.evaluate(micro, self._autocast()))
+        for chunk in self.model_chunks:
+            chunk.train()
+        val_loss = sum(losses) / len(losses)
+        self.metrics.evaluation(self.step, val_loss)
+        self.metrics.restart_window()
+        return val_loss
+
+    def _stop_agreed(self) -> bool:
+        """Every rank stops at the same step when any rank received SIGTERM."""
+        flag = torch.tensor(float(self._stop_requested.is_set()), device=self.dims.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _save_due(self) -> bool:
+        ck = self.cfg.checkpoint
+        if not ck.save:
+            return False
+        return self.step == self.total_steps or (ck.interval > 0 and self.step % ck.interval == 0)
+
+    def train_state(self) -> dict:
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def save(self) -> Path | None:
+        if not self.cfg.checkpoint.save:
+            self.metrics.print("checkpoint.save is empty: nothing saved")
+            return None
+        path = checkpoint.save_checkpoint(
+            self.cfg.checkpoint.save, self.step, self.model_chunks, self.dims, self.cfg.to_dict(),
+            optimizer=self.optimizer, train_state=self.train_state(), tokenizer_dir=self.cfg.data.tokenizer or None,
+            rng_trackers=self.rng_trackers, padded_vocab_size=self._padded_vocab(),
+        )
+        self.metrics.print(f"saved checkpoint {path}")
+        self.metrics.restart_window()
+        return path
+
+
+@contextlib.contextmanager
+def _sigterm_sets(event: threading.Event):
+    """While training, SIGTERM (cluster preemption) only sets ``event``; the loop saves and exits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def model_config_from_manifest(manifest: dict):
+    """The ``ModelConfig`` a checkpoint was trained with (vocab size already resolved)."""
+    from megatron_lite.config import ModelConfig, build_dataclass
+
+    return build_dataclass(ModelConfig, manifest["config"]["model"], "model")
