@@ -398,6 +398,22 @@ def load_full_state_dict(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor],
     return state, manifest
 
 
+def load_full_optimizer_state(ckpt_dir: str | Path) -> dict | None:
+    """Every parameter's optimizer state merged to the tp=1 layout (vocabulary padding as saved),
+    as ``{"per_param", "groups"}``; None when the checkpoint holds weights only."""
+    ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
+    manifest = read_manifest(ckpt_dir)
+    if not manifest.get("has_optimizer"):
+        return None
+    reader = _ShardReader(ckpt_dir, manifest)
+    per_param = {}
+    for name in sorted(reader.where, key=lambda n: reader.where[n]):
+        state = reader.full_optimizer_state(name)
+        if state is not None:
+            per_param[name] = state
+    return {"per_param": per_param, "groups": reader.optimizer_groups()}
+
+
 # ----------------------------------------------------------------------------- load into a model
 
 
@@ -537,14 +553,18 @@ def save_full_state_dict(
     pp: int = 1,
     tokenizer_dir: str | Path | None = None,
     iteration: int = 0,
+    optimizer_state: dict | None = None,
+    train_state: dict | None = None,
 ) -> Path:
     """Write full (tp = 1) weights as a checkpoint at layout (tp, pp), from one process.
 
     ``state_dict`` maps global parameter names to full tensors, with any amount of vocabulary
     padding (or none). It is read one pipeline stage at a time, in layer order, so a lazy
     mapping keeps only that stage in memory. ``config`` is the resolved config as a dict, with
-    ``model.vocab_size`` set. The checkpoint holds weights only (no optimizer, RNG or training
-    state): resume from it with ``checkpoint.finetune=true``.
+    ``model.vocab_size`` set. Without ``optimizer_state`` the checkpoint holds weights only (no
+    optimizer, RNG or training state): resume from it with ``checkpoint.finetune=true``. Offline
+    resharding passes ``optimizer_state`` (full per-parameter tensors, as
+    ``load_full_optimizer_state`` returns) and ``train_state``, and the run resumes exactly.
     """
     from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig, build_dataclass
     from megatron_lite.parallel.dims import ParallelDims, validate_layout
@@ -567,19 +587,28 @@ def save_full_state_dict(
     files, params = {}, {}
     for pp_rank in range(pp):
         shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+        optimizer_shards: list[dict[str, dict]] = [{} for _ in range(tp)]
         for name, layout_param in _stage_parameters(model_cfg, dims, pp_rank):
             full = _full_weight_for(state_dict, name, layout_param, model_cfg.vocab_size, padded)
             dim, chunks = layout_param.partition_dim, layout_param.partition_chunks
             for tp_rank in range(tp):
                 # clone: a view would save its whole underlying storage
                 shards[tp_rank][name] = shard_tensor(full, dim, chunks, tp_rank, tp).clone()
+            if optimizer_state is not None:
+                for tp_rank, state in enumerate(_optimizer_shards(optimizer_state["per_param"], name, layout_param,
+                                                                  model_cfg.vocab_size, padded, tp)):
+                    optimizer_shards[tp_rank][name] = state
             probe = torch.empty(shards[0][name].shape, dtype=full.dtype, device="meta")
             probe.partition_dim, probe.partition_chunks = dim, chunks
             params.update(_param_meta([(name, probe)], tp))
         for tp_rank, shard in enumerate(shards):
-            _save_durably({"model": shard}, partial / shard_file_name(tp_rank, pp_rank))
+            content = {"model": shard}
+            if optimizer_state is not None:
+                content["optimizer"] = {"per_param": optimizer_shards[tp_rank], "groups": optimizer_state["groups"]}
+            _save_durably(content, partial / shard_file_name(tp_rank, pp_rank))
             files[shard_file_name(tp_rank, pp_rank)] = sorted(shard)
-    manifest = _manifest(iteration, _layout(dims, config), padded, files, params, {}, False, config)
+    manifest = _manifest(iteration, _layout(dims, config), padded, files, params, train_state,
+                         optimizer_state is not None, config)
     _publish(save_dir, partial, final, manifest, tokenizer_dir)
     return final
 
@@ -602,6 +631,26 @@ def _stage_parameters(model_cfg, dims, pp_rank: int) -> list[tuple[str, torch.Te
                           post_process=pp_rank == dims.pp - 1 and chunk == dims.virtual_pp - 1))
     return named_parameters(chunks)
 
+
+
+def _optimizer_shards(per_param: dict, name: str, layout_param, vocab_size: int, padded: int, tp: int) -> list[dict]:
+    """One parameter's full optimizer state cut into tp shards exactly like the parameter."""
+    from megatron_lite.parallel.layers import shard_tensor
+
+    source = name if name in per_param else TIED_COPIES.get(name, name)
+    if source not in per_param:
+        raise CheckpointError(f"the optimizer state has no entry for {name}; every parameter of the model is needed")
+    dim, chunks = layout_param.partition_dim, layout_param.partition_chunks
+    shards: list[dict] = [{} for _ in range(tp)]
+    for key, value in per_param[source].items():
+        if not (torch.is_tensor(value) and value.ndim > 0):  # step counters are shared by every shard
+            for shard in shards:
+                shard[key] = value
+            continue
+        full = _full_weight_for({name: value}, name, layout_param, vocab_size, padded)
+        for tp_rank, shard in enumerate(shards):
+            shard[key] = shard_tensor(full, dim, chunks, tp_rank, tp).clone()
+    return shards
 
 
 def _full_weight_for(state_dict, name: str, layout_param: torch.Tensor, vocab_size: int, padded: int) -> torch.Tensor:

@@ -23,8 +23,11 @@ def apex_fused_adam() -> type | None:
 
 
 def skips_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Norm gains and biases are vectors; embeddings are lookup tables whose rows decay unevenly."""
+    """Norm gains and biases are vectors; embeddings are lookup tables whose rows decay unevenly.
+    The last pipeline stage's copy of a tied embedding (``shared_embedding``) is the embedding too."""
     leaf = name.split(".")
+    if getattr(param, "shared_embedding", False):
+        return True
     return param.ndim < 2 or any("embed" in part or part in ("wte", "wpe") for part in leaf)
 
 

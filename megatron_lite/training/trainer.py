@@ -165,7 +165,6 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.model_chunks = build_model_chunks(cfg, self.dims)
         self.named_params = checkpoint.named_parameters(self.model_chunks)
-        self.params = [p for _, p in self.named_params]
         self.optimizer, self.optimizer_kind = build_optimizer(self.named_params, cfg, self.dims)
         self.parallel_step = ParallelStep(self.model_chunks, self.optimizer, self.dims,
                                           cfg.parallel.pipeline_schedule, cfg.parallel.bucket_size_mb)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One GPU visit: check the kernels in bf16/fp16, then time kernels, training and data parallelism.
+# Usage: bash tools/gpu_benchmarks.sh OUT_DIR
+# Writes logs, Markdown and plots under OUT_DIR; copy the sections you want into docs/benchmarks.md.
+# The machine needs torch (CUDA) and triton. The package is installed without its other
+# dependencies (a GPU box without network access cannot fetch them and these runs don't use them).
+set -euo pipefail
+out="$(realpath -m "${1:?usage: bash tools/gpu_benchmarks.sh OUT_DIR}")"
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e .
+set +e
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+
+python3 tools/bench_kernels.py --check --out-dir "$out" 2>&1 | tee "$out/kernels.log"
+for cfg in "configs/gpt2-124m.yaml model.attention_backend=torch" \
+           "configs/gpt2-124m.yaml model.attention_backend=triton model.norm_backend=triton" \
+           "configs/llama-1b.yaml model.attention_backend=torch" \
+           "configs/llama-1b.yaml model.attention_backend=triton model.norm_backend=triton"; do
+    # shellcheck disable=SC2086
+    python3 tools/bench_train.py --synthetic --docs "$out/train.md" --config $cfg \
+        model.vocab_size=50257 train.precision=bf16 2>&1 | tee -a "$out/train.log"
+done
+python3 tools/bench_parallel.py --device cuda --micro-batches 4 2>&1 | tee "$out/parallel.log"
