@@ -18,6 +18,7 @@ setup(
         "triton",
         "numpy",
         "sentencepiece",
+        "protobuf",  # reads SentencePiece model protos (piece types)
         "regex",  # \p{L} / \p{N} classes of the GPT-2 pre-tokenizer pattern
         "tensorboard",
         "pyyaml",

@@ -10,8 +10,8 @@ import argparse
 import sys
 
 from megatron_lite.data.indexed import IndexedDatasetError
-from megatron_lite.data.preprocess import PreprocessError, inspect_dataset, preprocess
-from megatron_lite.data.tokenizer import TokenizerError, load_tokenizer
+from megatron_lite.data.preprocess import DEFAULT_ALLOWED_SPECIAL, PreprocessError, inspect_dataset, preprocess
+from megatron_lite.data.tokenizer import SPECIAL_MODES, TokenizerError, load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document token")
     parser.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed jsonl lines")
     parser.add_argument("--text-unit", choices=("file", "line"), default="file", help="documents in plain-text input")
+    parser.add_argument("--allowed-special", choices=SPECIAL_MODES, default=DEFAULT_ALLOWED_SPECIAL,
+                        help="special-token strings such as <|endoftext|> inside documents: 'none' (default) encodes "
+                             "them as plain text, so quoting one cannot inject a document boundary; 'all' encodes "
+                             "them as the special tokens' ids, as Hugging Face tokenizers do (for text already "
+                             "written in the tokenizer's markup, e.g. rendered chat transcripts)")
     parser.add_argument("--inspect", metavar="PREFIX", help="print statistics and the first documents of PREFIX")
     parser.add_argument("--num-samples", type=int, default=3, help="documents to decode with --inspect")
     parser.add_argument("--quiet", action="store_true")
@@ -36,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.input and args.tokenizer and args.output_prefix):
             parser.error("--input, --tokenizer and --output-prefix are required (or use --inspect PREFIX)")
         stats = preprocess(args.input, args.tokenizer, args.output_prefix, tuple(args.json_keys), args.workers,
-                           args.append_eod, args.skip_bad_lines, args.text_unit, progress=not args.quiet)
+                           args.append_eod, args.skip_bad_lines, args.text_unit, progress=not args.quiet,
+                           allowed_special=args.allowed_special)
     except (PreprocessError, TokenizerError, IndexedDatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

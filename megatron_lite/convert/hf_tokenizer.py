@@ -72,9 +72,10 @@ def sentencepiece_hf_json(model_proto: bytes) -> dict:
     """A ``tokenizers`` BPE serialisation that encodes exactly like the SentencePiece BPE model."""
     import sentencepiece as spm
 
+    from megatron_lite.data.sentencepiece_bpe import added_pieces
+
     sp = spm.SentencePieceProcessor(model_proto=model_proto)
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    special = [i for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i)]
     dummy_prefix = sp.encode("x", out_type=str)[0].startswith(SPACE)
     normalizers = [{"type": "Prepend", "prepend": SPACE}] if dummy_prefix else []
     normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": SPACE})
@@ -86,10 +87,11 @@ def sentencepiece_hf_json(model_proto: bytes) -> dict:
         "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
         "vocab": {piece: i for i, piece in enumerate(pieces)}, "merges": _merges_by_score(sp, pieces),
     }
+    # Matched on the raw text with no stripping, as SentencePieceTokenizer.encode splits them out
     added = [
         {"id": i, "content": pieces[i], "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
-        for i in special
+         "normalized": False, "special": special}
+        for i, special in added_pieces(model_proto).items()
     ]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,

@@ -64,6 +64,7 @@ class ByteLevelBPETokenizer(Tokenizer):
                 f"(e.g. {missing_bytes[0]!r}); it cannot encode every string - is this a byte-level BPE vocab.json?"
             )
         self.special_ids = {role: self.vocab[text] for role, text in self.special_tokens.items()}
+        self._set_added_tokens({text: (self.vocab[text], True) for text in self.special_tokens.values()})
         self._byte_ids = [self.vocab[BYTE_TO_CHAR[b]] for b in range(256)]
         self._merge_table = self._build_merge_table()
         self._id_bytes = self._build_id_bytes()
@@ -96,8 +97,7 @@ class ByteLevelBPETokenizer(Tokenizer):
         return len(self._id_bytes)
 
     # ---- encoding -------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Ids for ``text``; special-token strings inside it are encoded as plain text."""
+    def _encode_ordinary(self, text: str) -> list[int]:
         ids: list[int] = []
         cache = self._cache
         for piece in self._pattern.findall(text):
@@ -149,6 +149,8 @@ class ByteLevelBPETokenizer(Tokenizer):
     def to_hf_json(self) -> dict:
         """The ``tokenizers`` serialisation of this vocabulary (BPE model, ByteLevel everything else)."""
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        # No stripping of neighbouring spaces, no word-boundary condition, matched on the raw text:
+        # Hugging Face then splits special tokens out exactly where AddedTokenMatcher does.
         added = [
             {"id": self.vocab[text], "content": text, "single_word": False, "lstrip": False, "rstrip": False,
              "normalized": False, "special": True}

@@ -18,10 +18,15 @@ from typing import Iterator
 import numpy as np
 
 from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetWriter, remove_dataset, token_dtype
-from megatron_lite.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_lite.data.tokenizer import SPECIAL_MODES, Tokenizer, load_tokenizer
 
 _BATCH_DOCS = 64
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+# Raw corpora are read with special-token strings as plain text: a web page or source file that
+# mentions "<|endoftext|>" is quoting it, and splitting it out would inject a document boundary
+# (or a chat-role token) that the author never wrote. Corpora already in a tokenizer's own markup
+# (chat transcripts rendered with <|user|> ...) opt in with allowed_special="all".
+DEFAULT_ALLOWED_SPECIAL = "none"
 
 
 class PreprocessError(ValueError):
@@ -43,6 +48,7 @@ class _Job:
     json_keys: tuple[str, ...]
     append_eod: bool
     dtype: type
+    allowed_special: str
 
 
 _WORKER: dict = {}
@@ -67,7 +73,7 @@ def _tokenize_batch(batch: list[tuple[str, int, str, bool]]) -> tuple[list[list[
             continue
         arrays = []
         for text in texts:
-            ids = tok.encode(text)
+            ids = tok.encode(text, job.allowed_special)
             if job.append_eod:
                 ids.append(tok.eod_id)
             arrays.append(np.asarray(ids, dtype=job.dtype))
@@ -131,11 +137,15 @@ def preprocess(
     skip_bad_lines: bool = False,
     text_unit: str = "file",
     progress: bool = True,
+    allowed_special: str = DEFAULT_ALLOWED_SPECIAL,
 ) -> PreprocessStats:
-    """Tokenize ``inputs`` (jsonl: one document per line; plain text: one per file or per line)."""
-    paths = _check_inputs(inputs, text_unit, workers)
+    """Tokenize ``inputs`` (jsonl: one document per line; plain text: one per file or per line).
+
+    ``allowed_special``: "none" encodes special-token strings in the documents as plain text,
+    "all" as the special tokens' ids (see ``Tokenizer.encode``)."""
+    paths = _check_inputs(inputs, text_unit, workers, allowed_special)
     tokenizer = load_tokenizer(tokenizer_dir)
-    job = _Job(tuple(json_keys), append_eod, token_dtype(tokenizer.vocab_size))
+    job = _Job(tuple(json_keys), append_eod, token_dtype(tokenizer.vocab_size), allowed_special)
     prefixes = output_prefixes(str(output_prefix), job.json_keys)
     Path(prefixes[0]).parent.mkdir(parents=True, exist_ok=True)
     temps = [f"{p}.tmp{os.getpid()}" for p in prefixes]
@@ -164,9 +174,14 @@ def preprocess(
     return stats
 
 
-def _check_inputs(inputs, text_unit: str, workers: int) -> list[Path]:
+def _check_inputs(inputs, text_unit: str, workers: int, allowed_special: str) -> list[Path]:
     if text_unit not in ("file", "line"):
         raise PreprocessError(f"text_unit={text_unit!r} must be 'file' (one document per text file) or 'line'")
+    if allowed_special not in SPECIAL_MODES:
+        raise PreprocessError(
+            f"allowed_special={allowed_special!r} must be 'none' (special-token strings in documents stay plain "
+            f"text) or 'all' (they become the special tokens' ids)"
+        )
     if workers < 1:
         raise PreprocessError(f"workers={workers} must be at least 1")
     if not inputs:

@@ -15,6 +15,25 @@ import sentencepiece as spm
 from megatron_lite.data.tokenizer import CHAT_ROLES, DEFAULT_SPECIAL_TOKENS, Tokenizer, TokenizerError
 
 MODEL_FILE = "tokenizer.model"
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4  # ModelProto.SentencePiece.Type values
+
+
+def added_pieces(model_proto: bytes) -> dict[int, bool]:
+    """Id -> whether the piece is special, for the pieces matched as whole strings rather than
+    built by merges: <unk> and control pieces (special), user-defined symbols (not special).
+
+    SentencePiece itself always matches user-defined symbols in text and never control pieces;
+    Hugging Face calls these "added tokens" and splits out both kinds (special ones only while
+    special tokens are allowed)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_proto)
+    return {
+        piece_id: piece.type != _USER_DEFINED
+        for piece_id, piece in enumerate(model.pieces)
+        if piece.type in (_UNKNOWN, _CONTROL, _USER_DEFINED)
+    }
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -22,6 +41,12 @@ class SentencePieceTokenizer(Tokenizer):
         self.model_proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.special_ids = self._find_special_ids()
+        added = added_pieces(model_proto)
+        self._set_added_tokens({self._sp.id_to_piece(i): (i, special) for i, special in added.items()})
+        # SentencePiece decodes control pieces to nothing and <unk> to " ⁇ "; showing every added
+        # piece as its text, each run between them decoded on its own (which drops the dummy
+        # prefix encode gave that run), makes decode(encode(text)) give back text
+        self._added_ids = frozenset(added)
 
     def _find_special_ids(self) -> dict[str, int]:
         sp = self._sp
@@ -42,7 +67,7 @@ class SentencePieceTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
-    def encode(self, text: str) -> list[int]:
+    def _encode_ordinary(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
 
     def decode(self, ids) -> str:
@@ -50,7 +75,17 @@ class SentencePieceTokenizer(Tokenizer):
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise TokenizerError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        return self._sp.decode(ids)
+        if self._added_ids.isdisjoint(ids):
+            return self._sp.decode(ids)
+        parts, run = [], []
+        for token_id in ids:
+            if token_id in self._added_ids:
+                parts += [self._sp.decode(run), self._sp.id_to_piece(token_id)]
+                run = []
+            else:
+                run.append(token_id)
+        parts.append(self._sp.decode(run))
+        return "".join(parts)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

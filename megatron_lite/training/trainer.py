@@ -262,10 +262,15 @@ class Trainer:
 
         m = self.cfg.model
         count = num_parameters(m, padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, 1))
-        d = self.dims
+        d, p = self.dims, self.cfg.parallel
+        layout = f"tp={d.tp} pp={d.pp} dp={d.dp}"
+        if d.pp > 1:
+            layout += f" ({p.pipeline_schedule}" + (f", virtual {d.virtual_pp})" if d.virtual_pp > 1 else ")")
+        if d.sequence_parallel:
+            layout += " sequence-parallel"
         self.metrics.print(
             f"training {m.flavor} ({count / 1e6:.2f}M parameters) on {d.device} | "
-            f"tp={d.tp} pp={d.pp} dp={d.dp} | global batch {self.cfg.train.global_batch_size} = "
+            f"{layout} | global batch {self.cfg.train.global_batch_size} = "
             f"{self.cfg.train.micro_batch_size} x {self.micro_batches_per_step} accumulation x {d.dp} dp | "
             f"{self.cfg.train.precision} | {self.optimizer_kind} | steps {self.step}->{self.total_steps}"
         )

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
+from tokenizers import Tokenizer as HFTokenizer
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -34,7 +35,8 @@ from megatron_lite.training.checkpoint import (
     save_full_state_dict,
 )
 from megatron_lite.training.trainer import model_config_from_manifest
-from tests.convert.conftest import UNICODE_PROBE, randomize_
+from tests.convert.conftest import _CORPUS, UNICODE_PROBE, randomize_
+from tests.data.test_tokenizer import special_positions, spliced_texts, train_sentencepiece
 from tests.convert.workers import TINY, VARIANTS, save_variants_at_tp2_pp2
 from tests.distributed import run_distributed
 
@@ -225,6 +227,45 @@ def test_exported_tokenizer_encodes_like_ours(kind, tmp_path, request):
         shutil.copy(out / "tokenizer.model", resaved / "tokenizer.model")
     back = import_tokenizer(resaved, tmp_path / "back", ours.vocab_size)
     assert load_tokenizer(back).encode(UNICODE_PROBE) == ids
+
+
+SENTENCEPIECE_VARIANTS = {
+    "sentencepiece-user-defined": {"user_defined_symbols": ["<sep>", "[MASK]"]},
+    "sentencepiece-dummy-prefix": {"add_dummy_prefix": True, "user_defined_symbols": ["<sep>"]},
+}
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "sentencepiece", *SENTENCEPIECE_VARIANTS])
+def test_exported_tokenizer_treats_special_strings_like_ours(kind, tmp_path, request):
+    if kind in SENTENCEPIECE_VARIANTS:
+        tokenizer = train_sentencepiece(_CORPUS * 20, vocab_size=400, **SENTENCEPIECE_VARIANTS[kind])
+        tokenizer_dir = tokenizer.save(tmp_path / "sp")
+    else:
+        tokenizer_dir = request.getfixturevalue(f"{kind}_dir")
+    ours = load_tokenizer(tokenizer_dir)
+    out = tmp_path / "hf"
+    out.mkdir()
+    export_tokenizer(tokenizer_dir, out, ours.vocab_size)
+    strings = list(ours.added_tokens)
+    texts = special_positions(strings) + spliced_texts(strings, 150, seed=5) + [UNICODE_PROBE.replace(" ", strings[-1])]
+
+    raw = HFTokenizer.from_file(str(out / "tokenizer.json"))
+    fast = AutoTokenizer.from_pretrained(out)
+    for text in texts:
+        ids = ours.encode(text)
+        assert raw.encode(text).ids == ids, repr(text)
+        assert fast.encode(text, add_special_tokens=False) == ids, repr(text)
+        assert ours.decode(ids) == text, repr(text)
+
+    raw.encode_special_tokens = True  # both of Hugging Face's "special strings are text" switches
+    as_text = AutoTokenizer.from_pretrained(out, split_special_tokens=True)
+    changed = 0
+    for text in texts:
+        plain = ours.encode(text, allowed_special="none")
+        assert raw.encode(text).ids == plain, repr(text)
+        assert as_text.encode(text, add_special_tokens=False) == plain, repr(text)
+        changed += plain != ours.encode(text)
+    assert changed > 150
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -91,3 +91,28 @@ def test_command_line_end_to_end(tmp_path, trained_dir):
     shown = subprocess.run([sys.executable, str(ROOT / "tools/preprocess_data.py"), "--inspect", str(tmp_path / "cli"),
                             "--tokenizer", str(trained_dir)], capture_output=True, text=True)
     assert shown.returncode == 0 and "2 documents" in shown.stdout and "one<|endoftext|>" in shown.stdout
+
+
+def test_special_token_strings_in_documents_stay_text_unless_allowed(tmp_path, trained_dir):
+    texts = ["a page quoting <|endoftext|> mid-sentence", "<|user|>hi<|assistant|>hello"]
+    src = write_jsonl(tmp_path / "in.jsonl", texts)
+    tok = load_tokenizer(trained_dir)
+    eod, user, assistant = tok.eod_id, tok.role_id("user"), tok.role_id("assistant")
+    preprocess([src], trained_dir, tmp_path / "plain", progress=False)
+    plain = IndexedDataset(tmp_path / "plain")
+    assert plain[0].tolist() == tok.encode(texts[0], allowed_special="none") + [eod]
+    assert plain[0].tolist().count(eod) == 1 and not {user, assistant} & set(plain[1].tolist())
+    preprocess([src], trained_dir, tmp_path / "split", allowed_special="all", progress=False)
+    split = IndexedDataset(tmp_path / "split")
+    assert split[0].tolist().count(eod) == 2
+    assert split[1].tolist() == [user] + tok.encode("hi") + [assistant] + tok.encode("hello") + [eod]
+    with pytest.raises(PreprocessError, match="allowed_special='some' must be 'none' .* or 'all'"):
+        preprocess([src], trained_dir, tmp_path / "bad", allowed_special="some", progress=False)
+
+    cmd = [sys.executable, str(ROOT / "tools/preprocess_data.py"), "--input", str(src), "--tokenizer", str(trained_dir),
+           "--output-prefix", str(tmp_path / "cli"), "--append-eod", "--quiet", "--allowed-special", "all"]
+    ran = subprocess.run(cmd, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert (tmp_path / "cli.bin").read_bytes() == (tmp_path / "split.bin").read_bytes()
+    refused = subprocess.run(cmd[:-1] + ["some"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--allowed-special: invalid choice: 'some'" in refused.stderr

@@ -1,8 +1,10 @@
+import io
 import json
 import random
 import shutil
 
 import pytest
+import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -48,6 +50,32 @@ def random_unicode(rng: random.Random, length: int) -> str:
 def random_texts(count: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [random_unicode(rng, rng.randrange(0, 60)) for _ in range(count)]
+
+
+def special_positions(specials: list[str]) -> list[str]:
+    """Each special-token string at the start, at the end, alone, doubled, next to other ones,
+    inside a word, between spaces and newlines, and cut in half (which is plain text)."""
+    texts = []
+    for special in specials:
+        texts += [special, special + special, f"{special}hello", f"hello{special}", f"hel{special}lo",
+                  f" {special} ", f"a  {special}  b", f"\n{special}\n", f"x{special}{specials[0]} y",
+                  special[: len(special) // 2], f"a{special[:-1]} b", f"{special[1:]}{special}"]
+    texts.append("".join(specials) + " tail " + " ".join(specials))
+    return texts
+
+
+def spliced_texts(specials: list[str], count: int, seed: int = 0) -> list[str]:
+    """Random Unicode with special-token strings and halves of them spliced in."""
+    rng = random.Random(seed)
+    halves = [s[: len(s) // 2] for s in specials] + [s[len(s) // 2 :] for s in specials]
+    texts = []
+    for _ in range(count):
+        parts = []
+        for _ in range(rng.randrange(1, 6)):
+            parts.append(random_unicode(rng, rng.randrange(0, 12)))
+            parts.append(rng.choice(specials * 3 + halves + [" ", "  ", "\n"]))
+        texts.append("".join(parts))
+    return texts
 
 
 def hf_from_files(directory) -> HFTokenizer:
@@ -158,3 +186,100 @@ def test_sentencepiece_backend_round_trip(tmp_path, corpus):
         assert ids == tok.encode(text)
         assert loaded.decode(ids) == text, repr(text)
     assert max(loaded.encode(HARD_TEXTS[2])) < loaded.vocab_size == 600
+
+
+# ----------------------------------------------------------------------------- special-token strings in text
+
+
+def test_special_strings_become_their_ids_by_default(trained_dir):
+    tok = load_tokenizer(trained_dir)
+    eod, pad, user = tok.eod_id, tok.pad_id, tok.role_id("user")
+    plain = lambda text: tok.encode(text, allowed_special="none")  # noqa: E731
+    assert tok.encode("<|endoftext|>") == [eod]
+    assert tok.encode("<|endoftext|><|pad|><|user|>") == [eod, pad, user]
+    assert tok.encode("hel<|user|>lo") == plain("hel") + [user] + plain("lo")
+    space = tok.vocab[BYTE_TO_CHAR[ord(" ")]]
+    assert tok.encode(" <|user|> ") == [space, user, space]  # neighbouring spaces are not absorbed
+    assert tok.encode("a <|endoftext|>\nb") == plain("a ") + [eod] + plain("\nb")
+    assert tok.encode("<|endoftext") == plain("<|endoftext") and eod not in plain("<|endoftext")
+    assert tok.encode("<|endoftext|>", allowed_special="none") == plain("<|endoftext|>")
+    assert len(plain("<|endoftext|>")) > 1 and tok.decode(plain("x<|endoftext|>")) == "x<|endoftext|>"
+    assert tok.decode(tok.encode("x<|endoftext|>y<|pad|>")) == "x<|endoftext|>y<|pad|>"
+    assert tok.added_tokens == {text: tok.vocab[text] for text in tok.special_tokens.values()}
+
+
+def test_leftmost_then_longest_special_wins():
+    tok = ByteLevelBPETokenizer.train(["abc abd"], 300, {"eod": "<|endoftext|>", "pad": "<|end", "x": "<|endoftext|>x"})
+    eod, short, long = tok.special_ids["eod"], tok.special_ids["pad"], tok.special_ids["x"]
+    plain = lambda text: tok.encode(text, allowed_special="none")  # noqa: E731
+    assert tok.encode("<|endoftext|>x") == [long]
+    assert tok.encode("<|endoftext|>y") == [eod] + plain("y")
+    assert tok.encode("<|endoftext<|end|>") == [short] + plain("oftext") + [short] + plain("|>")
+    hf = HFTokenizer.from_str(json.dumps(tok.to_hf_json()))
+    for text in ["<|endoftext|>x", "<|endoftext<|end|>", "a<|end<|endoftext|>xb"]:
+        assert tok.encode(text) == hf.encode(text).ids, repr(text)
+
+
+def test_special_strings_match_hf_tokenizers_and_transformers(trained_dir):
+    ours = load_tokenizer(trained_dir)
+    specials = list(dict.fromkeys(ours.special_tokens.values()))
+    texts = special_positions(specials) + spliced_texts(specials, 300, seed=3)
+    hf = HFTokenizer.from_file(str(trained_dir / "tokenizer.json"))
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(trained_dir / "tokenizer.json"))
+    old_ids = hf_from_files(trained_dir)  # no added tokens: every string is plain text
+    for text in texts:
+        ids = ours.encode(text)
+        assert hf.encode(text).ids == ids, repr(text)
+        assert fast.encode(text, add_special_tokens=False) == ids, repr(text)
+        assert ours.decode(ids) == text
+        plain = ours.encode(text, allowed_special="none")
+        assert plain == old_ids.encode(text).ids, repr(text)
+        assert ours.decode(plain) == text
+    special_ids = set(ours.special_ids.values())
+    assert sum(bool(special_ids & set(ours.encode(t))) for t in texts) > 250  # the texts do exercise the split
+    hf.encode_special_tokens = True  # Hugging Face's own switch for "special strings are text"
+    assert all(hf.encode(t).ids == ours.encode(t, allowed_special="none") for t in texts)
+
+
+def test_encode_arguments_are_checked():
+    with pytest.raises(TokenizerError, match=r"allowed_special='some' is not one of 'all', 'none'"):
+        ByteLevelBPETokenizer.train(["abc"], 300).encode("abc", allowed_special="some")
+    with pytest.raises(TokenizerError, match=r"allowed_special=True is not one of"):
+        ByteLevelBPETokenizer.train(["abc"], 300).encode("abc", allowed_special=True)
+    with pytest.raises(TokenizerError, match="has an empty text.*non-empty text such as"):
+        ByteLevelBPETokenizer.train(["abc"], 300, {"eod": "", "pad": "<|pad|>"})
+
+
+def train_sentencepiece(texts, **options) -> SentencePieceTokenizer:
+    model = io.BytesIO()
+    lines = (line for text in texts for line in text.split("\n") if line)
+    settings = dict(model_type="bpe", vocab_size=500, byte_fallback=True, normalization_rule_name="identity",
+                    add_dummy_prefix=False, remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                    control_symbols=["<|user|>"], minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model, **{**settings, **options})
+    return SentencePieceTokenizer(model.getvalue())
+
+
+def test_sentencepiece_special_and_user_defined_pieces(corpus):
+    tok = train_sentencepiece(corpus["docstrings"][:300], user_defined_symbols=["<sep>"])
+    sp = spm.SentencePieceProcessor(model_proto=tok.model_proto)
+    sep, user = sp.piece_to_id("<sep>"), tok.role_id("user")
+    assert tok.added_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<|user|>": user, "<sep>": sep}
+    text = "a</s>b <|user|>hi<sep>x<unk>"
+    ids = tok.encode(text)
+    assert ids == sp.encode("a") + [2] + sp.encode("b ") + [user] + sp.encode("hi") + [sep] + sp.encode("x") + [0]
+    plain = tok.encode(text, allowed_special="none")  # control pieces are text; user-defined ones stay pieces
+    assert plain == sp.encode(text) and sep in plain and not {0, 2, user} & set(plain)
+    for text in special_positions(list(tok.added_tokens)) + spliced_texts(list(tok.added_tokens), 100, seed=4):
+        assert tok.decode(tok.encode(text)) == text, repr(text)
+        assert tok.decode(tok.encode(text, allowed_special="none")) == text, repr(text)
+    assert tok.decode([2, 1, 0]) == "</s><s><unk>"  # shown, as the byte-level backend shows its specials
+
+
+def test_sentencepiece_dummy_prefix_model_round_trips_around_specials(corpus):
+    tok = train_sentencepiece(corpus["docstrings"][:300], add_dummy_prefix=True)
+    sp = spm.SentencePieceProcessor(model_proto=tok.model_proto)
+    # every run between special tokens gets its own dummy prefix, as in Hugging Face's Prepend normalizer
+    assert tok.encode("a</s>b") == sp.encode("a") + [2] + sp.encode("b") and sp.encode("b")[0] != sp.encode("ab")[1]
+    for text in ["a</s>b", " </s> x", "<s><|user|>  q", "x<|user|>"]:
+        assert tok.decode(tok.encode(text)) == text, repr(text)
