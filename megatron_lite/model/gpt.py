@@ -252,6 +252,8 @@ class GPT(nn.Module):
 
     def init_weights(self, seed: int) -> None:
         """Draw every full parameter from a generator seeded by (seed, global name), keep this rank's shard."""
+        if self.dims.device.type == "meta":  # shapes only (planning a checkpoint layout): nothing to draw
+            return
         for module_name, module in self.named_modules():
             for param_name, param in module.named_parameters(recurse=False):
                 name = f"{module_name}.{param_name}"
