@@ -15,12 +15,15 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
 python3 tools/bench_kernels.py --check --out-dir "$out" 2>&1 | tee "$out/kernels.log"
-for cfg in "configs/gpt2-124m.yaml model.attention_backend=torch" \
-           "configs/gpt2-124m.yaml model.attention_backend=triton model.norm_backend=triton" \
-           "configs/llama-1b.yaml model.attention_backend=torch" \
-           "configs/llama-1b.yaml model.attention_backend=triton model.norm_backend=triton"; do
-    # shellcheck disable=SC2086
-    python3 tools/bench_train.py --synthetic --docs "$out/train.md" --config $cfg \
-        model.vocab_size=50257 train.precision=bf16 2>&1 | tee -a "$out/train.log"
+# One GPU: tp=pp=1, and a global batch of a few micro-batches so a timed step is short.
+one_gpu="parallel.tp=1 parallel.pp=1 parallel.sequence_parallel=false model.vocab_size=50257 train.precision=bf16"
+for run in "configs/gpt2-124m.yaml train.micro_batch_size=16 train.global_batch_size=64" \
+           "configs/llama-1b.yaml train.micro_batch_size=4 train.global_batch_size=16"; do
+    for backends in "model.attention_backend=torch model.norm_backend=torch" \
+                    "model.attention_backend=triton model.norm_backend=triton"; do
+        # shellcheck disable=SC2086
+        python3 tools/bench_train.py --synthetic --docs "$out/train.md" --config $run $one_gpu $backends \
+            2>&1 | tee -a "$out/train.log"
+    done
 done
 python3 tools/bench_parallel.py --device cuda --micro-batches 4 2>&1 | tee "$out/parallel.log"
