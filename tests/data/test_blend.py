@@ -75,3 +75,32 @@ def test_blended_dataset_cached_equals_uncached(tmp_path):
     assert sum(v >= 1000 for v in values) == 125
     with pytest.raises(ValueError, match="source 1 provides 100 samples but the mixture draws 125"):
         BlendedDataset([Numbers(0, 400), Numbers(1000, 100)], [3, 1], 500)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_weights_across_block_boundaries_equal_the_loop(seed):
+    # Counts carry from one block to the next and sources beyond three share extra packed words.
+    rng = np.random.default_rng(seed)
+    weights = rng.lognormal(0.0, 1.5, size=int(rng.integers(2, 9)))
+    n = 70_001
+    source, within = build_blending_indices(weights, n)
+    ref_source, ref_within = blending_indices_reference(weights, n)
+    np.testing.assert_array_equal(source, ref_source)
+    np.testing.assert_array_equal(within, ref_within)
+
+
+@pytest.mark.parametrize("weights", [[0.97, 0.02, 0.01], [0.05, 0.9, 0.05, 0.0001]])
+def test_one_leading_source_across_block_boundaries_equals_the_loop(weights):
+    source, within = build_blending_indices(weights, 70_001)
+    ref_source, ref_within = blending_indices_reference(weights, 70_001)
+    np.testing.assert_array_equal(source, ref_source)
+    np.testing.assert_array_equal(within, ref_within)
+
+
+@pytest.mark.parametrize("num_samples", [0, 1, 2, 3, 17])
+def test_tiny_mixtures_equal_the_loop(num_samples):
+    for weights in ([0.5, 0.3, 0.2], [0.98, 0.01, 0.01], [2, 1]):
+        source, within = build_blending_indices(weights, num_samples)
+        ref_source, ref_within = blending_indices_reference(weights, num_samples)
+        np.testing.assert_array_equal(source, ref_source)
+        np.testing.assert_array_equal(within, ref_within)
