@@ -9,7 +9,8 @@ import torch
 from megatron_lite.config import ConfigError
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.training.checkpoint import load_full_state_dict
-from megatron_lite.training.trainer import Trainer, validate_batch_layout
+from megatron_lite.training.step import validate_batch_layout
+from megatron_lite.training.trainer import Trainer
 from tests.distributed import run_distributed
 from tests.training.tiny import tiny_config
 
