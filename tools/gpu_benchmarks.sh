@@ -9,7 +9,10 @@ out="$(realpath -m "${1:?usage: bash tools/gpu_benchmarks.sh OUT_DIR}")"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e .
+# Use the checkout in place: an editable install needs a build backend the GPU image may lack,
+# so point Python at the checkout and expose kernels/ as megatron_lite.kernels.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import megatron_lite.kernels" 2>/dev/null || ln -sfn ../kernels megatron_lite/kernels
 set +e
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
