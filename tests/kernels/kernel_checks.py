@@ -4,15 +4,24 @@ The bound follows FlashAttention's rule: the kernel's error may be at most twice
 of the PyTorch reference run in the same dtype, plus a small absolute tolerance. It never
 goes below one unit in the last place of the largest exact value: storing the result in the
 dtype costs that much, and on a lucky draw the reference's own error can be smaller.
+Triton's CPU interpreter casts float32 to bfloat16 by truncation (toward zero) instead of
+rounding to nearest, so there a stored bfloat16 value may be off by two such units.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import os
+
 import torch
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def _storage_units(dtype: torch.dtype) -> int:
+    truncates = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return 2 if truncates else 1
 
 
 def outputs_and_grads(fn: Callable, inputs: list[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
@@ -37,7 +46,7 @@ def assert_matches_reference(fast: Callable, reference: Callable, inputs: list[t
     torch_errors = max_errors(outputs_and_grads(reference, inputs, grad_out), exact)
     names = ["output"] + [f"grad of input {i}" for i in range(len(inputs))]
     for name, fast_err, torch_err, want in zip(names, fast_errors, torch_errors, exact):
-        storage_ulp = torch.finfo(dtype).eps * float(want.abs().max())
+        storage_ulp = torch.finfo(dtype).eps * float(want.abs().max()) * _storage_units(dtype)
         bound = max(2 * torch_err, storage_ulp) + ATOL[dtype]
         assert fast_err <= bound, f"{name}: error {fast_err:.3g} exceeds bound {bound:.3g} (torch {torch_err:.3g})"
     return fast_errors
