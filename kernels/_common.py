@@ -7,9 +7,10 @@ GPU. It cannot autotune, and its ``tl.dot`` on bfloat16 multiplies raw bits, so 
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 import triton
@@ -63,3 +64,76 @@ def multiprocessor_count(device: torch.device) -> int:
 def seq_bucket(length: int) -> int:
     """Autotuning key for a sequence length: the next power of two, so a new length reuses a tuning."""
     return triton.next_power_of_2(max(length, 16))
+
+
+def tuning_enabled() -> bool:
+    """Launch tuning runs on GPU unless MEGATRON_LITE_KERNEL_TUNING=0 pins the first candidate."""
+    return not interpreting() and os.environ.get("MEGATRON_LITE_KERNEL_TUNING", "1") != "0"
+
+
+def gpu_time_ms(fn: Callable[[], Any], rounds: int = 5, round_ms: float = 10.0) -> float:
+    """Median milliseconds per call of ``fn`` on the GPU, host overhead excluded.
+
+    Each round queues its calls behind a device-side spin long enough for the host to enqueue
+    them all, then times them back to back between two CUDA events. So a short kernel is charged
+    neither for Python time between launches nor for an idle device waiting on the host.
+    """
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    calls = max(1, min(200, int(round_ms / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(rounds):
+        torch.cuda._sleep(calls * _SPIN_CYCLES_PER_CALL)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+_SPIN_CYCLES_PER_CALL = 1_000_000  # about 0.5 ms at 2 GHz: more than the host needs to enqueue one call
+
+
+def _time_on_gpu(launch: Callable[[], Any]) -> float:
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return gpu_time_ms(launch, rounds=3, round_ms=5.0)
+    except OutOfResources:
+        return math.inf
+
+
+class LaunchTuner:
+    """Picks launch settings per shape key by timing every candidate once, then reuses the pick.
+
+    ``triton.autotune`` cannot express settings that change the grid together with a scratch
+    buffer sized by it (the norm backward's per-program partial sums), so those kernels time
+    whole launches here. The first candidate is the default: it is used under the interpreter,
+    with tuning disabled, or when there is only one. A launch must be repeatable (it may run
+    many times while being timed).
+    """
+
+    def __init__(self, timer: Callable[[Callable[[], Any]], float] = _time_on_gpu,
+                 enabled: Callable[[], bool] = tuning_enabled):
+        self.timer, self.enabled = timer, enabled
+        self.picks: dict[Hashable, Any] = {}
+        self.timings: dict[Hashable, list[tuple[Any, float]]] = {}  # what each candidate took, when timed
+
+    def pick(self, key: Hashable, candidates: Sequence, launch: Callable[[Any], Any]):
+        if key not in self.picks:
+            if len(candidates) == 1 or not self.enabled():
+                self.picks[key] = candidates[0]
+            else:
+                times = [self.timer(lambda c=c: launch(c)) for c in candidates]
+                self.timings[key] = list(zip(candidates, times))
+                if all(math.isinf(t) for t in times):
+                    raise RuntimeError(f"no launch setting fits this device for {key}: tried {list(candidates)}")
+                self.picks[key] = candidates[times.index(min(times))]
+        return self.picks[key]

@@ -41,6 +41,18 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b, accumulated inside the matrix-multiply instruction (no second fp32 tile)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _load_rows(ptrs, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
     """Load a (rows, BLOCK_D) tile; masks exist only where the shape needs them."""
     if MASK_ROWS:
@@ -73,6 +85,16 @@ def _store_rows(ptrs, value, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.const
 
 
 @triton.jit
+def _heavy_first(CAUSAL: tl.constexpr):
+    """The query tile of this program. Under a causal mask a tile's work grows with its index, so
+    the last tiles are launched first and the cheap ones fill the tail of the grid."""
+    if CAUSAL:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        return tl.program_id(0)
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
     offs_m, offs_n, offs_d, lo, hi, seq_k, head_dim, qk_scale_log2,
@@ -83,18 +105,20 @@ def _fwd_inner(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
-        qk = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
+        qk = _dot(q, tl.trans(k), UPCAST, IEEE)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             keep = cols[None, :] < seq_k
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= cols[None, :])
             qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        # The scale is positive, so max(qk) * scale is the scaled max, and scaling folds into the
+        # subtraction as one fused multiply-add per score.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
+        p = tl.math.exp2(qk * qk_scale_log2 - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -106,12 +130,12 @@ def _attn_fwd_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    num_heads, group_size, seq_q, seq_k, head_dim, qk_scale_log2, seq_key,
+    num_heads, group_size, seq_q, seq_k, head_dim, qk_scale_log2, seq_key, programs_key,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
+    start_m = _heavy_first(CAUSAL)
     pid_bh = tl.program_id(1)
     batch = (pid_bh // num_heads).to(tl.int64)
     head = pid_bh % num_heads
@@ -207,10 +231,10 @@ def _bwd_dkdv_inner(
         p_t = tl.math.exp2(qk_t - lse[None, :] * 1.4426950408889634)
         if MASKED:
             p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
-        dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
+        dv = _dot_acc(p_t.to(do.dtype), do, dv, UPCAST, IEEE)
         dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
+        dk = _dot_acc(ds_t.to(q.dtype), q, dk, UPCAST, IEEE)
     return dk, dv
 
 
@@ -223,7 +247,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    num_heads, num_kv_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2, seq_key,
+    num_heads, num_kv_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2, seq_key, programs_key,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -287,7 +311,7 @@ def _bwd_dq_inner(
                 p = tl.where(rows[:, None] >= cols[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), UPCAST, IEEE)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+        dq = _dot_acc(ds.to(k.dtype), k, dq, UPCAST, IEEE)
     return dq
 
 
@@ -299,12 +323,12 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
-    num_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2, seq_key,
+    num_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2, seq_key, programs_key,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
+    start_m = _heavy_first(CAUSAL)
     pid_bh = tl.program_id(1)
     batch = (pid_bh // num_heads).to(tl.int64)
     head = pid_bh % num_heads
@@ -353,7 +377,7 @@ _EVEN = {
     "EVEN_M": lambda args: args["seq_q"] % args["BLOCK_M"] == 0,
     "EVEN_N": lambda args: args["seq_k"] % args["BLOCK_N"] == 0,
 }
-_TUNING_KEY = ["seq_key", "head_dim", "CAUSAL"]
+_TUNING_KEY = ["seq_key", "programs_key", "head_dim", "CAUSAL"]
 
 
 def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -366,7 +390,7 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 # The tile held in registers is the larger one; the streamed tile divides it, so the causal
 # diagonal always falls on whole streamed tiles.
 _FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-                         (128, 64, 8, 4), (64, 64, 4, 3)])
+                         (128, 64, 8, 4), (128, 64, 4, 4), (128, 128, 8, 4), (64, 64, 4, 3)])
 _DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)])
 _DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)])
 
@@ -423,7 +447,8 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float):
     lse = new_output((batch, num_heads, seq_q), torch.float32, q.device)
     _fwd(seq_q, batch * num_heads, "M",
          q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-         num_heads, num_heads // num_kv_heads, seq_q, seq_k, head_dim, softmax_scale * LOG2E, seq_bucket(seq_k),
+         num_heads, num_heads // num_kv_heads, seq_q, seq_k, head_dim, softmax_scale * LOG2E,
+         seq_bucket(seq_k), seq_bucket(batch * num_heads),
          CAUSAL=causal, **_flags(q, head_dim))
     return out, lse
 
@@ -446,12 +471,12 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float
           q, k, v, do, lse, delta, dk, dv,
           *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
           num_heads, num_kv_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2,
-          seq_bucket(seq_q), CAUSAL=causal, **flags)
+          seq_bucket(seq_q), seq_bucket(batch * num_kv_heads), CAUSAL=causal, **flags)
     _dq(seq_q, batch * num_heads, "M",
         q, k, v, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         num_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2,
-        seq_bucket(seq_k), CAUSAL=causal, **flags)
+        seq_bucket(seq_k), seq_bucket(batch * num_heads), CAUSAL=causal, **flags)
     return dq, dk, dv
 
 
@@ -523,4 +548,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         raise ValueError(f"head_dim {q.shape[-1]} is larger than the supported {MAX_HEAD_DIM}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    elif not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
     return FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale))

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, interpreting, multiprocessor_count, new_output
+from ._common import LaunchTuner, check_device, interpreting, multiprocessor_count, new_output
 
 MAX_HIDDEN_SIZE = 65536
 
@@ -90,14 +90,39 @@ def _norm_bwd_kernel(
         tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db, 0), mask=col_ok)
 
 
-def _layout(n_cols: int, element_size: int) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps): short rows are stacked into blocks of about 8192 elements, and
-    warps grow with the block's bytes, so each thread holds a few 16-byte vectors per tensor."""
-    block_n = triton.next_power_of_2(n_cols)
-    rows = max(1, min(16, 8192 // block_n)) if not interpreting() else 2
-    block_bytes = block_n * rows * element_size
-    num_warps = min(32, max(4, block_bytes // 2048))
-    return block_n, rows, num_warps
+# Launch settings. Rows shorter than a few thousand elements are stacked ROWS to a program;
+# warps are sized so each thread holds a fixed number of bytes of every tile: the forward keeps
+# one tile alive, the backward several plus the fp32 partial sums, so it wants fewer bytes per
+# thread to stay out of local memory. On GPU each shape's first call times the candidates below
+# (LaunchTuner); the first candidate is the default elsewhere.
+_FWD_BYTES_PER_THREAD = (64, 32, 128)
+_BWD_BYTES_PER_THREAD = (32, 16, 64)
+_BWD_PROGRAMS_PER_SM = (2, 1, 4)
+_fwd_tuner = LaunchTuner()
+_bwd_tuner = LaunchTuner()
+
+
+def _stacked_rows(block_n: int) -> tuple[int, ...]:
+    """Rows per program: enough to make about 8192 elements, and a quarter of that."""
+    full = max(1, min(16, 8192 // block_n))
+    return tuple(dict.fromkeys((full, max(1, full // 4))))
+
+
+def _warps(elements: int, element_size: int, bytes_per_thread: int) -> int:
+    return min(32, max(4, elements * element_size // (32 * bytes_per_thread)))
+
+
+def _candidates(block_n: int, element_size: int, bytes_per_thread: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(ROWS, num_warps) pairs, default first, without repeats."""
+    if interpreting():
+        return [(2, 4)]
+    pairs = [(rows, _warps(rows * block_n, element_size, b)) for rows in _stacked_rows(block_n) for b in bytes_per_thread]
+    return list(dict.fromkeys(pairs))
+
+
+def _tuning_key(x2d: torch.Tensor, weight: torch.Tensor, is_rms: bool, has_bias: bool) -> tuple:
+    n_rows, n_cols = x2d.shape
+    return n_cols, triton.next_power_of_2(n_rows), x2d.dtype, weight.dtype, is_rms, has_bias, x2d.device
 
 
 def norm_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, is_rms: bool):
@@ -106,39 +131,54 @@ def norm_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     y = new_output((n_rows, n_cols), x2d.dtype, x2d.device)
     mean = None if is_rms else new_output((n_rows,), torch.float32, x2d.device)
     rstd = new_output((n_rows,), torch.float32, x2d.device)
-    block_n, rows, num_warps = _layout(n_cols, x2d.element_size())
-    _norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-        x2d, y, weight, bias if bias is not None else weight, mean if mean is not None else rstd, rstd,
-        x2d.stride(0), y.stride(0), n_rows, n_cols, eps,
-        IS_RMS=is_rms, HAS_BIAS=bias is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
-    )
+    block_n = triton.next_power_of_2(n_cols)
+
+    def launch(setting: tuple[int, int]) -> None:
+        rows, num_warps = setting
+        _norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+            x2d, y, weight, bias if bias is not None else weight, mean if mean is not None else rstd, rstd,
+            x2d.stride(0), y.stride(0), n_rows, n_cols, eps,
+            IS_RMS=is_rms, HAS_BIAS=bias is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+        )
+
+    candidates = _candidates(block_n, x2d.element_size(), _FWD_BYTES_PER_THREAD)
+    launch(_fwd_tuner.pick(_tuning_key(x2d, weight, is_rms, bias is not None), candidates, launch))
     return y, mean, rstd
 
 
-def _backward_programs(n_rows: int, rows: int, device: torch.device) -> int:
+def _backward_programs(n_rows: int, rows: int, device: torch.device, per_sm: int = _BWD_PROGRAMS_PER_SM[0]) -> int:
+    """Programs of the backward grid; each writes one row of partial weight-gradient sums."""
     if interpreting():
         return min(3, triton.cdiv(n_rows, rows))  # several programs, so the partial sums are really summed
-    return max(1, min(4 * multiprocessor_count(device), triton.cdiv(n_rows, rows)))
+    return max(1, min(per_sm * multiprocessor_count(device), triton.cdiv(n_rows, rows)))
 
 
 def norm_backward(dy2d, x2d, weight, mean, rstd, has_bias: bool):
     """Returns (dx (M, N), dw (N,), db (N,) or None); dw and db in the weight's dtype."""
     n_rows, n_cols = x2d.shape
-    block_n, rows, num_warps = _layout(n_cols, x2d.element_size())
-    programs = _backward_programs(n_rows, rows, x2d.device)
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
-    programs = triton.cdiv(n_rows, rows_per_program)
+    block_n = triton.next_power_of_2(n_cols)
     dx = new_output((n_rows, n_cols), x2d.dtype, x2d.device)
-    dw_partial = new_output((programs, n_cols), torch.float32, x2d.device)
-    db_partial = new_output((programs, n_cols), torch.float32, x2d.device) if has_bias else dw_partial
-    _norm_bwd_kernel[(programs,)](
-        x2d, dy2d, dx, weight, mean if mean is not None else rstd, rstd, dw_partial, db_partial,
-        x2d.stride(0), dy2d.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
-        IS_RMS=mean is None, HAS_BIAS=has_bias, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
-    )
-    dw = dw_partial.sum(0).to(weight.dtype)
-    db = db_partial.sum(0).to(weight.dtype) if has_bias else None
-    return dx, dw, db
+
+    def launch(setting: tuple[int, int, int]):
+        rows, num_warps, per_sm = setting
+        programs = _backward_programs(n_rows, rows, x2d.device, per_sm)
+        rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
+        programs = triton.cdiv(n_rows, rows_per_program)
+        dw_partial = new_output((programs, n_cols), torch.float32, x2d.device)
+        db_partial = new_output((programs, n_cols), torch.float32, x2d.device) if has_bias else dw_partial
+        _norm_bwd_kernel[(programs,)](
+            x2d, dy2d, dx, weight, mean if mean is not None else rstd, rstd, dw_partial, db_partial,
+            x2d.stride(0), dy2d.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+            IS_RMS=mean is None, HAS_BIAS=has_bias, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+        )
+        dw = dw_partial.sum(0).to(weight.dtype)
+        db = db_partial.sum(0).to(weight.dtype) if has_bias else None
+        return dx, dw, db
+
+    per_sm_options = _BWD_PROGRAMS_PER_SM if not interpreting() else _BWD_PROGRAMS_PER_SM[:1]
+    candidates = [(rows, warps, per_sm) for rows, warps in _candidates(block_n, x2d.element_size(), _BWD_BYTES_PER_THREAD)
+                  for per_sm in per_sm_options]
+    return launch(_bwd_tuner.pick(_tuning_key(x2d, weight, mean is None, has_bias), candidates, launch))
 
 
 def _rows_2d(t: torch.Tensor) -> torch.Tensor:

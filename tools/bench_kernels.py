@@ -28,6 +28,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels import triton
 
 from megatron_lite.kernels import backends, reference  # noqa: E402
+from megatron_lite.kernels._common import gpu_time_ms  # noqa: E402
 from megatron_lite.kernels.attention import flash_attention  # noqa: E402
 from megatron_lite.kernels.cross_entropy import cross_entropy  # noqa: E402
 from megatron_lite.kernels.elementwise import apply_rotary, swiglu  # noqa: E402
@@ -39,9 +40,7 @@ from megatron_lite.kernels.layernorm import layer_norm, rms_norm  # noqa: E402
 def time_ms(fn: Callable[[], object], cuda: bool, rep_ms: int = 60) -> float:
     """Median milliseconds of ``fn`` (device events on GPU, a host clock on CPU)."""
     if cuda:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median"))
+        return gpu_time_ms(fn, rounds=5, round_ms=rep_ms / 5)
     fn()  # the interpreter's first call traces the kernel
     start = time.perf_counter()
     fn()
@@ -250,7 +249,22 @@ def bench_norms(hiddens: list[int], elements: int, dtype: torch.dtype, device: t
             for name, fn in providers.items():
                 results.append(bench_norm_case(name, fn, kind, rows, hidden, dtype, device, cuda, copy_gbs))
             _print_bandwidth_row(f"{kind} N={hidden}", results[-len(providers):])
+    _print_launch_picks()
     return results
+
+
+def _print_launch_picks() -> None:
+    """The launch settings the norm kernels timed on their first call, and which one won."""
+    from megatron_lite.kernels import layernorm
+
+    for direction, tuner, names in (("forward", layernorm._fwd_tuner, "ROWS, warps"),
+                                    ("backward", layernorm._bwd_tuner, "ROWS, warps, programs per SM")):
+        for key, pick in tuner.picks.items():
+            n_cols, rows_bucket, dtype, _, is_rms, _, _ = key
+            kind = "rms_norm" if is_rms else "layer_norm"
+            timed = ", ".join(f"{c}: {t * 1e3:.0f}us" for c, t in tuner.timings.get(key, []))
+            print(f"launch pick {kind} {direction} N={n_cols} rows<={rows_bucket} {dtype}: ({names}) = {pick}"
+                  + (f" [{timed}]" if timed else ""))
 
 
 def bench_elementwise(ffn_widths: list[int], head_dims: list[int], elements: int, dtype: torch.dtype,

@@ -115,11 +115,13 @@ def test_poisoned_outputs_start_as_nan():
 
 def test_autotuning_is_keyed_on_a_sequence_bucket():
     assert [seq_bucket(n) for n in (1, 100, 128, 129, 1000, 4096)] == [16, 128, 128, 256, 1024, 4096]
-    for kernel in (attention_module._fwd, attention_module._dkdv, attention_module._dq):
-        assert kernel.tuned.keys == ["seq_key", "head_dim", "CAUSAL"]
+    held_tile = {attention_module._fwd: "BLOCK_M", attention_module._dq: "BLOCK_M", attention_module._dkdv: "BLOCK_N"}
+    for kernel, held in held_tile.items():
+        assert kernel.tuned.keys == ["seq_key", "programs_key", "head_dim", "CAUSAL"]
+        streamed = "BLOCK_N" if held == "BLOCK_M" else "BLOCK_M"
         for config in kernel.tuned.configs:
-            big, small = sorted((config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]), reverse=True)
-            assert big % small == 0, "the streamed tile must divide the held tile for causal block skipping"
+            assert config.kwargs[held] % config.kwargs[streamed] == 0, (
+                f"{config}: the streamed tile must divide the held tile for causal block skipping")
 
 
 @pytest.mark.parametrize(
@@ -130,6 +132,8 @@ def test_autotuning_is_keyed_on_a_sequence_bucket():
         ((1, 8, 4, 16), (1, 9, 4, 16), {"causal": True}, "causal attention needs q and k of the same length"),
         ((1, 8, 4, 16), (1, 8, 4, 32), {}, "does not match q shape"),
         ((1, 8, 4, 512), (1, 8, 4, 512), {}, "head_dim 512 is larger than the supported 128"),
+        ((1, 8, 4, 16), (1, 8, 4, 16), {"softmax_scale": -0.25}, "softmax_scale must be a positive finite number"),
+        ((1, 8, 4, 16), (1, 8, 4, 16), {"softmax_scale": float("nan")}, "softmax_scale must be a positive finite"),
     ],
 )
 def test_bad_shapes_are_rejected(q_shape, kv_shape, kwargs, message):
