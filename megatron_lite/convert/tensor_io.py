@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_lite.parallel.layers import merge_shards
+from megatron_lite.parallel.layers import layout_of, merge_shards
 from megatron_lite.training.checkpoint import read_manifest, resolve_checkpoint_dir, shard_file_name
 
 SINGLE_FILE = "model.safetensors"
@@ -78,9 +78,11 @@ class CheckpointWeights:
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._stage_of:
             raise ConversionError(f"{self.directory} holds no parameter {name!r}; it does not match its manifest")
-        info = self.manifest["params"][name]
         pieces = [self._shard_file(t, self._stage_of[name])[name] for t in range(self.tp)]
-        return merge_shards(pieces, info["partition_dim"], info["partition_chunks"])
+        try:
+            return merge_shards(pieces, **layout_of(self.manifest["params"][name]))
+        except ValueError as exc:
+            raise ConversionError(f"{self.directory}: {name}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- Hugging Face source

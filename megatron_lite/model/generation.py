@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lite.model.gpt import GPT, KVCache
+from megatron_lite.model.gpt import GPT, KVCache, local_kv_heads
 from megatron_lite.parallel.mappings import gather_from_region
 
 
@@ -93,7 +93,7 @@ def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id,
     key_valid = torch.arange(total, device=device).unsqueeze(0) >= pads.unsqueeze(1)  # (B, S_max)
 
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.layer_range, batch, total, cfg.num_kv_heads // model.dims.tp, cfg.head_dim, device, dtype)
+    cache = KVCache(model.layer_range, batch, total, local_kv_heads(cfg, model.dims.tp), cfg.head_dim, device, dtype)
     positions = (torch.arange(prompt_length, device=device).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
     causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device).tril()
     # Padding queries see themselves only, so no softmax row is empty; real queries never see padding.

@@ -33,6 +33,8 @@ from megatron_lite.parallel.layers import (
     VocabParallelEmbedding,
     column_parallel_linear,
     fill_from_full_,
+    full_shape,
+    layout_of,
     set_partition,
 )
 from megatron_lite.parallel.mappings import gather_from_sequence_region, scatter_to_sequence_region
@@ -98,18 +100,27 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
+def local_kv_heads(cfg: ModelConfig, tp: int) -> int:
+    """kv heads a tp rank holds: a share of them, or one copy when tp exceeds their number."""
+    return max(1, cfg.num_kv_heads // tp)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, dims: ParallelDims, layer_index: int):
         super().__init__()
         self.cfg, self.layer_index = cfg, layer_index
         self.head_dim = cfg.head_dim
-        self.kv_heads = cfg.num_kv_heads // dims.tp  # on this rank
-        self.q_per_kv = cfg.num_heads // cfg.num_kv_heads
+        self.kv_heads = local_kv_heads(cfg, dims.tp)  # on this rank
+        self.q_per_kv = cfg.num_heads // dims.tp // self.kv_heads  # on this rank
         bias, group, sp = cfg.flavor == "gpt2", dims.tp_group, dims.sequence_parallel
         # Full layout grouped per kv head, [q heads of group g, k_g, v_g] for each g, so a
-        # contiguous split over tp hands each rank whole groups.
+        # contiguous split over tp hands each rank whole groups. With tp > num_kv_heads the
+        # tp / num_kv_heads ranks of group g split its q heads and each keeps a copy of k_g, v_g.
         qkv_size = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, bias, group, sp, device=dims.device)
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, qkv_size, bias, group, sp, device=dims.device,
+            partition_groups=cfg.num_kv_heads, replicated_rows=2 * cfg.head_dim,
+        )
         self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias, group, sp, device=dims.device)
 
     def forward(self, x, rope, rng, kv_cache=None, attention_mask=None):
@@ -261,13 +272,11 @@ class GPT(nn.Module):
 
     def _full_init(self, name: str, param: nn.Parameter, module: nn.Module, seed: int) -> torch.Tensor:
         cfg = self.config
-        full_shape = list(param.shape)
-        if param.partition_dim is not None:
-            full_shape[param.partition_dim] *= self.dims.tp
+        shape = full_shape(param.shape, self.dims.tp, **layout_of(param))
         if isinstance(module, Norm):
-            return torch.ones(full_shape) if name.endswith("weight") else torch.zeros(full_shape)
+            return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
         if name.endswith("bias"):
-            return torch.zeros(full_shape)
+            return torch.zeros(shape)
         if self.output is not None and param is self.output.weight and cfg.tie_embeddings:
             name = WORD_EMBEDDING  # the last stage's copy starts identical to the first stage's
         generator = torch.Generator().manual_seed(_param_seed(seed, name))
@@ -276,10 +285,10 @@ class GPT(nn.Module):
             std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         if name == WORD_EMBEDDING or module is self.output:
             # Real rows random, padding rows zero: identical whatever the padded size.
-            full = torch.zeros(full_shape)
-            full[: cfg.vocab_size] = torch.randn(cfg.vocab_size, full_shape[1], generator=generator) * std
+            full = torch.zeros(shape)
+            full[: cfg.vocab_size] = torch.randn(cfg.vocab_size, shape[1], generator=generator) * std
             return full
-        return torch.randn(full_shape, generator=generator) * std
+        return torch.randn(shape, generator=generator) * std
 
     def tied_embedding_params(self) -> list[nn.Parameter]:
         """The word-embedding copy this chunk holds when first and last stage each hold one (pp > 1)."""

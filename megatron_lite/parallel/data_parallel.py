@@ -237,6 +237,8 @@ class GradShard:
     grad: torch.Tensor
     partition_dim: int | None = None
     shared_embedding: bool = False
+    param: torch.Tensor | None = None  # the parameter, for layouts that count only some of its rows
+    offset: int = 0  # where ``grad`` starts in the flattened parameter
 
 
 @dataclass
@@ -343,6 +345,8 @@ class Zero1AdamW:
                         self.grad[local[0] : local[1]],
                         getattr(slot.param, "partition_dim", None),
                         getattr(slot.param, "shared_embedding", False),
+                        slot.param,
+                        self.shard_start + local[0] - slot.start,
                     )
                 )
         return shards

@@ -33,13 +33,21 @@ def coords_of(rank: int, tp: int, dp: int) -> tuple[int, int, int]:
     return rank % tp, (rank // tp) % dp, rank // (tp * dp)
 
 
-def group_ranks(tp: int, dp: int, pp: int) -> dict[str, list[list[int]]]:
-    """Every group of each kind as lists of global ranks; every rank must create them in this order."""
+def group_ranks(tp: int, dp: int, pp: int, kv_replicas: int = 1) -> dict[str, list[list[int]]]:
+    """Every group of each kind as lists of global ranks; every rank must create them in this order.
+    ``kv_replica`` groups are runs of ``kv_replicas`` consecutive ranks inside each tp group: the
+    ranks holding copies of one kv head."""
     tp_groups = [[rank_of(t, d, p, tp, dp) for t in range(tp)] for p in range(pp) for d in range(dp)]
     dp_groups = [[rank_of(t, d, p, tp, dp) for d in range(dp)] for p in range(pp) for t in range(tp)]
     pp_groups = [[rank_of(t, d, p, tp, dp) for p in range(pp)] for d in range(dp) for t in range(tp)]
     embedding_groups = [sorted({g[0], g[-1]}) for g in pp_groups]
-    return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "embedding": embedding_groups}
+    kv_groups = [g[start : start + kv_replicas] for g in tp_groups for start in range(0, tp, kv_replicas)]
+    return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "embedding": embedding_groups, "kv_replica": kv_groups}
+
+
+def kv_replicas_for(model: ModelConfig, tp: int) -> int:
+    """Tensor-parallel ranks that share one kv head: tp / num_kv_heads when tp exceeds the kv heads."""
+    return tp // model.num_kv_heads if tp > model.num_kv_heads else 1
 
 
 def split_layers(num_layers: int, num_chunks: int, stage_layers: list[int] | None) -> list[range]:
@@ -71,11 +79,7 @@ def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
             f"model.num_heads={model.num_heads} is not divisible by parallel.tp={tp}; "
             f"choose a tp that divides the head count"
         )
-    if model.num_kv_heads % tp != 0:
-        raise ConfigError(
-            f"model.num_kv_heads={model.num_kv_heads} is not divisible by parallel.tp={tp}; "
-            f"each tensor-parallel rank needs whole kv heads: lower tp or raise num_kv_heads"
-        )
+    _validate_kv_heads(model.num_kv_heads, tp)
     if model.ffn_hidden_size % tp != 0:
         raise ConfigError(
             f"model.ffn_hidden_size={model.ffn_hidden_size} is not divisible by parallel.tp={tp}; "
@@ -97,6 +101,23 @@ def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
                 f"set model.make_vocab_size_divisible_by to a positive integer"
             )
     return world_size // (tp * pp)
+
+
+def _validate_kv_heads(kv_heads: int, tp: int) -> None:
+    """Each rank holds whole kv heads (tp divides them) or one copy of a kv head shared by
+    tp / num_kv_heads ranks (tp a multiple of them); anything between would cut a head."""
+    if tp <= kv_heads and kv_heads % tp != 0:
+        raise ConfigError(
+            f"model.num_kv_heads={kv_heads} is not divisible by parallel.tp={tp}; each tensor-parallel rank "
+            f"needs whole kv heads: choose a tp that divides num_kv_heads or a multiple of it "
+            f"(then each kv head is copied to tp / num_kv_heads ranks)"
+        )
+    if tp > kv_heads and tp % kv_heads != 0:
+        raise ConfigError(
+            f"parallel.tp={tp} is larger than model.num_kv_heads={kv_heads} but not a multiple of it; each kv head "
+            f"is copied to tp / num_kv_heads ranks, so choose a tp that is a multiple of num_kv_heads "
+            f"(or a divisor of it), or change num_kv_heads"
+        )
 
 
 def _validate_stage_layers(parallel: ParallelConfig, model: ModelConfig) -> None:
@@ -133,6 +154,8 @@ class ParallelDims:
     pp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     embedding_group: dist.ProcessGroup | None = None
+    kv_replicas: int = 1  # tp ranks holding copies of one kv head (tp > num_kv_heads)
+    kv_replica_group: dist.ProcessGroup | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -215,6 +238,7 @@ class ParallelDims:
             sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
             stage_layers=list(parallel.stage_layers) if parallel.stage_layers is not None else None,
             num_layers=model.num_layers,
+            kv_replicas=kv_replicas_for(model, parallel.tp),
             device=_pick_device(parallel),
         )
         if world_size > 1:
@@ -222,8 +246,9 @@ class ParallelDims:
         return dims
 
     def _build_groups(self, timeout: timedelta) -> None:
-        sizes = {"tp": self.tp, "dp": self.dp, "pp": self.pp, "embedding": min(self.pp, 2)}
-        for kind, groups in group_ranks(self.tp, self.dp, self.pp).items():
+        sizes = {"tp": self.tp, "dp": self.dp, "pp": self.pp, "embedding": min(self.pp, 2),
+                 "kv_replica": self.kv_replicas}
+        for kind, groups in group_ranks(self.tp, self.dp, self.pp, self.kv_replicas).items():
             if sizes[kind] == 1:
                 continue
             for ranks in groups:

@@ -10,7 +10,11 @@ Each element of the model's gradient must be counted exactly once:
   ``sync_tied_embedding_grads``: counted on pipeline rank 0 (the first stage's copy) only, so
   it does not matter whether the flag marks the last stage's copy alone or both;
 - under ZeRO-1 each dp rank holds a different slice of the reduced gradient: summed over dp.
-  Without ZeRO all dp ranks hold the same gradient; pass ``dp_group=None``.
+  Without ZeRO all dp ranks hold the same gradient; pass ``dp_group=None``;
+- the replicated rows of a grouped parameter (``tp_replicas`` > 1: k and v copied to the
+  tp / num_kv_heads ranks of their group) hold the same gradient on each of those ranks after
+  ``allreduce_replicated_grads``: counted on the first rank of each replica set only. A ZeRO
+  ``GradShard`` names its parameter and its offset in it, so the rows are found in a slice too.
 """
 
 from __future__ import annotations
@@ -28,6 +32,28 @@ def _counted_here(item, tp_rank: int, pp_rank: int) -> bool:
     if getattr(item, "shared_embedding", False) and pp_rank != 0:
         return False
     return getattr(item, "partition_dim", None) is not None or tp_rank == 0
+
+
+def _duplicate_range(item, tp_rank: int) -> tuple[int, int] | None:
+    """Flat range of ``item.grad`` holding copies that another rank of the replica set counts."""
+    param = getattr(item, "param", None)
+    param = item if param is None else param
+    replicas = getattr(param, "tp_replicas", 1)
+    if replicas == 1 or tp_rank % replicas == 0:
+        return None
+    row_numel = param.numel() // param.shape[0]
+    start = (param.shape[0] - param.replicated_rows) * row_numel  # partition_dim 0: the rows are a flat tail
+    offset = getattr(item, "offset", 0)
+    lo, hi = max(start, offset) - offset, min(param.numel(), offset + item.grad.numel()) - offset
+    return (lo, hi) if lo < hi else None
+
+
+def _squared_sum(item, tp_rank: int) -> torch.Tensor:
+    grad = item.grad.detach().float().reshape(-1)
+    duplicate = _duplicate_range(item, tp_rank)
+    if duplicate is None:
+        return grad.pow(2).sum()
+    return grad[: duplicate[0]].pow(2).sum() + grad[duplicate[1] :].pow(2).sum()
 
 
 def _device_of(params: list) -> torch.device:
@@ -55,7 +81,7 @@ def global_grad_norm(
     total = torch.zeros((), dtype=torch.float32, device=device)
     for item in items:
         if _counted_here(item, tp_rank, pp_rank):
-            total += item.grad.detach().float().pow(2).sum()
+            total += _squared_sum(item, tp_rank)
     for kind, group in (("tp", tp_group), ("pp", pp_group), ("dp", dp_group)):
         if group is not None:
             dist.all_reduce(total, group=group)

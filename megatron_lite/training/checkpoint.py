@@ -32,6 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_lite.parallel.dims import padded_vocab_size
+from megatron_lite.parallel.layers import full_shape, layout_of, merge_shards, shard_tensor
 from megatron_lite.training.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
 FORMAT_VERSION = 1
@@ -68,11 +69,7 @@ def named_parameters(model_chunks: list[torch.nn.Module]) -> list[tuple[str, tor
 
 
 def _full_shape(param: torch.Tensor, tp: int) -> list[int]:
-    shape = list(param.shape)
-    dim = getattr(param, "partition_dim", None)
-    if dim is not None:
-        shape[dim] *= tp
-    return shape
+    return full_shape(param.shape, tp, **layout_of(param))
 
 
 # ----------------------------------------------------------------------------- small I/O helpers
@@ -179,15 +176,17 @@ def _layout(dims, config: dict) -> dict:
 
 
 def _param_meta(named: list[tuple[str, torch.nn.Parameter]], tp: int) -> dict:
-    return {
-        name: {
-            "partition_dim": getattr(p, "partition_dim", None),
-            "partition_chunks": getattr(p, "partition_chunks", 1),
-            "shape": _full_shape(p, tp),
-            "dtype": str(p.dtype).replace("torch.", ""),
-        }
-        for name, p in named
-    }
+    return {name: _meta_entry(p, tp) for name, p in named}
+
+
+def _meta_entry(param: torch.Tensor, tp: int) -> dict:
+    """Layout and full shape of one parameter; the grouped-row fields only where they are used,
+    so manifests of other parameters keep the form readers before them expect."""
+    layout = layout_of(param)
+    entry = {"partition_dim": layout["partition_dim"], "partition_chunks": layout["partition_chunks"]}
+    if layout["partition_groups"] > 1 or layout["replicated_rows"] > 0:
+        entry.update(partition_groups=layout["partition_groups"], replicated_rows=layout["replicated_rows"])
+    return {**entry, "shape": _full_shape(param, tp), "dtype": str(param.dtype).replace("torch.", "")}
 
 
 def save_checkpoint(
@@ -332,12 +331,10 @@ class _ShardReader:
         return self._cache[pp_rank]
 
     def _merge(self, name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
-        from megatron_lite.parallel.layers import merge_shards
-
-        info = self.manifest["params"][name]
-        if info["partition_dim"] is None:
-            return pieces[0]
-        return merge_shards(pieces, info["partition_dim"], info["partition_chunks"])
+        try:
+            return merge_shards(pieces, **layout_of(self.manifest["params"][name]))
+        except ValueError as exc:
+            raise CheckpointError(f"{self.ckpt_dir}: {name}: {exc}") from exc
 
     def saved_name(self, name: str) -> str:
         return name if name in self.where else TIED_COPIES.get(name, name)
@@ -455,21 +452,18 @@ def _same_layout(manifest: dict, named, dims) -> bool:
 
 
 def _reshard(full: torch.Tensor, name: str, param: torch.Tensor, manifest: dict, dims, model_pad) -> torch.Tensor:
-    from megatron_lite.parallel.layers import shard_tensor
-
     want = _full_shape(param, dims.tp)
     if list(full.shape) != want:
         full = _fit_vocab_padding(full, list(full.shape), want, manifest.get("padded_vocab_size"), model_pad)
-    dim = getattr(param, "partition_dim", None)
-    if dim is None:
-        return full
-    chunks = getattr(param, "partition_chunks", 1)
-    if full.shape[dim] % (dims.tp * chunks) != 0:
-        raise CheckpointError(
-            f"{name}: dimension {dim} of size {full.shape[dim]} cannot be split into tp={dims.tp} x {chunks} "
-            f"equal parts; choose a tensor-parallel degree that divides it"
-        )
-    return shard_tensor(full, dim, chunks, dims.tp_rank, dims.tp)
+    return _shard(full, name, param, dims.tp_rank, dims.tp)
+
+
+def _shard(full: torch.Tensor, name: str, layout_source, tp_rank: int, tp: int) -> torch.Tensor:
+    """``tp_rank``'s piece of ``full`` cut like ``layout_source`` (a parameter or a probe with its attributes)."""
+    try:
+        return shard_tensor(full, tp_rank=tp_rank, tp=tp, **layout_of(layout_source))
+    except ValueError as exc:
+        raise CheckpointError(f"{name}: {exc}; choose a tensor-parallel degree that splits it") from exc
 
 
 def _local_state_from_reader(reader: _ShardReader, named, dims, model_pad, with_optimizer: bool):
@@ -568,7 +562,6 @@ def save_full_state_dict(
     """
     from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig, build_dataclass
     from megatron_lite.parallel.dims import ParallelDims, validate_layout
-    from megatron_lite.parallel.layers import shard_tensor
 
     model_cfg = build_dataclass(ModelConfig, config["model"], "model")
     if model_cfg.vocab_size <= 0:
@@ -590,17 +583,17 @@ def save_full_state_dict(
         optimizer_shards: list[dict[str, dict]] = [{} for _ in range(tp)]
         for name, layout_param in _stage_parameters(model_cfg, dims, pp_rank):
             full = _full_weight_for(state_dict, name, layout_param, model_cfg.vocab_size, padded)
-            dim, chunks = layout_param.partition_dim, layout_param.partition_chunks
             for tp_rank in range(tp):
                 # clone: a view would save its whole underlying storage
-                shards[tp_rank][name] = shard_tensor(full, dim, chunks, tp_rank, tp).clone()
+                shards[tp_rank][name] = _shard(full, name, layout_param, tp_rank, tp).clone()
             if optimizer_state is not None:
                 for tp_rank, state in enumerate(_optimizer_shards(optimizer_state["per_param"], name, layout_param,
                                                                   model_cfg.vocab_size, padded, tp)):
                     optimizer_shards[tp_rank][name] = state
             probe = torch.empty(shards[0][name].shape, dtype=full.dtype, device="meta")
-            probe.partition_dim, probe.partition_chunks = dim, chunks
-            params.update(_param_meta([(name, probe)], tp))
+            for key, value in layout_of(layout_param).items():
+                setattr(probe, key, value)
+            params[name] = _meta_entry(probe, tp)
         for tp_rank, shard in enumerate(shards):
             content = {"model": shard}
             if optimizer_state is not None:
@@ -635,12 +628,9 @@ def _stage_parameters(model_cfg, dims, pp_rank: int) -> list[tuple[str, torch.Te
 
 def _optimizer_shards(per_param: dict, name: str, layout_param, vocab_size: int, padded: int, tp: int) -> list[dict]:
     """One parameter's full optimizer state cut into tp shards exactly like the parameter."""
-    from megatron_lite.parallel.layers import shard_tensor
-
     source = name if name in per_param else TIED_COPIES.get(name, name)
     if source not in per_param:
         raise CheckpointError(f"the optimizer state has no entry for {name}; every parameter of the model is needed")
-    dim, chunks = layout_param.partition_dim, layout_param.partition_chunks
     shards: list[dict] = [{} for _ in range(tp)]
     for key, value in per_param[source].items():
         if not (torch.is_tensor(value) and value.ndim > 0):  # step counters are shared by every shard
@@ -649,7 +639,7 @@ def _optimizer_shards(per_param: dict, name: str, layout_param, vocab_size: int,
             continue
         full = _full_weight_for({name: value}, name, layout_param, vocab_size, padded)
         for tp_rank, shard in enumerate(shards):
-            shard[key] = shard_tensor(full, dim, chunks, tp_rank, tp).clone()
+            shard[key] = _shard(full, name, layout_param, tp_rank, tp).clone()
     return shards
 
 

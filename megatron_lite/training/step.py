@@ -7,7 +7,8 @@ Every rank runs the same collectives in the same order:
 2. gradients averaged over dp: ``GradReducer`` buckets launched during each chunk's final
    micro-batch backward (earlier micro-batches communicate nothing), or under ZeRO-1 a
    reduce-scatter onto each rank's slice; sequence-parallel parameters summed over tp;
-3. the two copies of a tied embedding (first and last stage) summed, so they stay equal;
+3. the two copies of a tied embedding (first and last stage) summed, so they stay equal, and
+   the copies of a kv head (tp > num_kv_heads) summed over the ranks that share it;
 4. the fp16 loss scale removed, the global gradient norm taken (each element counted once
    across tp, pp and, under ZeRO-1, dp) and clipped;
 5. the optimizer step, skipped when the norm is not finite.
@@ -33,6 +34,7 @@ from megatron_lite.parallel.data_parallel import (
 )
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.grad_norm import clip_grad_norm
+from megatron_lite.parallel.layers import allreduce_replicated_grads
 from megatron_lite.parallel.pipeline import forward_backward as run_pipeline
 from megatron_lite.parallel.pipeline import sync_tied_embedding_grads
 from megatron_lite.training import optim
@@ -161,6 +163,7 @@ class ParallelStep:
         if self.zero1:
             allreduce_sequence_parallel_grads(self.params, self.sp_group)
         sync_tied_embedding_grads(self.tied_params, self.dims.embedding_group)
+        allreduce_replicated_grads(self.params, self.dims.kv_replica_group)
 
     def _global_mean(self, losses: list[torch.Tensor]) -> float:
         """Sum of the last stage's micro-batch losses (already divided by their number), made

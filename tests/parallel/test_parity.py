@@ -253,13 +253,13 @@ def test_reshard_tool_rejects_layouts_that_cannot_hold_the_model(tmp_path, capsy
     cfg = _config(str(tmp_path), "small", "llama", ["train.max_steps=1", "train.eval_interval=0"])
     _train(cfg, None)
     load = str(_checkpoint_dir(str(tmp_path), "small"))
-    assert reshard.main(["--load", load, "--output", str(tmp_path / "tp4"), "--tp", "4", "--pp", "1"]) == 2
-    assert "model.num_kv_heads=2 is not divisible by parallel.tp=4" in capsys.readouterr().err
+    assert reshard.main(["--load", load, "--output", str(tmp_path / "tp8"), "--tp", "8", "--pp", "1"]) == 2
+    assert "model.num_heads=4 is not divisible by parallel.tp=8" in capsys.readouterr().err
     assert reshard.main(["--load", load, "--output", str(tmp_path / "pp3"), "--tp", "1", "--pp", "3"]) == 2
     assert "model.num_layers=4 does not split evenly over 3 pipeline chunks" in capsys.readouterr().err
     assert reshard.main(["--load", str(tmp_path / "nothing"), "--output", str(tmp_path / "x"), "--tp", "1", "--pp", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "tp4").exists() and not (tmp_path / "pp3").exists()
+    assert not (tmp_path / "tp8").exists() and not (tmp_path / "pp3").exists()
 
 
 def test_batch_layout_errors(tmp_path):
