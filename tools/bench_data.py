@@ -100,23 +100,22 @@ def bench_tokenizer(texts: list[str], vocab_size: int, rows: list[str]) -> None:
 
 
 def bench_indices(helpers, rows: list[str]) -> None:
-    weights = np.array([0.5, 0.3, 0.2])
     n = 10_000_000
-    ours_blend, (source, within) = timed(lambda: build_blending_indices(weights, n))
-    if isinstance(helpers, str):
-        rows.append(f"| blending indices, 10M samples, 3 sources | {ours_blend:.2f} s | not available: {helpers} | |")
-    else:
+    mixtures = {"0.5/0.3/0.2": [0.5, 0.3, 0.2], "0.98/0.01/0.01": [0.98, 0.01, 0.01],
+                "0.4/0.25/0.15/0.1/0.05/0.03/0.01/0.01": [0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.01, 0.01],
+                "Dirichlet(1) x4, seed 1": np.random.default_rng(1).dirichlet(np.ones(4)).tolist(),
+                "Dirichlet(1) x6, seed 0": np.random.default_rng(0).dirichlet(np.ones(6)).tolist()}
+    for label, weights in mixtures.items():
+        ours_blend, (source, within) = timed(lambda: build_blending_indices(weights, n))
+        if isinstance(helpers, str):
+            rows.append(f"| blending indices, 10M samples, weights {label} | {ours_blend:.2f} s | not available: {helpers} | |")
+            continue
+        normalized = np.asarray(weights, float) / np.sum(weights)
         ref_source, ref_within = np.zeros(n, np.int16), np.zeros(n, np.int64)
-        ref, _ = timed(lambda: helpers.build_blending_indices(ref_source, ref_within, weights, 3, n, False))
+        ref, _ = timed(lambda: helpers.build_blending_indices(ref_source, ref_within, normalized, len(weights), n, False))
         same = np.array_equal(source, ref_source) and np.array_equal(within, ref_within)
-        rows.append(f"| blending indices, 10M samples, weights 0.5/0.3/0.2 | {ours_blend:.2f} s | {ref:.3f} s "
+        rows.append(f"| blending indices, 10M samples, weights {label} | {ours_blend:.2f} s | {ref:.3f} s "
                     f"(helpers_cpp; identical: {'yes' if same else 'NO'}) | {ref / ours_blend:.2f}x |")
-        skew = np.array([0.98, 0.01, 0.01])
-        ours_skew, (s2, _) = timed(lambda: build_blending_indices(skew, n))
-        ref_source[:] = 0
-        ref2, _ = timed(lambda: helpers.build_blending_indices(ref_source, ref_within, skew, 3, n, False))
-        rows.append(f"| blending indices, 10M samples, weights 0.98/0.01/0.01 | {ours_skew:.2f} s | {ref2:.3f} s "
-                    f"(identical: {'yes' if np.array_equal(s2, ref_source) else 'NO'}) | {ref2 / ours_skew:.2f}x |")
     rng = np.random.default_rng(0)
     sizes = np.maximum(1, rng.lognormal(6.5, 1.0, size=200_000)).astype(np.int32)
     sizes = sizes[: np.searchsorted(np.cumsum(sizes, dtype=np.int64), 100_000_000) + 1]
@@ -168,17 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-mb", type=float, default=2.0, help="MB of standard-library text per source")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--append", help="append the Markdown to this file too")
+    parser.add_argument("--only-index", action="store_true", help="only the blending and sample-index timings")
     args = parser.parse_args(argv)
-    corpus = stdlib_corpus(int(args.text_mb * 1e6 / 2))
-    texts = corpus["code"] + corpus["docstrings"]
     rows = ["| measurement | megatron-lite | reference | reference time / ours |", "|---|---|---|---|"]
-    bench_tokenizer(texts, args.vocab_size, rows)
+    if not args.only_index:
+        corpus = stdlib_corpus(int(args.text_mb * 1e6 / 2))
+        bench_tokenizer(corpus["code"] + corpus["docstrings"], args.vocab_size, rows)
     helpers = megatron_helpers()
     bench_indices(helpers, rows)
-    check_megatron_reads_ours(rows)
+    if not args.only_index:
+        check_megatron_reads_ours(rows)
     header = (f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPU cores, "
               f"Python {platform.python_version()}, numpy {np.__version__}; text: standard-library source and "
-              f"docstrings. Command: `python tools/bench_data.py --text-mb {args.text_mb:g} --vocab-size {args.vocab_size}`.")
+              f"docstrings. Command: `python tools/bench_data.py "
+              + ("--only-index" if args.only_index else f"--text-mb {args.text_mb:g} --vocab-size {args.vocab_size}")
+              + "`.")
     report = header + "\n\n" + "\n".join(rows) + "\n"
     print(report)
     if args.append:

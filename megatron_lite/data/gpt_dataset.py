@@ -49,16 +49,22 @@ def build_document_order(documents: np.ndarray, num_epochs: int, rng: np.random.
 
 
 def build_sample_starts(lengths: np.ndarray, document_order: np.ndarray, seq_length: int, num_samples: int) -> np.ndarray:
-    """(num_samples + 1, 2): where token k * seq_length of the packed stream lies."""
-    sizes = lengths[document_order]
-    stream_ends = np.cumsum(sizes, dtype=np.int64)  # (E*D,) end of each document in the stream
-    positions = np.arange(num_samples + 1, dtype=np.int64) * seq_length
+    """(num_samples + 1, 2): where token k * seq_length of the packed stream lies, as (slot in
+    document_order, offset in that document); int32 when the stream allows, as Megatron-LM's."""
+    sizes = lengths[document_order].astype(np.int64)
+    stream_ends = np.cumsum(sizes)  # (E*D,) end of each document in the stream
+    small = len(sizes) < 2**31 and (num_samples + 1) * seq_length < 2**31
+    dtype = np.int32 if small else np.int64
     # A position belongs to the first document that ends after it; counting the positions
     # before each document end gives every document's share in one linear pass.
     before_end = np.minimum(np.where(stream_ends > 0, (stream_ends - 1) // seq_length + 1, 0), num_samples + 1)
-    slot = np.repeat(np.arange(len(sizes), dtype=np.int64), np.diff(before_end, prepend=0))
-    offset = positions - (stream_ends[slot] - sizes[slot])
-    return np.stack([slot, offset], axis=1)
+    slot = np.repeat(np.arange(len(sizes), dtype=dtype), np.diff(before_end, prepend=0))
+    starts = np.empty((num_samples + 1, 2), dtype=dtype)
+    starts[:, 0] = slot
+    stream_starts = (stream_ends - sizes).astype(dtype)
+    positions = np.arange(0, (num_samples + 1) * seq_length, seq_length, dtype=dtype)
+    np.subtract(positions, stream_starts[slot], out=starts[:, 1])
+    return starts
 
 
 def epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:

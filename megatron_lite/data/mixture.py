@@ -99,7 +99,7 @@ def plan_mixture(spec: dict, seq_length: int | None = None) -> MixturePlan:
     except ValueError as exc:
         raise MixtureError(str(exc)) from None
     num_samples = max(1, -(-total_tokens // seq_length))
-    source, _ = build_blending_indices(weights, num_samples)
+    source, _ = build_blending_indices(raw_weights, num_samples)  # normalised once, inside
     shares = np.bincount(source, minlength=len(weights)) / num_samples
     sources = [
         SourcePlan(e["prefix"], float(w), len(ds), ds.num_tokens, float(share * num_samples * seq_length), float(share))

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from megatron_lite.data import blend
 from megatron_lite.data.blend import BlendedDataset, blending_indices_reference, build_blending_indices
 from megatron_lite.data.cache import IndexCache
 
@@ -77,6 +78,15 @@ def test_blended_dataset_cached_equals_uncached(tmp_path):
         BlendedDataset([Numbers(0, 400), Numbers(1000, 100)], [3, 1], 500)
 
 
+def test_blended_dataset_normalises_weights_once():
+    # Normalising 0.7/0.2/0.1 a second time moves every weight by an ulp and changes pick 6, so
+    # the dataset must hand the raw weights to the rule, as Megatron-LM normalises them once.
+    weights = [0.7, 0.2, 0.1]
+    parts = [Numbers(0, 100), Numbers(1000, 100), Numbers(2000, 100)]
+    expected, _ = blending_indices_reference(weights, 50)
+    assert BlendedDataset(parts, weights, 50).source_index.tolist() == expected.tolist()
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_weights_across_block_boundaries_equal_the_loop(seed):
     # Counts carry from one block to the next and sources beyond three share extra packed words.
@@ -104,3 +114,89 @@ def test_tiny_mixtures_equal_the_loop(num_samples):
         ref_source, ref_within = blending_indices_reference(weights, num_samples)
         np.testing.assert_array_equal(source, ref_source)
         np.testing.assert_array_equal(within, ref_within)
+
+
+def _random_weight_sets(count: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    sets = [[1, 1, 1], [1 / 3, 1 / 3, 1 / 3], [1] * 16, [0.5, 0.25, 0.25], [1e-6, 1, 1], [0.7, 0.2, 0.1]]
+    for _ in range(count):
+        size = int(rng.integers(2, 17))
+        kind = rng.integers(3)
+        if kind == 0:
+            sets.append(rng.dirichlet(np.ones(size)).tolist())
+        elif kind == 1:  # a few decimals, so the mixture repeats with a short period
+            sets.append((rng.integers(1, 100, size) / 100).tolist())
+        else:  # equal weights next to tiny ones
+            sets.append([1.0] * (size - 1) + [float(rng.uniform(1e-4, 1e-2))])
+    return sets
+
+
+@pytest.mark.parametrize("weights", _random_weight_sets(14, seed=7))
+def test_many_weight_vectors_equal_the_loop(weights):
+    n = 30_000  # 117 lanes of 257 samples, each but the first starting from guessed counts
+    source, within = build_blending_indices(weights, n)
+    ref_source, ref_within = blending_indices_reference(weights, n)
+    np.testing.assert_array_equal(source, ref_source)
+    np.testing.assert_array_equal(within, ref_within)
+
+
+def _megatron_helpers():
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets import helpers_cpp
+    except Exception:  # noqa: BLE001 - the compiled reference is optional
+        return None
+    return helpers_cpp
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [0.98, 0.01, 0.01], [0.7, 0.2, 0.1], [1, 1, 1],
+                                     [0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.01, 0.01], [0.123, 0.456, 0.421]])
+def test_long_mixtures_equal_megatron_helpers(weights):
+    helpers = _megatron_helpers()
+    if helpers is None:
+        pytest.skip("megatron.core.datasets.helpers_cpp is not importable")
+    n = 1_000_000
+    normalized = np.asarray(weights, float) / np.sum(weights)
+    ref_source, ref_within = np.zeros(n, np.int16), np.zeros(n, np.int64)
+    helpers.build_blending_indices(ref_source, ref_within, normalized, len(weights), n, False)
+    source, within = build_blending_indices(weights, n)
+    np.testing.assert_array_equal(source, ref_source)
+    np.testing.assert_array_equal(within, ref_within)
+
+
+def _far_off_guess(weights, first):
+    """Every lane's samples so far credited to the last source: wrong by whole lane lengths."""
+    counts = np.zeros((len(weights), len(first)))
+    counts[-1] = first
+    return counts
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [0.2, 0.3, 0.5, 1e-3], [1, 1]])
+def test_exact_whatever_the_lanes_start_from(monkeypatch, weights):
+    # The guess only decides how much is stepped twice: a lane is kept only once it starts where
+    # the lane before it ended, so even absurd starting counts give the rule's arrays.
+    monkeypatch.setattr(blend, "_guess_counts", _far_off_guess)
+    source, within = build_blending_indices(weights, 20_000)
+    ref_source, ref_within = blending_indices_reference(weights, 20_000)
+    np.testing.assert_array_equal(source, ref_source)
+    np.testing.assert_array_equal(within, ref_within)
+
+
+def test_lanes_with_wrong_starts_are_stepped_again_and_rejoin(monkeypatch):
+    restepped = []
+    original = blend._restep_lanes
+
+    def spy(*args):
+        restepped.append(len(args[-1]))
+        return original(*args)
+
+    monkeypatch.setattr(blend, "_restep_lanes", spy)
+    weights = np.random.default_rng(0).dirichlet(np.ones(6))
+    source, within = build_blending_indices(weights, 40_000)
+    assert restepped and restepped[0] > 0  # some lanes did start from a wrong guess
+    ref_source, ref_within = blending_indices_reference(weights, 40_000)
+    np.testing.assert_array_equal(source, ref_source)
+    np.testing.assert_array_equal(within, ref_within)
