@@ -102,11 +102,13 @@ _SPIN_CYCLES_PER_CALL = 1_000_000  # about 0.5 ms at 2 GHz: more than the host n
 
 
 def _time_on_gpu(launch: Callable[[], Any]) -> float:
+    """A candidate that does not fit the device, or that this Triton cannot compile, never wins."""
+    from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     try:
         return gpu_time_ms(launch, rounds=3, round_ms=5.0)
-    except OutOfResources:
+    except (OutOfResources, CompilationError):
         return math.inf
 
 

@@ -49,10 +49,18 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
+def _load_rows(X, DY, rows, cols, mask, stride_x, stride_dy):
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+    return x, dy
+
+
+@triton.jit
 def _norm_bwd_kernel(
     X, DY, DX, W, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL,
     stride_x, stride_dy, stride_dx, n_rows, n_cols, rows_per_program,
     IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -62,12 +70,21 @@ def _norm_bwd_kernel(
     db = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     first = pid.to(tl.int64) * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
+    if PREFETCH:  # the next rows' loads are issued before this row's reductions, to hide their latency
+        rows = first + tl.arange(0, ROWS)
+        x_next, dy_next = _load_rows(X, DY, rows, cols, (rows < last)[:, None] & col_ok[None, :], stride_x, stride_dy)
     for start in range(first, last, ROWS):
         rows = start + tl.arange(0, ROWS)
         row_ok = rows < last
         mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x_raw, dy_raw = x_next, dy_next
+            ahead = rows + ROWS
+            x_next, dy_next = _load_rows(X, DY, ahead, cols, (ahead < last)[:, None] & col_ok[None, :], stride_x, stride_dy)
+        else:
+            x_raw, dy_raw = _load_rows(X, DY, rows, cols, mask, stride_x, stride_dy)
+        x = x_raw.to(tl.float32)
+        dy = dy_raw.to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         if IS_RMS:
             x_hat = x * rstd[:, None]
@@ -155,30 +172,38 @@ def _backward_programs(n_rows: int, rows: int, device: torch.device, per_sm: int
 
 def norm_backward(dy2d, x2d, weight, mean, rstd, has_bias: bool):
     """Returns (dx (M, N), dw (N,), db (N,) or None); dw and db in the weight's dtype."""
-    n_rows, n_cols = x2d.shape
-    block_n = triton.next_power_of_2(n_cols)
-    dx = new_output((n_rows, n_cols), x2d.dtype, x2d.device)
+    block_n = triton.next_power_of_2(x2d.shape[1])
+    dx = new_output(x2d.shape, x2d.dtype, x2d.device)
 
-    def launch(setting: tuple[int, int, int]):
-        rows, num_warps, per_sm = setting
-        programs = _backward_programs(n_rows, rows, x2d.device, per_sm)
-        rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
-        programs = triton.cdiv(n_rows, rows_per_program)
-        dw_partial = new_output((programs, n_cols), torch.float32, x2d.device)
-        db_partial = new_output((programs, n_cols), torch.float32, x2d.device) if has_bias else dw_partial
-        _norm_bwd_kernel[(programs,)](
-            x2d, dy2d, dx, weight, mean if mean is not None else rstd, rstd, dw_partial, db_partial,
-            x2d.stride(0), dy2d.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
-            IS_RMS=mean is None, HAS_BIAS=has_bias, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
-        )
-        dw = dw_partial.sum(0).to(weight.dtype)
-        db = db_partial.sum(0).to(weight.dtype) if has_bias else None
-        return dx, dw, db
+    def launch(setting: tuple[int, int, int, bool]):
+        return _backward_launch(dy2d, x2d, weight, mean, rstd, has_bias, dx, setting)
 
     per_sm_options = _BWD_PROGRAMS_PER_SM if not interpreting() else _BWD_PROGRAMS_PER_SM[:1]
-    candidates = [(rows, warps, per_sm) for rows, warps in _candidates(block_n, x2d.element_size(), _BWD_BYTES_PER_THREAD)
-                  for per_sm in per_sm_options]
+    candidates = [(rows, warps, per_sm, prefetch)
+                  for rows, warps in _candidates(block_n, x2d.element_size(), _BWD_BYTES_PER_THREAD)
+                  for per_sm in per_sm_options
+                  for prefetch in ((False, True) if rows == 1 and not interpreting() else (False,))]
     return launch(_bwd_tuner.pick(_tuning_key(x2d, weight, mean is None, has_bias), candidates, launch))
+
+
+def _backward_launch(dy2d, x2d, weight, mean, rstd, has_bias: bool, dx, setting: tuple[int, int, int, bool]):
+    """One backward with launch ``setting`` = (ROWS, num_warps, programs per SM, PREFETCH)."""
+    rows, num_warps, per_sm, prefetch = setting
+    n_rows, n_cols = x2d.shape
+    programs = _backward_programs(n_rows, rows, x2d.device, per_sm)
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
+    programs = triton.cdiv(n_rows, rows_per_program)
+    dw_partial = new_output((programs, n_cols), torch.float32, x2d.device)
+    db_partial = new_output((programs, n_cols), torch.float32, x2d.device) if has_bias else dw_partial
+    _norm_bwd_kernel[(programs,)](
+        x2d, dy2d, dx, weight, mean if mean is not None else rstd, rstd, dw_partial, db_partial,
+        x2d.stride(0), dy2d.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+        IS_RMS=mean is None, HAS_BIAS=has_bias, ROWS=rows, BLOCK_N=triton.next_power_of_2(n_cols),
+        PREFETCH=prefetch, num_warps=num_warps,
+    )
+    dw = dw_partial.sum(0).to(weight.dtype)
+    db = db_partial.sum(0).to(weight.dtype) if has_bias else None
+    return dx, dw, db
 
 
 def _rows_2d(t: torch.Tensor) -> torch.Tensor:

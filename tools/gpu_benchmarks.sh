@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One GPU visit: check the kernels in bf16/fp16, then time kernels, training and data parallelism.
-# Usage: bash tools/gpu_benchmarks.sh OUT_DIR
+# Usage: bash tools/gpu_benchmarks.sh OUT_DIR [kernels|train|parallel ...]   (default: all three)
+# Where one command may only run for minutes, run one part per command (kernels is the longest:
+# about 8 minutes on an H100 with --check).
 # Writes logs, Markdown and plots under OUT_DIR; copy the sections you want into docs/benchmarks.md.
 # The machine needs torch (CUDA) and triton. The package is installed without its other
 # dependencies (a GPU box without network access cannot fetch them and these runs don't use them).
@@ -17,10 +19,14 @@ set +e
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
-python3 tools/bench_kernels.py --check --out-dir "$out" 2>&1 | tee "$out/kernels.log"
+parts="${*:2}"
+parts="${parts:-kernels train parallel}"
+wants() { [[ " $parts " == *" $1 "* ]]; }
+
+wants kernels && python3 tools/bench_kernels.py --check --out-dir "$out" 2>&1 | tee "$out/kernels.log"
 # One GPU: tp=pp=1, and a global batch of a few micro-batches so a timed step is short.
 one_gpu="parallel.tp=1 parallel.pp=1 parallel.sequence_parallel=false model.vocab_size=50257 train.precision=bf16"
-for run in "configs/gpt2-124m.yaml train.micro_batch_size=16 train.global_batch_size=64" \
+wants train && for run in "configs/gpt2-124m.yaml train.micro_batch_size=16 train.global_batch_size=64" \
            "configs/llama-1b.yaml train.micro_batch_size=4 train.global_batch_size=16"; do
     for backends in "model.attention_backend=torch model.norm_backend=torch" \
                     "model.attention_backend=triton model.norm_backend=triton"; do
@@ -29,4 +35,4 @@ for run in "configs/gpt2-124m.yaml train.micro_batch_size=16 train.global_batch_
             2>&1 | tee -a "$out/train.log"
     done
 done
-python3 tools/bench_parallel.py --device cuda --micro-batches 4 2>&1 | tee "$out/parallel.log"
+wants parallel && python3 tools/bench_parallel.py --device cuda --micro-batches 4 2>&1 | tee "$out/parallel.log"

@@ -13,6 +13,11 @@ transfers in order on one stream), so neighbours must post matching batches;
 every schedule finishes and every transfer meets the one its peer expects. Activations and
 gradients also carry different tags (gloo honours them) because with pp = 2 and virtual
 stages both kinds go between the same two ranks.
+
+Once a stage's output activation has reached the next stage, only its autograd node is needed
+here (the backward starts from the gradient the next stage sends back), so its storage is
+released as soon as the send completes, as Megatron-LM does: a stage then holds one copy of
+each in-flight activation (its input) instead of two.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd import Variable
 
 from megatron_lite.parallel.comm_stats import CommStats, record
 
@@ -200,15 +206,18 @@ class _P2P:
         }
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self.stats = stats
-        self.in_flight: list[tuple[list, list[torch.Tensor]]] = []  # (works, the buffers they send)
+        # (works, the buffers they send, the stage outputs to release once they are sent)
+        self.in_flight: list[tuple[list, list[torch.Tensor], list[torch.Tensor]]] = []
 
     @staticmethod
     def _global(group, group_rank: int) -> int:
         return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
-    def exchange(self, sends: Sequence[tuple[Transfer, torch.Tensor]], recvs: Sequence[Transfer]) -> dict:
+    def exchange(self, sends: Sequence[tuple[Transfer, torch.Tensor]], recvs: Sequence[Transfer],
+                 release: Sequence[torch.Tensor] = ()) -> dict:
         """Post one batch and return the received tensors keyed by transfer; sends finish in
-        the background, their buffers kept alive until they do."""
+        the background, their buffers kept alive until they do; then the storage of each
+        tensor in ``release`` (outputs whose activations this batch sends) is freed."""
         if not sends and not recvs:
             return {}
         ops, sent, buffers = [], [], {}
@@ -227,20 +236,40 @@ class _P2P:
             send_works, recv_works = works, works
         for work in recv_works:
             work.wait()
-        self.in_flight = [(ws, ts) for ws, ts in self.in_flight if not all(w.is_completed() for w in ws)]
-        if send_works:
-            self.in_flight.append((send_works, sent))
+        self.in_flight.append((send_works, sent, list(release)))
+        self._retire(wait=False)
         return buffers
+
+    def _retire(self, wait: bool) -> None:
+        """Drop finished sends and release the outputs they carried; with ``wait``, finish all."""
+        pending = []
+        for works, buffers, outputs in self.in_flight:
+            if wait:
+                for work in works:
+                    work.wait()
+            elif not all(work.is_completed() for work in works):
+                pending.append((works, buffers, outputs))
+                continue
+            for output in outputs:
+                release_storage(output)
+        self.in_flight = pending
 
     def _op(self, fn, tensor: torch.Tensor, transfer: Transfer) -> dist.P2POp:
         tag = _ACTIVATION_TAG if transfer.kind == "act" else _GRADIENT_TAG
         return dist.P2POp(fn, tensor, self.peers[transfer.peer], self.group, tag)
 
     def wait_all(self) -> None:
-        for works, _ in self.in_flight:
-            for work in works:
-                work.wait()
-        self.in_flight.clear()
+        self._retire(wait=True)
+
+
+def release_storage(output: torch.Tensor) -> None:
+    """Free an activation's storage but keep its autograd node (its shape goes to (1,))."""
+    output.data = torch.empty((1,), dtype=output.dtype, device=output.device)
+
+
+def _releasable(output: torch.Tensor) -> bool:
+    # A view shares its base's storage, and a leaf has no node to keep: neither is released.
+    return output.grad_fn is not None and output._base is None
 
 
 def _check_output(output: torch.Tensor, shape: tuple, is_last: bool, where: str) -> None:
@@ -267,6 +296,7 @@ class _Executor:
         self.received: dict[Transfer, torch.Tensor] = {}
         self.to_send: dict[Transfer, torch.Tensor] = {}
         self.losses: dict[int, torch.Tensor] = {}
+        self.release_outputs = True
 
     def is_first(self, chunk: int) -> bool:
         return self.pp_rank == 0 and chunk == 0
@@ -296,7 +326,10 @@ class _Executor:
             torch.autograd.backward(out.reshape(()) * self.loss_scale)
         else:
             grad = self.received.pop(Transfer("grad", mb, chunk, "next")).to(out.dtype)
-            torch.autograd.backward(out, grad_tensors=grad)
+            # Straight to the engine: ``out`` may have been released to one element, and the
+            # engine checks the gradient against the shape recorded in its node, not the data.
+            Variable._execution_engine.run_backward(
+                (out,), (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True)
         if not self.is_first(chunk):
             grad_in = inp.grad if inp.grad is not None else torch.zeros_like(inp)
             self.to_send[Transfer("grad", mb, chunk, "prev")] = grad_in
@@ -304,7 +337,9 @@ class _Executor:
     def run(self, steps: Sequence[Step], p2p: _P2P, last_backward: set[tuple[int, int]], keep_graph: bool) -> None:
         for step in steps:
             sends = [(t, self.to_send.pop(t)) for t in step.sends]
-            self.received.update(p2p.exchange(sends, step.recvs))
+            release = [tensor for t, tensor in sends
+                       if self.release_outputs and t.kind == "act" and _releasable(tensor)]
+            self.received.update(p2p.exchange(sends, step.recvs, release))
             for op, mb, chunk in step.ops:
                 if op == "F":
                     self.forward(mb, chunk, keep_graph)

@@ -118,3 +118,28 @@ def test_bad_arguments_are_rejected(x_shape, w_shape, b_shape, eps, message):
 def test_integer_inputs_are_rejected():
     with pytest.raises(ValueError, match="supports float16, bfloat16 and float32 inputs"):
         rms_norm(torch.ones(2, 4, dtype=torch.int32, device=DEVICE), torch.ones(4, device=DEVICE))
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 2])
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_prefetching_backward_equals_the_plain_one_bit_for_bit(rows_per_block, is_rms):
+    # The GPU tuner may pick the variant that loads the next rows before reducing the current
+    # ones; it must compute the same sums in the same order.
+    x = torch.randn(13, 40, device=DEVICE)
+    weight, bias = _params(40, torch.float32)
+    bias = None if is_rms else bias
+    _, mean, rstd = layernorm_module.norm_forward(x, weight, bias, 1e-5, is_rms)
+    dy = torch.randn_like(x)
+    results = []
+    for prefetch in (False, True):
+        dx = torch.full_like(x, float("nan"))
+        results.append(layernorm_module._backward_launch(dy, x, weight, mean, rstd, not is_rms, dx,
+                                                         (rows_per_block, 4, 2, prefetch)))
+    for plain, prefetched in zip(*results):
+        if plain is not None:
+            assert torch.equal(plain, prefetched)
+    reference_fn = (lambda x, w: reference.rms_norm(x, w)) if is_rms else reference.layer_norm
+    inputs = [x.double().requires_grad_(), weight.double().requires_grad_()] + ([] if is_rms else [bias.double().requires_grad_()])
+    grads = torch.autograd.grad(reference_fn(*inputs), inputs, dy.double())
+    for got, want in zip(results[1], grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)

@@ -252,7 +252,7 @@ def _reference(batches):
     return torch.stack(losses), [[p.grad.clone() for p in layer.parameters()] for layer in layers]
 
 
-def _run_split(group, pp_rank, pp_size, virtual_pp, schedule, batches, forward_only=False, stats=None):
+def _run_split(group, pp_rank, pp_size, virtual_pp, schedule, batches, forward_only=False, stats=None, sent=None):
     """This rank's chunks of the stack (virtual stage c * pp + s), run through the executor."""
     layers = _full_stack()
     per_chunk = LAYERS // (pp_size * virtual_pp)
@@ -264,6 +264,8 @@ def _run_split(group, pp_rank, pp_size, virtual_pp, schedule, batches, forward_o
     def forward_step(chunk, x, batch):
         virtual = chunk * pp_size + pp_rank
         out = chunks[chunk](batch[0] if virtual == 0 else x)
+        if virtual != last and sent is not None:
+            sent.append(out)
         return nn.functional.mse_loss(out, batch[1]) / len(batches) if virtual == last else out
 
     losses = forward_backward(
@@ -302,8 +304,12 @@ def _pipeline_body(rank, world_size):
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     group, pp_rank = groups[rank // 2], rank % 2
     for schedule, virtual_pp in (("afab", 1), ("1f1b", 1), ("1f1b", 2)):
-        losses, layers, owned = _run_split(group, pp_rank, 2, virtual_pp, schedule, batches)
+        sent = []
+        losses, layers, owned = _run_split(group, pp_rank, 2, virtual_pp, schedule, batches, sent=sent)
         _compare(pp_rank, 2, losses, layers, owned, ref_losses, ref_grads)
+        # Every output that went to the next stage was released down to its autograd node.
+        assert len(sent) == 8 * virtual_pp - (8 if pp_rank == 1 else 0)
+        assert all(out.shape == (1,) and out.grad_fn is not None for out in sent)
         checks.append(f"pp2-v{virtual_pp}-{schedule}")
     # Forward only: same losses, no gradients, nothing sent backwards.
     stats = CommStats()
