@@ -53,17 +53,22 @@ def build_sample_starts(lengths: np.ndarray, document_order: np.ndarray, seq_len
     document_order, offset in that document); int32 when the stream allows, as Megatron-LM's."""
     sizes = lengths[document_order].astype(np.int64)
     stream_ends = np.cumsum(sizes)  # (E*D,) end of each document in the stream
-    small = len(sizes) < 2**31 and (num_samples + 1) * seq_length < 2**31
-    dtype = np.int32 if small else np.int64
     # A position belongs to the first document that ends after it; counting the positions
     # before each document end gives every document's share in one linear pass.
     before_end = np.minimum(np.where(stream_ends > 0, (stream_ends - 1) // seq_length + 1, 0), num_samples + 1)
-    slot = np.repeat(np.arange(len(sizes), dtype=dtype), np.diff(before_end, prepend=0))
-    starts = np.empty((num_samples + 1, 2), dtype=dtype)
-    starts[:, 0] = slot
-    stream_starts = (stream_ends - sizes).astype(dtype)
+    used = min(len(sizes), int(np.searchsorted(before_end, num_samples + 1)) + 1)  # documents holding a position
+    sizes, stream_ends, before_end = sizes[:used], stream_ends[:used], before_end[:used]
+    small = used < 2**31 and (num_samples + 1) * seq_length < 2**31
+    dtype = np.int32 if small else np.int64
+    # Each document's (slot, stream start) repeated once per position it holds, then the
+    # start turned into the offset of that position inside the document.
+    per_document = np.diff(before_end, prepend=0)
+    pairs = np.empty((len(sizes), 2), dtype=dtype)
+    pairs[:, 0] = np.arange(len(sizes))
+    pairs[:, 1] = stream_ends - sizes
+    starts = np.repeat(pairs, per_document, axis=0)
     positions = np.arange(0, (num_samples + 1) * seq_length, seq_length, dtype=dtype)
-    np.subtract(positions, stream_starts[slot], out=starts[:, 1])
+    np.subtract(positions, starts[:, 1], out=starts[:, 1])
     return starts
 
 
