@@ -112,6 +112,33 @@ def _time_on_gpu(launch: Callable[[], Any]) -> float:
         return math.inf
 
 
+_agreement_group: list = [None]  # set by set_tuning_group
+
+
+def set_tuning_group(group) -> None:
+    """Make every rank of ``group`` pick the same launch settings (the least total time).
+
+    Ranks that compute the same thing, as tensor-parallel ranks do for a norm outside
+    sequence parallelism, must launch it the same way: their results are then bit-identical
+    and parameters replicated over them cannot drift apart. They make their first call per
+    shape in the same order, so the agreement is one all-reduce inside it. ``None`` turns it off.
+    """
+    _agreement_group[0] = group
+
+
+def _agree(times: list[float]) -> list[float]:
+    """Every rank of the tuning group's times summed (an inf, a setting that failed, stays inf)."""
+    import torch.distributed as dist
+
+    group = _agreement_group[0]
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return times
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    summed = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(summed, group=group)
+    return summed.tolist()
+
+
 class LaunchTuner:
     """Picks launch settings per shape key by timing every candidate once, then reuses the pick.
 
@@ -119,7 +146,7 @@ class LaunchTuner:
     buffer sized by it (the norm backward's per-program partial sums), so those kernels time
     whole launches here. The first candidate is the default: it is used under the interpreter,
     with tuning disabled, or when there is only one. A launch must be repeatable (it may run
-    many times while being timed).
+    many times while being timed). With a tuning group set, its ranks agree on one pick.
     """
 
     def __init__(self, timer: Callable[[Callable[[], Any]], float] = _time_on_gpu,
@@ -133,7 +160,7 @@ class LaunchTuner:
             if len(candidates) == 1 or not self.enabled():
                 self.picks[key] = candidates[0]
             else:
-                times = [self.timer(lambda c=c: launch(c)) for c in candidates]
+                times = _agree([self.timer(lambda c=c: launch(c)) for c in candidates])
                 self.timings[key] = list(zip(candidates, times))
                 if all(math.isinf(t) for t in times):
                     raise RuntimeError(f"no launch setting fits this device for {key}: tried {list(candidates)}")

@@ -155,6 +155,10 @@ class Trainer:
         self.cfg = cfg
         self.dims = dims if dims is not None else setup_dims(cfg)
         self.is_logging_rank = self.dims.rank == 0
+        if cfg.model.norm_backend == "triton":
+            from megatron_lite.kernels._common import set_tuning_group
+
+            set_tuning_group(self.dims.tp_group)  # tp ranks run the same norms: one launch setting
         if datasets is None:
             prepare_data_config(cfg, self.is_logging_rank)
             self.tokenizer = load_run_tokenizer(cfg)

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from megatron_lite.kernels._common import LaunchTuner
+from tests.distributed import run_distributed
 
 
 class FakeClock:
@@ -43,3 +44,28 @@ def test_disabled_or_single_candidate_takes_the_default_without_timing():
     assert LaunchTuner(timer=clock, enabled=lambda: False).pick("k", ["a", "b"], lambda c: c) == "a"
     assert LaunchTuner(timer=clock, enabled=lambda: True).pick("k", ["a"], lambda c: c) == "a"
     assert clock.calls == []
+
+
+def _agreeing_ranks(rank: int, world_size: int) -> list:
+    import torch.distributed as dist
+
+    from megatron_lite.kernels import _common
+
+    # Each rank's clock favours a different setting; together "b" costs least (2 + 2 vs 1 + 5, 5 + 1).
+    costs = [{"a": 1.0, "b": 2.0, "c": 5.0}, {"a": 5.0, "b": 2.0, "c": 1.0}][rank]
+    tuner = LaunchTuner(timer=FakeClock(costs), enabled=lambda: True)
+    alone = LaunchTuner(timer=FakeClock(costs), enabled=lambda: True).pick("k", ["a", "b", "c"], lambda c: c)
+    _common.set_tuning_group(dist.group.WORLD)
+    try:
+        agreed = tuner.pick("k", ["a", "b", "c"], lambda c: c)
+        failed = LaunchTuner(timer=FakeClock({"x": [math.inf, 1.0][rank], "y": 3.0}), enabled=lambda: True)
+        skipped = failed.pick("k", ["x", "y"], lambda c: c)  # x failed on rank 0, so nobody takes it
+    finally:
+        _common.set_tuning_group(None)
+    return [alone, agreed, skipped]
+
+
+def test_ranks_of_a_tuning_group_agree_on_one_setting():
+
+    results = run_distributed(_agreeing_ranks, 2)
+    assert results == [["a", "b", "y"], ["c", "b", "y"]]
