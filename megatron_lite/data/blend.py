@@ -32,7 +32,7 @@ def normalize_weights(weights) -> np.ndarray:
     return weights / weights.sum()
 
 
-_LANES = 8192  # stretches of the mixture stepped side by side: enough that numpy's per-call cost vanishes
+_LANES = 4096  # stretches of the mixture stepped side by side: enough that numpy's per-call cost vanishes
 _MIN_LANE = 256  # samples per lane at least, so a short mixture does not become all guesses
 _FLUSH = 64  # steps buffered before they are written out, so each lane's write is one contiguous run
 _WINDOW = 32  # steps a re-stepped lane takes before it is checked for having rejoined its old path
@@ -93,8 +93,9 @@ def _step_lanes(weights: np.ndarray, first: np.ndarray, counts: np.ndarray, sour
     errors = np.empty((num_sources, lanes))
     best = np.empty(lanes)
     tie = np.empty(lanes, dtype=bool)
-    chosen = np.empty(lanes, dtype=np.intp)
+    chosen = np.empty(lanes, dtype=source.dtype)
     slots = np.empty(lanes, dtype=np.intp)
+    lane_count = np.intp(lanes)
     flat_counts = counts.reshape(-1)
     lane_offsets = np.arange(lanes)
     picked = np.empty((_FLUSH, lanes), dtype=source.dtype)
@@ -111,10 +112,12 @@ def _step_lanes(weights: np.ndarray, first: np.ndarray, counts: np.ndarray, sour
             np.copyto(chosen, d, where=tie)
         row = t % _FLUSH
         picked[row] = chosen
-        np.multiply(chosen, lanes, out=slots)
+        np.multiply(chosen, lane_count, out=slots)
         slots += lane_offsets
-        taken[row] = flat_counts[slots]
-        flat_counts[slots] = taken[row] + 1
+        count = flat_counts[slots]
+        taken[row] = count
+        count += 1.0
+        flat_counts[slots] = count
         position += 1.0
         if row == _FLUSH - 1 or t == steps - 1:
             done = slice(t - row, t + 1)
