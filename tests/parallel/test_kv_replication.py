@@ -58,6 +58,7 @@ PARALLEL_RUNS = {
     "tp2 dp2 one kv head zero1 sequence-parallel": (
         1, ["parallel.tp=2", "parallel.zero1=true", "parallel.sequence_parallel=true"], None),
     "tp2 dp2 one kv head": (1, ["parallel.tp=2"], None),
+    "tp2 pp2 one kv head": (1, ["parallel.tp=2", "parallel.pp=2"], None),
     "tp2 dp2 resumes tp4": (2, ["parallel.tp=2"], "tp4"),
     "tp4 resumes tp1": (2, ["parallel.tp=4"], "reference kv2"),
 }
@@ -141,7 +142,7 @@ def _train(cfg, dims: ParallelDims | None) -> dict:
         if trainer.step == SAVED_STEP:
             trainer.save()
     out["weights"] = _full(trainer, grads=False)
-    if not trainer.dims.sequence_parallel:  # decoding feeds one position at a time: no sequence to split
+    if not trainer.dims.sequence_parallel and trainer.dims.pp == 1:  # decoding runs the whole model on one rank
         out["generated"] = generate(trainer.model_chunks[0], PROMPTS, 4, temperature=0)
     out["copies_identical"] = _copies_identical(trainer)
     out["kv_replicas"] = trainer.dims.kv_replicas
@@ -170,8 +171,23 @@ def _parallel_runs(rank: int, world_size: int, root: str) -> dict:
             with pytest.raises(ValueError, match="gather_output would repeat the replicated rows"):
                 ColumnParallelLinear(8, 24, group=dims.tp_group, gather_output=True, partition_groups=2,
                                      replicated_rows=4)
-        out[name] = _train(cfg, dims)
-    return out if rank == 0 else {}
+        result = _train(cfg, dims)
+        if dims.tp_rank == 0 and dims.dp_rank == 0:  # one reporter per pipeline stage
+            out[name] = result
+    return out
+
+
+def _merge_stages(name: str, per_rank: list[dict]) -> dict:
+    """One run's results with every stage's parameters (each stage reports only its own)."""
+    stages = [r[name] for r in per_rank if name in r]
+    merged = dict(stages[0])
+    for key in ("grads", "weights"):
+        if key == "grads":
+            merged[key] = [{k: v for s in stages for k, v in s[key][step].items()} for step in range(len(stages[0][key]))]
+        else:
+            merged[key] = {k: v for s in stages for k, v in s[key].items()}
+    merged["copies_identical"] = all(s["copies_identical"] for s in stages)
+    return merged
 
 
 def _assert_matches(name: str, run: dict, reference: dict) -> None:
@@ -210,7 +226,9 @@ def test_kv_heads_replicated_over_tp_train_like_one_process(tmp_path):
     for reference in references.values():
         assert min(reference["norms"]) > 0.5, "clipping (optim.grad_clip=0.5) must act every step"
 
-    results = run_distributed(_parallel_runs, 4, root)[0]
+    per_rank = run_distributed(_parallel_runs, 4, root)
+    results = {name: _merge_stages(name, per_rank) for name in PARALLEL_RUNS}
+    assert sum("tp2 pp2 one kv head" in r for r in per_rank) == 2  # both stages reported
     assert results["tp4"]["kv_replicas"] == 2 and results["tp2 dp2 one kv head"]["kv_replicas"] == 2
     assert results["tp2 dp2 resumes tp4"]["kv_replicas"] == 1
     for name, (kv_heads, _, _) in PARALLEL_RUNS.items():
