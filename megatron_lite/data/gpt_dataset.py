@@ -51,13 +51,14 @@ def build_document_order(documents: np.ndarray, num_epochs: int, rng: np.random.
 def build_sample_starts(lengths: np.ndarray, document_order: np.ndarray, seq_length: int, num_samples: int) -> np.ndarray:
     """(num_samples + 1, 2): where token k * seq_length of the packed stream lies, as (slot in
     document_order, offset in that document); int32 when the stream allows, as Megatron-LM's."""
-    sizes = lengths[document_order].astype(np.int64)
+    sizes = lengths[document_order].astype(np.int64, copy=False)
     stream_ends = np.cumsum(sizes)  # (E*D,) end of each document in the stream
+    last_position = num_samples * seq_length
+    used = min(len(sizes), int(np.searchsorted(stream_ends, last_position, side="right")) + 1)  # documents holding a position
+    sizes, stream_ends = sizes[:used], stream_ends[:used]
     # A position belongs to the first document that ends after it; counting the positions
     # before each document end gives every document's share in one linear pass.
-    before_end = np.minimum(np.where(stream_ends > 0, (stream_ends - 1) // seq_length + 1, 0), num_samples + 1)
-    used = min(len(sizes), int(np.searchsorted(before_end, num_samples + 1)) + 1)  # documents holding a position
-    sizes, stream_ends, before_end = sizes[:used], stream_ends[:used], before_end[:used]
+    before_end = np.minimum((stream_ends - 1) // seq_length + 1, num_samples + 1)
     small = used < 2**31 and (num_samples + 1) * seq_length < 2**31
     dtype = np.int32 if small else np.int64
     # Each document's (slot, stream start) repeated once per position it holds, then the
