@@ -112,7 +112,7 @@ def _time_on_gpu(launch: Callable[[], Any]) -> float:
         return math.inf
 
 
-_agreement_group: list = [None]  # set by set_tuning_group
+_agreement_group = None  # set by set_tuning_group
 
 
 def set_tuning_group(group) -> None:
@@ -123,14 +123,15 @@ def set_tuning_group(group) -> None:
     and parameters replicated over them cannot drift apart. They make their first call per
     shape in the same order, so the agreement is one all-reduce inside it. ``None`` turns it off.
     """
-    _agreement_group[0] = group
+    global _agreement_group
+    _agreement_group = group
 
 
 def _agree(times: list[float]) -> list[float]:
     """Every rank of the tuning group's times summed (an inf, a setting that failed, stays inf)."""
     import torch.distributed as dist
 
-    group = _agreement_group[0]
+    group = _agreement_group
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return times
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
@@ -155,8 +156,12 @@ class LaunchTuner:
         self.picks: dict[Hashable, Any] = {}
         self.timings: dict[Hashable, list[tuple[Any, float]]] = {}  # what each candidate took, when timed
 
-    def pick(self, key: Hashable, candidates: Sequence, launch: Callable[[Any], Any]):
+    def pick(self, key: Hashable, candidates: Sequence | Callable[[], Sequence], launch: Callable[[Any], Any]):
+        """The setting for ``key``; ``candidates`` (default first) may be a function, so a call
+        with a known key builds no list."""
         if key not in self.picks:
+            if callable(candidates):
+                candidates = candidates()
             if len(candidates) == 1 or not self.enabled():
                 self.picks[key] = candidates[0]
             else:

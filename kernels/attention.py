@@ -85,13 +85,17 @@ def _store_rows(ptrs, value, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.const
 
 
 @triton.jit
-def _heavy_first(CAUSAL: tl.constexpr):
-    """The query tile of this program. Under a causal mask a tile's work grows with its index, so
-    the last tiles are launched first and the cheap ones fill the tail of the grid."""
+def _query_tile(num_heads, group_size, CAUSAL: tl.constexpr):
+    """(query tile, batch x head program, batch, head, kv head) of a program over (tiles, B*H).
+    Under a causal mask a tile's work grows with its index, so the last tiles are launched
+    first and the cheap ones fill the tail of the grid."""
     if CAUSAL:
-        return tl.num_programs(0) - 1 - tl.program_id(0)
+        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
-        return tl.program_id(0)
+        start_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    head = pid_bh % num_heads
+    return start_m, pid_bh, (pid_bh // num_heads).to(tl.int64), head, head // group_size
 
 
 @triton.jit
@@ -135,11 +139,7 @@ def _attn_fwd_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    start_m = _heavy_first(CAUSAL)
-    pid_bh = tl.program_id(1)
-    batch = (pid_bh // num_heads).to(tl.int64)
-    head = pid_bh % num_heads
-    kv_head = head // group_size
+    start_m, pid_bh, batch, head, kv_head = _query_tile(num_heads, group_size, CAUSAL)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -328,11 +328,7 @@ def _attn_bwd_dq_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    start_m = _heavy_first(CAUSAL)
-    pid_bh = tl.program_id(1)
-    batch = (pid_bh // num_heads).to(tl.int64)
-    head = pid_bh % num_heads
-    kv_head = head // group_size
+    start_m, pid_bh, batch, head, kv_head = _query_tile(num_heads, group_size, CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

@@ -158,7 +158,9 @@ def norm_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             IS_RMS=is_rms, HAS_BIAS=bias is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
         )
 
-    candidates = _candidates(block_n, x2d.element_size(), _FWD_BYTES_PER_THREAD)
+    def candidates() -> list[tuple[int, int]]:
+        return _candidates(block_n, x2d.element_size(), _FWD_BYTES_PER_THREAD)
+
     launch(_fwd_tuner.pick(_tuning_key(x2d, weight, is_rms, bias is not None), candidates, launch))
     return y, mean, rstd
 
@@ -178,11 +180,13 @@ def norm_backward(dy2d, x2d, weight, mean, rstd, has_bias: bool):
     def launch(setting: tuple[int, int, int, bool]):
         return _backward_launch(dy2d, x2d, weight, mean, rstd, has_bias, dx, setting)
 
-    per_sm_options = _BWD_PROGRAMS_PER_SM if not interpreting() else _BWD_PROGRAMS_PER_SM[:1]
-    candidates = [(rows, warps, per_sm, prefetch)
-                  for rows, warps in _candidates(block_n, x2d.element_size(), _BWD_BYTES_PER_THREAD)
-                  for per_sm in per_sm_options
-                  for prefetch in ((False, True) if rows == 1 and not interpreting() else (False,))]
+    def candidates() -> list[tuple[int, int, int, bool]]:
+        per_sm_options = _BWD_PROGRAMS_PER_SM if not interpreting() else _BWD_PROGRAMS_PER_SM[:1]
+        return [(rows, warps, per_sm, prefetch)
+                for rows, warps in _candidates(block_n, x2d.element_size(), _BWD_BYTES_PER_THREAD)
+                for per_sm in per_sm_options
+                for prefetch in ((False, True) if rows == 1 and not interpreting() else (False,))]
+
     return launch(_bwd_tuner.pick(_tuning_key(x2d, weight, mean is None, has_bias), candidates, launch))
 
 

@@ -137,7 +137,7 @@ def _restep_lanes(weights, first, start_counts, moved, end_counts, source, withi
         steps = slice(offset, min(offset + _WINDOW, length))
         rows = lanes[active]
         old_source = source[rows, steps]
-        new_source, new_within = np.empty_like(old_source), np.empty_like(within[rows, steps])
+        new_source, new_within = np.empty_like(old_source), np.empty(old_source.shape, dtype=within.dtype)
         block = counts[:, active].copy()
         _step_lanes(weights, first[rows], block, new_source, new_within, offset=offset)
         counts[:, active] = block

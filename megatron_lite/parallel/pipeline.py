@@ -296,7 +296,6 @@ class _Executor:
         self.received: dict[Transfer, torch.Tensor] = {}
         self.to_send: dict[Transfer, torch.Tensor] = {}
         self.losses: dict[int, torch.Tensor] = {}
-        self.release_outputs = True
 
     def is_first(self, chunk: int) -> bool:
         return self.pp_rank == 0 and chunk == 0
@@ -337,8 +336,7 @@ class _Executor:
     def run(self, steps: Sequence[Step], p2p: _P2P, last_backward: set[tuple[int, int]], keep_graph: bool) -> None:
         for step in steps:
             sends = [(t, self.to_send.pop(t)) for t in step.sends]
-            release = [tensor for t, tensor in sends
-                       if self.release_outputs and t.kind == "act" and _releasable(tensor)]
+            release = [tensor for t, tensor in sends if t.kind == "act" and _releasable(tensor)]
             self.received.update(p2p.exchange(sends, step.recvs, release))
             for op, mb, chunk in step.ops:
                 if op == "F":

@@ -31,6 +31,18 @@ def test_picks_the_fastest_candidate_and_remembers_it_per_key():
     assert tuner.pick("shape-2", ["a", "b", "c"], lambda c: c) == "a"
 
 
+def test_candidates_are_built_only_for_a_new_key():
+    built = []
+
+    def candidates():
+        built.append(1)
+        return ["a", "b"]
+
+    tuner = LaunchTuner(timer=FakeClock({"a": 2.0, "b": 1.0}), enabled=lambda: True)
+    assert [tuner.pick("k", candidates, lambda c: c) for _ in range(3)] == ["b", "b", "b"]
+    assert len(built) == 1
+
+
 def test_settings_that_do_not_fit_are_passed_over_and_none_fitting_is_an_error():
     clock = FakeClock({"huge": math.inf, "small": 4.0})
     tuner = LaunchTuner(timer=clock, enabled=lambda: True)
