@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, dot_upcast, interpreting, new_output, seq_bucket
+from ._common import check_device, dot_upcast, gpu_time_ms, interpreting, new_output, seq_bucket
 
 LOG2E = 1.4426950408889634
 
@@ -100,15 +100,20 @@ def _query_tile(num_heads, group_size, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+    acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs,
     offs_m, offs_n, offs_d, lo, hi, seq_k, head_dim, qk_scale_log2,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
 ):
+    """k_src, v_src: tensor descriptors when TMA (the copy engine fills out-of-range rows with
+    zeros), else base pointers."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
+        if TMA:
+            k = k_src.load([start_n, 0])
+        else:
+            k = _load_rows(k_src + cols[:, None] * stride_ks + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
         qk = _dot(q, tl.trans(k), UPCAST, IEEE)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             keep = cols[None, :] < seq_k
@@ -121,7 +126,10 @@ def _fwd_inner(
         p = tl.math.exp2(qk * qk_scale_log2 - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
+        if TMA:
+            v = v_src.load([start_n, 0])
+        else:
+            v = _load_rows(v_src + cols[:, None] * stride_vs + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
         acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
         m_i = m_new
     return acc, l_i, m_i
@@ -137,7 +145,7 @@ def _attn_fwd_kernel(
     num_heads, group_size, seq_q, seq_k, head_dim, qk_scale_log2, seq_key, programs_key,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
 ):
     start_m, pid_bh, batch, head, kv_head = _query_tile(num_heads, group_size, CAUSAL)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -148,6 +156,11 @@ def _attn_fwd_kernel(
     q = _load_rows(q_ptrs, offs_m, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
+    if TMA:  # K/V tiles arrive by bulk copy into shared memory, without the warps issuing loads
+        k_base = tl.make_tensor_descriptor(k_base, shape=[seq_k, head_dim], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[seq_k, head_dim], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -158,19 +171,19 @@ def _attn_fwd_kernel(
         diag_hi = tl.minimum(diag_lo + BLOCK_M, seq_k)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                    offs_m, offs_n, offs_d, 0, diag_lo, seq_k, head_dim, qk_scale_log2,
-                                   False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+                                   False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                    offs_m, offs_n, offs_d, diag_lo, diag_hi, seq_k, head_dim, qk_scale_log2,
-                                   True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+                                   True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA)
     else:
         full_hi = (seq_k // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                    offs_m, offs_n, offs_d, 0, full_hi, seq_k, head_dim, qk_scale_log2,
-                                   False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+                                   False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA)
         if not EVEN_N:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                        offs_m, offs_n, offs_d, full_hi, seq_k, seq_k, head_dim, qk_scale_log2,
-                                       True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+                                       True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA)
 
     acc = acc / l_i[:, None]
     o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
@@ -376,23 +389,50 @@ _EVEN = {
 _TUNING_KEY = ["seq_key", "programs_key", "head_dim", "CAUSAL"]
 
 
-def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+def _configs(shapes: list[tuple]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, warps, stages[, TMA]) -> configs; TMA only where the kernel takes it."""
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-        for m, n, warps, stages in shapes
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, **({"TMA": tma[0]} if tma else {})},
+                      num_warps=warps, num_stages=stages)
+        for m, n, warps, stages, *tma in shapes
     ]
 
 
 # The tile held in registers is the larger one; the streamed tile divides it, so the causal
-# diagonal always falls on whole streamed tiles.
-_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-                         (128, 64, 8, 4), (128, 64, 4, 4), (128, 128, 8, 4), (64, 64, 4, 3)])
+# diagonal always falls on whole streamed tiles. Measured on an H100 (bf16): bulk (TMA) copies
+# of K/V help four-warp forward tiles and slow eight-warp ones, so both are candidates.
+_FWD_CONFIGS = _configs([(128, 128, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 8, 3, False),
+                         (128, 64, 8, 4, False), (128, 64, 4, 3, True), (128, 64, 4, 4, True),
+                         (64, 64, 4, 3, False), (64, 64, 4, 3, True), (64, 64, 4, 4, False)])
 _DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)])
 _DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)])
 
 # Under the interpreter: small tiles (so short test sequences still span several), with the
 # register tile twice the streamed one to exercise the diagonal logic.
-_INTERPRETER_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+_INTERPRETER_TILES = {"fwd": dict(BLOCK_M=32, BLOCK_N=16, TMA=False), "dkdv": dict(BLOCK_M=16, BLOCK_N=32),
+                      "dq": dict(BLOCK_M=32, BLOCK_N=16)}
+
+
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether tiles of these tensors can come by bulk (TMA) copy: Hopper or newer, and every
+    address and row step a multiple of 16 bytes, as the copy engine requires."""
+    if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+               for t in tensors)
+
+
+def _drop_unusable_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    if _tma_ready(named_args["K"], named_args["V"]):
+        return configs
+    return [c for c in configs if not c.kwargs.get("TMA", False)]
+
+
+def _bench(kernel_call, quantiles=None):
+    """Autotuning timer: kernels back to back with warm caches, host overhead excluded (the way
+    the benchmarks and a training step see them), not one cold-cache call at a time."""
+    ms = gpu_time_ms(kernel_call, rounds=3, round_ms=5.0)
+    return [ms, ms, ms] if quantiles is not None else ms
 
 
 class _Kernel:
@@ -402,21 +442,22 @@ class _Kernel:
     cdiv(length, BLOCK_<tile>) x programs_per_row, with ``tile`` "M" or "N".
     """
 
-    def __init__(self, fn, configs: list[triton.Config], tiles: tuple[int, int]):
+    def __init__(self, fn, configs: list[triton.Config], interpreter_meta: dict, prune=None):
         self.plain = triton.heuristics(_EVEN)(fn)
-        self.tuned = triton.autotune(configs=configs, key=_TUNING_KEY)(triton.heuristics(_EVEN)(fn))
-        self.tiles = tiles
+        self.tuned = triton.autotune(configs=configs, key=_TUNING_KEY, do_bench=_bench,
+                                     prune_configs_by={"early_config_prune": prune} if prune else None,
+                                     )(triton.heuristics(_EVEN)(fn))
+        self.interpreter_meta = interpreter_meta
 
     def __call__(self, length: int, programs_per_row: int, tile: str, *args, **kwargs) -> None:
         if interpreting():
-            block_m, block_n = self.tiles
-            rows = triton.cdiv(length, block_m if tile == "M" else block_n)
-            self.plain[(rows, programs_per_row)](*args, **kwargs, BLOCK_M=block_m, BLOCK_N=block_n)
+            rows = triton.cdiv(length, self.interpreter_meta["BLOCK_" + tile])
+            self.plain[(rows, programs_per_row)](*args, **kwargs, **self.interpreter_meta)
         else:
             self.tuned[lambda meta: (triton.cdiv(length, meta["BLOCK_" + tile]), programs_per_row)](*args, **kwargs)
 
 
-_fwd = _Kernel(_attn_fwd_kernel, _FWD_CONFIGS, _INTERPRETER_TILES["fwd"])
+_fwd = _Kernel(_attn_fwd_kernel, _FWD_CONFIGS, _INTERPRETER_TILES["fwd"], prune=_drop_unusable_tma)
 _dkdv = _Kernel(_attn_bwd_dkdv_kernel, _DKDV_CONFIGS, _INTERPRETER_TILES["dkdv"])
 _dq = _Kernel(_attn_bwd_dq_kernel, _DQ_CONFIGS, _INTERPRETER_TILES["dq"])
 
@@ -435,17 +476,29 @@ def _flags(q: torch.Tensor, head_dim: int) -> dict:
     }
 
 
-def attention_forward(q, k, v, causal: bool, softmax_scale: float):
-    """Returns (out (B, S, H, D), lse (B, H, S) fp32, natural log)."""
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory Triton asks for when a kernel builds tensor descriptors on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def forward_launch_args(q, k, v, causal: bool, softmax_scale: float):
+    """(out, lse, positional args, keyword args) of one forward launch, tile sizes left out."""
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((batch, num_heads, seq_q), torch.float32, q.device)
-    _fwd(seq_q, batch * num_heads, "M",
-         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-         num_heads, num_heads // num_kv_heads, seq_q, seq_k, head_dim, softmax_scale * LOG2E,
-         seq_bucket(seq_k), seq_bucket(batch * num_heads),
-         CAUSAL=causal, **_flags(q, head_dim))
+    if not interpreting():
+        triton.set_allocator(_scratch)  # a context variable: set on the launching thread
+    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            num_heads, num_heads // num_kv_heads, seq_q, seq_k, head_dim, softmax_scale * LOG2E,
+            seq_bucket(seq_k), seq_bucket(batch * num_heads))
+    return out, lse, args, dict(CAUSAL=causal, **_flags(q, head_dim))
+
+
+def attention_forward(q, k, v, causal: bool, softmax_scale: float):
+    """Returns (out (B, S, H, D), lse (B, H, S) fp32, natural log)."""
+    out, lse, args, kwargs = forward_launch_args(q, k, v, causal, softmax_scale)
+    _fwd(q.shape[1], q.shape[0] * q.shape[2], "M", *args, **kwargs)
     return out, lse
 
 

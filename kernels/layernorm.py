@@ -56,16 +56,27 @@ def _load_rows(X, DY, rows, cols, mask, stride_x, stride_dy):
 
 
 @triton.jit
+def _normalized(x_raw, mean, rstd, mask, IS_RMS: tl.constexpr):
+    x = x_raw.to(tl.float32)
+    if IS_RMS:
+        x_hat = x * rstd[:, None]
+    else:
+        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    return x_hat
+
+
+@triton.jit
 def _norm_bwd_kernel(
     X, DY, DX, W, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL,
     stride_x, stride_dy, stride_dx, n_rows, n_cols, rows_per_program,
     IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, RELOAD_W: tl.constexpr, TWO_PASS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if not RELOAD_W:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     db = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     first = pid.to(tl.int64) * rows_per_program
@@ -81,27 +92,49 @@ def _norm_bwd_kernel(
             x_raw, dy_raw = x_next, dy_next
             ahead = rows + ROWS
             x_next, dy_next = _load_rows(X, DY, ahead, cols, (ahead < last)[:, None] & col_ok[None, :], stride_x, stride_dy)
+        elif TWO_PASS:
+            x_raw = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0,
+                            eviction_policy="evict_last")
+            dy_raw = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0,
+                             eviction_policy="evict_last")
         else:
             x_raw, dy_raw = _load_rows(X, DY, rows, cols, mask, stride_x, stride_dy)
-        x = x_raw.to(tl.float32)
         dy = dy_raw.to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         if IS_RMS:
-            x_hat = x * rstd[:, None]
+            mean = rstd  # unused
         else:
             mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        x_hat = _normalized(x_raw, mean, rstd, mask, IS_RMS)
+        if RELOAD_W:  # long rows: the weight is read again (from cache) instead of held in registers
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
         w_dy = w[None, :] * dy  # zero outside the row, since dy is
+        if TWO_PASS:
+            # Long rows: update the sums and keep only the row reductions; dX then reads the row
+            # again (from cache, the first read asked to keep it there) instead of holding x_hat
+            # and w * dy in registers across the reductions, which spills for 16k-wide rows.
+            dw += dy * x_hat
+            if HAS_BIAS:
+                db += dy
         c1 = tl.sum(x_hat * w_dy, 1) / n_cols
+        if not IS_RMS:
+            c2 = tl.sum(w_dy, 1) / n_cols
+        if TWO_PASS:
+            x_raw = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0,
+                            eviction_policy="evict_first")
+            dy_raw = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0,
+                             eviction_policy="evict_first")
+            x_hat = _normalized(x_raw, mean, rstd, mask, IS_RMS)
+            w_dy = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :] * dy_raw.to(tl.float32)
         if IS_RMS:
             dx = (w_dy - x_hat * c1[:, None]) * rstd[:, None]
         else:
-            c2 = tl.sum(w_dy, 1) / n_cols
             dx = (w_dy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * x_hat
-        if HAS_BIAS:
-            db += dy
+        if not TWO_PASS:
+            dw += dy * x_hat
+            if HAS_BIAS:
+                db += dy
     tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, 0), mask=col_ok)
     if HAS_BIAS:
         tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db, 0), mask=col_ok)
@@ -177,22 +210,40 @@ def norm_backward(dy2d, x2d, weight, mean, rstd, has_bias: bool):
     block_n = triton.next_power_of_2(x2d.shape[1])
     dx = new_output(x2d.shape, x2d.dtype, x2d.device)
 
-    def launch(setting: tuple[int, int, int, bool]):
+    def launch(setting: tuple[int, int, int, str]):
         return _backward_launch(dy2d, x2d, weight, mean, rstd, has_bias, dx, setting)
 
-    def candidates() -> list[tuple[int, int, int, bool]]:
+    def candidates() -> list[tuple[int, int, int, str]]:
         per_sm_options = _BWD_PROGRAMS_PER_SM if not interpreting() else _BWD_PROGRAMS_PER_SM[:1]
-        return [(rows, warps, per_sm, prefetch)
+        return [(rows, warps, per_sm, variant)
                 for rows, warps in _candidates(block_n, x2d.element_size(), _BWD_BYTES_PER_THREAD)
                 for per_sm in per_sm_options
-                for prefetch in ((False, True) if rows == 1 and not interpreting() else (False,))]
+                for variant in _backward_variants(rows, block_n)]
 
     return launch(_bwd_tuner.pick(_tuning_key(x2d, weight, mean is None, has_bias), candidates, launch))
 
 
-def _backward_launch(dy2d, x2d, weight, mean, rstd, has_bias: bool, dx, setting: tuple[int, int, int, bool]):
-    """One backward with launch ``setting`` = (ROWS, num_warps, programs per SM, PREFETCH)."""
-    rows, num_warps, per_sm, prefetch = setting
+# Backward kernel variants: (PREFETCH, RELOAD_W, TWO_PASS). "prefetch" loads the next rows before
+# reducing the current ones; the last two trade cache reads for registers on long rows.
+BACKWARD_VARIANTS = {
+    "plain": (False, False, False),
+    "prefetch": (True, False, False),
+    "reload_weight": (False, True, False),
+    "two_pass": (False, True, True),
+}
+_LONG_ROW = 8192  # padded row length from which registers run short for whole rows and their sums
+
+
+def _backward_variants(rows: int, block_n: int) -> tuple[str, ...]:
+    if interpreting():
+        return ("plain",)
+    return ("plain",) + (("prefetch",) if rows == 1 else ()) + (("reload_weight", "two_pass") if block_n >= _LONG_ROW else ())
+
+
+def _backward_launch(dy2d, x2d, weight, mean, rstd, has_bias: bool, dx, setting: tuple[int, int, int, str]):
+    """One backward with launch ``setting`` = (ROWS, num_warps, programs per SM, variant)."""
+    rows, num_warps, per_sm, variant = setting
+    prefetch, reload_w, two_pass = BACKWARD_VARIANTS[variant]
     n_rows, n_cols = x2d.shape
     programs = _backward_programs(n_rows, rows, x2d.device, per_sm)
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
@@ -203,7 +254,7 @@ def _backward_launch(dy2d, x2d, weight, mean, rstd, has_bias: bool, dx, setting:
         x2d, dy2d, dx, weight, mean if mean is not None else rstd, rstd, dw_partial, db_partial,
         x2d.stride(0), dy2d.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
         IS_RMS=mean is None, HAS_BIAS=has_bias, ROWS=rows, BLOCK_N=triton.next_power_of_2(n_cols),
-        PREFETCH=prefetch, num_warps=num_warps,
+        PREFETCH=prefetch, RELOAD_W=reload_w, TWO_PASS=two_pass, num_warps=num_warps,
     )
     dw = dw_partial.sum(0).to(weight.dtype)
     db = db_partial.sum(0).to(weight.dtype) if has_bias else None

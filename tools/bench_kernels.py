@@ -258,7 +258,7 @@ def _print_launch_picks() -> None:
     from megatron_lite.kernels import layernorm
 
     for direction, tuner, names in (("forward", layernorm._fwd_tuner, "ROWS, warps"),
-                                    ("backward", layernorm._bwd_tuner, "ROWS, warps, programs per SM, prefetch")):
+                                    ("backward", layernorm._bwd_tuner, "ROWS, warps, programs per SM, variant")):
         for key, pick in tuner.picks.items():
             n_cols, rows_bucket, dtype, _, is_rms, _, _ = key
             kind = "rms_norm" if is_rms else "layer_norm"

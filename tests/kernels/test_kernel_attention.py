@@ -156,3 +156,20 @@ def test_cpu_tensors_without_the_interpreter_are_rejected(monkeypatch):
     q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
     with pytest.raises(ValueError, match="set TRITON_INTERPRET=1"):
         flash_attention(q, k, v)
+
+
+@pytest.mark.parametrize("capability,head_dim,offset,keeps_tma", [
+    ((9, 0), 8, 0, True),     # Hopper, every head and row starting on 16 bytes: bulk copies are candidates
+    ((8, 0), 8, 0, False),    # Ampere has no TMA
+    ((9, 0), 8, 1, False),    # a view starting one element in: base address not 16-byte aligned
+    ((9, 0), 4, 0, False),    # head_dim 4 in fp16: heads start every 8 bytes
+])
+def test_bulk_copy_settings_are_offered_only_where_they_can_run(monkeypatch, capability, head_dim, offset, keeps_tma):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    storage = torch.zeros(2 * 8 * 2 * head_dim + offset, dtype=torch.float16)
+    k = storage[offset:].view(2, 8, 2, head_dim)
+    kept = attention_module._drop_unusable_tma(attention_module._FWD_CONFIGS, {"K": k, "V": k})
+    with_tma = [c for c in attention_module._FWD_CONFIGS if c.kwargs["TMA"]]
+    assert with_tma, "the forward's candidates include bulk-copy settings"
+    assert kept == (attention_module._FWD_CONFIGS if keeps_tma else
+                    [c for c in attention_module._FWD_CONFIGS if not c.kwargs["TMA"]])

@@ -122,22 +122,23 @@ def test_integer_inputs_are_rejected():
 
 @pytest.mark.parametrize("rows_per_block", [1, 2])
 @pytest.mark.parametrize("is_rms", [True, False])
-def test_prefetching_backward_equals_the_plain_one_bit_for_bit(rows_per_block, is_rms):
-    # The GPU tuner may pick the variant that loads the next rows before reducing the current
-    # ones; it must compute the same sums in the same order.
+def test_backward_variants_equal_the_plain_one_bit_for_bit(rows_per_block, is_rms):
+    # The GPU tuner may pick a variant that loads the next rows before reducing the current
+    # ones, reads the weight again for every row, or reads each row twice; each must compute
+    # the same sums in the same order.
     x = torch.randn(13, 40, device=DEVICE)
     weight, bias = _params(40, torch.float32)
     bias = None if is_rms else bias
     _, mean, rstd = layernorm_module.norm_forward(x, weight, bias, 1e-5, is_rms)
     dy = torch.randn_like(x)
     results = []
-    for prefetch in (False, True):
+    for variant in layernorm_module.BACKWARD_VARIANTS:
         dx = torch.full_like(x, float("nan"))
         results.append(layernorm_module._backward_launch(dy, x, weight, mean, rstd, not is_rms, dx,
-                                                         (rows_per_block, 4, 2, prefetch)))
-    for plain, prefetched in zip(*results):
+                                                         (rows_per_block, 4, 2, variant)))
+    for plain, *variants in zip(*results):
         if plain is not None:
-            assert torch.equal(plain, prefetched)
+            assert all(torch.equal(plain, variant) for variant in variants)
     reference_fn = (lambda x, w: reference.rms_norm(x, w)) if is_rms else reference.layer_norm
     inputs = [x.double().requires_grad_(), weight.double().requires_grad_()] + ([] if is_rms else [bias.double().requires_grad_()])
     grads = torch.autograd.grad(reference_fn(*inputs), inputs, dy.double())
