@@ -57,11 +57,10 @@ def _load_rows(X, DY, rows, cols, mask, stride_x, stride_dy):
 
 @triton.jit
 def _normalized(x_raw, mean, rstd, mask, IS_RMS: tl.constexpr):
-    x = x_raw.to(tl.float32)
-    if IS_RMS:
-        x_hat = x * rstd[:, None]
-    else:
-        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    """x_hat in fp32: x * rstd for RMSNorm, (x - mean) * rstd (zero outside the row) for LayerNorm."""
+    x_hat = x_raw.to(tl.float32) * rstd[:, None]
+    if not IS_RMS:
+        x_hat = tl.where(mask, (x_raw.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
     return x_hat
 
 
