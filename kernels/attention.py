@@ -142,11 +142,13 @@ def _attn_fwd_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    num_heads, group_size, seq_q, seq_k, head_dim, qk_scale_log2, seq_key, programs_key,
+    num_heads, group_size, seq_q, seq_k, head_dim, qk_scale_log2, seq_key, programs_key, tma_ready,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
 ):
+    # tma_ready (1 when K/V allow bulk copies) is read only by the autotuner: it is part of the
+    # tuning key, so a cached TMA pick is never reused for tensors that cannot take it.
     start_m, pid_bh, batch, head, kv_head = _query_tile(num_heads, group_size, CAUSAL)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -423,7 +425,7 @@ def _tma_ready(*tensors: torch.Tensor) -> bool:
 
 
 def _drop_unusable_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    if _tma_ready(named_args["K"], named_args["V"]):
+    if named_args["tma_ready"]:
         return configs
     return [c for c in configs if not c.kwargs.get("TMA", False)]
 
@@ -442,9 +444,9 @@ class _Kernel:
     cdiv(length, BLOCK_<tile>) x programs_per_row, with ``tile`` "M" or "N".
     """
 
-    def __init__(self, fn, configs: list[triton.Config], interpreter_meta: dict, prune=None):
+    def __init__(self, fn, configs: list[triton.Config], interpreter_meta: dict, prune=None, key=()):
         self.plain = triton.heuristics(_EVEN)(fn)
-        self.tuned = triton.autotune(configs=configs, key=_TUNING_KEY, do_bench=_bench,
+        self.tuned = triton.autotune(configs=configs, key=_TUNING_KEY + list(key), do_bench=_bench,
                                      prune_configs_by={"early_config_prune": prune} if prune else None,
                                      )(triton.heuristics(_EVEN)(fn))
         self.interpreter_meta = interpreter_meta
@@ -457,7 +459,8 @@ class _Kernel:
             self.tuned[lambda meta: (triton.cdiv(length, meta["BLOCK_" + tile]), programs_per_row)](*args, **kwargs)
 
 
-_fwd = _Kernel(_attn_fwd_kernel, _FWD_CONFIGS, _INTERPRETER_TILES["fwd"], prune=_drop_unusable_tma)
+_fwd = _Kernel(_attn_fwd_kernel, _FWD_CONFIGS, _INTERPRETER_TILES["fwd"], prune=_drop_unusable_tma,
+               key=("tma_ready",))
 _dkdv = _Kernel(_attn_bwd_dkdv_kernel, _DKDV_CONFIGS, _INTERPRETER_TILES["dkdv"])
 _dq = _Kernel(_attn_bwd_dq_kernel, _DQ_CONFIGS, _INTERPRETER_TILES["dq"])
 
@@ -481,17 +484,31 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def _ensure_allocator() -> None:
+    """Give Triton an allocator for descriptor scratch memory, unless the program set its own.
+    Triton keeps it in a context variable, so this runs on every launching thread."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another Triton layout: set ours
+        pass
+    triton.set_allocator(_scratch)
+
+
 def forward_launch_args(q, k, v, causal: bool, softmax_scale: float):
     """(out, lse, positional args, keyword args) of one forward launch, tile sizes left out."""
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((batch, num_heads, seq_q), torch.float32, q.device)
+    tma_ready = 0
     if not interpreting():
-        triton.set_allocator(_scratch)  # a context variable: set on the launching thread
+        _ensure_allocator()
+        tma_ready = int(_tma_ready(k, v))
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             num_heads, num_heads // num_kv_heads, seq_q, seq_k, head_dim, softmax_scale * LOG2E,
-            seq_bucket(seq_k), seq_bucket(batch * num_heads))
+            seq_bucket(seq_k), seq_bucket(batch * num_heads), tma_ready)
     return out, lse, args, dict(CAUSAL=causal, **_flags(q, head_dim))
 
 

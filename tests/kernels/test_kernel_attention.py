@@ -117,7 +117,7 @@ def test_autotuning_is_keyed_on_a_sequence_bucket():
     assert [seq_bucket(n) for n in (1, 100, 128, 129, 1000, 4096)] == [16, 128, 128, 256, 1024, 4096]
     held_tile = {attention_module._fwd: "BLOCK_M", attention_module._dq: "BLOCK_M", attention_module._dkdv: "BLOCK_N"}
     for kernel, held in held_tile.items():
-        assert kernel.tuned.keys == ["seq_key", "programs_key", "head_dim", "CAUSAL"]
+        assert kernel.tuned.keys[:4] == ["seq_key", "programs_key", "head_dim", "CAUSAL"]
         streamed = "BLOCK_N" if held == "BLOCK_M" else "BLOCK_M"
         for config in kernel.tuned.configs:
             assert config.kwargs[held] % config.kwargs[streamed] == 0, (
@@ -158,18 +158,25 @@ def test_cpu_tensors_without_the_interpreter_are_rejected(monkeypatch):
         flash_attention(q, k, v)
 
 
-@pytest.mark.parametrize("capability,head_dim,offset,keeps_tma", [
-    ((9, 0), 8, 0, True),     # Hopper, every head and row starting on 16 bytes: bulk copies are candidates
+@pytest.mark.parametrize("capability,head_dim,offset,ready", [
+    ((9, 0), 8, 0, True),     # Hopper, every head and row starting on 16 bytes
     ((8, 0), 8, 0, False),    # Ampere has no TMA
     ((9, 0), 8, 1, False),    # a view starting one element in: base address not 16-byte aligned
     ((9, 0), 4, 0, False),    # head_dim 4 in fp16: heads start every 8 bytes
 ])
-def test_bulk_copy_settings_are_offered_only_where_they_can_run(monkeypatch, capability, head_dim, offset, keeps_tma):
+def test_bulk_copies_are_used_only_where_they_can_run(monkeypatch, capability, head_dim, offset, ready):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     storage = torch.zeros(2 * 8 * 2 * head_dim + offset, dtype=torch.float16)
     k = storage[offset:].view(2, 8, 2, head_dim)
-    kept = attention_module._drop_unusable_tma(attention_module._FWD_CONFIGS, {"K": k, "V": k})
-    with_tma = [c for c in attention_module._FWD_CONFIGS if c.kwargs["TMA"]]
-    assert with_tma, "the forward's candidates include bulk-copy settings"
-    assert kept == (attention_module._FWD_CONFIGS if keeps_tma else
-                    [c for c in attention_module._FWD_CONFIGS if not c.kwargs["TMA"]])
+    assert attention_module._tma_ready(k, k) == ready
+
+
+@pytest.mark.parametrize("ready", [1, 0])
+def test_bulk_copy_settings_are_tuning_candidates_only_for_ready_tensors(ready):
+    configs = attention_module._FWD_CONFIGS
+    assert any(c.kwargs["TMA"] for c in configs) and not all(c.kwargs["TMA"] for c in configs)
+    kept = attention_module._drop_unusable_tma(configs, {"tma_ready": ready})
+    assert kept == (configs if ready else [c for c in configs if not c.kwargs["TMA"]])
+    # Readiness is part of the forward's tuning key, so a pick made for aligned tensors is not
+    # reused for tensors that cannot take bulk copies.
+    assert attention_module._fwd.tuned.keys[-1] == "tma_ready"
