@@ -13,6 +13,8 @@ extra token is the last label, and consecutive samples share one token, as in Me
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from megatron_lite.data.cache import IndexCache
@@ -51,26 +53,85 @@ def build_document_order(documents: np.ndarray, num_epochs: int, rng: np.random.
 def build_sample_starts(lengths: np.ndarray, document_order: np.ndarray, seq_length: int, num_samples: int) -> np.ndarray:
     """(num_samples + 1, 2): where token k * seq_length of the packed stream lies, as (slot in
     document_order, offset in that document); int32 when the stream allows, as Megatron-LM's."""
-    sizes = lengths[document_order].astype(np.int64, copy=False)
-    stream_ends = np.cumsum(sizes)  # (E*D,) end of each document in the stream
-    last_position = num_samples * seq_length
-    used = min(len(sizes), int(np.searchsorted(stream_ends, last_position, side="right")) + 1)  # documents holding a position
-    sizes, stream_ends = sizes[:used], stream_ends[:used]
-    # A position belongs to the first document that ends after it; counting the positions
-    # before each document end gives every document's share in one linear pass.
-    before_end = np.minimum((stream_ends - 1) // seq_length + 1, num_samples + 1)
-    small = used < 2**31 and (num_samples + 1) * seq_length < 2**31
+    sizes = np.take(lengths, document_order)
+    if sizes.dtype.kind != "i":  # unsigned lengths could not take the -1 below
+        sizes = sizes.astype(np.int64)
+    # last[d + 1]: stream position of the last token of document d; last[0] = -1, before the stream.
+    last = np.empty(len(sizes) + 1, dtype=np.int64)
+    last[0] = -1
+    if len(sizes):
+        sizes[0] -= 1  # a copy: the running sum then gives last positions, not ends
+        np.cumsum(sizes, dtype=np.int64, out=last[1:])
+    if last[-1] < num_samples * seq_length:
+        raise ValueError(f"the documents hold {last[-1] + 1} tokens, too few for {num_samples} samples of "
+                         f"{seq_length} tokens plus one; ask for fewer samples or give more documents")
+    small = len(sizes) < 2**31 and (num_samples + 1) * seq_length < 2**31
     dtype = np.int32 if small else np.int64
-    # Each document's (slot, stream start) repeated once per position it holds, then the
-    # start turned into the offset of that position inside the document.
-    per_document = np.diff(before_end, prepend=0)
-    pairs = np.empty((len(sizes), 2), dtype=dtype)
-    pairs[:, 0] = np.arange(len(sizes))
-    pairs[:, 1] = stream_ends - sizes
+    if num_samples < len(sizes):
+        return _starts_by_counting(last, seq_length, num_samples, dtype)
+    return _starts_by_repeating(last, seq_length, num_samples, dtype)
+
+
+def _starts_by_counting(last: np.ndarray, seq_length: int, num_samples: int, dtype) -> np.ndarray:
+    """Fewer samples than documents. Sample k starts in the document after those whose last token
+    lies before k * seq_length, that is in a window before k: a histogram of the windows holding
+    the documents' last tokens and a running sum over the samples give every slot, with one pass
+    over the documents and the rest over the shorter list of samples."""
+    # Only documents ending before the last sample start count; the one holding it may end far beyond.
+    before_last = int(np.searchsorted(last, num_samples * seq_length, side="left")) - 1
+    window_of_last = np.floor_divide(last[1 : before_last + 1], seq_length)  # (documents before,) all < num_samples
+    ending_in = np.zeros(num_samples, dtype=np.int64)
+    np.add.at(ending_in, window_of_last, 1)
+    slots = np.empty(num_samples + 1, dtype=np.int64)
+    slots[0] = 0
+    np.cumsum(ending_in, out=slots[1:])
+    starts = np.empty((num_samples + 1, 2), dtype=dtype)
+    starts[:, 0] = slots
+    # Offset in the document: the sample's position minus the document's first position, last[slot] + 1.
+    positions = np.arange(-1, (num_samples + 1) * seq_length - 1, seq_length, dtype=np.int64)  # k * seq_length - 1
+    np.subtract(positions, np.take(last, slots), out=starts[:, 1], casting="unsafe")
+    return starts
+
+
+def _starts_by_repeating(last: np.ndarray, seq_length: int, num_samples: int, dtype) -> np.ndarray:
+    """At least as many samples as documents: each document's (slot, first position) repeated
+    once per sample start it holds, then positions turned into offsets."""
+    # Documents up to the one holding the last sample start.
+    used = min(len(last) - 1, int(np.searchsorted(last, num_samples * seq_length, side="left")))
+    starts_before_end = np.minimum(last[1 : used + 1] // seq_length + 1, num_samples + 1)
+    per_document = np.diff(starts_before_end, prepend=0)
+    if dtype == np.int32 and sys.byteorder == "little":
+        return _repeat_packed_pairs(last, used, per_document, seq_length, num_samples)
+    pairs = np.empty((used, 2), dtype=dtype)
+    pairs[:, 0] = np.arange(used)
+    pairs[:, 1] = last[:used] + 1
     starts = np.repeat(pairs, per_document, axis=0)
     positions = np.arange(0, (num_samples + 1) * seq_length, seq_length, dtype=dtype)
     np.subtract(positions, starts[:, 1], out=starts[:, 1])
     return starts
+
+
+_CHUNK = 1 << 16  # samples per pass when adding positions: small enough to stay in cache
+
+
+def _repeat_packed_pairs(last: np.ndarray, used: int, per_document: np.ndarray, seq_length: int,
+                         num_samples: int) -> np.ndarray:
+    """The int32 pairs (slot, offset) handled as one int64 each, slot in the low word: a
+    document's slot minus its first position shifted into the high word is repeated once per
+    sample start it holds, then each sample's position (shifted) is added, leaving
+    position - first position = offset in the high word. Contiguous passes, no column
+    arithmetic; the caller guarantees every value fits in 31 bits."""
+    packed = np.arange(used, dtype=np.int64)
+    packed -= (last[:used] + 1) << 32
+    starts = np.repeat(packed, per_document)  # (num_samples + 1,)
+    step = np.int64(seq_length) << 32
+    ramp = np.arange(_CHUNK, dtype=np.int64) * step
+    positions = np.empty(_CHUNK, dtype=np.int64)
+    for lo in range(0, num_samples + 1, _CHUNK):
+        chunk = starts[lo : lo + _CHUNK]
+        np.add(ramp[: len(chunk)], np.int64(lo) * step, out=positions[: len(chunk)])
+        chunk += positions[: len(chunk)]
+    return starts.view(np.int32).reshape(num_samples + 1, 2)
 
 
 def epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:

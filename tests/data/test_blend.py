@@ -89,7 +89,7 @@ def test_blended_dataset_normalises_weights_once():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_weights_across_block_boundaries_equal_the_loop(seed):
-    # Counts carry from one block to the next and sources beyond three share extra packed words.
+    # Lanes longer than the buffer of steps written at once, so counts carry from one buffer to the next.
     rng = np.random.default_rng(seed)
     weights = rng.lognormal(0.0, 1.5, size=int(rng.integers(2, 9)))
     n = 70_001
@@ -186,6 +186,7 @@ def test_exact_whatever_the_lanes_start_from(monkeypatch, weights):
 
 
 def test_lanes_with_wrong_starts_are_stepped_again_and_rejoin(monkeypatch):
+    monkeypatch.setattr(blend, "_WARMUP", 0)  # the raw guesses, so that some lanes surely start wrong
     restepped = []
     original = blend._restep_lanes
 
@@ -200,3 +201,46 @@ def test_lanes_with_wrong_starts_are_stepped_again_and_rejoin(monkeypatch):
     ref_source, ref_within = blending_indices_reference(weights, 40_000)
     np.testing.assert_array_equal(source, ref_source)
     np.testing.assert_array_equal(within, ref_within)
+
+
+def true_counts_before(weights, num_samples: int, positions: np.ndarray) -> np.ndarray:
+    """(sources, len(positions)): picks of each source among the samples before each position."""
+    source, _ = blending_indices_reference(weights, num_samples)
+    picks = np.zeros((len(weights), num_samples + 1), dtype=np.int64)
+    for d in range(len(weights)):
+        picks[d, 1:] = np.cumsum(source == d)
+    return picks[:, positions]
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [0.98, 0.01, 0.01], [1e-6, 1, 1]])
+def test_warm_up_settles_guesses_onto_the_rule(weights):
+    # The rule's counts at a lane's first sample are often not the rounded weights, but a few
+    # steps of the rule from a nearby guess reach them, so few lanes need stepping twice.
+    w = blend.normalize_weights(weights)
+    first = np.arange(0, 60_000, 257)
+    truth = true_counts_before(weights, 60_000, first)
+    assert (blend._guess_counts(w, first) != truth).any(axis=0).sum() > 20
+    np.testing.assert_array_equal(blend._settled_guess(w, first), truth)
+
+
+def test_more_sources_than_one_byte_of_ranks_equal_the_loop():
+    weights = np.random.default_rng(3).uniform(0.01, 1.0, size=300)
+    source, within = build_blending_indices(weights, 4_000)
+    ref_source, ref_within = blending_indices_reference(weights, 4_000)
+    assert source.dtype == np.int16
+    np.testing.assert_array_equal(source, ref_source)
+    np.testing.assert_array_equal(within, ref_within)
+
+
+def test_background_writes_equal_writing_on_the_stepping_thread(monkeypatch):
+    # Small flushes and few lanes: many buffers alternate between the stepping thread and the
+    # writer, so a buffer refilled before its copy finished would show up as wrong picks.
+    monkeypatch.setattr(blend, "_FLUSH", 8)
+    monkeypatch.setattr(blend, "_LANES", 16)
+    weights = [0.45, 0.3, 0.15, 0.1]
+    background = build_blending_indices(weights, 10_001)
+    same_thread = build_blending_indices(weights, 10_001, background_writes=False)
+    reference = blending_indices_reference(weights, 10_001)
+    for got, plain, want in zip(background, same_thread, reference):
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(plain, want)

@@ -5,7 +5,7 @@ from megatron_lite.config import ConfigError, DataConfig
 from megatron_lite.data import build_datasets
 from megatron_lite.data.blend import BlendedDataset
 from megatron_lite.data.cache import IndexCache
-from megatron_lite.data.gpt_dataset import GPTDataset, split_document_ranges
+from megatron_lite.data.gpt_dataset import GPTDataset, build_sample_starts, split_document_ranges
 from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetError, write_indexed_dataset
 from tests.distributed import run_distributed
 
@@ -62,6 +62,42 @@ def test_indices_deterministic_and_cache_consistent(tmp_path):
     other_seed = GPTDataset(indexed, (0, 50), 16, 70, seed=8, cache=cache)
     assert cache.builds == 2
     assert not np.array_equal(a.sample_order, other_seed.sample_order)
+
+
+def sample_starts_by_walking(lengths, order, seq_length, num_samples):
+    """Token k * seq_length of the packed stream located by walking the documents one token count at a time."""
+    starts, slot, offset = [], 0, 0
+    for k in range(num_samples + 1):
+        target = k * seq_length
+        while offset + int(lengths[order[slot]]) <= target:
+            offset += int(lengths[order[slot]])
+            slot += 1
+        starts.append((slot, target - offset))
+    return np.array(starts)
+
+
+@pytest.mark.parametrize("seq_length", [1, 3, 16, 64, 400])
+def test_sample_starts_equal_a_walk_over_the_documents(seq_length):
+    # Short windows give more samples than documents and long ones fewer: both ways of building
+    # the index are covered, with empty and long documents and a document order with repeats.
+    rng = np.random.default_rng(seq_length)
+    lengths = rng.integers(0, 90, size=300).astype(np.int32)
+    lengths[rng.integers(0, 300, 20)] = rng.integers(200, 900, 20)
+    order = np.concatenate([rng.permutation(300), rng.permutation(300)])
+    tokens = int(lengths[order].sum())
+    for num_samples in {(tokens - 1) // seq_length, (tokens - 1) // seq_length // 2, 1}:
+        starts = build_sample_starts(lengths, order, seq_length, num_samples)
+        np.testing.assert_array_equal(starts, sample_starts_by_walking(lengths, order, seq_length, num_samples))
+        assert starts.dtype == np.int32 and starts.shape == (num_samples + 1, 2)
+    unsigned = build_sample_starts(lengths.astype(np.uint16), order, seq_length, 1)
+    np.testing.assert_array_equal(unsigned, sample_starts_by_walking(lengths, order, seq_length, 1))
+
+
+def test_sample_starts_reject_a_stream_too_short():
+    lengths, order = np.array([5, 4]), np.array([0, 1])
+    assert build_sample_starts(lengths, order, 4, 2).tolist() == [[0, 0], [0, 4], [1, 3]]
+    with pytest.raises(ValueError, match="the documents hold 9 tokens, too few for 3 samples of 3 tokens plus one"):
+        build_sample_starts(lengths, order, 3, 3)
 
 
 def test_split_ranges_cover_documents_without_overlap():
