@@ -72,6 +72,14 @@ def build_sample_starts(lengths: np.ndarray, document_order: np.ndarray, seq_len
     return _starts_by_repeating(last, seq_length, num_samples, dtype)
 
 
+def _windows(positions: np.ndarray, seq_length: int) -> np.ndarray:
+    """positions // seq_length for positions >= 0; a shift when seq_length is a power of two
+    (integer division is several times slower)."""
+    if seq_length & (seq_length - 1) == 0:
+        return np.right_shift(positions, seq_length.bit_length() - 1)
+    return np.floor_divide(positions, seq_length)
+
+
 def _starts_by_counting(last: np.ndarray, seq_length: int, num_samples: int, dtype) -> np.ndarray:
     """Fewer samples than documents. Sample k starts in the document after those whose last token
     lies before k * seq_length, that is in a window before k: a histogram of the windows holding
@@ -79,9 +87,8 @@ def _starts_by_counting(last: np.ndarray, seq_length: int, num_samples: int, dty
     over the documents and the rest over the shorter list of samples."""
     # Only documents ending before the last sample start count; the one holding it may end far beyond.
     before_last = int(np.searchsorted(last, num_samples * seq_length, side="left")) - 1
-    window_of_last = np.floor_divide(last[1 : before_last + 1], seq_length)  # (documents before,) all < num_samples
-    ending_in = np.zeros(num_samples, dtype=np.int64)
-    np.add.at(ending_in, window_of_last, 1)
+    window_of_last = _windows(last[1 : before_last + 1], seq_length)  # (documents before,) all < num_samples
+    ending_in = np.bincount(window_of_last, minlength=num_samples)
     slots = np.empty(num_samples + 1, dtype=np.int64)
     slots[0] = 0
     np.cumsum(ending_in, out=slots[1:])
@@ -98,8 +105,12 @@ def _starts_by_repeating(last: np.ndarray, seq_length: int, num_samples: int, dt
     once per sample start it holds, then positions turned into offsets."""
     # Documents up to the one holding the last sample start.
     used = min(len(last) - 1, int(np.searchsorted(last, num_samples * seq_length, side="left")))
-    starts_before_end = np.minimum(last[1 : used + 1] // seq_length + 1, num_samples + 1)
-    per_document = np.diff(starts_before_end, prepend=0)
+    starts_before_end = _windows(last[1 : used + 1], seq_length)
+    starts_before_end += 1
+    np.minimum(starts_before_end, num_samples + 1, out=starts_before_end)
+    per_document = np.empty_like(starts_before_end)
+    per_document[:1] = starts_before_end[:1]
+    np.subtract(starts_before_end[1:], starts_before_end[:-1], out=per_document[1:])
     if dtype == np.int32 and sys.byteorder == "little":
         return _repeat_packed_pairs(last, used, per_document, seq_length, num_samples)
     pairs = np.empty((used, 2), dtype=dtype)
