@@ -484,20 +484,22 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+try:  # where Triton keeps the allocator it calls for descriptor scratch memory
+    from triton.runtime._allocation import NullAllocator as _NullAllocator, _allocator as _triton_allocator
+except ImportError:
+    _NullAllocator = _triton_allocator = None
+
+
 def _ensure_allocator() -> None:
     """Give Triton an allocator for descriptor scratch memory, unless the program set its own.
     Triton keeps it in a context variable, so this runs on every launching thread."""
-    try:
-        from triton.runtime._allocation import NullAllocator, _allocator
-        if not isinstance(_allocator.get(), NullAllocator):
-            return
-    except (ImportError, AttributeError):  # another Triton layout: set ours
-        pass
+    if hasattr(_triton_allocator, "get") and not isinstance(_triton_allocator.get(), _NullAllocator):
+        return
     triton.set_allocator(_scratch)
 
 
-def forward_launch_args(q, k, v, causal: bool, softmax_scale: float):
-    """(out, lse, positional args, keyword args) of one forward launch, tile sizes left out."""
+def attention_forward(q, k, v, causal: bool, softmax_scale: float):
+    """Returns (out (B, S, H, D), lse (B, H, S) fp32, natural log)."""
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     out = new_output(q.shape, q.dtype, q.device)
@@ -506,16 +508,11 @@ def forward_launch_args(q, k, v, causal: bool, softmax_scale: float):
     if not interpreting():
         _ensure_allocator()
         tma_ready = int(_tma_ready(k, v))
-    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            num_heads, num_heads // num_kv_heads, seq_q, seq_k, head_dim, softmax_scale * LOG2E,
-            seq_bucket(seq_k), seq_bucket(batch * num_heads), tma_ready)
-    return out, lse, args, dict(CAUSAL=causal, **_flags(q, head_dim))
-
-
-def attention_forward(q, k, v, causal: bool, softmax_scale: float):
-    """Returns (out (B, S, H, D), lse (B, H, S) fp32, natural log)."""
-    out, lse, args, kwargs = forward_launch_args(q, k, v, causal, softmax_scale)
-    _fwd(q.shape[1], q.shape[0] * q.shape[2], "M", *args, **kwargs)
+    _fwd(seq_q, batch * num_heads, "M",
+         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+         num_heads, num_heads // num_kv_heads, seq_q, seq_k, head_dim, softmax_scale * LOG2E,
+         seq_bucket(seq_k), seq_bucket(batch * num_heads), tma_ready,
+         CAUSAL=causal, **_flags(q, head_dim))
     return out, lse
 
 

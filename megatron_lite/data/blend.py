@@ -26,6 +26,7 @@ the GIL for both), which hides about a third of the single-threaded build time.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -66,11 +67,9 @@ def build_blending_indices(weights, num_samples: int, background_writes: bool = 
     source = np.empty(lanes * length, dtype=_source_dtype(len(weights)))
     within = np.empty(lanes * length, dtype=np.int64)
     by_lane = source.reshape(lanes, length), within.reshape(lanes, length)  # row j: samples of lane j
-    if background_writes:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="blend-writer") as writer:
-            _step_lanes(weights, first, end_counts, *by_lane, writer=writer)
-    else:
-        _step_lanes(weights, first, end_counts, *by_lane)
+    writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blend-writer") if background_writes else nullcontext()
+    with writing as writer:
+        _step_lanes(weights, first, end_counts, *by_lane, writer=writer)
     # A lane is final once it starts with the counts the lane before it ended with.
     stale = _unchained(start_counts, end_counts)
     while len(stale):
@@ -173,7 +172,6 @@ class _LaneStepper:
         self.picked = [np.empty((buffered, lanes + pad), dtype=self.rank_type)[:, :lanes] for _ in range(buffers)]
         self.taken = [np.empty((buffered, lanes + pad))[:, :lanes] for _ in range(buffers)]
         self.current = 0  # the buffer being filled
-        self.rows_filled = [0] * buffers
 
     def step(self, row: int, first_sample: bool) -> None:
         errors, best, at_best, slots = self.errors, self.best, self.at_best, self.slots
@@ -190,10 +188,10 @@ class _LaneStepper:
         np.add(taken, 1.0, out=self.bumped)
         self.flat_counts[slots] = self.bumped
         self.position += 1.0
-        self.rows_filled[self.current] = row + 1
 
     def write(self, source: np.ndarray, within: np.ndarray, done: slice, buffer: int) -> None:
-        rows = self.rows_filled[buffer]
+        """Copy buffer rows 0.. into columns ``done`` of the lanes' (lanes, length) outputs."""
+        rows = done.stop - done.start
         np.subtract(self.num_sources, self.picked[buffer][:rows].T, out=source[:, done], casting="unsafe")  # rank -> source
         np.copyto(within[:, done], self.taken[buffer][:rows].T, casting="unsafe")
 
