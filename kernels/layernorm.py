@@ -69,11 +69,17 @@ def _norm_bwd_kernel(
     X, DY, DX, W, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL,
     stride_x, stride_dy, stride_dx, n_rows, n_cols, rows_per_program,
     IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREFETCH: tl.constexpr, RELOAD_W: tl.constexpr, TWO_PASS: tl.constexpr,
+    PREFETCH: tl.constexpr, RELOAD_W: tl.constexpr, TWO_PASS: tl.constexpr, STAGES: tl.constexpr,
+    EVEN_COLS: tl.constexpr, EVEN_ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < n_cols
+    # Rows that fill the block exactly (EVEN_COLS), and row counts that are a multiple of ROWS
+    # (EVEN_ROWS), get masks that are constant true, which the compiler removes: fewer registers.
+    if EVEN_COLS:
+        col_ok = cols < BLOCK_N
+    else:
+        col_ok = cols < n_cols
     if not RELOAD_W:
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
@@ -83,9 +89,14 @@ def _norm_bwd_kernel(
     if PREFETCH:  # the next rows' loads are issued before this row's reductions, to hide their latency
         rows = first + tl.arange(0, ROWS)
         x_next, dy_next = _load_rows(X, DY, rows, cols, (rows < last)[:, None] & col_ok[None, :], stride_x, stride_dy)
-    for start in range(first, last, ROWS):
+    # STAGES > 1 has the compiler copy the next rows into shared memory (cp.async) while this
+    # one is reduced, so a program keeps loads in flight without holding them in registers.
+    for start in tl.range(first, last, ROWS, num_stages=STAGES):
         rows = start + tl.arange(0, ROWS)
-        row_ok = rows < last
+        if EVEN_ROWS:
+            row_ok = tl.arange(0, ROWS) < ROWS
+        else:
+            row_ok = rows < last
         mask = row_ok[:, None] & col_ok[None, :]
         if PREFETCH:
             x_raw, dy_raw = x_next, dy_next
@@ -213,22 +224,31 @@ def norm_backward(dy2d, x2d, weight, mean, rstd, has_bias: bool):
         return _backward_launch(dy2d, x2d, weight, mean, rstd, has_bias, dx, setting)
 
     def candidates() -> list[tuple[int, int, int, str]]:
-        per_sm_options = _BWD_PROGRAMS_PER_SM if not interpreting() else _BWD_PROGRAMS_PER_SM[:1]
-        return [(rows, warps, per_sm, variant)
-                for rows, warps in _candidates(block_n, x2d.element_size(), _BWD_BYTES_PER_THREAD)
-                for per_sm in per_sm_options
-                for variant in _backward_variants(rows, block_n)]
+        return backward_candidates(block_n, x2d.element_size())
 
     return launch(_bwd_tuner.pick(_tuning_key(x2d, weight, mean is None, has_bias), candidates, launch))
 
 
-# Backward kernel variants: (PREFETCH, RELOAD_W, TWO_PASS). "prefetch" loads the next rows before
-# reducing the current ones; the last two trade cache reads for registers on long rows.
+def backward_candidates(block_n: int, element_size: int) -> list[tuple[int, int, int, str]]:
+    """Launch settings (ROWS, num_warps, programs per SM, variant) the backward tuner times, default first."""
+    per_sm_options = _BWD_PROGRAMS_PER_SM if not interpreting() else _BWD_PROGRAMS_PER_SM[:1]
+    return [(rows, warps, per_sm, variant)
+            for rows, warps in _candidates(block_n, element_size, _BWD_BYTES_PER_THREAD)
+            for per_sm in per_sm_options
+            for variant in _backward_variants(rows, block_n)]
+
+
+# Backward kernel variants: (PREFETCH, RELOAD_W, TWO_PASS, STAGES). "prefetch" loads the next rows
+# into registers before reducing the current ones; "reload_weight" and "two_pass" trade cache reads
+# for registers on long rows; the "pipelined" ones have the compiler stage the next rows' loads in
+# shared memory instead (the long-row kind needs all of it: 160 KiB for 16k bf16 rows).
 BACKWARD_VARIANTS = {
-    "plain": (False, False, False),
-    "prefetch": (True, False, False),
-    "reload_weight": (False, True, False),
-    "two_pass": (False, True, True),
+    "plain": (False, False, False, 1),
+    "prefetch": (True, False, False, 1),
+    "reload_weight": (False, True, False, 1),
+    "two_pass": (False, True, True, 1),
+    "pipelined": (False, False, False, 2),
+    "two_pass_pipelined": (False, True, True, 2),
 }
 _LONG_ROW = 8192  # padded row length from which registers run short for whole rows and their sums
 
@@ -236,13 +256,14 @@ _LONG_ROW = 8192  # padded row length from which registers run short for whole r
 def _backward_variants(rows: int, block_n: int) -> tuple[str, ...]:
     if interpreting():
         return ("plain",)
-    return ("plain",) + (("prefetch",) if rows == 1 else ()) + (("reload_weight", "two_pass") if block_n >= _LONG_ROW else ())
+    long_row = ("reload_weight", "two_pass", "two_pass_pipelined") if block_n >= _LONG_ROW else ()
+    return ("plain", "pipelined") + (("prefetch",) if rows == 1 else ()) + long_row
 
 
 def _backward_launch(dy2d, x2d, weight, mean, rstd, has_bias: bool, dx, setting: tuple[int, int, int, str]):
     """One backward with launch ``setting`` = (ROWS, num_warps, programs per SM, variant)."""
     rows, num_warps, per_sm, variant = setting
-    prefetch, reload_w, two_pass = BACKWARD_VARIANTS[variant]
+    prefetch, reload_w, two_pass, stages = BACKWARD_VARIANTS[variant]
     n_rows, n_cols = x2d.shape
     programs = _backward_programs(n_rows, rows, x2d.device, per_sm)
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
@@ -253,7 +274,8 @@ def _backward_launch(dy2d, x2d, weight, mean, rstd, has_bias: bool, dx, setting:
         x2d, dy2d, dx, weight, mean if mean is not None else rstd, rstd, dw_partial, db_partial,
         x2d.stride(0), dy2d.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
         IS_RMS=mean is None, HAS_BIAS=has_bias, ROWS=rows, BLOCK_N=triton.next_power_of_2(n_cols),
-        PREFETCH=prefetch, RELOAD_W=reload_w, TWO_PASS=two_pass, num_warps=num_warps,
+        PREFETCH=prefetch, RELOAD_W=reload_w, TWO_PASS=two_pass, STAGES=stages,
+        EVEN_COLS=n_cols == triton.next_power_of_2(n_cols), EVEN_ROWS=n_rows % rows == 0, num_warps=num_warps,
     )
     dw = dw_partial.sum(0).to(weight.dtype)
     db = db_partial.sum(0).to(weight.dtype) if has_bias else None

@@ -3,6 +3,7 @@
     python tools/bench_kernels.py                 # GPU: full sweep, Markdown + PNGs into docs/
     python tools/bench_kernels.py --check         # GPU: bf16/fp16 correctness against float64 first
     python tools/bench_kernels.py --smoke         # CPU: tiny sweep through the Triton interpreter
+    python tools/bench_kernels.py --only norms    # GPU: one section (attention, norms, elementwise, cross_entropy)
 
 Attention FLOPs are counted as 4*B*H*S^2*D for the forward (halved when causal) and 2.5x
 that for the backward. Norm bandwidth counts the bytes a perfect kernel must move (each
@@ -27,7 +28,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels import triton
 
-from megatron_lite.kernels import backends, reference  # noqa: E402
+import triton  # noqa: E402
+
+from megatron_lite.kernels import backends, layernorm, reference  # noqa: E402
 from megatron_lite.kernels._common import gpu_time_ms  # noqa: E402
 from megatron_lite.kernels.attention import flash_attention  # noqa: E402
 from megatron_lite.kernels.cross_entropy import cross_entropy  # noqa: E402
@@ -361,6 +364,40 @@ def check_rotary(shape: tuple[int, int, int, int], dtype: torch.dtype, device: t
                       lambda x: reference.apply_rotary(x, cos, sin), [x], atol=1e-3)
 
 
+def check_norm_backward_settings(kind: str, hidden: int, dtype: torch.dtype, device: torch.device,
+                                 atol: float = 1e-3) -> list[CheckResult]:
+    """Every launch setting the norm backward's tuner may pick (variants, rows per program,
+    warps), each against float64: a training run only ever uses the one that wins on its GPU."""
+    is_rms = kind == "rms_norm"
+    x = torch.randn(64, hidden, device=device, dtype=dtype)
+    w = 1 + 0.1 * torch.randn(hidden, device=device, dtype=dtype)
+    b = None if is_rms else 0.1 * torch.randn(hidden, device=device, dtype=dtype)
+    dy = torch.randn_like(x)
+    params = [w] if is_rms else [w, b]
+    slow = reference.rms_norm if is_rms else reference.layer_norm
+
+    def grads(tensors):
+        tensors = [t.detach().clone().requires_grad_(True) for t in tensors]
+        return [g.detach() for g in torch.autograd.grad(slow(*tensors), tensors, dy.to(tensors[0].dtype))]
+
+    refs = grads([t.double() for t in [x, *params]])
+    names = ["dx", "dw"] + ([] if is_rms else ["db"])
+    torch_err = _max_errors(grads([x, *params]), refs, names)
+    _, mean, rstd = layernorm.norm_forward(x, w, b, 1e-6 if is_rms else 1e-5, is_rms)
+    results = []
+    default_per_sm = layernorm._BWD_PROGRAMS_PER_SM[0]
+    for setting in layernorm.backward_candidates(triton.next_power_of_2(hidden), x.element_size()):
+        if setting[2] != default_per_sm:  # programs per SM only changes how many partial sums are added
+            continue
+        dx = torch.full_like(x, float("nan"))
+        out = layernorm._backward_launch(dy, x, w, mean, rstd, not is_rms, dx, setting)
+        errs = _max_errors([t for t in out if t is not None], refs, names)
+        ratio = max(errs[n] / (2 * torch_err[n] + atol) for n in names)
+        results.append(CheckResult(f"{kind} N={hidden} backward {setting[3]} ROWS={setting[0]} warps={setting[1]}",
+                                   str(dtype).replace("torch.", ""), ratio, errs))
+    return results
+
+
 def run_checks(device: torch.device) -> list[CheckResult]:
     results = []
     dtypes = (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float16,)
@@ -385,6 +422,9 @@ def run_checks(device: torch.device) -> list[CheckResult]:
             results.append(check_case(f"layer_norm N={hidden}", layer_norm, reference.layer_norm, [x, w, b], 1e-3))
             results.append(check_case(f"rms_norm N={hidden}", rms_norm, reference.rms_norm, [x, w], 1e-3))
             results.append(check_case(f"swiglu N={hidden}", swiglu, reference.swiglu, [x, torch.randn_like(x)], 1e-3))
+            if dtype == dtypes[0]:
+                for kind in ("layer_norm", "rms_norm"):
+                    results += check_norm_backward_settings(kind, hidden, dtype, device)
         results.append(check_rotary(rope_shape, dtype, device))
         logits = 8 * torch.randn(64, vocab, device=device, dtype=dtype)
         targets = torch.randint(0, vocab, (64,), device=device)
@@ -445,6 +485,8 @@ def plot(attention: list[AttentionResult], norms: list[NormResult], out_dir: Pat
 
     paths = []
     combos = list(dict.fromkeys((r.head_dim, r.causal) for r in attention))
+    if not combos:  # attention not timed (--only)
+        return paths + (plot_norms(norms, out_dir, suffix) if norms else [])
     fig, axes = plt.subplots(len(combos), 2, figsize=(11, 3.2 * len(combos)), squeeze=False)
     for row, (head_dim, causal) in enumerate(combos):
         for col, metric in enumerate(("fwd_tflops", "fwd_bwd_tflops")):
@@ -464,6 +506,14 @@ def plot(attention: list[AttentionResult], norms: list[NormResult], out_dir: Pat
     paths.append(out_dir / f"bench_attention{suffix}.png")
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
+    return paths + (plot_norms(norms, out_dir, suffix) if norms else [])
+
+
+def plot_norms(norms: list[NormResult], out_dir: Path, suffix: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for col, metric in enumerate(("fwd_gbs", "bwd_gbs")):
@@ -478,13 +528,16 @@ def plot(attention: list[AttentionResult], norms: list[NormResult], out_dir: Pat
         axes[col].set_ylabel("GB/s")
         axes[col].legend(fontsize=6)
     fig.tight_layout()
-    paths.append(out_dir / f"bench_norms{suffix}.png")
-    fig.savefig(paths[-1], dpi=90)
+    path = out_dir / f"bench_norms{suffix}.png"
+    fig.savefig(path, dpi=90)
     plt.close(fig)
-    return paths
+    return [path]
 
 
 # ----------------------------------------------------------------------------- main
+
+
+_SECTIONS = ("attention", "norms", "elementwise", "cross_entropy")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -496,7 +549,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--hiddens", default="1024,2048,4096,8192,16384", help="norm hidden sizes")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    parser.add_argument("--only", default=",".join(_SECTIONS),
+                        help=f"comma-separated sections to time, of {','.join(_SECTIONS)}")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.only.split(",")) - set(_SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)} in --only: choose from {', '.join(_SECTIONS)}")
     if not torch.cuda.is_available() and not args.smoke:
         parser.error("no CUDA GPU: only --smoke runs here (the kernels go through the Triton interpreter)")
     return args
@@ -514,21 +572,33 @@ def main(argv: list[str] | None = None) -> int:
     mm_tflops = matmul_tflops(device, cuda)
     print(f"device-to-device copy {copy_gbs:.0f} GB/s, matmul {mm_tflops:.0f} TFLOP/s", flush=True)
     dtype = torch.float32 if not cuda else {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    wanted = set(args.only.split(","))
+    attention, norms = [], []
     if args.smoke:
-        attention = bench_attention([16, 32], [64], tokens=32, model_width=128, dtype=dtype, device=device, cuda=cuda)
-        norms = bench_norms([128, 512], elements=4096, dtype=dtype, device=device, cuda=cuda, copy_gbs=copy_gbs)
-        norms += bench_elementwise([256], [32], elements=2048, dtype=dtype, device=device, cuda=cuda,
-                                   copy_gbs=copy_gbs)
-        norms += bench_cross_entropy([300], rows=4, dtype=dtype, device=device, cuda=cuda, copy_gbs=copy_gbs)
+        if "attention" in wanted:
+            attention = bench_attention([16, 32], [64], tokens=32, model_width=128, dtype=dtype, device=device,
+                                        cuda=cuda)
+        if "norms" in wanted:
+            norms += bench_norms([128, 512], elements=4096, dtype=dtype, device=device, cuda=cuda, copy_gbs=copy_gbs)
+        if "elementwise" in wanted:
+            norms += bench_elementwise([256], [32], elements=2048, dtype=dtype, device=device, cuda=cuda,
+                                       copy_gbs=copy_gbs)
+        if "cross_entropy" in wanted:
+            norms += bench_cross_entropy([300], rows=4, dtype=dtype, device=device, cuda=cuda, copy_gbs=copy_gbs)
     else:
-        attention = bench_attention([int(s) for s in args.seqs.split(",")], [int(d) for d in args.head_dims.split(",")],
-                                    tokens=16384, model_width=2048, dtype=dtype, device=device, cuda=cuda)
-        norms = bench_norms([int(h) for h in args.hiddens.split(",")], elements=1 << 26, dtype=dtype,
-                            device=device, cuda=cuda, copy_gbs=copy_gbs)
-        norms += bench_elementwise([4096, 11008, 14336], [64, 128], elements=1 << 26, dtype=dtype, device=device,
-                                   cuda=cuda, copy_gbs=copy_gbs)
-        norms += bench_cross_entropy([32000, 50304, 128256], rows=4096, dtype=dtype, device=device, cuda=cuda,
-                                     copy_gbs=copy_gbs)
+        if "attention" in wanted:
+            attention = bench_attention([int(s) for s in args.seqs.split(",")],
+                                        [int(d) for d in args.head_dims.split(",")],
+                                        tokens=16384, model_width=2048, dtype=dtype, device=device, cuda=cuda)
+        if "norms" in wanted:
+            norms += bench_norms([int(h) for h in args.hiddens.split(",")], elements=1 << 26, dtype=dtype,
+                                 device=device, cuda=cuda, copy_gbs=copy_gbs)
+        if "elementwise" in wanted:
+            norms += bench_elementwise([4096, 11008, 14336], [64, 128], elements=1 << 26, dtype=dtype,
+                                       device=device, cuda=cuda, copy_gbs=copy_gbs)
+        if "cross_entropy" in wanted:
+            norms += bench_cross_entropy([32000, 50304, 128256], rows=4096, dtype=dtype, device=device, cuda=cuda,
+                                         copy_gbs=copy_gbs)
     write_report(args, device, dtype, copy_gbs, mm_tflops, checks, attention, norms, out_dir)
     return 0 if all(c.passed for c in checks) else 1
 
@@ -536,8 +606,6 @@ def main(argv: list[str] | None = None) -> int:
 def write_report(args, device, dtype, copy_gbs, mm_tflops, checks, attention, norms, out_dir: Path) -> None:
     suffix = "_smoke" if args.smoke else ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
-    import triton
-
     lines = [f"Device: {name}; torch {torch.__version__}, triton {triton.__version__}; dtype "
              f"{str(dtype).replace('torch.', '')}; command: `python tools/bench_kernels.py "
              f"{' '.join(sys.argv[1:])}`".rstrip(), "",
@@ -547,7 +615,10 @@ def write_report(args, device, dtype, copy_gbs, mm_tflops, checks, attention, no
         failed = [c for c in checks if not c.passed]
         lines += [f"Correctness (--check): {len(checks) - len(failed)}/{len(checks)} cases within "
                   f"2x PyTorch's own error + atol against float64.", ""]
-    lines += attention_markdown(attention) + [""] + norms_markdown(norms, copy_gbs) + [""]
+    if attention:
+        lines += attention_markdown(attention) + [""]
+    if norms:
+        lines += norms_markdown(norms, copy_gbs) + [""]
     plots = plot(attention, norms, out_dir, suffix)
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     (out_dir / f"bench_kernels{suffix}.md").write_text("\n".join(lines) + "\n")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One GPU visit: check the kernels in bf16/fp16, then time kernels, training and data parallelism.
-# Usage: bash tools/gpu_benchmarks.sh OUT_DIR [kernels|train|parallel ...]   (default: all three)
+# Usage: bash tools/gpu_benchmarks.sh OUT_DIR [kernels|norms|train|parallel ...]
+#   (default: kernels train parallel; "norms" is the norm sweep alone, with the checks and every
+#   launch candidate's time, without the attention sweep)
 # Where one command may only run for minutes, run one part per command (kernels is the longest:
 # about 8 minutes on an H100 with --check).
 # Writes logs, Markdown and plots under OUT_DIR; copy the sections you want into docs/benchmarks.md.
@@ -24,6 +26,7 @@ parts="${parts:-kernels train parallel}"
 wants() { [[ " $parts " == *" $1 "* ]]; }
 
 wants kernels && python3 tools/bench_kernels.py --check --out-dir "$out" 2>&1 | tee "$out/kernels.log"
+wants norms && python3 tools/bench_kernels.py --check --only norms --out-dir "$out/norms" 2>&1 | tee "$out/norms.log"
 # One GPU: tp=pp=1, and a global batch of a few micro-batches so a timed step is short.
 one_gpu="parallel.tp=1 parallel.pp=1 parallel.sequence_parallel=false model.vocab_size=50257 train.precision=bf16"
 wants train && for run in "configs/gpt2-124m.yaml train.micro_batch_size=16 train.global_batch_size=64" \

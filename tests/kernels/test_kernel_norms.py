@@ -122,12 +122,13 @@ def test_integer_inputs_are_rejected():
 
 @pytest.mark.parametrize("rows_per_block", [1, 2])
 @pytest.mark.parametrize("is_rms", [True, False])
-def test_backward_variants_equal_the_plain_one_bit_for_bit(rows_per_block, is_rms):
+@pytest.mark.parametrize("shape", [(13, 40), (12, 64), (13, 64)])  # rows and columns masked or not
+def test_backward_variants_equal_the_plain_one_bit_for_bit(rows_per_block, is_rms, shape):
     # The GPU tuner may pick a variant that loads the next rows before reducing the current
-    # ones, reads the weight again for every row, or reads each row twice; each must compute
-    # the same sums in the same order.
-    x = torch.randn(13, 40, device=DEVICE)
-    weight, bias = _params(40, torch.float32)
+    # ones, reads the weight again for every row, reads each row twice, or has the compiler
+    # stage the next rows in shared memory; each must compute the same sums in the same order.
+    x = torch.randn(*shape, device=DEVICE)
+    weight, bias = _params(shape[1], torch.float32)
     bias = None if is_rms else bias
     _, mean, rstd = layernorm_module.norm_forward(x, weight, bias, 1e-5, is_rms)
     dy = torch.randn_like(x)
