@@ -15,7 +15,8 @@ import torch
 
 ATTENTION_BACKENDS = ("torch", "triton", "flash_attn")
 NORM_BACKENDS = ("torch", "triton", "apex")
-_BACKENDS = {"attention": ATTENTION_BACKENDS, "norm": NORM_BACKENDS}
+LOSS_BACKENDS = ("torch", "triton")
+_BACKENDS = {"attention": ATTENTION_BACKENDS, "norm": NORM_BACKENDS, "loss": LOSS_BACKENDS}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -68,7 +69,7 @@ def _check_name(kind: str, name: str) -> None:
 
 
 def require_backend(kind: str, name: str) -> None:
-    """Raise ``BackendUnavailableError`` unless backend ``name`` of ``kind`` (attention|norm) can run here."""
+    """Raise ``BackendUnavailableError`` unless backend ``name`` of ``kind`` (attention|norm|loss) can run here."""
     _check_name(kind, name)
     others = "|".join(n for n in _BACKENDS[kind] if n != name)
     setting = f"model.{kind}_backend={name}"

@@ -3,14 +3,20 @@
 ``F.cross_entropy(logits.float(), ...)`` first writes a float32 copy of every logit (for a
 50k vocabulary and 16k tokens, 3.2 GB). Here a program streams one row's logits in chunks of
 the vocabulary, keeping a running max and running sum of exponentials in fp32 (the same
-online log-sum-exp as attention), and saves one fp32 log-sum-exp per row. The backward streams
-the row again and writes softmax - one_hot, scaled by the row's loss gradient, in the logits'
-dtype.
+online log-sum-exp as attention), and writes three fp32 numbers per row: the max, the sum of
+exponentials relative to it, and the target's logit. The backward streams the row again and
+writes softmax - one_hot, scaled by the row's loss gradient, in the logits' dtype.
+
+The logits may be one tensor-parallel rank's shard of the vocabulary (columns ``vocab_start``
+onwards; columns at or past the true vocabulary size are padding and take no part). Then the
+per-row numbers of all ranks are combined with one max and one sum all-reduce, as in
+Megatron-LM's vocab-parallel loss, and every rank's backward needs only its own shard.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import triton
 import triton.language as tl
 
@@ -18,66 +24,90 @@ from ._common import check_device, interpreting, new_output
 
 
 @triton.jit
-def _ce_fwd_kernel(LOGITS, TARGETS, LOSS, LSE, stride_row, n_vocab, ignore_index, BLOCK_V: tl.constexpr):
+def _ce_fwd_kernel(LOGITS, TARGETS, ROW_MAX, SUM_EXP, TARGET_LOGIT, stride_row, n_valid, vocab_start, ignore_index,
+                   BLOCK_V: tl.constexpr):
+    """Columns [0, n_valid) are real (the rest padding); a shard with none keeps max -inf, sum 0."""
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_row
     offs = tl.arange(0, BLOCK_V)
     running_max = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)
     running_sum = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
-    for start in range(0, n_vocab, BLOCK_V):
+    for start in range(0, n_valid, BLOCK_V):
         cols = start + offs
-        x = tl.load(base + cols, mask=cols < n_vocab, other=float("-inf")).to(tl.float32)
+        x = tl.load(base + cols, mask=cols < n_valid, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, 0))  # finite: every chunk holds a real logit
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
         running_max = new_max
-    lse = running_max + tl.log(running_sum)
     target = tl.load(TARGETS + row)
-    ignored = target == ignore_index
-    target_logit = tl.load(base + tl.where(ignored, 0, target)).to(tl.float32)
-    tl.store(LOSS + row, tl.where(ignored, 0.0, lse - target_logit))
-    tl.store(LSE + row, lse)
+    local = target - vocab_start
+    mine = (target != ignore_index) & (local >= 0) & (local < n_valid)
+    target_logit = tl.load(base + tl.where(mine, local, 0), mask=mine, other=0.0).to(tl.float32)
+    tl.store(ROW_MAX + row, running_max)
+    tl.store(SUM_EXP + row, running_sum)
+    tl.store(TARGET_LOGIT + row, target_logit)
 
 
 @triton.jit
-def _ce_bwd_kernel(LOGITS, TARGETS, LSE, DLOSS, DLOGITS, stride_row, stride_drow, n_vocab, ignore_index,
-                   BLOCK_V: tl.constexpr):
+def _ce_bwd_kernel(LOGITS, TARGETS, LSE, DLOSS, DLOGITS, stride_row, stride_drow, n_cols, n_valid, vocab_start,
+                   ignore_index, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(TARGETS + row)
+    local = target - vocab_start  # matches no column when the target lives on another rank
     lse = tl.load(LSE + row)
     scale = tl.where(target == ignore_index, 0.0, tl.load(DLOSS + row).to(tl.float32))
     offs = tl.arange(0, BLOCK_V)
-    for start in range(0, n_vocab, BLOCK_V):
+    for start in range(0, n_cols, BLOCK_V):
         cols = start + offs
-        mask = cols < n_vocab
+        mask = cols < n_cols
         x = tl.load(LOGITS + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
-        grad = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
+        softmax = tl.where(cols < n_valid, tl.exp(x - lse), 0.0)  # padding columns: no gradient
+        grad = (softmax - tl.where(cols == local, 1.0, 0.0)) * scale
         tl.store(DLOGITS + row * stride_drow + cols, grad.to(DLOGITS.dtype.element_ty), mask=mask)
 
 
 def _block_v(n_vocab: int) -> int:
-    return min(triton.next_power_of_2(n_vocab), 128 if interpreting() else 4096)
+    return min(triton.next_power_of_2(max(n_vocab, 1)), 128 if interpreting() else 4096)
+
+
+def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index: int):
-        n_rows, n_vocab = logits.shape
-        loss = new_output((n_rows,), torch.float32, logits.device)
-        lse = new_output((n_rows,), torch.float32, logits.device)
-        _ce_fwd_kernel[(n_rows,)](logits, targets, loss, lse, logits.stride(0), n_vocab, ignore_index,
-                                  BLOCK_V=_block_v(n_vocab), num_warps=8)
+    def forward(ctx, logits, targets, vocab_size: int, group, ignore_index: int):
+        """logits (rows, V_local), this rank's columns of the vocabulary; targets (rows,) global ids."""
+        n_rows, n_cols = logits.shape
+        rank = 0 if group is None else dist.get_rank(group)
+        vocab_start = rank * n_cols
+        n_valid = max(0, min(n_cols, vocab_size - vocab_start))
+        row_max, sum_exp, target_logit = (new_output((n_rows,), torch.float32, logits.device) for _ in range(3))
+        if n_rows:
+            _ce_fwd_kernel[(n_rows,)](logits, targets, row_max, sum_exp, target_logit, logits.stride(0), n_valid,
+                                      vocab_start, ignore_index, BLOCK_V=_block_v(n_valid), num_warps=8)
+        if group is not None and dist.get_world_size(group) > 1:
+            local_max = row_max.clone()
+            _all_reduce(row_max, dist.ReduceOp.MAX, group)
+            sums = torch.stack([sum_exp * torch.exp(local_max - row_max), target_logit])
+            sum_exp, target_logit = _all_reduce(sums, dist.ReduceOp.SUM, group)
+        lse = row_max + torch.log(sum_exp)
+        loss = (lse - target_logit).masked_fill(targets == ignore_index, 0.0)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.ignore_index = ignore_index
+        ctx.vocab_start, ctx.n_valid, ctx.ignore_index = vocab_start, n_valid, ignore_index
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
         logits, targets, lse = ctx.saved_tensors
-        n_rows, n_vocab = logits.shape
-        dlogits = new_output((n_rows, n_vocab), logits.dtype, logits.device)
-        _ce_bwd_kernel[(n_rows,)](logits, targets, lse, dloss.contiguous(), dlogits, logits.stride(0),
-                                  dlogits.stride(0), n_vocab, ctx.ignore_index, BLOCK_V=_block_v(n_vocab), num_warps=8)
-        return dlogits, None, None
+        n_rows, n_cols = logits.shape
+        dlogits = new_output((n_rows, n_cols), logits.dtype, logits.device)
+        if n_rows:
+            _ce_bwd_kernel[(n_rows,)](logits, targets, lse, dloss.contiguous(), dlogits, logits.stride(0),
+                                      dlogits.stride(0), n_cols, ctx.n_valid, ctx.vocab_start, ctx.ignore_index,
+                                      BLOCK_V=_block_v(n_cols), num_warps=8)
+        return dlogits, None, None, None, None
 
 
 def _check(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str) -> None:
@@ -109,9 +139,31 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     _check(logits, targets, ignore_index, reduction)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    losses = _CrossEntropyFunction.apply(logits, targets.contiguous(), int(ignore_index))
+    losses = _CrossEntropyFunction.apply(logits, targets.contiguous(), logits.shape[1], None, int(ignore_index))
     if reduction == "none":
         return losses
     if reduction == "sum":
         return losses.sum()
     return losses.sum() / (targets != ignore_index).sum().clamp(min=1)
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                                 group: dist.ProcessGroup | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token loss (...,) in float32 from logits (..., V_padded / tp), this rank's vocabulary shard.
+
+    The model's loss path: rank r of ``group`` holds columns [r * V_local, (r + 1) * V_local) of
+    the padded vocabulary; columns at or past ``vocab_size`` are padding (no probability, no
+    gradient); labels equal to ``ignore_index`` give 0. Labels are not range-checked here (that
+    would stop the host every step); a label outside the vocabulary gets the loss of a logit of 0.
+    """
+    if logits.dim() < 1 or labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match logits of shape {tuple(logits.shape)} "
+                         f"(labels must have the logits' shape without the vocabulary dimension)")
+    if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"vocab_parallel_cross_entropy supports float16, bfloat16 and float32 logits, got {logits.dtype}")
+    check_device(logits, labels)
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    loss = _CrossEntropyFunction.apply(flat, labels.reshape(-1).contiguous(), int(vocab_size), group, int(ignore_index))
+    return loss.view(labels.shape)

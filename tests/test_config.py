@@ -33,6 +33,8 @@ def test_invalid_shapes():
         load_config(None, ["model.flavor=llama", "model.num_heads=4", "model.num_kv_heads=3"])
     with pytest.raises(ConfigError, match="not a multiple of"):
         load_config(None, ["train.micro_batch_size=3", "train.global_batch_size=8"])
+    with pytest.raises(ConfigError, match="model.loss_backend='apex' is not one of torch, triton"):
+        load_config(None, ["model.loss_backend=apex"])
     with pytest.raises(ConfigError, match="model.flavor='bert' is not one of gpt2, llama"):
         load_config(None, ["model.flavor=bert"])
 

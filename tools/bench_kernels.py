@@ -33,9 +33,10 @@ import triton  # noqa: E402
 from megatron_lite.kernels import backends, layernorm, reference  # noqa: E402
 from megatron_lite.kernels._common import gpu_time_ms  # noqa: E402
 from megatron_lite.kernels.attention import flash_attention  # noqa: E402
-from megatron_lite.kernels.cross_entropy import cross_entropy  # noqa: E402
+from megatron_lite.kernels.cross_entropy import cross_entropy, vocab_parallel_cross_entropy  # noqa: E402
 from megatron_lite.kernels.elementwise import apply_rotary, swiglu  # noqa: E402
 from megatron_lite.kernels.layernorm import layer_norm, rms_norm  # noqa: E402
+from megatron_lite.parallel.cross_entropy import vocab_parallel_cross_entropy as torch_vocab_parallel_cross_entropy  # noqa: E402
 
 # ----------------------------------------------------------------------------- timing
 
@@ -304,11 +305,15 @@ def bench_cross_entropy(vocabs: list[int], rows: int, dtype: torch.dtype, device
         logits = torch.randn(rows, vocab, device=device, dtype=dtype, requires_grad=True)
         targets = torch.randint(0, vocab, (rows,), device=device)
         logit_bytes = logits.numel() * logits.element_size()
-        for name, fn in {"triton": cross_entropy, "torch eager": reference.cross_entropy}.items():
-            results.append(bandwidth_case(name, "cross_entropy", lambda x, fn=fn: fn(x, targets), [logits], vocab,
-                                          rows, fwd_bytes=logit_bytes, bwd_bytes=2 * logit_bytes, cuda=cuda,
-                                          copy_gbs=copy_gbs))
-        _print_bandwidth_row(f"cross_entropy V={vocab}", results[-2:])
+        # Per-token losses, as the model computes them: the fused kernel, the torch vocab-parallel
+        # loss (model.loss_backend=torch), and F.cross_entropy on a float32 copy.
+        providers = {"triton": lambda x: vocab_parallel_cross_entropy(x, targets, vocab),
+                     "torch vocab-parallel": lambda x: torch_vocab_parallel_cross_entropy(x, targets, vocab),
+                     "torch eager": lambda x: reference.cross_entropy(x, targets, reduction="none")}
+        for name, fn in providers.items():
+            results.append(bandwidth_case(name, "cross_entropy", fn, [logits], vocab, rows, fwd_bytes=logit_bytes,
+                                          bwd_bytes=2 * logit_bytes, cuda=cuda, copy_gbs=copy_gbs))
+        _print_bandwidth_row(f"cross_entropy V={vocab}", results[-len(providers):])
     return results
 
 
@@ -430,6 +435,12 @@ def run_checks(device: torch.device) -> list[CheckResult]:
         targets = torch.randint(0, vocab, (64,), device=device)
         results.append(check_case(f"cross_entropy V={vocab}", lambda x: cross_entropy(x, targets),
                                   lambda x: reference.cross_entropy(x, targets), [logits], atol=1e-3))
+        padded = vocab + 64 - vocab % 64  # the model's loss: padded vocabulary, per-token losses
+        wide = torch.cat([logits, 8 * torch.randn(64, padded - vocab, device=device, dtype=dtype)], dim=1)
+        results.append(check_case(f"vocab_parallel_cross_entropy V={vocab} padded to {padded}",
+                                  lambda x: vocab_parallel_cross_entropy(x, targets, vocab),
+                                  lambda x: reference.cross_entropy(x[:, :vocab], targets, reduction="none"),
+                                  [wide], atol=1e-3))
     for r in results:
         print(f"{'ok  ' if r.passed else 'FAIL'} {r.dtype:8s} {r.name}: error/bound {r.worst_ratio:.2f} "
               f"(max errors {', '.join(f'{k} {v:.2e}' for k, v in r.errors.items())})", flush=True)

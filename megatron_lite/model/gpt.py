@@ -25,7 +25,6 @@ from torch import nn
 
 from megatron_lite.config import ConfigError, ModelConfig
 from megatron_lite.model import ops
-from megatron_lite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size
 from megatron_lite.parallel.layers import (
     ColumnParallelLinear,
@@ -328,7 +327,7 @@ class GPT(nn.Module):
         logits = self.logits(self.final_norm(x))  # (B, T, V/tp)
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size, self.dims.tp_group)
+        return ops.cross_entropy(logits, labels, self.config.vocab_size, self.dims.tp_group, self.config.loss_backend)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.output is not None:

@@ -1,4 +1,4 @@
-"""The one dispatch point for attention and normalization backends.
+"""The one dispatch point for attention, normalization and loss backends.
 
 torch: plain PyTorch (the reference). triton: this project's kernels in
 ``megatron_lite.kernels``. flash_attn / apex: optional NVIDIA packages. A backend that
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lite.config import ConfigError, ModelConfig
+from megatron_lite.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 # scaled_dot_product_attention groups kv heads itself from torch 2.5 on.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -57,6 +58,7 @@ def check_backends(cfg: ModelConfig) -> None:
     try:
         require_backend("attention", cfg.attention_backend)
         require_backend("norm", cfg.norm_backend)
+        require_backend("loss", cfg.loss_backend)
     except BackendUnavailableError as exc:
         raise ConfigError(str(exc)) from exc
     _check_imports(cfg)
@@ -73,6 +75,8 @@ def _check_imports(cfg: ModelConfig) -> None:
     elif cfg.norm_backend == "apex":
         names = ("fused_layer_norm_affine", "fused_rms_norm_affine")
         _require("model.norm_backend", "apex", "apex.normalization.fused_layer_norm", names)
+    if cfg.loss_backend == "triton":
+        _require("model.loss_backend", "triton", "megatron_lite.kernels", ("vocab_parallel_cross_entropy",))
 
 
 def attention(
@@ -134,3 +138,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
         return fused_rms_norm_affine(x, weight, weight.shape, eps)
     variance = x.float().pow(2).mean(dim=-1, keepdim=True)
     return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, group, backend: str = "torch"):
+    """Per-token loss (B, T) float32 from this rank's vocabulary shard of the logits (B, T, V_padded/tp)."""
+    if backend == "triton":
+        from megatron_lite.kernels import vocab_parallel_cross_entropy as triton_cross_entropy
+
+        return triton_cross_entropy(logits, labels, vocab_size, group)
+    return vocab_parallel_cross_entropy(logits, labels, vocab_size, group)

@@ -14,7 +14,7 @@ import bench_kernels  # noqa: E402
 def test_smoke_sweep_checks_and_writes_report(tmp_path):
     assert bench_kernels.main(["--smoke", "--check", "--out-dir", str(tmp_path)]) == 0
     markdown = (tmp_path / "bench_kernels_smoke.md").read_text()
-    assert "### Attention" in markdown and "### Norms" in markdown and "Correctness (--check): 8/8" in markdown
+    assert "### Attention" in markdown and "### Norms" in markdown and "Correctness (--check): 9/9" in markdown
     raw = json.loads((tmp_path / "bench_kernels_smoke.json").read_text())
     ours = [r for r in raw["attention"] if r["provider"] == "triton"]
     assert {(r["seq"], r["causal"]) for r in ours} == {(16, True), (16, False), (32, True), (32, False)}

@@ -21,6 +21,9 @@ def test_triton_without_gpu_or_interpreter_is_reported(monkeypatch):
     with pytest.raises(backends.BackendUnavailableError,
                        match=r"model.attention_backend=triton but triton cannot run here: there is no CUDA GPU"):
         backends.require_backend("attention", "triton")
+    with pytest.raises(backends.BackendUnavailableError,
+                       match=r"model.loss_backend=triton but triton cannot run here: .* or use torch$"):
+        backends.require_backend("loss", "triton")
 
 
 def test_missing_flash_attn_names_the_fix(monkeypatch):
@@ -101,7 +104,8 @@ def test_backend_functions_by_name():
 @pytest.mark.parametrize("kind,name,message", [
     ("attention", "xformers", "unknown attention backend 'xformers'; use one of torch, triton, flash_attn"),
     ("norm", "flash_attn", "unknown norm backend 'flash_attn'; use one of torch, triton, apex"),
-    ("mlp", "torch", "unknown backend kind 'mlp'; use one of attention, norm"),
+    ("loss", "apex", "unknown loss backend 'apex'; use one of torch, triton"),
+    ("mlp", "torch", "unknown backend kind 'mlp'; use one of attention, norm, loss"),
 ])
 def test_unknown_names_are_rejected(kind, name, message):
     with pytest.raises(ValueError, match=message):

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from kernel_checks import assert_matches_reference
 
-from megatron_lite.kernels import cross_entropy, reference
+from megatron_lite.kernels import cross_entropy, reference, vocab_parallel_cross_entropy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -61,3 +62,37 @@ def test_bad_arguments(make_args, kwargs, message):
     logits, targets = (t.to(DEVICE) for t in make_args())
     with pytest.raises(ValueError, match=message):
         cross_entropy(logits, targets, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_vocab_parallel_form_matches_the_torch_loss_with_padding(dtype):
+    # The model's path: (B, T, V_padded) logits whose last columns are vocabulary padding.
+    from megatron_lite.parallel.cross_entropy import vocab_parallel_cross_entropy as torch_loss
+
+    vocab, padded = 300, 320
+    logits = (6 * torch.randn(2, 5, padded, device=DEVICE)).to(dtype)
+    logits[..., vocab:] = 50.0  # padding would dominate the softmax if it took part
+    labels = torch.randint(0, vocab, (2, 5), device=DEVICE)
+    labels[1, 3] = -100
+    upstream = torch.rand(2, 5, device=DEVICE)
+    results = []
+    for fn in (vocab_parallel_cross_entropy, torch_loss):
+        x = logits.detach().clone().requires_grad_()
+        loss = fn(x, labels, vocab)
+        (loss * upstream).sum().backward()
+        results.append((loss, x.grad))
+    (loss, grad), (want_loss, want_grad) = results
+    assert loss.shape == (2, 5) and loss.dtype == torch.float32 and grad.dtype == dtype
+    exact = F.cross_entropy(logits[..., :vocab].double().reshape(-1, vocab), labels.reshape(-1), reduction="none")
+    torch.testing.assert_close(loss.double(), exact.view(2, 5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.float(), want_grad.float(), rtol=1e-3, atol=1e-3 if dtype == torch.float16 else 1e-6)
+    assert torch.all(grad[..., vocab:] == 0) and torch.all(grad[1, 3] == 0)
+
+
+def test_vocab_parallel_form_errors_name_the_problem():
+    logits = torch.randn(2, 3, 10, device=DEVICE)
+    with pytest.raises(ValueError, match=r"labels of shape \(2,\) do not match logits of shape \(2, 3, 10\)"):
+        vocab_parallel_cross_entropy(logits, torch.zeros(2, dtype=torch.long, device=DEVICE), 10)
+    with pytest.raises(ValueError, match="supports float16, bfloat16 and float32 logits, got torch.float64"):
+        vocab_parallel_cross_entropy(logits.double(), torch.zeros(2, 3, dtype=torch.long, device=DEVICE), 10)
