@@ -16,7 +16,9 @@ import torch
 ATTENTION_BACKENDS = ("torch", "triton", "flash_attn")
 NORM_BACKENDS = ("torch", "triton", "apex")
 LOSS_BACKENDS = ("torch", "triton")
-_BACKENDS = {"attention": ATTENTION_BACKENDS, "norm": NORM_BACKENDS, "loss": LOSS_BACKENDS}
+ELEMENTWISE_BACKENDS = ("torch", "triton")
+_BACKENDS = {"attention": ATTENTION_BACKENDS, "norm": NORM_BACKENDS, "loss": LOSS_BACKENDS,
+             "elementwise": ELEMENTWISE_BACKENDS}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -69,7 +71,7 @@ def _check_name(kind: str, name: str) -> None:
 
 
 def require_backend(kind: str, name: str) -> None:
-    """Raise ``BackendUnavailableError`` unless backend ``name`` of ``kind`` (attention|norm|loss) can run here."""
+    """Raise ``BackendUnavailableError`` unless backend ``name`` of ``kind`` (attention|norm|loss|elementwise) can run here."""
     _check_name(kind, name)
     others = "|".join(n for n in _BACKENDS[kind] if n != name)
     setting = f"model.{kind}_backend={name}"

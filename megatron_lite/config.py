@@ -53,12 +53,14 @@ class ModelConfig:
     attention_backend: str = "torch"  # torch | triton | flash_attn
     norm_backend: str = "torch"  # torch | triton | apex
     loss_backend: str = "torch"  # torch | triton (fused vocab-parallel cross-entropy, no fp32 logits copy)
+    elementwise_backend: str = "torch"  # torch | triton (fused SwiGLU and rotary embedding, llama)
 
     def __post_init__(self) -> None:
         _choice("model.flavor", self.flavor, ("gpt2", "llama"))
         _choice("model.attention_backend", self.attention_backend, ("torch", "triton", "flash_attn"))
         _choice("model.norm_backend", self.norm_backend, ("torch", "triton", "apex"))
         _choice("model.loss_backend", self.loss_backend, ("torch", "triton"))
+        _choice("model.elementwise_backend", self.elementwise_backend, ("torch", "triton"))
         for name in ("num_layers", "hidden_size", "num_heads", "seq_length", "make_vocab_size_divisible_by"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
         _require(self.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from tokenizer), got {self.vocab_size}")

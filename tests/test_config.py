@@ -35,6 +35,8 @@ def test_invalid_shapes():
         load_config(None, ["train.micro_batch_size=3", "train.global_batch_size=8"])
     with pytest.raises(ConfigError, match="model.loss_backend='apex' is not one of torch, triton"):
         load_config(None, ["model.loss_backend=apex"])
+    with pytest.raises(ConfigError, match="model.elementwise_backend='cuda' is not one of torch, triton"):
+        load_config(None, ["model.elementwise_backend=cuda"])
     with pytest.raises(ConfigError, match="model.flavor='bert' is not one of gpt2, llama"):
         load_config(None, ["model.flavor=bert"])
 

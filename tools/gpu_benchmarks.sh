@@ -31,8 +31,8 @@ wants norms && python3 tools/bench_kernels.py --check --only norms --out-dir "$o
 one_gpu="parallel.tp=1 parallel.pp=1 parallel.sequence_parallel=false model.vocab_size=50257 train.precision=bf16"
 wants train && for run in "configs/gpt2-124m.yaml train.micro_batch_size=16 train.global_batch_size=64" \
            "configs/llama-1b.yaml train.micro_batch_size=4 train.global_batch_size=16"; do
-    for backends in "model.attention_backend=torch model.norm_backend=torch model.loss_backend=torch" \
-                    "model.attention_backend=triton model.norm_backend=triton model.loss_backend=triton"; do
+    for backends in "model.attention_backend=torch model.norm_backend=torch model.loss_backend=torch model.elementwise_backend=torch" \
+                    "model.attention_backend=triton model.norm_backend=triton model.loss_backend=triton model.elementwise_backend=triton"; do
         # shellcheck disable=SC2086
         python3 tools/bench_train.py --synthetic --docs "$out/train.md" --config $run $one_gpu $backends \
             2>&1 | tee -a "$out/train.log"

@@ -79,24 +79,12 @@ class Norm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, self.backend)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (B, T, 1, hd) for rotary embedding, computed once per forward for every layer."""
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
     angles = position_ids.float().unsqueeze(-1) * theta**-exponents  # (B, T, hd/2)
     angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)  # (B, T, 1, hd)
     return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate pairs (i, i + hd/2) of x (B, T, heads, hd) by their position's angles."""
-    cos, sin = rope
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 def local_kv_heads(cfg: ModelConfig, tp: int) -> int:
@@ -129,7 +117,8 @@ class Attention(nn.Module):
         q = qkv[:, :, :, : self.q_per_kv].reshape(B, T, self.kv_heads * self.q_per_kv, self.head_dim)  # (B, T, nh, hd)
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]  # (B, T, nkv, hd)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            backend = self.cfg.elementwise_backend
+            q, k = ops.apply_rope(q, rope, backend), ops.apply_rope(k, rope, backend)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, S, nkv, hd)
         dropout_p = self.cfg.dropout if self.training else 0.0
@@ -141,7 +130,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dims: ParallelDims):
         super().__init__()
-        self.flavor = cfg.flavor
+        self.flavor, self.backend = cfg.flavor, cfg.elementwise_backend
         group, sp, H, F_ = dims.tp_group, dims.sequence_parallel, cfg.hidden_size, cfg.ffn_hidden_size
         if cfg.flavor == "gpt2":
             self.fc = ColumnParallelLinear(H, F_, True, group, sp, device=dims.device)
@@ -156,7 +145,7 @@ class MLP(nn.Module):
             h = F.gelu(h, approximate="tanh")
         else:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = ops.swiglu(gate, up, self.backend)
         return self.proj(h)
 
 

@@ -1,4 +1,4 @@
-"""The one dispatch point for attention, normalization and loss backends.
+"""The one dispatch point for attention, normalization, loss and elementwise (SwiGLU, RoPE) backends.
 
 torch: plain PyTorch (the reference). triton: this project's kernels in
 ``megatron_lite.kernels``. flash_attn / apex: optional NVIDIA packages. A backend that
@@ -59,6 +59,7 @@ def check_backends(cfg: ModelConfig) -> None:
         require_backend("attention", cfg.attention_backend)
         require_backend("norm", cfg.norm_backend)
         require_backend("loss", cfg.loss_backend)
+        require_backend("elementwise", cfg.elementwise_backend)
     except BackendUnavailableError as exc:
         raise ConfigError(str(exc)) from exc
     _check_imports(cfg)
@@ -77,6 +78,8 @@ def _check_imports(cfg: ModelConfig) -> None:
         _require("model.norm_backend", "apex", "apex.normalization.fused_layer_norm", names)
     if cfg.loss_backend == "triton":
         _require("model.loss_backend", "triton", "megatron_lite.kernels", ("vocab_parallel_cross_entropy",))
+    if cfg.elementwise_backend == "triton":
+        _require("model.elementwise_backend", "triton", "megatron_lite.kernels", ("swiglu", "apply_rotary"))
 
 
 def attention(
@@ -147,3 +150,28 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, g
 
         return triton_cross_entropy(logits, labels, vocab_size, group)
     return vocab_parallel_cross_entropy(logits, labels, vocab_size, group)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """silu(gate) * up."""
+    if backend == "triton":
+        from megatron_lite.kernels import swiglu as triton_swiglu
+
+        return triton_swiglu(gate, up)
+    return F.silu(gate) * up
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: str = "torch") -> torch.Tensor:
+    """Rotate pairs (i, i + hd/2) of x (B, T, heads, hd) by their position's angles; cos, sin (B, T, 1, hd)."""
+    cos, sin = rope
+    if backend == "triton":
+        from megatron_lite.kernels import apply_rotary
+
+        return apply_rotary(x, cos, sin)
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)

@@ -614,7 +614,8 @@ def _stage_parameters(model_cfg, dims, pp_rank: int) -> list[tuple[str, torch.Te
     from megatron_lite.model.gpt import GPT
     from megatron_lite.parallel.dims import ParallelDims
 
-    meta_cfg = dataclasses.replace(model_cfg, attention_backend="torch", norm_backend="torch", loss_backend="torch")
+    meta_cfg = dataclasses.replace(model_cfg, attention_backend="torch", norm_backend="torch", loss_backend="torch",
+                                   elementwise_backend="torch")
     meta_dims = ParallelDims(num_layers=model_cfg.num_layers, device=torch.device("meta"))
     chunks = []
     for chunk in range(dims.virtual_pp):

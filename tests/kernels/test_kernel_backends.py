@@ -105,7 +105,8 @@ def test_backend_functions_by_name():
     ("attention", "xformers", "unknown attention backend 'xformers'; use one of torch, triton, flash_attn"),
     ("norm", "flash_attn", "unknown norm backend 'flash_attn'; use one of torch, triton, apex"),
     ("loss", "apex", "unknown loss backend 'apex'; use one of torch, triton"),
-    ("mlp", "torch", "unknown backend kind 'mlp'; use one of attention, norm, loss"),
+    ("elementwise", "apex", "unknown elementwise backend 'apex'; use one of torch, triton"),
+    ("mlp", "torch", "unknown backend kind 'mlp'; use one of attention, norm, loss, elementwise"),
 ])
 def test_unknown_names_are_rejected(kind, name, message):
     with pytest.raises(ValueError, match=message):

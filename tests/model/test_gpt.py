@@ -156,12 +156,15 @@ def test_triton_backend_error_when_kernels_lack_the_op(monkeypatch):
     monkeypatch.delattr(kernels, "flash_attention", raising=False)
     monkeypatch.delattr(kernels, "rms_norm", raising=False)
     monkeypatch.delattr(kernels, "vocab_parallel_cross_entropy", raising=False)
+    monkeypatch.delattr(kernels, "apply_rotary", raising=False)
     with pytest.raises(ConfigError, match="model.attention_backend=triton is not available.*flash_attention"):
         GPT(tiny("llama", attention_backend="triton"))
     with pytest.raises(ConfigError, match="model.norm_backend=triton is not available.*rms_norm"):
         GPT(tiny("llama", norm_backend="triton"))
     with pytest.raises(ConfigError, match="model.loss_backend=triton is not available.*vocab_parallel_cross_entropy"):
         GPT(tiny("llama", loss_backend="triton"))
+    with pytest.raises(ConfigError, match="model.elementwise_backend=triton is not available.*swiglu, apply_rotary"):
+        GPT(tiny("llama", elementwise_backend="triton"))
 
 
 def test_triton_backends_match_torch_through_the_model():
@@ -170,7 +173,8 @@ def test_triton_backends_match_torch_through_the_model():
     ids = torch.randint(0, 50, (2, 16))
     losses, grads = [], []
     for backend in ("torch", "triton"):
-        model = GPT(tiny("llama", attention_backend=backend, norm_backend=backend, loss_backend=backend))
+        model = GPT(tiny("llama", attention_backend=backend, norm_backend=backend, loss_backend=backend,
+                         elementwise_backend=backend))
         loss = model(ids, labels=ids)
         loss.sum().backward()
         losses.append(loss)

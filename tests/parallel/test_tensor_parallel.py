@@ -175,12 +175,13 @@ def merged_tensors(model: GPT, dims: ParallelDims, grads: bool) -> dict[str, tor
     return out
 
 
-def check_gpt(flavor: str, sequence_parallel: bool, loss_backend: str = "torch") -> None:
+def check_gpt(flavor: str, sequence_parallel: bool, triton_ops: bool = False) -> None:
     cfg = tiny_config(flavor)
     dims = ParallelDims.initialize(ParallelConfig(tp=2, sequence_parallel=sequence_parallel), cfg)
     assert dims.tp == 2 and dims.dp == 1 and dims.sequence_parallel is sequence_parallel
     reference = GPT(cfg, seed=9)
-    sharded = GPT(dataclasses.replace(cfg, loss_backend=loss_backend), dims, seed=9)
+    backend = "triton" if triton_ops else "torch"
+    sharded = GPT(dataclasses.replace(cfg, loss_backend=backend, elementwise_backend=backend), dims, seed=9)
     assert sharded.padded_vocab_size == 48 and reference.padded_vocab_size == 40
     torch.manual_seed(3)
     ids = torch.randint(0, 37, (2, 8))
@@ -218,8 +219,9 @@ def tp2_checks(rank: int, world_size: int) -> str:
         VocabParallelEmbedding(9, 4, group=group)
     for flavor in ("gpt2", "llama"):
         for sequence_parallel in (False, True):
-            # Llama's sharded model takes the fused Triton loss (interpreted here) against a torch reference.
-            check_gpt(flavor, sequence_parallel, loss_backend="triton" if flavor == "llama" else "torch")
+            # Llama's sharded model takes the fused Triton loss, SwiGLU and RoPE (interpreted here)
+            # against a torch reference.
+            check_gpt(flavor, sequence_parallel, triton_ops=flavor == "llama")
     return "ok"
 
 
