@@ -96,3 +96,24 @@ def test_vocab_parallel_form_errors_name_the_problem():
         vocab_parallel_cross_entropy(logits, torch.zeros(2, dtype=torch.long, device=DEVICE), 10)
     with pytest.raises(ValueError, match="supports float16, bfloat16 and float32 logits, got torch.float64"):
         vocab_parallel_cross_entropy(logits.double(), torch.zeros(2, 3, dtype=torch.long, device=DEVICE), 10)
+
+
+def test_fused_loss_keeps_no_float32_copy_for_the_backward():
+    # What each loss holds for its backward, per logit: the fused one its bf16 input (2 bytes),
+    # the torch vocab-parallel loss a float32 softmax (4 bytes).
+    from megatron_lite.parallel.cross_entropy import vocab_parallel_cross_entropy as torch_loss
+
+    logits = torch.randn(2, 8, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 250, (2, 8), device=DEVICE)
+    saved = {}
+    for name, fn in (("triton", vocab_parallel_cross_entropy), ("torch", torch_loss)):
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size() if t.shape[-1:] == (256,) else 0)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(logits, labels, 250)
+        saved[name] = sum(sizes)
+    assert saved == {"triton": logits.numel() * 2, "torch": logits.numel() * 4}
