@@ -403,7 +403,8 @@ def check_norm_backward_settings(kind: str, hidden: int, dtype: torch.dtype, dev
     return results
 
 
-def run_checks(device: torch.device) -> list[CheckResult]:
+def run_checks(device: torch.device, sections: tuple[str, ...] | set[str] = ("attention", "norms", "elementwise",
+                                                                          "cross_entropy")) -> list[CheckResult]:
     results = []
     dtypes = (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float16,)
     attn_shapes = [(2, 1000, 8, 2, 128, True), (1, 777, 8, 8, 64, False), (2, 300, 8, 1, 80, True),
@@ -413,7 +414,7 @@ def run_checks(device: torch.device) -> list[CheckResult]:
     if device.type != "cuda":  # the interpreter runs every program in Python
         attn_shapes, hiddens, rope_shape, vocab = [(1, 40, 2, 1, 64, True)], (300,), (1, 6, 2, 32), 300
     for dtype in dtypes:
-        for batch, seq, heads, kv_heads, head_dim, causal in attn_shapes:
+        for batch, seq, heads, kv_heads, head_dim, causal in attn_shapes if "attention" in sections else ():
             q = torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype)
             k, v = (torch.randn(batch, seq, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(2))
             label = f"attention B={batch} S={seq} H={heads}/{kv_heads} D={head_dim} causal={causal}"
@@ -424,13 +425,19 @@ def run_checks(device: torch.device) -> list[CheckResult]:
             x = torch.randn(64, hidden, device=device, dtype=dtype)
             w = 1 + 0.1 * torch.randn(hidden, device=device, dtype=dtype)
             b = 0.1 * torch.randn(hidden, device=device, dtype=dtype)
-            results.append(check_case(f"layer_norm N={hidden}", layer_norm, reference.layer_norm, [x, w, b], 1e-3))
-            results.append(check_case(f"rms_norm N={hidden}", rms_norm, reference.rms_norm, [x, w], 1e-3))
-            results.append(check_case(f"swiglu N={hidden}", swiglu, reference.swiglu, [x, torch.randn_like(x)], 1e-3))
-            if dtype == dtypes[0]:
-                for kind in ("layer_norm", "rms_norm"):
-                    results += check_norm_backward_settings(kind, hidden, dtype, device)
-        results.append(check_rotary(rope_shape, dtype, device))
+            if "norms" in sections:
+                results.append(check_case(f"layer_norm N={hidden}", layer_norm, reference.layer_norm, [x, w, b], 1e-3))
+                results.append(check_case(f"rms_norm N={hidden}", rms_norm, reference.rms_norm, [x, w], 1e-3))
+                if dtype == dtypes[0]:
+                    for kind in ("layer_norm", "rms_norm"):
+                        results += check_norm_backward_settings(kind, hidden, dtype, device)
+            if "elementwise" in sections:
+                results.append(check_case(f"swiglu N={hidden}", swiglu, reference.swiglu, [x, torch.randn_like(x)],
+                                          1e-3))
+        if "elementwise" in sections:
+            results.append(check_rotary(rope_shape, dtype, device))
+        if "cross_entropy" not in sections:
+            continue
         logits = 8 * torch.randn(64, vocab, device=device, dtype=dtype)
         targets = torch.randint(0, vocab, (64,), device=device)
         results.append(check_case(f"cross_entropy V={vocab}", lambda x: cross_entropy(x, targets),
@@ -561,7 +568,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hiddens", default="1024,2048,4096,8192,16384", help="norm hidden sizes")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     parser.add_argument("--only", default=",".join(_SECTIONS),
-                        help=f"comma-separated sections to time, of {','.join(_SECTIONS)}")
+                        help=f"comma-separated sections to check and time, of {','.join(_SECTIONS)}")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.only.split(",")) - set(_SECTIONS))
     if unknown:
@@ -577,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checks = run_checks(device) if args.check else []
+    checks = run_checks(device, set(args.only.split(","))) if args.check else []
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth_gbs(device, cuda)
     mm_tflops = matmul_tflops(device, cuda)

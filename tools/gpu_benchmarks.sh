@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One GPU visit: check the kernels in bf16/fp16, then time kernels, training and data parallelism.
 # Usage: bash tools/gpu_benchmarks.sh OUT_DIR [kernels|norms|train|parallel ...]
-#   (default: kernels train parallel; "norms" is the norm sweep alone, with the checks and every
-#   launch candidate's time, without the attention sweep)
-# Where one command may only run for minutes, run one part per command (kernels is the longest:
-# about 8 minutes on an H100 with --check).
+#   (default: all four; "kernels" checks and times attention, SwiGLU/RoPE and cross-entropy,
+#   "norms" checks every launch setting of the norm kernels and times them, printing each
+#   candidate's time)
+# Where one command may only run for minutes, run one part per command (the kernel sweep with
+# the norms took about 8 minutes on an H100).
 # Writes logs, Markdown and plots under OUT_DIR; copy the sections you want into docs/benchmarks.md.
 # The machine needs torch (CUDA) and triton. The package is installed without its other
 # dependencies (a GPU box without network access cannot fetch them and these runs don't use them).
@@ -22,10 +23,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
 parts="${*:2}"
-parts="${parts:-kernels train parallel}"
+parts="${parts:-kernels norms train parallel}"
 wants() { [[ " $parts " == *" $1 "* ]]; }
 
-wants kernels && python3 tools/bench_kernels.py --check --out-dir "$out" 2>&1 | tee "$out/kernels.log"
+wants kernels && python3 tools/bench_kernels.py --check --only attention,elementwise,cross_entropy --out-dir "$out" \
+    2>&1 | tee "$out/kernels.log"
 wants norms && python3 tools/bench_kernels.py --check --only norms --out-dir "$out/norms" 2>&1 | tee "$out/norms.log"
 # One GPU: tp=pp=1, and a global batch of a few micro-batches so a timed step is short.
 one_gpu="parallel.tp=1 parallel.pp=1 parallel.sequence_parallel=false model.vocab_size=50257 train.precision=bf16"

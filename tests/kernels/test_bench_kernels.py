@@ -34,8 +34,10 @@ def test_attention_flop_count():
 
 
 def test_only_times_the_named_sections(tmp_path):
-    assert bench_kernels.main(["--smoke", "--only", "norms,cross_entropy", "--out-dir", str(tmp_path)]) == 0
+    assert bench_kernels.main(["--smoke", "--check", "--only", "norms,cross_entropy", "--out-dir", str(tmp_path)]) == 0
     raw = json.loads((tmp_path / "bench_kernels_smoke.json").read_text())
+    assert {c["name"].split()[0] for c in raw["checks"]} == {"layer_norm", "rms_norm", "cross_entropy",
+                                                             "vocab_parallel_cross_entropy"}
     assert raw["attention"] == [] and {r["kind"] for r in raw["norms"]} == {"layer_norm", "rms_norm", "cross_entropy"}
     markdown = (tmp_path / "bench_kernels_smoke.md").read_text()
     assert "### Attention" not in markdown and "| cross_entropy | 300 |" in markdown
