@@ -69,12 +69,6 @@ def _block_v(n_vocab: int) -> int:
     return min(triton.next_power_of_2(max(n_vocab, 1)), 128 if interpreting() else 4096)
 
 
-def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
-
-
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, vocab_size: int, group, ignore_index: int):
@@ -89,9 +83,10 @@ class _CrossEntropyFunction(torch.autograd.Function):
                                       vocab_start, ignore_index, BLOCK_V=_block_v(n_valid), num_warps=8)
         if group is not None and dist.get_world_size(group) > 1:
             local_max = row_max.clone()
-            _all_reduce(row_max, dist.ReduceOp.MAX, group)
-            sums = torch.stack([sum_exp * torch.exp(local_max - row_max), target_logit])
-            sum_exp, target_logit = _all_reduce(sums, dist.ReduceOp.SUM, group)
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+            sums = torch.stack([sum_exp * torch.exp(local_max - row_max), target_logit])  # rescaled to the global max
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            sum_exp, target_logit = sums
         lse = row_max + torch.log(sum_exp)
         loss = (lse - target_logit).masked_fill(targets == ignore_index, 0.0)
         ctx.save_for_backward(logits, targets, lse)
