@@ -20,7 +20,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ._common import check_device, interpreting, new_output
+from ._common import LaunchTuner, check_device, interpreting, new_output
 
 
 @triton.jit
@@ -65,8 +65,51 @@ def _ce_bwd_kernel(LOGITS, TARGETS, LSE, DLOSS, DLOGITS, stride_row, stride_drow
         tl.store(DLOGITS + row * stride_drow + cols, grad.to(DLOGITS.dtype.element_ty), mask=mask)
 
 
-def _block_v(n_vocab: int) -> int:
-    return min(triton.next_power_of_2(max(n_vocab, 1)), 128 if interpreting() else 4096)
+# Launch settings (BLOCK_V, num_warps), the default first: longer chunks mean fewer row
+# reductions (each a barrier) per row, shorter ones more programs per SM. On GPU each shape's
+# first call times them (LaunchTuner) and keeps the fastest.
+LAUNCH_SETTINGS = ((4096, 8), (2048, 4), (8192, 16), (16384, 16), (16384, 32))
+_fwd_tuner, _bwd_tuner = LaunchTuner(), LaunchTuner()
+
+
+def launch_settings(width: int) -> list[tuple[int, int]]:
+    """The settings for rows of ``width`` columns: chunks no longer than the row, no repeats."""
+    if interpreting():
+        return [(min(triton.next_power_of_2(max(width, 1)), 128), 4)]
+    return list(dict.fromkeys((min(triton.next_power_of_2(max(width, 1)), block), warps)
+                              for block, warps in LAUNCH_SETTINGS))
+
+
+def forward_stats(logits, targets, vocab_start: int, n_valid: int, ignore_index: int, setting=None):
+    """Per row of ``logits`` (rows, V_local): (max, sum of exp(x - max), target logit or 0), fp32."""
+    n_rows = logits.shape[0]
+    outputs = tuple(new_output((n_rows,), torch.float32, logits.device) for _ in range(3))
+
+    def launch(chosen: tuple[int, int]) -> None:
+        block, warps = chosen
+        _ce_fwd_kernel[(n_rows,)](logits, targets, *outputs, logits.stride(0), n_valid, vocab_start, ignore_index,
+                                  BLOCK_V=block, num_warps=warps)
+
+    if n_rows:
+        key = (logits.shape[1], n_valid, triton.next_power_of_2(n_rows), logits.dtype, logits.device)
+        launch(setting or _fwd_tuner.pick(key, lambda: launch_settings(n_valid), launch))
+    return outputs
+
+
+def backward_grad(logits, targets, lse, dloss, vocab_start: int, n_valid: int, ignore_index: int, setting=None):
+    """(softmax - one_hot) * dloss per row, padding columns 0, in the logits' dtype."""
+    n_rows, n_cols = logits.shape
+    dlogits = new_output((n_rows, n_cols), logits.dtype, logits.device)
+
+    def launch(chosen: tuple[int, int]) -> None:
+        block, warps = chosen
+        _ce_bwd_kernel[(n_rows,)](logits, targets, lse, dloss, dlogits, logits.stride(0), dlogits.stride(0), n_cols,
+                                  n_valid, vocab_start, ignore_index, BLOCK_V=block, num_warps=warps)
+
+    if n_rows:
+        key = (n_cols, n_valid, triton.next_power_of_2(n_rows), logits.dtype, logits.device)
+        launch(setting or _bwd_tuner.pick(key, lambda: launch_settings(n_cols), launch))
+    return dlogits
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
@@ -77,10 +120,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         rank = 0 if group is None else dist.get_rank(group)
         vocab_start = rank * n_cols
         n_valid = max(0, min(n_cols, vocab_size - vocab_start))
-        row_max, sum_exp, target_logit = (new_output((n_rows,), torch.float32, logits.device) for _ in range(3))
-        if n_rows:
-            _ce_fwd_kernel[(n_rows,)](logits, targets, row_max, sum_exp, target_logit, logits.stride(0), n_valid,
-                                      vocab_start, ignore_index, BLOCK_V=_block_v(n_valid), num_warps=8)
+        row_max, sum_exp, target_logit = forward_stats(logits, targets, vocab_start, n_valid, ignore_index)
         if group is not None and dist.get_world_size(group) > 1:
             local_max = row_max.clone()
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
@@ -96,12 +136,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         logits, targets, lse = ctx.saved_tensors
-        n_rows, n_cols = logits.shape
-        dlogits = new_output((n_rows, n_cols), logits.dtype, logits.device)
-        if n_rows:
-            _ce_bwd_kernel[(n_rows,)](logits, targets, lse, dloss.contiguous(), dlogits, logits.stride(0),
-                                      dlogits.stride(0), n_cols, ctx.n_valid, ctx.vocab_start, ctx.ignore_index,
-                                      BLOCK_V=_block_v(n_cols), num_warps=8)
+        dlogits = backward_grad(logits, targets, lse, dloss.contiguous(), ctx.vocab_start, ctx.n_valid,
+                                ctx.ignore_index)
         return dlogits, None, None, None, None
 
 

@@ -14,6 +14,7 @@ device-to-device copy bandwidth and bf16 matmul rate.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -37,6 +38,9 @@ from megatron_lite.kernels.cross_entropy import cross_entropy, vocab_parallel_cr
 from megatron_lite.kernels.elementwise import apply_rotary, swiglu  # noqa: E402
 from megatron_lite.kernels.layernorm import layer_norm, rms_norm  # noqa: E402
 from megatron_lite.parallel.cross_entropy import vocab_parallel_cross_entropy as torch_vocab_parallel_cross_entropy  # noqa: E402
+
+# The module, not the function of the same name that megatron_lite.kernels exports.
+ce_kernels = importlib.import_module("megatron_lite.kernels.cross_entropy")
 
 # ----------------------------------------------------------------------------- timing
 
@@ -403,6 +407,36 @@ def check_norm_backward_settings(kind: str, hidden: int, dtype: torch.dtype, dev
     return results
 
 
+def check_cross_entropy_settings(vocab: int, dtype: torch.dtype, device: torch.device,
+                                  atol: float = 1e-3) -> list[CheckResult]:
+    """Every launch setting the cross-entropy tuner may pick, forward and backward, on a padded vocabulary."""
+    padded = vocab + 64 - vocab % 64
+    logits = 8 * torch.randn(64, padded, device=device, dtype=dtype)
+    targets = torch.randint(0, vocab, (64,), device=device)
+    targets[3] = -100
+    dloss = torch.randn(64, device=device)
+
+    def loss_and_grad(x):
+        x = x.detach().clone().requires_grad_(True)
+        loss = reference.cross_entropy(x[:, :vocab], targets, reduction="none")
+        return [loss.detach(), torch.autograd.grad(loss, x, dloss.to(loss.dtype))[0]]
+
+    names = ["loss", "dlogits"]
+    refs = loss_and_grad(logits.double())
+    torch_err = _max_errors(loss_and_grad(logits), refs, names)
+    results = []
+    for setting in ce_kernels.launch_settings(padded):
+        row_max, sum_exp, target_logit = ce_kernels.forward_stats(logits, targets, 0, vocab, -100, setting)
+        lse = row_max + torch.log(sum_exp)
+        loss = (lse - target_logit).masked_fill(targets == -100, 0.0)
+        grad = ce_kernels.backward_grad(logits, targets, lse, dloss, 0, vocab, -100, setting)
+        errs = _max_errors([loss, grad], refs, names)
+        results.append(CheckResult(f"cross_entropy V={vocab} padded to {padded} BLOCK_V={setting[0]} warps={setting[1]}",
+                                   str(dtype).replace("torch.", ""),
+                                   max(errs[n] / (2 * torch_err[n] + atol) for n in names), errs))
+    return results
+
+
 def run_checks(device: torch.device, sections: tuple[str, ...] | set[str] = ("attention", "norms", "elementwise",
                                                                           "cross_entropy")) -> list[CheckResult]:
     results = []
@@ -448,6 +482,8 @@ def run_checks(device: torch.device, sections: tuple[str, ...] | set[str] = ("at
                                   lambda x: vocab_parallel_cross_entropy(x, targets, vocab),
                                   lambda x: reference.cross_entropy(x[:, :vocab], targets, reduction="none"),
                                   [wide], atol=1e-3))
+        if dtype == dtypes[0]:
+            results += check_cross_entropy_settings(vocab, dtype, device)
     for r in results:
         print(f"{'ok  ' if r.passed else 'FAIL'} {r.dtype:8s} {r.name}: error/bound {r.worst_ratio:.2f} "
               f"(max errors {', '.join(f'{k} {v:.2e}' for k, v in r.errors.items())})", flush=True)

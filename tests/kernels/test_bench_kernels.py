@@ -14,7 +14,7 @@ import bench_kernels  # noqa: E402
 def test_smoke_sweep_checks_and_writes_report(tmp_path):
     assert bench_kernels.main(["--smoke", "--check", "--out-dir", str(tmp_path)]) == 0
     markdown = (tmp_path / "bench_kernels_smoke.md").read_text()
-    assert "### Attention" in markdown and "### Norms" in markdown and "Correctness (--check): 9/9" in markdown
+    assert "### Attention" in markdown and "### Norms" in markdown and "Correctness (--check): 10/10" in markdown
     raw = json.loads((tmp_path / "bench_kernels_smoke.json").read_text())
     ours = [r for r in raw["attention"] if r["provider"] == "triton"]
     assert {(r["seq"], r["causal"]) for r in ours} == {(16, True), (16, False), (32, True), (32, False)}
@@ -38,6 +38,7 @@ def test_only_times_the_named_sections(tmp_path):
     raw = json.loads((tmp_path / "bench_kernels_smoke.json").read_text())
     assert {c["name"].split()[0] for c in raw["checks"]} == {"layer_norm", "rms_norm", "cross_entropy",
                                                              "vocab_parallel_cross_entropy"}
+    assert "cross_entropy V=300 padded to 320 BLOCK_V=128 warps=4" in {c["name"] for c in raw["checks"]}
     assert raw["attention"] == [] and {r["kind"] for r in raw["norms"]} == {"layer_norm", "rms_norm", "cross_entropy"}
     markdown = (tmp_path / "bench_kernels_smoke.md").read_text()
     assert "### Attention" not in markdown and "| cross_entropy | 300 |" in markdown
