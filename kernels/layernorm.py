@@ -5,9 +5,9 @@ row's mean and 1/std in fp32 for the backward.
 
 Backward: a fixed number of programs each walks a contiguous range of rows, writing dX and
 keeping fp32 running sums of dY * x_hat (for dW) and dY (for dB) in registers. Each program
-stores its partial sums in its own row of a (programs, N) buffer that PyTorch then sums over
-the first dimension, so the weight gradients come out the same on every run (no atomics,
-no locks).
+stores its partial sums in its own row of a (programs, N) buffer that a second kernel adds up
+in a fixed order, so the weight gradients come out the same on every run (no atomics, no
+locks).
 """
 
 from __future__ import annotations
@@ -150,6 +150,30 @@ def _norm_bwd_kernel(
         tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db, 0), mask=col_ok)
 
 
+@triton.jit
+def _sum_partials_kernel(DW_PARTIAL, DB_PARTIAL, DW, DB, programs, n_cols, HAS_BIAS: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dW (and dB) = the backward programs' partial sums added in a fixed order, written in the
+    weight's dtype: one launch where torch takes a sum and a cast per gradient."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < n_cols
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in tl.range(0, programs, BLOCK_P, num_stages=3):  # the next tiles' loads in flight
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < programs)[:, None] & col_ok[None, :]
+        offsets = rows[:, None] * n_cols + cols[None, :]
+        dw += tl.sum(tl.load(DW_PARTIAL + offsets, mask=mask, other=0.0), 0)
+        if HAS_BIAS:
+            db += tl.sum(tl.load(DB_PARTIAL + offsets, mask=mask, other=0.0), 0)
+    tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_ok)
+
+
+_SUM_PROGRAMS, _SUM_COLUMNS = 32, 64  # a (partial rows x columns) tile of the final reduction
+
+
 # Launch settings. Rows shorter than a few thousand elements are stacked ROWS to a program;
 # warps are sized so each thread holds a fixed number of bytes of every tile: the forward keeps
 # one tile alive, the backward several plus the fp32 partial sums, so it wants fewer bytes per
@@ -277,8 +301,12 @@ def _backward_launch(dy2d, x2d, weight, mean, rstd, has_bias: bool, dx, setting:
         PREFETCH=prefetch, RELOAD_W=reload_w, TWO_PASS=two_pass, STAGES=stages,
         EVEN_COLS=n_cols == triton.next_power_of_2(n_cols), EVEN_ROWS=n_rows % rows == 0, num_warps=num_warps,
     )
-    dw = dw_partial.sum(0).to(weight.dtype)
-    db = db_partial.sum(0).to(weight.dtype) if has_bias else None
+    dw = new_output((n_cols,), weight.dtype, x2d.device)
+    db = new_output((n_cols,), weight.dtype, x2d.device) if has_bias else None
+    _sum_partials_kernel[(triton.cdiv(n_cols, _SUM_COLUMNS),)](
+        dw_partial, db_partial, dw, db if db is not None else dw, programs, n_cols,
+        HAS_BIAS=has_bias, BLOCK_P=_SUM_PROGRAMS, BLOCK_C=_SUM_COLUMNS, num_warps=4,
+    )
     return dx, dw, db
 
 
