@@ -101,15 +101,25 @@ def gpu_time_ms(fn: Callable[[], Any], rounds: int = 5, round_ms: float = 10.0) 
 _SPIN_CYCLES_PER_CALL = 1_000_000  # about 0.5 ms at 2 GHz: more than the host needs to enqueue one call
 
 
-def _time_on_gpu(launch: Callable[[], Any]) -> float:
-    """A candidate that does not fit the device, or that this Triton cannot compile, never wins."""
+def _time_on_gpu(launch: Callable[[], Any], timer: Callable[..., float] = None) -> float:
+    """A candidate that does not fit the device, or that this Triton cannot compile (front end,
+    MLIR passes or ptxas), never wins; any other error is raised."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     try:
-        return gpu_time_ms(launch, rounds=3, round_ms=5.0)
-    except (OutOfResources, CompilationError):
+        from triton.runtime.errors import PTXASError
+    except ImportError:  # older Triton
+        PTXASError = CompilationError
+
+    try:
+        return (timer or gpu_time_ms)(launch, rounds=3, round_ms=5.0)
+    except (OutOfResources, CompilationError, PTXASError):
         return math.inf
+    except RuntimeError as exc:
+        if "PassManager::run failed" in str(exc):  # an MLIR pass of this Triton rejected the kernel
+            return math.inf
+        raise
 
 
 _agreement_group = None  # set by set_tuning_group

@@ -51,6 +51,25 @@ def test_settings_that_do_not_fit_are_passed_over_and_none_fitting_is_an_error()
         tuner.pick("k2", ["huge"] * 2, lambda c: c)
 
 
+def test_candidates_this_triton_cannot_build_lose_and_other_errors_surface():
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    from megatron_lite.kernels._common import _time_on_gpu
+
+    def failing(error):
+        def timer(launch, **_):
+            raise error
+        return timer
+
+    for error in (OutOfResources(300000, 232448, "shared memory"), PTXASError("ptxas fatal"),
+                  CompilationError("src", None, "bad"), RuntimeError("PassManager::run failed")):
+        assert _time_on_gpu(lambda: None, timer=failing(error)) == math.inf
+    assert _time_on_gpu(lambda: None, timer=lambda launch, **_: 0.25) == 0.25
+    with pytest.raises(RuntimeError, match="CUDA error: an illegal memory access"):
+        _time_on_gpu(lambda: None, timer=failing(RuntimeError("CUDA error: an illegal memory access")))
+
+
 def test_disabled_or_single_candidate_takes_the_default_without_timing():
     clock = FakeClock({"a": 9.0, "b": 1.0})
     assert LaunchTuner(timer=clock, enabled=lambda: False).pick("k", ["a", "b"], lambda c: c) == "a"
