@@ -162,6 +162,8 @@ def attention_resources(direction: str, head_dim: int, causal: bool, dtype: str,
     results = []
     for label, fn, configs in kernels:
         for config in configs:
+            if config.kwargs.get("TMA") and arch < 90:  # pruned at run time before Hopper, as here
+                continue
             constexprs = dict(dict(CAUSAL=causal, BLOCK_D=block_d, EVEN_M=True, EVEN_N=True, EVEN_D=block_d == head_dim,
                                    UPCAST=False, IEEE=dtype == "fp32", TMA=False), **config.kwargs)
             compiled = compile_kernel(fn, dtype, aligned, constexprs, config.num_warps, arch, config.num_stages)
