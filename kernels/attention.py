@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, dot_upcast, gpu_time_ms, interpreting, new_output, seq_bucket
+from ._common import check_device, dot_upcast, interpreting, new_output, seq_bucket, tuning_time_ms
 
 LOG2E = 1.4426950408889634
 
@@ -436,7 +436,7 @@ def _drop_unusable_tma(configs: list[triton.Config], named_args: dict, **kwargs)
 def _bench(kernel_call, quantiles=None):
     """Autotuning timer: kernels back to back with warm caches, host overhead excluded (the way
     the benchmarks and a training step see them), not one cold-cache call at a time."""
-    ms = gpu_time_ms(kernel_call, rounds=3, round_ms=5.0)
+    ms = tuning_time_ms(kernel_call)
     return [ms, ms, ms] if quantiles is not None else ms
 
 

@@ -58,8 +58,9 @@ def _load_rows(X, DY, rows, cols, mask, stride_x, stride_dy):
 @triton.jit
 def _normalized(x_raw, mean, rstd, mask, IS_RMS: tl.constexpr):
     """x_hat in fp32: x * rstd for RMSNorm, (x - mean) * rstd (zero outside the row) for LayerNorm."""
-    x_hat = x_raw.to(tl.float32) * rstd[:, None]
-    if not IS_RMS:
+    if IS_RMS:
+        x_hat = x_raw.to(tl.float32) * rstd[:, None]
+    else:
         x_hat = tl.where(mask, (x_raw.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
     return x_hat
 

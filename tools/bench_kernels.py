@@ -344,6 +344,11 @@ def _max_errors(outputs: list[torch.Tensor], refs: list[torch.Tensor], names: li
     return errs
 
 
+def _worst_ratio(errors: dict[str, float], torch_errors: dict[str, float], atol: float) -> float:
+    """The largest error / (2 x PyTorch's own error in that dtype + atol) over the outputs."""
+    return max(errors[n] / (2 * torch_errors[n] + atol) for n in errors)
+
+
 def check_case(name: str, fast: Callable, slow: Callable, inputs: list[torch.Tensor], atol: float) -> CheckResult:
     """Errors of ``fast`` and of ``slow`` (same dtype) against ``slow`` in float64, outputs and gradients."""
     names = ["out"] + [f"d{i}" for i in range(len(inputs))]
@@ -359,8 +364,7 @@ def check_case(name: str, fast: Callable, slow: Callable, inputs: list[torch.Ten
     refs = [t.detach() for t in run(slow, [t.double() for t in inputs], grad)]
     fast_err = _max_errors(run(fast, inputs, grad), refs, names)
     torch_err = _max_errors(run(slow, inputs, grad), refs, names)
-    ratios = [fast_err[n] / (2 * torch_err[n] + atol) for n in names]
-    return CheckResult(name, str(dtype).replace("torch.", ""), max(ratios), fast_err)
+    return CheckResult(name, str(dtype).replace("torch.", ""), _worst_ratio(fast_err, torch_err, atol), fast_err)
 
 
 def check_rotary(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> CheckResult:
@@ -401,9 +405,8 @@ def check_norm_backward_settings(kind: str, hidden: int, dtype: torch.dtype, dev
         dx = torch.full_like(x, float("nan"))
         out = layernorm._backward_launch(dy, x, w, mean, rstd, not is_rms, dx, setting)
         errs = _max_errors([t for t in out if t is not None], refs, names)
-        ratio = max(errs[n] / (2 * torch_err[n] + atol) for n in names)
         results.append(CheckResult(f"{kind} N={hidden} backward {setting[3]} ROWS={setting[0]} warps={setting[1]}",
-                                   str(dtype).replace("torch.", ""), ratio, errs))
+                                   str(dtype).replace("torch.", ""), _worst_ratio(errs, torch_err, atol), errs))
     return results
 
 
@@ -432,13 +435,13 @@ def check_cross_entropy_settings(vocab: int, dtype: torch.dtype, device: torch.d
         grad = ce_kernels.backward_grad(logits, targets, lse, dloss, 0, vocab, -100, setting)
         errs = _max_errors([loss, grad], refs, names)
         results.append(CheckResult(f"cross_entropy V={vocab} padded to {padded} BLOCK_V={setting[0]} warps={setting[1]}",
-                                   str(dtype).replace("torch.", ""),
-                                   max(errs[n] / (2 * torch_err[n] + atol) for n in names), errs))
+                                   str(dtype).replace("torch.", ""), _worst_ratio(errs, torch_err, atol), errs))
     return results
 
 
-def run_checks(device: torch.device, sections: tuple[str, ...] | set[str] = ("attention", "norms", "elementwise",
-                                                                          "cross_entropy")) -> list[CheckResult]:
+def run_checks(device: torch.device, sections: set[str] | None = None) -> list[CheckResult]:
+    """Correctness of every kernel in ``sections`` (default: all of _SECTIONS) against float64."""
+    sections = set(sections or _SECTIONS)
     results = []
     dtypes = (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float16,)
     attn_shapes = [(2, 1000, 8, 2, 128, True), (1, 777, 8, 8, 64, False), (2, 300, 8, 1, 80, True),

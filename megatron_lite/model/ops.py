@@ -153,25 +153,14 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, g
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-    """silu(gate) * up."""
-    if backend == "triton":
-        from megatron_lite.kernels import swiglu as triton_swiglu
+    """silu(gate) * up: the Triton kernel or its torch reference."""
+    from megatron_lite.kernels import reference, swiglu as triton_swiglu
 
-        return triton_swiglu(gate, up)
-    return F.silu(gate) * up
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
+    return (triton_swiglu if backend == "triton" else reference.swiglu)(gate, up)
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: str = "torch") -> torch.Tensor:
     """Rotate pairs (i, i + hd/2) of x (B, T, heads, hd) by their position's angles; cos, sin (B, T, 1, hd)."""
-    cos, sin = rope
-    if backend == "triton":
-        from megatron_lite.kernels import apply_rotary
+    from megatron_lite.kernels import apply_rotary, reference
 
-        return apply_rotary(x, cos, sin)
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    return (apply_rotary if backend == "triton" else reference.apply_rotary)(x, *rope)
