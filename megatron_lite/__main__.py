@@ -1,8 +1,11 @@
 """Command line: ``python -m megatron_lite <command>`` (also the ``megatron-lite`` script).
 
     pretrain --config FILE [section.key=value ...]     train (works under torchrun)
+    sft | rm | dpo --config FILE [section.key=value ...]
+                                                       fine-tuning stages: supervised, reward model,
+                                                       direct preference optimization (torchrun too)
     demo [--steps N] [--out DIR] [--device D]          build the demo corpus, train, evaluate, sample
-    generate --load DIR --prompt TEXT [...]            continue prompts from a checkpoint
+    generate --load DIR --prompt TEXT [--chat] [...]   continue prompts from a checkpoint
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--config", required=True, help="YAML file (see configs/)")
     pretrain.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.tp=2")
 
+    stages = {"sft": "supervised fine-tuning on prompt/response records",
+              "rm": "train a reward model on preference pairs",
+              "dpo": "direct preference optimization on preference pairs"}
+    for name, text in stages.items():
+        stage = commands.add_parser(name, help=text)
+        stage.add_argument("--config", required=True, help=f"YAML file (e.g. configs/{name}.yaml)")
+        stage.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. rlhf.data=pairs.jsonl")
+
     demo = commands.add_parser("demo", help="train the small demo model on the standard-library corpus")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.yaml)")
     demo.add_argument("--out", default="runs/demo", help="directory for logs and the checkpoint")
@@ -50,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action="store_true",
+                     help="send each prompt as a user turn and let the model answer (after sft/dpo)")
     gen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return parser
 
@@ -61,6 +74,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     result = Trainer(cfg).train()
     if result.interrupted:
         _say(f"stopped at step {result.steps} on SIGTERM; resume with checkpoint.load={cfg.checkpoint.save}")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from megatron_lite.rlhf import STAGES
+
+    cfg = load_config(args.config, args.overrides)
+    result = STAGES[args.command](cfg).train()
+    if result.interrupted:
+        _say(f"stopped at step {result.steps} on SIGTERM; resume with checkpoint.load={cfg.checkpoint.save}")
+    elif result.losses:
+        _say(f"{args.command}: loss {result.losses[0]:.4f} at the first step -> {result.losses[-1]:.4f} at step {result.steps}")
     return 0
 
 
@@ -106,8 +131,10 @@ def _share_cpu_politely(device: str) -> None:
 
 
 def generate_text(load: str | Path, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, device: str = "auto") -> list[str]:
-    """Load a checkpoint at tp=1 on one device and return each prompt's continuation."""
+                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, device: str = "auto",
+                  chat: bool = False) -> list[str]:
+    """Load a checkpoint at tp=1 on one device and return each prompt's continuation (with
+    ``chat``, each prompt is a user turn and the continuation the assistant's answer)."""
     import torch
 
     from megatron_lite.data import load_tokenizer
@@ -120,8 +147,16 @@ def generate_text(load: str | Path, prompts: list[str], max_new_tokens: int, tem
         raise CheckpointError(f"{ckpt_dir} has no tokenizer/ directory; it was saved without data.tokenizer")
     tokenizer = load_tokenizer(ckpt_dir / "tokenizer")
     state, manifest = load_full_state_dict(ckpt_dir)
+    if any(name.startswith("value_head.") for name in state):
+        raise CheckpointError(f"{ckpt_dir} is a reward model (a value head, no vocabulary head): it scores "
+                              f"answers and cannot generate; load an SFT, DPO or pretraining checkpoint")
     model = _single_device_model(model_config_from_manifest(manifest), state, device)
-    encoded = [tokenizer.encode(p) for p in prompts]
+    if chat:
+        from megatron_lite.rlhf.data import prompt_ids
+
+        encoded = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    else:
+        encoded = [tokenizer.encode(p) for p in prompts]
     if any(len(ids) == 0 for ids in encoded):
         raise ConfigError("every --prompt must encode to at least one token; pass non-empty text")
     with torch.no_grad():
@@ -147,14 +182,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     texts = generate_text(args.load, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          args.seed, args.device)
+                          args.seed, args.device, args.chat)
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}", flush=True)
         print("-" * 40, flush=True)
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "demo": cmd_demo, "generate": cmd_generate}
+COMMANDS = {"pretrain": cmd_pretrain, "sft": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage,
+            "demo": cmd_demo, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,6 +237,31 @@ class LogConfig:
         _require(self.interval > 0, f"log.interval must be positive, got {self.interval}")
 
 
+@dataclass
+class RLHFConfig:
+    """The fine-tuning stages (sft, rm, dpo): their data and their losses' settings."""
+
+    data: str = ""  # JSONL: {"prompt", "response"} / {"messages"} for sft; {"prompt", "chosen", "rejected"} for rm and dpo
+    valid_fraction: float = 0.05  # records held out for validation (seeded by train.seed)
+    demo: bool = False  # build instruction data from the standard library's docstrings into demo_dir
+    demo_dir: str = "data/demo-rlhf"
+    demo_examples: int = 4000
+    beta: float = 0.1  # dpo: strength of the pull towards the reference model
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    label_smoothing: float = 0.0  # dpo sigmoid: assumed rate of flipped preference labels (conservative DPO)
+
+    def __post_init__(self) -> None:
+        _choice("rlhf.dpo_loss", self.dpo_loss, ("sigmoid", "ipo"))
+        _require(0 <= self.valid_fraction < 1, f"rlhf.valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        _require(self.beta > 0, f"rlhf.beta must be positive, got {self.beta}")
+        _require(0 <= self.label_smoothing < 0.5, f"rlhf.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _require(
+            self.label_smoothing == 0 or self.dpo_loss == "sigmoid",
+            "rlhf.label_smoothing applies to rlhf.dpo_loss=sigmoid only; set it to 0 for ipo",
+        )
+        _require(self.demo_examples > 0, f"rlhf.demo_examples must be positive, got {self.demo_examples}")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
@@ -245,6 +270,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "log": LogConfig,
+    "rlhf": RLHFConfig,
 }
 
 
@@ -262,6 +288,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)
     extra: dict[str, Any] = field(default_factory=dict)  # registered sections beyond the core
 
     def section(self, name: str) -> Any:

@@ -36,7 +36,10 @@ from megatron_lite.parallel.layers import (
     layout_of,
     set_partition,
 )
-from megatron_lite.parallel.mappings import gather_from_sequence_region, scatter_to_sequence_region
+from megatron_lite.parallel.mappings import (
+    gather_replicated_from_sequence_region,
+    scatter_to_sequence_region,
+)
 from megatron_lite.parallel.random import RNGStatesTracker, model_parallel_seed
 
 WORD_EMBEDDING = "embedding.word.weight"
@@ -216,10 +219,16 @@ class GPT(nn.Module):
         post_process: bool = True,
         seed: int = 1234,
         rng_tracker: RNGStatesTracker | None = None,
+        head: str = "lm",
     ):
         """``rng_tracker``: share one across the chunks of a rank (virtual pipeline); None seeds a new one,
-        which also reseeds the default generator (seed + 100 x pp_rank, shared over tp)."""
+        which also reseeds the default generator (seed + 100 x pp_rank, shared over tp).
+        ``head``: "lm" (next-token logits over the vocabulary) or "value" (one scalar per position:
+        the reward model's and the PPO critic's head, in place of the vocabulary head)."""
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head={head!r} is not one of {', '.join(HEADS)}")
+        self.head = head
         if cfg.vocab_size <= 0:
             raise ConfigError("model.vocab_size must be > 0 to build the model; set it from the tokenizer first")
         ops.check_backends(cfg)
@@ -236,12 +245,14 @@ class GPT(nn.Module):
         self.embedding = Embedding(cfg, dims, self.padded_vocab_size) if pre_process else None
         self.layers = nn.ModuleDict({str(i): Block(cfg, dims, i) for i in self.layer_range})
         self.final_norm = Norm(cfg, dims.sequence_parallel, dims.device) if post_process else None
-        self.output = None
-        if post_process and not (cfg.tie_embeddings and pre_process):
+        self.output = self.value_head = None
+        if post_process and head == "value":
+            self.value_head = ValueHead(cfg.hidden_size, dims.sequence_parallel, dims.device)
+        elif post_process and not (cfg.tie_embeddings and pre_process):
             self.output = ColumnParallelLinear(
                 cfg.hidden_size, self.padded_vocab_size, False, dims.tp_group, dims.sequence_parallel, device=dims.device
             )
-        if cfg.tie_embeddings and pre_process != post_process:
+        if self._shares_embedding():
             # Two copies of one matrix on the first and last stage; the pipeline sums their gradients.
             for p in self.tied_embedding_params():
                 p.shared_embedding = True
@@ -278,9 +289,13 @@ class GPT(nn.Module):
             return full
         return torch.randn(shape, generator=generator) * std
 
+    def _shares_embedding(self) -> bool:
+        """First and last stage each hold a copy of the tied word embedding (pp > 1, lm head)."""
+        return self.config.tie_embeddings and self.pre_process != self.post_process and self.head == "lm"
+
     def tied_embedding_params(self) -> list[nn.Parameter]:
         """The word-embedding copy this chunk holds when first and last stage each hold one (pp > 1)."""
-        if not self.config.tie_embeddings or self.pre_process == self.post_process:
+        if not self._shares_embedding():
             return []
         return [self.embedding.word.weight] if self.pre_process else [self.output.weight]
 
@@ -313,6 +328,11 @@ class GPT(nn.Module):
             kv_cache.length += full_length
         if not self.post_process:
             return x
+        if self.value_head is not None:
+            values = self.value_head(self.final_norm(x))  # (B, T) fp32, or (B, T/tp) under sequence parallelism
+            if self.dims.sequence_parallel:
+                values = gather_replicated_from_sequence_region(values, self.dims.tp_group)
+            return values  # labels are not used
         logits = self.logits(self.final_norm(x))  # (B, T, V/tp)
         if labels is None:
             return logits
@@ -322,6 +342,26 @@ class GPT(nn.Module):
         if self.output is not None:
             return self.output(x)
         return column_parallel_linear(x, self.embedding.word.weight, None, self.dims.tp_group, self.dims.sequence_parallel)
+
+
+HEADS = ("lm", "value")
+
+
+class ValueHead(nn.Module):
+    """One scalar per position from the final hidden state: a (1, H) weight and a bias, replicated
+    over tp. Under sequence parallelism each rank scores its sequence shard, so (as for the norms)
+    its gradient covers only its tokens and is summed over tp later."""
+
+    def __init__(self, hidden_size: int, sequence_parallel: bool, device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, hidden_size, device=device))
+        self.bias = nn.Parameter(torch.zeros(1, device=device))
+        for p in self.parameters():
+            set_partition(p, None)
+            p.sequence_parallel = sequence_parallel
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight, self.bias).squeeze(-1).float()
 
 
 def _param_seed(seed: int, name: str) -> int:

@@ -79,36 +79,30 @@ class _ReduceFromRegion(torch.autograd.Function):
 
 
 class _ScatterToRegion(torch.autograd.Function):
+    """Forward: this rank's slice of ``dim``. Backward: all-gather along ``dim``."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, -1, group)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, -1, ctx.group), None
+        return _gather(grad, ctx.dim, ctx.group), None, None
 
 
 class _GatherFromRegion(torch.autograd.Function):
+    """Forward: all-gather along ``dim``. Backward: this rank's slice (what follows computes the
+    whole gradient on every rank)."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather(x, -1, group)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _gather(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _split(grad, -1, ctx.group), None
-
-
-class _ScatterToSequenceRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, SEQUENCE_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad, SEQUENCE_DIM, ctx.group), None
+        return _split(grad, ctx.dim, ctx.group), None, None
 
 
 class _GatherFromSequenceRegion(torch.autograd.Function):
@@ -146,22 +140,28 @@ def reduce_from_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torc
 
 def scatter_to_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Forward: keep this rank's slice of the last dim. Backward: all-gather the last dim."""
-    return x if group is None else _ScatterToRegion.apply(x, group)
+    return x if group is None else _ScatterToRegion.apply(x, group, -1)
 
 
 def gather_from_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Forward: all-gather the last dim. Backward: keep this rank's slice."""
-    return x if group is None else _GatherFromRegion.apply(x, group)
+    return x if group is None else _GatherFromRegion.apply(x, group, -1)
 
 
 def scatter_to_sequence_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Forward: keep this rank's sequence slice. Backward: all-gather along the sequence."""
-    return x if group is None else _ScatterToSequenceRegion.apply(x, group)
+    return x if group is None else _ScatterToRegion.apply(x, group, SEQUENCE_DIM)
 
 
 def gather_from_sequence_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Forward: all-gather along the sequence. Backward: reduce-scatter along the sequence."""
     return x if group is None else _GatherFromSequenceRegion.apply(x, group)
+
+
+def gather_replicated_from_sequence_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Forward: all-gather along the sequence. Backward: keep this rank's sequence slice (what
+    follows is computed identically on every tp rank, e.g. per-position scores of a value head)."""
+    return x if group is None else _GatherFromRegion.apply(x, group, SEQUENCE_DIM)
 
 
 def reduce_scatter_to_sequence_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -272,9 +272,9 @@ def _releasable(output: torch.Tensor) -> bool:
     return output.grad_fn is not None and output._base is None
 
 
-def _check_output(output: torch.Tensor, shape: tuple, is_last: bool, where: str) -> None:
+def _check_output(output: torch.Tensor, shape: tuple, is_last: bool, where: str, forward_only: bool) -> None:
     if is_last:
-        if output.numel() != 1:
+        if output.numel() != 1 and not forward_only:
             raise ValueError(
                 f"forward_step on the last virtual stage must return the scalar loss (already divided by "
                 f"the number of micro-batches), got a tensor of shape {tuple(output.shape)} at {where}"
@@ -309,9 +309,9 @@ class _Executor:
             inp.requires_grad_(True)
         with torch.set_grad_enabled(keep_graph):
             out = self.forward_step(chunk, inp, self.microbatches[mb])
-        _check_output(out, self.shape, self.is_last(chunk), f"stage {self.pp_rank}, chunk {chunk}")
+        _check_output(out, self.shape, self.is_last(chunk), f"stage {self.pp_rank}, chunk {chunk}", not keep_graph)
         if self.is_last(chunk):
-            self.losses[mb] = out.detach().reshape(())
+            self.losses[mb] = out.detach() if not keep_graph else out.detach().reshape(())
         else:
             self.to_send[Transfer("act", mb, chunk, "next")] = out
         if keep_graph:
@@ -373,7 +373,8 @@ def forward_backward(
     """Run every micro-batch through this rank's chunks (and back, unless ``forward_only``).
 
     ``forward_step(chunk, input_or_None, microbatch)`` returns the chunk's output, or on the
-    last virtual stage the loss already divided by the number of micro-batches. ``tensor_shape``
+    last virtual stage the loss already divided by the number of micro-batches (with
+    ``forward_only``, any tensor: per-sample scores come back as they are). ``tensor_shape``
     and ``dtype`` describe what stages send each other. ``grad_sync(chunk, is_last)`` is called
     before every backward so a data-parallel reducer communicates only on each chunk's final
     micro-batch. The backward pass uses ``loss * loss_scale`` (fp16); returned losses are

@@ -1,0 +1,9 @@
+"""Fine-tuning stages on the pretraining core: supervised fine-tuning, reward model, DPO."""
+
+from megatron_lite.rlhf.dpo import DPOTrainer
+from megatron_lite.rlhf.reward import RewardModelTrainer
+from megatron_lite.rlhf.sft import SFTTrainer
+
+STAGES = {"sft": SFTTrainer, "rm": RewardModelTrainer, "dpo": DPOTrainer}
+
+__all__ = ["DPOTrainer", "RewardModelTrainer", "SFTTrainer", "STAGES"]

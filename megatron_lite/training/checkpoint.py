@@ -414,8 +414,24 @@ def load_full_optimizer_state(ckpt_dir: str | Path) -> dict | None:
 # ----------------------------------------------------------------------------- load into a model
 
 
-def _shape_problems(manifest: dict, named, dims, model_padded_vocab: int | None) -> list[str]:
+VALUE_HEAD = "value_head."
+LM_HEAD = "output."
+
+
+def _head_swap(manifest: dict, named, weights_only: bool) -> set[str]:
+    """Names to leave out of a weights-only load that moves a language model onto a value head
+    (SFT -> reward model or critic): the model's new value head keeps its initialization, and
+    the checkpoint's vocabulary head is not read."""
     saved = manifest["params"]
+    model_value_head = {n for n, _ in named if n.startswith(VALUE_HEAD)}
+    if not weights_only or not model_value_head or any(n.startswith(VALUE_HEAD) for n in saved):
+        return set()
+    return model_value_head | {n for n in saved if n.startswith(LM_HEAD)}
+
+
+def _shape_problems(manifest: dict, named, dims, model_padded_vocab: int | None, skip: set[str] = frozenset()) -> list[str]:
+    saved = {n: v for n, v in manifest["params"].items() if n not in skip}
+    named = [(n, p) for n, p in named if n not in skip]
     saved_pad = manifest.get("padded_vocab_size")
     tied = manifest["config"]["model"].get("tie_embeddings")
     local = {n for n, _ in named}
@@ -493,13 +509,16 @@ def load_checkpoint(
     """Load a checkpoint into this rank's model chunks (collective when resharding is not needed too).
 
     Resharding happens automatically when the saved (tp, pp) layout differs. With
-    ``weights_only`` (fine-tuning) the optimizer, RNG and training state are ignored.
+    ``weights_only`` (fine-tuning) the optimizer, RNG and training state are ignored, and a
+    model with a value head may start from a language model's checkpoint (the value head
+    keeps its initialization; the vocabulary head is not read).
     Returns ``{"iteration", "train_state", "manifest", "resharded", "rng_restored"}``.
     """
     ckpt_dir = resolve_checkpoint_dir(load_dir)
     manifest = read_manifest(ckpt_dir)
     named = named_parameters(model_chunks)
-    problems = _shape_problems(manifest, named, dims, padded_vocab_size)
+    skip = _head_swap(manifest, named, weights_only)
+    problems = _shape_problems(manifest, named, dims, padded_vocab_size, skip)
     if problems:
         raise CheckpointError(
             f"checkpoint {ckpt_dir} does not match the model built from the config "
@@ -507,7 +526,8 @@ def load_checkpoint(
             + "\nuse the model section the checkpoint was trained with (see its manifest.json)"
         )
     with_optimizer = optimizer is not None and not weights_only and manifest.get("has_optimizer", False)
-    resharded = not _same_layout(manifest, named, dims)
+    named = [(n, p) for n, p in named if n not in skip]
+    resharded = bool(skip) or not _same_layout(manifest, named, dims)
     if resharded:
         weights, optimizer_state = _local_state_from_reader(
             _ShardReader(ckpt_dir, manifest), named, dims, padded_vocab_size, with_optimizer

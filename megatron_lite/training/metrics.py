@@ -132,9 +132,16 @@ class Metrics:
         self.restart_window()
         return record
 
-    def evaluation(self, step: int, val_loss: float) -> dict:
-        record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-        self._emit(record, f"step {step:>6} | validation loss {val_loss:.4f} | perplexity {record['val_ppl']:.2f}")
+    def evaluation(self, step: int, val_loss: float, extra: dict | None = None) -> dict:
+        """A validation record; ``extra`` (e.g. an RLHF stage's ``val_accuracy``) replaces the
+        perplexity, which only a language-model loss has."""
+        if extra is None:
+            record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+            self._emit(record, f"step {step:>6} | validation loss {val_loss:.4f} | perplexity {record['val_ppl']:.2f}")
+            return record
+        record = {"step": step, "val_loss": val_loss, **extra}
+        terms = " | ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in extra.items())
+        self._emit(record, f"step {step:>6} | validation loss {val_loss:.4f}" + (f" | {terms}" if terms else ""))
         return record
 
     def _console_line(self, r: dict) -> str:

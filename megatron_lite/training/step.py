@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,17 @@ from megatron_lite.parallel.pipeline import forward_backward as run_pipeline
 from megatron_lite.parallel.pipeline import sync_tied_embedding_grads
 from megatron_lite.training import optim
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), each (micro_batch_size, T)
+# (tokens (micro_batch_size, T), target): the first stage reads the tokens, the last stage's loss
+# the target (the labels when pretraining; what an RLHF stage's loss needs otherwise).
+MicroBatch = tuple[torch.Tensor, Any]
+# loss_fn(chunk, inputs, target, num_micro_batches): the last stage's scalar loss for one
+# micro-batch, already divided by the number of micro-batches (run under autocast).
+LossFn = Callable[[torch.nn.Module, torch.Tensor, Any, int], torch.Tensor]
+
+
+def language_model_loss(chunk, inputs: torch.Tensor, labels: torch.Tensor, num_micro_batches: int) -> torch.Tensor:
+    """Mean next-token cross entropy over every position of the micro-batch."""
+    return chunk(inputs, labels=labels).float().mean() / num_micro_batches
 
 
 def build_optimizer(named_params: optim.NamedParams, cfg: Config, dims: ParallelDims) -> tuple[object, str]:
@@ -80,8 +90,9 @@ class ParallelStep:
     """Runs steps for one rank: owns the dp gradient reducers and knows the optimizer kind."""
 
     def __init__(self, model_chunks: Sequence[torch.nn.Module], optimizer, dims: ParallelDims,
-                 schedule: str = "1f1b", bucket_size_mb: float = 25.0):
+                 schedule: str = "1f1b", bucket_size_mb: float = 25.0, loss_fn: LossFn = language_model_loss):
         self.chunks, self.optimizer, self.dims, self.schedule = list(model_chunks), optimizer, dims, schedule
+        self.loss_fn = loss_fn
         self.zero1 = isinstance(optimizer, Zero1AdamW)
         self.params = [p for chunk in self.chunks for p in chunk.parameters()]
         self.tied_params = [p for chunk in self.chunks for p in chunk.tied_embedding_params()]
@@ -108,17 +119,22 @@ class ParallelStep:
     @torch.no_grad()
     def evaluate(self, micro_batches: Sequence[MicroBatch], autocast) -> float:
         """Forward only (through the pipeline at pp>1); the global-batch mean loss."""
-        if self.dims.pp > 1:
-            losses = self._pipelined(micro_batches, autocast, 1.0, forward_only=True)
-        else:
-            losses = [self._loss(self.chunks[0], tokens, labels, len(micro_batches), autocast)
-                      for tokens, labels in micro_batches]
-        return self._global_mean(losses)
+        return self._global_mean(self.forward_outputs(micro_batches, autocast))
 
-    @staticmethod
-    def _loss(chunk, tokens, labels, num_micro_batches: int, autocast) -> torch.Tensor:
+    @torch.no_grad()
+    def forward_outputs(self, micro_batches: Sequence[MicroBatch], autocast, loss_fn: LossFn | None = None) -> list[torch.Tensor]:
+        """Forward only; what ``loss_fn`` (default: the training loss) returns for each
+        micro-batch, on the last pipeline stage ([] on the others). Any shape is allowed, so
+        an RLHF stage can read per-sample scores (log-probabilities, rewards) this way."""
+        fn = loss_fn or self.loss_fn
+        if self.dims.pp > 1:
+            return self._pipelined(micro_batches, autocast, 1.0, forward_only=True, loss_fn=fn)
+        return [self._loss(self.chunks[0], tokens, target, len(micro_batches), autocast, fn)
+                for tokens, target in micro_batches]
+
+    def _loss(self, chunk, tokens, target, num_micro_batches: int, autocast, loss_fn: LossFn | None = None) -> torch.Tensor:
         with autocast:
-            return chunk(tokens, labels=labels).float().mean() / num_micro_batches
+            return (loss_fn or self.loss_fn)(chunk, tokens, target, num_micro_batches)
 
     def _accumulated(self, micro_batches, autocast, loss_scale) -> list[torch.Tensor]:
         losses = []
@@ -133,15 +149,15 @@ class ParallelStep:
             losses.append(loss.detach())
         return losses
 
-    def _pipelined(self, micro_batches, autocast, loss_scale, forward_only: bool) -> list[torch.Tensor]:
+    def _pipelined(self, micro_batches, autocast, loss_scale, forward_only: bool, loss_fn: LossFn | None = None) -> list[torch.Tensor]:
         dims, count = self.dims, len(micro_batches)
 
         def forward_step(chunk_index: int, hidden, micro_batch):
-            tokens, labels = micro_batch
+            tokens, target = micro_batch
             chunk = self.chunks[chunk_index]
             if chunk.post_process:
                 inputs = tokens if chunk.pre_process else hidden
-                return self._loss(chunk, inputs, labels, count, autocast)
+                return self._loss(chunk, inputs, target, count, autocast, loss_fn)
             with autocast:
                 return chunk(tokens if chunk.pre_process else hidden).float()
 

@@ -27,7 +27,7 @@ from megatron_lite.training import checkpoint
 from megatron_lite.training.metrics import Metrics
 from megatron_lite.training.optim import LossScaler
 from megatron_lite.training.schedule import LRScheduler
-from megatron_lite.training.step import ParallelStep, build_optimizer, validate_batch_layout
+from megatron_lite.training.step import ParallelStep, build_optimizer, language_model_loss, validate_batch_layout
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,8 +82,9 @@ def load_run_tokenizer(cfg: Config):
     return tokenizer
 
 
-def build_model_chunks(cfg: Config, dims: ParallelDims) -> list[torch.nn.Module]:
-    """This rank's model chunks, chunk 0 first, on ``dims.device``; they share one dropout RNG tracker."""
+def build_model_chunks(cfg: Config, dims: ParallelDims, head: str = "lm") -> list[torch.nn.Module]:
+    """This rank's model chunks, chunk 0 first, on ``dims.device``; they share one dropout RNG tracker.
+    ``head``: the last chunk's head, "lm" or "value" (see ``GPT``)."""
     from megatron_lite.model.gpt import GPT
 
     ranges = dims.my_layer_ranges(cfg.model.num_layers)
@@ -93,7 +94,7 @@ def build_model_chunks(cfg: Config, dims: ParallelDims) -> list[torch.nn.Module]
         post_process = dims.is_last_stage and index == len(ranges) - 1
         chunk = GPT(cfg.model, dims=dims, layer_range=layer_range, pre_process=pre_process,
                     post_process=post_process, seed=cfg.train.seed,
-                    rng_tracker=chunks[0].rng_tracker if chunks else None)
+                    rng_tracker=chunks[0].rng_tracker if chunks else None, head=head)
         chunks.append(chunk.to(dims.device))
     return chunks
 
@@ -147,7 +148,13 @@ class TrainResult:
 
 
 class Trainer:
-    """Everything a pretraining run needs, built from a ``Config``; ``train()`` runs it."""
+    """Everything a pretraining run needs, built from a ``Config``; ``train()`` runs it.
+
+    The RLHF stages subclass it and change what a step trains on through four hooks: ``head``,
+    ``_build_datasets``, ``micro_batches`` and ``loss_fn`` (and ``evaluate`` for their metrics).
+    """
+
+    head = "lm"  # the model's head: "lm", or "value" for a reward model
 
     def __init__(self, cfg: Config, dims: ParallelDims | None = None, datasets: tuple | None = None):
         """``datasets``: (train, valid) to use instead of the data section's (benchmarks feed
@@ -167,11 +174,11 @@ class Trainer:
         self.micro_batches_per_step = validate_batch_layout(cfg, self.dims)
         self.total_steps = total_steps(cfg)
         seed_everything(cfg.train.seed)
-        self.model_chunks = build_model_chunks(cfg, self.dims)
+        self.model_chunks = build_model_chunks(cfg, self.dims, self.head)
         self.named_params = checkpoint.named_parameters(self.model_chunks)
         self.optimizer, self.optimizer_kind = build_optimizer(self.named_params, cfg, self.dims)
         self.parallel_step = ParallelStep(self.model_chunks, self.optimizer, self.dims,
-                                          cfg.parallel.pipeline_schedule, cfg.parallel.bucket_size_mb)
+                                          cfg.parallel.pipeline_schedule, cfg.parallel.bucket_size_mb, self.loss_fn)
         self.scheduler = LRScheduler(self.optimizer, cfg.optim, self.total_steps)
         self.scaler = LossScaler(cfg.train.initial_loss_scale, cfg.train.loss_scale_window,
                                  dynamic=cfg.train.precision == "fp16")
@@ -182,6 +189,20 @@ class Trainer:
         self.metrics = Metrics(cfg.log, self.is_logging_rank, self.dims.device, cfg.train.precision,
                                self._train_flops_per_token(), self.dims.world_size, self.total_steps)
         self._stop_requested = threading.Event()
+
+    # ------------------------------------------------------------------ what a step trains on
+
+    def loss_fn(self, chunk, inputs: torch.Tensor, target, num_micro_batches: int) -> torch.Tensor:
+        """The last stage's loss of one micro-batch (see ``training.step.LossFn``)."""
+        return language_model_loss(chunk, inputs, target, num_micro_batches)
+
+    def micro_batches(self, dataset, first_sample: int) -> list:
+        """This rank's micro-batches of the global batch starting at ``first_sample``."""
+        batch = local_batch(dataset, first_sample, self.cfg.train.global_batch_size, self.dims)
+        return split_micro_batches(batch, self.cfg.train.micro_batch_size, self.dims.device)
+
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.global_batch_size * self.cfg.model.seq_length
 
     def _build_datasets(self) -> tuple:
         from megatron_lite.data import build_datasets
@@ -229,8 +250,7 @@ class Trainer:
         self._announce()
         with _sigterm_sets(self._stop_requested):
             while self.step < self.total_steps:
-                batch = local_batch(self.train_ds, self.consumed_samples, cfg.train.global_batch_size, self.dims)
-                micro = split_micro_batches(batch, cfg.train.micro_batch_size, self.dims.device)
+                micro = self.micro_batches(self.train_ds, self.consumed_samples)
                 loss = self.parallel_step.forward_backward(micro, self._autocast(), self.scaler.scale)
                 grad_norm, skipped = self.parallel_step.optimizer_step(self.scaler, cfg.optim.grad_clip)
                 lr = self.scheduler.lr
@@ -239,7 +259,7 @@ class Trainer:
                 self.step += 1
                 self.consumed_samples += cfg.train.global_batch_size
                 result.losses.append(loss)
-                self.metrics.step(self.step, loss, lr, grad_norm, cfg.train.global_batch_size * cfg.model.seq_length,
+                self.metrics.step(self.step, loss, lr, grad_norm, self.tokens_per_step(),
                                   loss_scale=self.scaler.scale if self.scaler.dynamic else None, skipped=skipped)
                 if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == self.total_steps):
                     result.val_losses.append((self.step, self.evaluate()))
@@ -289,9 +309,7 @@ class Trainer:
                      disable=not self.is_logging_rank or self.cfg.train.eval_steps < 20)
         with torch.no_grad():
             for i in steps:
-                batch = local_batch(self.valid_ds, i * gb, gb, self.dims)
-                micro = split_micro_batches(batch, self.cfg.train.micro_batch_size, self.dims.device)
-                losses.append(self.parallel_step.evaluate(micro, self._autocast()))
+                losses.append(self.parallel_step.evaluate(self.micro_batches(self.valid_ds, i * gb), self._autocast()))
         for chunk in self.model_chunks:
             chunk.train()
         val_loss = sum(losses) / len(losses)

@@ -55,7 +55,7 @@ def check_mappings(rank: int, group) -> None:
 
     for dim, scatter, gather in [
         (-1, mappings.scatter_to_region, mappings.gather_from_region),
-        (1, mappings.scatter_to_sequence_region, None),
+        (1, mappings.scatter_to_sequence_region, mappings.gather_replicated_from_sequence_region),
     ]:
         x = full.clone().requires_grad_()
         y = scatter(x, group)

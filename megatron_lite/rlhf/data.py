@@ -1,0 +1,472 @@
+"""The data side of the RLHF stages: chat records -> token ids with a mask of what to train on.
+
+Records are JSONL, one object per line, in one of two shapes:
+
+    SFT         {"prompt": str, "response": str, "system": str (optional)}
+                {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+    preference  {"prompt": str, "chosen": str, "rejected": str, "system": str (optional)}
+                {"messages": [... ending with a user message], "chosen": str, "rejected": str}
+
+A conversation is rendered as, per message, the role token then the content; every assistant
+message is closed by the end-of-document token, which is what teaches a model to stop. Only the
+assistant contents and their closing tokens are trained on: the model should learn to answer,
+not to imitate the user.
+
+``build_demo_rlhf_data`` makes a real instruction set with no download from the docstrings of
+this Python's standard library, so every stage can be tried on a laptop.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import platform
+import random
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from megatron_lite.data.corpus import _read_source, python_files, stdlib_dir
+from megatron_lite.data.tokenizer import CHAT_ROLES, Tokenizer
+
+IGNORE_INDEX = -100  # label of a position that contributes no loss (torch's cross_entropy default)
+
+_SFT_FORMS = '{"prompt": str, "response": str} or {"messages": [{"role": ..., "content": ...}, ...]}'
+_PREFERENCE_FORMS = (
+    '{"prompt": str, "chosen": str, "rejected": str} or '
+    '{"messages": [... ending with a user message], "chosen": str, "rejected": str}'
+)
+
+
+class RLHFDataError(ValueError):
+    """A data problem the user can fix; the message names the file and line and says how."""
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """(ids, trainable) of equal length; trainable is True exactly for the tokens of assistant
+    contents and the end-of-document token closing each assistant message."""
+    ids: list[int] = []
+    trainable: list[bool] = []
+    for number, message in enumerate(messages):
+        role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
+        if role not in CHAT_ROLES or not isinstance(content, str):
+            raise RLHFDataError(
+                f"message {number} is {message!r}; each message needs a role from {', '.join(CHAT_ROLES)} "
+                f"and a string content"
+            )
+        is_answer = role == "assistant"
+        ids.append(tokenizer.role_id(role))
+        trainable.append(False)
+        # Contents are plain text: a user who writes "<|assistant|>" must not open a turn.
+        content_ids = tokenizer.encode(content, allowed_special="none")
+        if is_answer:
+            content_ids.append(tokenizer.eod_id)
+        ids.extend(content_ids)
+        trainable.extend([is_answer] * len(content_ids))
+    return ids, trainable
+
+
+def prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """The messages followed by the assistant role token: what a model continues with an answer."""
+    ids, _ = encode_chat(tokenizer, messages)
+    return ids + [tokenizer.role_id("assistant")]
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _numbered_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """("path:line", record) for every non-blank line of a JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RLHFDataError(f"{path} does not exist; pass the path of a JSONL file with one JSON object per line")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: editors on Windows may start the file with a BOM
+            except UnicodeDecodeError as exc:
+                raise RLHFDataError(
+                    f"{where}: not UTF-8 ({exc.reason} at byte {exc.start}); save the file as UTF-8"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RLHFDataError(
+                    f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); each line must be one complete JSON object"
+                ) from None
+            if not isinstance(record, dict):
+                raise RLHFDataError(
+                    f"{where}: expected a JSON object, got {type(record).__name__}; write one object per line"
+                )
+            yield where, record
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """One JSON object per non-blank line; bad JSON, a non-object or a missing file raise
+    RLHFDataError naming path:line."""
+    return [record for _, record in _numbered_records(path)]
+
+
+def _keys_of(record: dict) -> str:
+    return ", ".join(map(repr, record)) or "none"
+
+
+def _string_field(record: dict, key: str, where: str, forms: str) -> str:
+    if key not in record:
+        raise RLHFDataError(f"{where}: no key {key!r} (keys: {_keys_of(record)}); expected {forms}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise RLHFDataError(f"{where}: {key!r} holds {type(value).__name__}, not a string; write it as a JSON string")
+    return value
+
+
+def _checked_messages(record: dict, where: str, last_role: str) -> list[dict]:
+    messages = record["messages"]
+    if "system" in record:
+        raise RLHFDataError(
+            f"{where}: 'system' is only read with 'prompt'; with 'messages', make it the first message "
+            f'({{"role": "system", "content": ...}})'
+        )
+    if not isinstance(messages, list) or not messages:
+        raise RLHFDataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
+    checked = []
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
+            raise RLHFDataError(f"{where}: message {number} is {message!r}; each message needs 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in CHAT_ROLES:
+            raise RLHFDataError(f"{where}: message {number} has role {role!r}; use one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise RLHFDataError(f"{where}: message {number} content holds {type(content).__name__}, not a string")
+        checked.append({"role": role, "content": content})
+    if checked[-1]["role"] != last_role:
+        raise RLHFDataError(
+            f"{where}: the last message is from the {checked[-1]['role']}, expected the {last_role}; "
+            + ("end each conversation with the answer to train on"
+               if last_role == "assistant" else "leave the answer out of 'messages' and give it as 'chosen'/'rejected'")
+        )
+    return checked
+
+
+def _system_then(record: dict, where: str, messages: list[dict]) -> list[dict]:
+    if "system" not in record:
+        return messages
+    system = _string_field(record, "system", where, "a string")
+    return [{"role": "system", "content": system}] + messages
+
+
+def conversation(record: dict, where: str) -> list[dict]:
+    """An SFT record as messages: {"prompt", "response"} (optional "system") or {"messages"}
+    ending with the assistant. Errors name ``where`` (e.g. "sft.jsonl:3")."""
+    if "messages" in record:
+        if "prompt" in record or "response" in record:
+            raise RLHFDataError(f"{where}: holds both 'messages' and 'prompt'/'response'; use one form: {_SFT_FORMS}")
+        return _checked_messages(record, where, last_role="assistant")
+    if "prompt" not in record and "response" not in record:
+        raise RLHFDataError(f"{where}: no 'prompt'/'response' or 'messages' (keys: {_keys_of(record)}); expected {_SFT_FORMS}")
+    prompt = _string_field(record, "prompt", where, _SFT_FORMS)
+    response = _string_field(record, "response", where, _SFT_FORMS)
+    return _system_then(record, where, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+
+
+def preference_pair(record: dict, where: str) -> tuple[list[dict], str, str]:
+    """A preference record as (prompt messages ending with the user, chosen text, rejected text)."""
+    if "messages" in record:
+        if "prompt" in record:
+            raise RLHFDataError(f"{where}: holds both 'messages' and 'prompt'; use one form: {_PREFERENCE_FORMS}")
+        messages = _checked_messages(record, where, last_role="user")
+    else:
+        if "prompt" not in record:
+            raise RLHFDataError(
+                f"{where}: no 'prompt' or 'messages' (keys: {_keys_of(record)}); expected {_PREFERENCE_FORMS}"
+            )
+        prompt = _string_field(record, "prompt", where, _PREFERENCE_FORMS)
+        messages = _system_then(record, where, [{"role": "user", "content": prompt}])
+    chosen = _string_field(record, "chosen", where, _PREFERENCE_FORMS)
+    rejected = _string_field(record, "rejected", where, _PREFERENCE_FORMS)
+    if chosen == rejected:
+        raise RLHFDataError(
+            f"{where}: 'chosen' and 'rejected' are the same text, which teaches no preference; "
+            f"remove the record or give two different answers"
+        )
+    return messages, chosen, rejected
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _check_seq_length(seq_length: int, minimum: int) -> None:
+    if not isinstance(seq_length, int) or seq_length < minimum:
+        raise RLHFDataError(f"seq_length={seq_length!r} must be an integer of at least {minimum}; set model.seq_length")
+
+
+def _has_label(trainable: list[bool]) -> bool:
+    """Whether any predicted token (every position but the first) is trained on."""
+    return any(trainable[1:])
+
+
+def _tokens_and_labels(
+    ids: list[int], trainable: list[bool], num_tokens: int, seq_length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """tokens[i] = ids[i] for the first num_tokens ids, labels[i] = ids[i + 1] where that id is
+    trained on; the rest is padding. SFT passes num_tokens = len(ids) - 1, the usual shift."""
+    ids_array = np.asarray(ids, dtype=np.int64)
+    tokens = np.full(seq_length, pad_id, dtype=np.int64)
+    labels = np.full(seq_length, IGNORE_INDEX, dtype=np.int64)
+    tokens[:num_tokens] = ids_array[:num_tokens]
+    predicted = ids_array[1 : num_tokens + 1]
+    keep = np.asarray(trainable[1 : num_tokens + 1], dtype=bool)
+    labels[: len(predicted)] = np.where(keep, predicted, IGNORE_INDEX)
+    return tokens, labels
+
+
+def _nothing_left(path: Path, records: int, dropped: int, seq_length: int, what: str) -> RLHFDataError:
+    if records == 0:
+        return RLHFDataError(f"{path} holds no records; write one JSON object per line")
+    return RLHFDataError(
+        f"{path}: all {dropped} of {records} records were dropped: with seq_length={seq_length} no token of the "
+        f"{what} is left after truncation; raise model.seq_length or shorten the prompts"
+    )
+
+
+class SFTDataset:
+    """Supervised fine-tuning samples: ds[i] -> {"tokens", "labels"}, np.int64 (seq_length,).
+
+    tokens = ids[:-1], labels = ids[1:] with IGNORE_INDEX where the predicted token is not an
+    assistant token, padded with the tokenizer's pad id (labels IGNORE_INDEX). Conversations of
+    more than seq_length + 1 ids lose their end. ``num_truncated`` counts kept samples that were
+    cut; ``num_dropped`` records with no trained token left; ``sources[i]`` is "path:line".
+    """
+
+    def __init__(self, path: str | Path, tokenizer: Tokenizer, seq_length: int):
+        _check_seq_length(seq_length, minimum=1)
+        self.path, self.seq_length, self.pad_id = Path(path), seq_length, tokenizer.pad_id
+        self.num_truncated = self.num_dropped = 0
+        self.sources: list[str] = []
+        self._samples: list[tuple[list[int], list[bool]]] = []
+        records = 0
+        for where, record in _numbered_records(self.path):
+            records += 1
+            ids, trainable = encode_chat(tokenizer, conversation(record, where))
+            truncated = len(ids) > seq_length + 1
+            ids, trainable = ids[: seq_length + 1], trainable[: seq_length + 1]
+            if not _has_label(trainable):
+                self.num_dropped += 1
+                continue
+            self.num_truncated += truncated
+            self._samples.append((ids, trainable))
+            self.sources.append(where)
+        if not self._samples:
+            raise _nothing_left(self.path, records, self.num_dropped, seq_length, "assistant answer")
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        ids, trainable = self._samples[index]
+        tokens, labels = _tokens_and_labels(ids, trainable, len(ids) - 1, self.seq_length, self.pad_id)
+        return {"tokens": tokens, "labels": labels}
+
+
+class PreferenceDataset:
+    """Pairs for the reward model and DPO: ds[i] -> chosen/rejected tokens and labels, each
+    np.int64 (seq_length,), labels only on the answer and its closing end-of-document token.
+
+    Unlike SFT, a sequence keeps its final token in ``tokens`` (its label is IGNORE_INDEX,
+    nothing follows it), so that ``chosen_last``/``rejected_last``, the index of the last real
+    token where a reward model reads its score, is the closing end-of-document token: the point
+    at which the whole answer has been seen. A sequence therefore holds at most seq_length ids;
+    longer ones lose their end (and ``*_last`` points at the last token kept).
+    """
+
+    def __init__(self, path: str | Path, tokenizer: Tokenizer, seq_length: int):
+        _check_seq_length(seq_length, minimum=2)
+        self.path, self.seq_length, self.pad_id = Path(path), seq_length, tokenizer.pad_id
+        self.num_truncated = self.num_dropped = 0
+        self.sources: list[str] = []
+        self._pairs: list[tuple[tuple[list[int], list[bool]], tuple[list[int], list[bool]]]] = []
+        records = 0
+        for where, record in _numbered_records(self.path):
+            records += 1
+            messages, chosen, rejected = preference_pair(record, where)
+            prompt = prompt_ids(tokenizer, messages)
+            sides = [self._answer(tokenizer, prompt, text) for text in (chosen, rejected)]
+            if not all(_has_label(trainable) for _, trainable, _ in sides):
+                self.num_dropped += 1
+                continue
+            self.num_truncated += any(truncated for _, _, truncated in sides)
+            self._pairs.append(tuple((ids, trainable) for ids, trainable, _ in sides))
+            self.sources.append(where)
+        if not self._pairs:
+            raise _nothing_left(self.path, records, self.num_dropped, seq_length, "chosen or rejected answer")
+
+    def _answer(self, tokenizer: Tokenizer, prompt: list[int], text: str) -> tuple[list[int], list[bool], bool]:
+        answer = tokenizer.encode(text, allowed_special="none") + [tokenizer.eod_id]
+        ids = prompt + answer
+        trainable = [False] * len(prompt) + [True] * len(answer)
+        return ids[: self.seq_length], trainable[: self.seq_length], len(ids) > self.seq_length
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        item: dict = {}
+        for side, (ids, trainable) in zip(("chosen", "rejected"), self._pairs[index]):
+            tokens, labels = _tokens_and_labels(ids, trainable, len(ids), self.seq_length, self.pad_id)
+            item[f"{side}_tokens"], item[f"{side}_labels"] = tokens, labels
+            item[f"{side}_last"] = len(ids) - 1
+        return item
+
+
+def split_indices(n: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded permutation of range(n) cut into (train, valid). valid holds round(n * valid_fraction)
+    items, at least 1 when valid_fraction > 0 and n >= 2; train is never empty."""
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise RLHFDataError(f"cannot split {n} samples: the data set is empty; give a file with at least one record")
+    if not 0.0 <= valid_fraction < 1.0:
+        raise RLHFDataError(f"valid_fraction={valid_fraction} must be in [0, 1), e.g. 0.05 to hold out 5% for validation")
+    num_valid = round(n * valid_fraction)
+    if valid_fraction > 0 and n >= 2:
+        num_valid = max(num_valid, 1)
+    num_valid = min(num_valid, n - 1)
+    order = np.random.default_rng(seed).permutation(n).astype(np.int64)
+    return order[num_valid:], order[:num_valid]
+
+
+# --------------------------------------------------------------------------- demo data
+
+_DEMO_MARKER = "rlhf_demo.json"
+_DEMO_VERSION = 2
+_ANSWER_CHARS = 400
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _public_functions(tree: ast.AST, prefix: str) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """(qualified name, node) of the public functions and methods under ``tree``, in source order.
+    Function bodies are not entered: a nested function is an implementation detail."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if not node.name.startswith("_"):
+                yield f"{prefix}.{node.name}", node
+        elif isinstance(node, ast.ClassDef):
+            if not node.name.startswith("_"):
+                yield from _public_functions(node, f"{prefix}.{node.name}")
+        else:  # definitions inside `if`/`try` at module or class level
+            yield from _public_functions(node, prefix)
+
+
+def _first_paragraph(docstring: str) -> str:
+    """The docstring up to its first blank line, on one line, at most ~400 characters."""
+    paragraph = docstring.strip().split("\n\n", 1)[0]
+    text = " ".join(paragraph.split())
+    if len(text) <= _ANSWER_CHARS:
+        return text
+    return text[: _ANSWER_CHARS - 4].rsplit(" ", 1)[0] + " ..."
+
+
+def _stdlib_examples(max_examples: int) -> list[dict]:
+    """{"prompt", "response"} for public stdlib functions with a docstring, files in sorted order."""
+    root = stdlib_dir()
+    examples, seen = [], set()
+    for path in python_files(root):
+        module = _module_name(path, root)
+        if not module or any(part.startswith("_") for part in module.split(".")):
+            continue
+        source = _read_source(path)
+        try:
+            tree = ast.parse(source) if source else None
+        except (SyntaxError, ValueError):
+            tree = None
+        if tree is None:
+            continue
+        for name, node in _public_functions(tree, module):
+            docstring = ast.get_docstring(node)
+            answer = _first_paragraph(docstring) if docstring else ""
+            prompt = f"What does {name}({ast.unparse(node.args)}) do?"
+            if not answer or prompt in seen:
+                continue
+            seen.add(prompt)
+            examples.append({"prompt": prompt, "response": answer})
+            if len(examples) == max_examples:
+                return examples
+    return examples
+
+
+def _rejected(example: dict, examples: list[dict], rng: random.Random) -> str:
+    """The answer's own words in a shuffled order (an incoherent answer, which a small model can
+    learn to tell apart); for answers of fewer than four words, another function's answer."""
+    words = example["response"].split()
+    if len(words) >= 4:
+        for _ in range(8):
+            shuffled = rng.sample(words, len(words))
+            if shuffled != words:
+                return " ".join(shuffled)
+    other = example
+    while other["response"] == example["response"]:
+        other = examples[rng.randrange(len(examples))]
+    return other["response"]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    # a temporary name first, so an interrupted build leaves no half-written file under the final name
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(partial, path)
+
+
+def _marker_settings(marker: Path) -> dict | None:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):  # absent or half-written: build again
+        return None
+
+
+def build_demo_rlhf_data(out_dir: str | Path, max_examples: int = 4000, seed: int = 0) -> dict[str, Path]:
+    """sft.jsonl and preference.jsonl from the docstrings of this Python's standard library.
+
+    SFT: "What does json.dumps(obj, *, skipkeys=False, ...) do?" -> the docstring's first
+    paragraph. Preference: the same prompt, chosen = that paragraph, rejected = its words shuffled
+    with random.Random(seed) (another function's paragraph when it has fewer than four words). Returns at once when both files exist with
+    a marker recording the same settings.
+    """
+    if not isinstance(max_examples, int) or max_examples < 2:
+        raise RLHFDataError(
+            f"max_examples={max_examples!r} must be an integer of at least 2 (a rejected answer needs another example)"
+        )
+    out_dir = Path(out_dir)
+    files = {"sft": out_dir / "sft.jsonl", "preference": out_dir / "preference.jsonl"}
+    marker = out_dir / _DEMO_MARKER
+    # the stdlib, and so the examples, change between Python versions
+    settings = {"max_examples": max_examples, "seed": seed, "python": platform.python_version(), "version": _DEMO_VERSION}
+    if _marker_settings(marker) == settings and all(path.is_file() for path in files.values()):
+        return files
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    examples = _stdlib_examples(max_examples)
+    if len({example["response"] for example in examples}) < 2:
+        raise RLHFDataError(
+            f"found {len(examples)} documented public functions in {stdlib_dir()}; need two with different docstrings"
+        )
+    rng = random.Random(seed)
+    pairs = [{"prompt": example["prompt"], "chosen": example["response"], "rejected": _rejected(example, examples, rng)}
+             for example in examples]
+    _write_jsonl(files["sft"], examples)
+    _write_jsonl(files["preference"], pairs)
+    marker.write_text(json.dumps(settings))
+    return files
