@@ -1,9 +1,9 @@
 """Command line: ``python -m megatron_lite <command>`` (also the ``megatron-lite`` script).
 
     pretrain --config FILE [section.key=value ...]     train (works under torchrun)
-    sft | rm | dpo --config FILE [section.key=value ...]
+    sft | rm | dpo | ppo --config FILE [section.key=value ...]
                                                        fine-tuning stages: supervised, reward model,
-                                                       direct preference optimization (torchrun too)
+                                                       direct preference optimization, PPO (torchrun too)
     demo [--steps N] [--out DIR] [--device D]          build the demo corpus, train, evaluate, sample
     generate --load DIR --prompt TEXT [--chat] [...]   continue prompts from a checkpoint
 """
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     stages = {"sft": "supervised fine-tuning on prompt/response records",
               "rm": "train a reward model on preference pairs",
-              "dpo": "direct preference optimization on preference pairs"}
+              "dpo": "direct preference optimization on preference pairs",
+              "ppo": "PPO (and PPO-ptx) against a reward model, sampling answers to prompts"}
     for name, text in stages.items():
         stage = commands.add_parser(name, help=text)
         stage.add_argument("--config", required=True, help=f"YAML file (e.g. configs/{name}.yaml)")
@@ -189,17 +190,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "sft": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage,
+COMMANDS = {"pretrain": cmd_pretrain, "sft": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "ppo": cmd_stage,
             "demo": cmd_demo, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_lite.rlhf.data import RLHFDataError
     from megatron_lite.training.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, RLHFDataError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
 

@@ -239,7 +239,7 @@ class LogConfig:
 
 @dataclass
 class RLHFConfig:
-    """The fine-tuning stages (sft, rm, dpo): their data and their losses' settings."""
+    """The fine-tuning stages (sft, rm, dpo, ppo): their data, models and losses' settings."""
 
     data: str = ""  # JSONL: {"prompt", "response"} / {"messages"} for sft; {"prompt", "chosen", "rejected"} for rm and dpo
     valid_fraction: float = 0.05  # records held out for validation (seeded by train.seed)
@@ -249,6 +249,23 @@ class RLHFConfig:
     beta: float = 0.1  # dpo: strength of the pull towards the reference model
     dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0  # dpo sigmoid: assumed rate of flipped preference labels (conservative DPO)
+    # ppo: the actor starts from checkpoint.load (finetune); these name the other three models
+    reference: str = ""  # the frozen policy of the KL penalty (usually the SFT checkpoint)
+    reward_model: str = ""  # a reward-model checkpoint (python -m megatron_lite rm)
+    critic: str = ""  # the critic's starting weights; "" = the reward model's
+    critic_lr: float | None = None  # None: optim.lr
+    max_new_tokens: int = 64  # rollout length limit (the prompt plus this must fit model.seq_length)
+    temperature: float = 1.0  # rollout sampling
+    top_k: int = 0
+    top_p: float = 1.0
+    kl_coef: float = 0.05  # per-token penalty on log(pi / pi_ref) in the reward
+    clip_ratio: float = 0.2  # PPO's policy-ratio clip
+    value_clip: float = 0.2  # the critic's clip around its rollout values
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    reward_clip: float = 5.0  # the reward model's score is clipped to +-reward_clip
+    ppo_epochs: int = 1  # optimizer passes over each rollout batch
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss on data.mixture batches (0 = plain PPO)
 
     def __post_init__(self) -> None:
         _choice("rlhf.dpo_loss", self.dpo_loss, ("sigmoid", "ipo"))
@@ -260,6 +277,14 @@ class RLHFConfig:
             "rlhf.label_smoothing applies to rlhf.dpo_loss=sigmoid only; set it to 0 for ipo",
         )
         _require(self.demo_examples > 0, f"rlhf.demo_examples must be positive, got {self.demo_examples}")
+        for name in ("max_new_tokens", "ppo_epochs"):
+            _require(getattr(self, name) > 0, f"rlhf.{name} must be positive, got {getattr(self, name)}")
+        for name in ("temperature", "kl_coef", "clip_ratio", "value_clip", "reward_clip", "ptx_coef", "top_k"):
+            _require(getattr(self, name) >= 0, f"rlhf.{name} must be >= 0, got {getattr(self, name)}")
+        _require(0 < self.top_p <= 1, f"rlhf.top_p must be in (0, 1], got {self.top_p}")
+        for name in ("gamma", "gae_lambda"):
+            _require(0 <= getattr(self, name) <= 1, f"rlhf.{name} must be in [0, 1], got {getattr(self, name)}")
+        _require(self.critic_lr is None or self.critic_lr > 0, f"rlhf.critic_lr must be positive, got {self.critic_lr}")
 
 
 SECTIONS: dict[str, type] = {

@@ -6,6 +6,8 @@ Records are JSONL, one object per line, in one of two shapes:
                 {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
     preference  {"prompt": str, "chosen": str, "rejected": str, "system": str (optional)}
                 {"messages": [... ending with a user message], "chosen": str, "rejected": str}
+    prompts     {"prompt": str} or {"messages": [... ending with a user message]}, or any record
+                above (PPO reads only its prompt)
 
 A conversation is rendered as, per message, the role token then the content; every assistant
 message is closed by the end-of-document token, which is what teaches a model to stop. Only the
@@ -200,6 +202,24 @@ def preference_pair(record: dict, where: str) -> tuple[list[dict], str, str]:
     return messages, chosen, rejected
 
 
+def prompt_messages(record: dict, where: str) -> list[dict]:
+    """The prompt of any record, as messages ending with the user: a prompt-only record
+    ({"prompt"} or {"messages"} ending with the user), or the prompt of an SFT or preference
+    record (its answers are not read)."""
+    if "messages" in record:
+        if "prompt" in record:
+            raise RLHFDataError(f"{where}: holds both 'messages' and 'prompt'; use one form")
+        last = record["messages"][-1] if isinstance(record["messages"], list) and record["messages"] else {}
+        if not (isinstance(last, dict) and last.get("role") == "assistant"):
+            return _checked_messages(record, where, last_role="user")
+        messages = _checked_messages(record, where, last_role="assistant")[:-1]
+        if not messages:
+            raise RLHFDataError(f"{where}: 'messages' holds only the answer; give the user's turn before it")
+        return messages
+    prompt = _string_field(record, "prompt", where, '{"prompt": str} or {"messages": [... ending with a user message]}')
+    return _system_then(record, where, [{"role": "user", "content": prompt}])
+
+
 # --------------------------------------------------------------------------- datasets
 
 
@@ -324,6 +344,44 @@ class PreferenceDataset:
             item[f"{side}_tokens"], item[f"{side}_labels"] = tokens, labels
             item[f"{side}_last"] = len(ids) - 1
         return item
+
+
+class PromptDataset:
+    """Prompts for PPO rollouts: ds[i] -> token ids (list) of the prompt followed by the assistant
+    role token, ready for the model to answer. Prompts longer than ``max_prompt_length`` ids are
+    dropped (``num_dropped``), since the rollout must fit the model's sequence length."""
+
+    def __init__(self, path: str | Path, tokenizer: Tokenizer, max_prompt_length: int):
+        if max_prompt_length < 1:
+            raise RLHFDataError(
+                f"no room for a prompt: model.seq_length minus rlhf.max_new_tokens is {max_prompt_length}; "
+                f"lower rlhf.max_new_tokens"
+            )
+        self.path, self.num_dropped = Path(path), 0
+        self.sources: list[str] = []
+        self._prompts: list[list[int]] = []
+        records = 0
+        for where, record in _numbered_records(self.path):
+            records += 1
+            ids = prompt_ids(tokenizer, prompt_messages(record, where))
+            if len(ids) > max_prompt_length:
+                self.num_dropped += 1
+                continue
+            self._prompts.append(ids)
+            self.sources.append(where)
+        if not self._prompts:
+            if records == 0:
+                raise RLHFDataError(f"{self.path} holds no records; write one JSON object per line")
+            raise RLHFDataError(
+                f"{self.path}: all {records} prompts are longer than {max_prompt_length} tokens (model.seq_length minus "
+                f"rlhf.max_new_tokens); raise model.seq_length, lower rlhf.max_new_tokens or shorten the prompts"
+            )
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self._prompts[index]
 
 
 def split_indices(n: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

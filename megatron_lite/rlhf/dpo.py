@@ -27,7 +27,7 @@ REFERENCE_FILE = "dpo_reference.pt"
 
 
 class DPOTrainer(StageTrainer):
-    dataset_kind = "preference"
+    dataset_kind = demo_file = "preference"
     stage_name = "dpo"
     evaluation_names = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
     reference: torch.Tensor | None = None  # (records, 2): log pi_ref of the chosen and the rejected answer

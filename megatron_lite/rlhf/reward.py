@@ -16,7 +16,7 @@ from megatron_lite.rlhf.stage import StageTrainer
 
 
 class RewardModelTrainer(StageTrainer):
-    dataset_kind = "preference"
+    dataset_kind = demo_file = "preference"
     stage_name = "rm"
     head = "value"
     evaluation_names = ("loss", "accuracy", "margin")

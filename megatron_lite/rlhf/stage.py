@@ -46,17 +46,14 @@ class StageTrainer(Trainer):
 
     dataset_kind = "sft"
     stage_name = "sft"
+    demo_file = "sft"  # which file of the demo instruction set the stage reads
 
     # ------------------------------------------------------------------ data
 
     def _build_datasets(self) -> tuple:
-        rl, seq = self.cfg.rlhf, self.cfg.model.seq_length
+        rl = self.cfg.rlhf
         path = self._data_path()
-        kind = SFTDataset if self.dataset_kind == "sft" else PreferenceDataset
-        self.records = kind(path, self.tokenizer, seq)
-        if self.is_logging_rank and (self.records.num_truncated or self.records.num_dropped):
-            print(f"{path}: {len(self.records)} records kept, {self.records.num_truncated} truncated and "
-                  f"{self.records.num_dropped} dropped at model.seq_length={seq}", flush=True)
+        self.records = self._load_records(path)
         train, valid = split_indices(len(self.records), rl.valid_fraction, self.cfg.train.seed)
         if self.cfg.train.eval_interval > 0 and len(valid) == 0:
             raise ConfigError(
@@ -65,6 +62,15 @@ class StageTrainer(Trainer):
             )
         valid_epochs = Epochs(valid, self.cfg.train.seed, shuffle=False) if len(valid) else None
         return Epochs(train, self.cfg.train.seed), valid_epochs
+
+    def _load_records(self, path: Path):
+        seq = self.cfg.model.seq_length
+        kind = SFTDataset if self.dataset_kind == "sft" else PreferenceDataset
+        records = kind(path, self.tokenizer, seq)
+        if self.is_logging_rank and (records.num_truncated or records.num_dropped):
+            print(f"{path}: {len(records)} records kept, {records.num_truncated} truncated and "
+                  f"{records.num_dropped} dropped at model.seq_length={seq}", flush=True)
+        return records
 
     def _data_path(self) -> Path:
         rl = self.cfg.rlhf
@@ -80,7 +86,7 @@ class StageTrainer(Trainer):
             build_demo_rlhf_data(rl.demo_dir, max_examples=rl.demo_examples)
         if dist.is_initialized():
             dist.barrier()
-        return Path(build_demo_rlhf_data(rl.demo_dir, max_examples=rl.demo_examples)[self.dataset_kind])
+        return Path(build_demo_rlhf_data(rl.demo_dir, max_examples=rl.demo_examples)[self.demo_file])
 
     def micro_batches(self, epochs: Epochs, first_sample: int) -> list:
         """This dp rank's share of the global batch starting at run sample ``first_sample``,

@@ -139,9 +139,13 @@ class Metrics:
             record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
             self._emit(record, f"step {step:>6} | validation loss {val_loss:.4f} | perplexity {record['val_ppl']:.2f}")
             return record
-        record = {"step": step, "val_loss": val_loss, **extra}
-        terms = " | ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in extra.items())
-        self._emit(record, f"step {step:>6} | validation loss {val_loss:.4f}" + (f" | {terms}" if terms else ""))
+        return self.validation_figures(step, {"val_loss": val_loss, **extra})
+
+    def validation_figures(self, step: int, figures: dict) -> dict:
+        """A validation record of named figures (``val_loss``, ``val_accuracy``, ``val_reward``, ...)."""
+        record = {"step": step, **figures}
+        terms = " | ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in figures.items())
+        self._emit(record, f"step {step:>6} | validation {terms}")
         return record
 
     def _console_line(self, r: dict) -> str:
@@ -158,6 +162,7 @@ class Metrics:
             f"MFU {mfu}",
             f"mem {r['memory_gib']:.2f} GiB",
         ]
+        parts += [f"{k.replace('_', ' ')} {v:.4g}" for k, v in r.items() if k not in _STANDARD and isinstance(v, float)]
         if r.get("loss_scale") is not None:
             parts.append(f"scale {r['loss_scale']:.0f}")
         if r.get("skipped"):
@@ -180,6 +185,10 @@ class Metrics:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+_STANDARD = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "memory_gib",
+             "loss_scale", "skipped"}
 
 
 def _tensorboard_writer(log_dir: str):

@@ -250,9 +250,7 @@ class Trainer:
         self._announce()
         with _sigterm_sets(self._stop_requested):
             while self.step < self.total_steps:
-                micro = self.micro_batches(self.train_ds, self.consumed_samples)
-                loss = self.parallel_step.forward_backward(micro, self._autocast(), self.scaler.scale)
-                grad_norm, skipped = self.parallel_step.optimizer_step(self.scaler, cfg.optim.grad_clip)
+                loss, grad_norm, skipped, extra = self.train_step()
                 lr = self.scheduler.lr
                 if not skipped:
                     self.scheduler.step()
@@ -260,7 +258,8 @@ class Trainer:
                 self.consumed_samples += cfg.train.global_batch_size
                 result.losses.append(loss)
                 self.metrics.step(self.step, loss, lr, grad_norm, self.tokens_per_step(),
-                                  loss_scale=self.scaler.scale if self.scaler.dynamic else None, skipped=skipped)
+                                  loss_scale=self.scaler.scale if self.scaler.dynamic else None, skipped=skipped,
+                                  **extra)
                 if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == self.total_steps):
                     result.val_losses.append((self.step, self.evaluate()))
                 stop = self._stop_agreed()
@@ -276,6 +275,13 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ pieces the loop calls
+
+    def train_step(self) -> tuple[float, float, bool, dict]:
+        """One global batch: (mean loss, grad norm before clipping, skipped, extra metrics)."""
+        micro = self.micro_batches(self.train_ds, self.consumed_samples)
+        loss = self.parallel_step.forward_backward(micro, self._autocast(), self.scaler.scale)
+        grad_norm, skipped = self.parallel_step.optimizer_step(self.scaler, self.cfg.optim.grad_clip)
+        return loss, grad_norm, skipped, {}
 
     def _autocast(self):
         return autocast_context(self.cfg.train.precision, self.dims.device)

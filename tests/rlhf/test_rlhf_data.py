@@ -15,6 +15,7 @@ from megatron_lite.data.demo import build_demo_data
 from megatron_lite.rlhf.data import (
     IGNORE_INDEX,
     PreferenceDataset,
+    PromptDataset,
     RLHFDataError,
     SFTDataset,
     build_demo_rlhf_data,
@@ -22,6 +23,7 @@ from megatron_lite.rlhf.data import (
     encode_chat,
     preference_pair,
     prompt_ids,
+    prompt_messages,
     read_jsonl,
     split_indices,
 )
@@ -298,6 +300,37 @@ def test_preference_errors(tok, tmp_path):
         PreferenceDataset(long, tok, 8)
     with pytest.raises(RLHFDataError, match=r"seq_length=1 must be an integer of at least 2; set model\.seq_length"):
         PreferenceDataset(long, tok, 1)
+
+
+def test_prompt_dataset_reads_the_prompt_of_every_record_kind(tok, tmp_path):
+    user = [{"role": "user", "content": "hi there"}]
+    records = [
+        {"prompt": "hi there"},  # prompt only
+        {"prompt": "hi there", "response": "an answer"},  # sft: the answer is not read
+        {"prompt": "hi there", "chosen": "yes", "rejected": "no"},  # preference
+        {"messages": user + [{"role": "assistant", "content": "an answer"}]},  # the final answer dropped
+        {"messages": user},
+        {"prompt": "hi there " * 40},  # longer than the room left: dropped
+    ]
+    ds = PromptDataset(write_jsonl(tmp_path / "p.jsonl", records), tok, max_prompt_length=20)
+    expected = prompt_ids(tok, user)
+    assert len(ds) == 5 and ds.num_dropped == 1 and all(ds[i] == expected for i in range(5))
+    assert ds.sources == [f"{tmp_path / 'p.jsonl'}:{line}" for line in range(1, 6)]
+    assert prompt_messages({"prompt": "q", "system": "be brief"}, "f:1") == [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}]
+
+
+def test_prompt_dataset_errors(tok, tmp_path):
+    only_answer = write_jsonl(tmp_path / "a.jsonl", [{"messages": [{"role": "assistant", "content": "x"}]}])
+    with pytest.raises(RLHFDataError, match=r"a\.jsonl:1: 'messages' holds only the answer; give the user's turn before it"):
+        PromptDataset(only_answer, tok, 20)
+    with pytest.raises(RLHFDataError, match=r"b\.jsonl:1: no key 'prompt'"):
+        PromptDataset(write_jsonl(tmp_path / "b.jsonl", [{"question": "q"}]), tok, 20)
+    long = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "hi there " * 40}])
+    with pytest.raises(RLHFDataError, match=r"all 1 prompts are longer than 20 tokens .* lower rlhf.max_new_tokens"):
+        PromptDataset(long, tok, 20)
+    with pytest.raises(RLHFDataError, match="no room for a prompt: model.seq_length minus rlhf.max_new_tokens is 0"):
+        PromptDataset(long, tok, 0)
 
 
 # --------------------------------------------------------------------------- split

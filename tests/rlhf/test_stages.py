@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from megatron_lite.__main__ import generate_text, main
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.rlhf import DPOTrainer, RewardModelTrainer, SFTTrainer
-from megatron_lite.rlhf.data import IGNORE_INDEX
+from megatron_lite.rlhf.data import IGNORE_INDEX, RLHFDataError
 from megatron_lite.rlhf.dpo import REFERENCE_FILE
 from megatron_lite.rlhf.losses import dpo_loss, masked_token_mean, pairwise_reward_loss, sequence_log_probs
 from megatron_lite.training.checkpoint import CheckpointError, load_full_state_dict
@@ -170,6 +170,11 @@ def test_user_errors(tiny_stage_data, tmp_path, capsys):
     assert main(["rm", "--config", str(config), f"data.tokenizer={data.tokenizer_dir}", "model.vocab_size=0",
                  "train.device=cpu"]) == 2
     assert "rlhf.data is empty; set it to a JSONL file for the rm stage" in capsys.readouterr().err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
+    assert main(["sft", "--config", str(config), f"rlhf.data={broken}", f"data.tokenizer={data.tokenizer_dir}",
+                 "train.device=cpu"]) == 2
+    assert f"error: {broken}:2" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- parallel layouts
@@ -211,3 +216,167 @@ def test_every_layout_matches_one_process(tiny_stage_data, sft_checkpoint, tmp_p
         assert results[1][(stage, name)] == run, (stage, name)  # every rank reports the same figures
         assert run["losses"] == pytest.approx(single[stage]["losses"], rel=1e-5), (stage, name)
         assert [v for _, v in run["val"]] == pytest.approx([v for _, v in single[stage]["val"]], rel=1e-5), (stage, name)
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def test_gae_and_ppo_losses_by_hand():
+    from megatron_lite.rlhf.ppo import clipped_value_loss, gae, ppo_policy_loss
+
+    # one prompt position, three answer positions, one padding position
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    rewards = torch.tensor([[9.0, 0.1, -0.2, 1.0, 9.0]])  # outside the mask: ignored
+    values = torch.tensor([[9.0, 0.5, 0.4, 0.3, 9.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    d3 = 1.0 - 0.3  # the episode ends after the last answer token
+    d2 = -0.2 + 0.9 * 0.3 - 0.4
+    d1 = 0.1 + 0.9 * 0.4 - 0.5
+    expected = [0.0, d1 + 0.72 * (d2 + 0.72 * d3), d2 + 0.72 * d3, d3, 0.0]
+    assert advantages[0].tolist() == pytest.approx(expected)
+    assert returns[0].tolist() == pytest.approx([0.0, expected[1] + 0.5, expected[2] + 0.4, expected[3] + 0.3, 0.0])
+
+    old = torch.zeros(1, 2)
+    both = torch.ones(1, 2)
+    # ratio e^0.5 > 1.2 with a positive advantage: clipped at 1.2; with a negative one: not clipped
+    logp = torch.full((1, 2), 0.5)
+    assert ppo_policy_loss(logp, old, torch.tensor([[1.0, -1.0]]), both, clip=0.2).item() == pytest.approx(
+        (-1.2 + math.exp(0.5)) / 2)
+    values, old_values, returns = torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]])
+    # the clipped value (0.5) is further from the return than the new one (2.0 vs 1.0: 1.0; 0.5: 0.5): max wins
+    assert clipped_value_loss(values, old_values, returns, torch.ones(1, 1), clip=0.5).item() == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def rm_checkpoint(tiny_stage_data, tmp_path_factory, sft_checkpoint):
+    data, _, pairs = tiny_stage_data
+    run = tmp_path_factory.mktemp("rm")
+    RewardModelTrainer(stage_config(data, pairs, run, [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true",
+                                                       f"checkpoint.save={run}/ck"])).train()
+    return run / "ck"
+
+
+def ppo_extra(sft_checkpoint, rm_checkpoint, extra=()):
+    return [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true", f"rlhf.reference={sft_checkpoint}",
+            f"rlhf.reward_model={rm_checkpoint}", "rlhf.max_new_tokens=8", "train.max_steps=3", "train.eval_interval=3",
+            "train.eval_steps=1"] + list(extra)
+
+
+def test_ppo_rollout_scores_and_update(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoint):
+    from megatron_lite.rlhf import PPOTrainer
+    from megatron_lite.rlhf.ppo import CRITIC_DIR
+
+    data, sft, _ = tiny_stage_data
+    common = [f"checkpoint.save={tmp_path}/ck", "optim.lr=1e-3"]
+    trainer = PPOTrainer(stage_config(data, sft, tmp_path, ppo_extra(sft_checkpoint, rm_checkpoint, common)))
+    prompts = trainer._prompts(trainer.train_ds, 0)
+    batch = trainer.rollout(prompts, seed=5)
+    actor, reward_model = trainer.model_chunks[0], trainer.reward_model
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            tokens, labels = batch["tokens"][row], batch["labels"][row]
+            assert tokens[: len(prompt)].tolist() == prompt
+            answer = labels[labels != IGNORE_INDEX].tolist()
+            assert 1 <= len(answer) <= 8 and tokens[len(prompt) : len(prompt) + len(answer)].tolist() == answer
+            # the stored log-probs are the actor's, the score is the reward model's at the last token
+            direct = -actor(tokens[None], labels=labels[None])[0]
+            assert torch.allclose(batch["logp"][row], direct, atol=1e-5)
+            last = len(prompt) + len(answer) - 1
+            assert batch["score"][row].item() == pytest.approx(reward_model(tokens[None])[0, last].item(), abs=1e-5)
+    mask = batch["mask"].bool()
+    assert torch.equal(batch["kl"], torch.zeros_like(batch["kl"]))  # the actor starts as the reference
+    assert batch["advantages"][mask].mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert batch["advantages"][mask].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+    assert (batch["advantages"][~mask] == 0).all() and (batch["returns"][~mask] == 0).all()
+
+    frozen = {name: p.clone() for name, p in trainer.reference_model.named_parameters()}
+    critic_before = [p.clone() for p in trainer.critic_chunks[0].parameters()]
+    result = trainer.train()
+    assert len(result.losses) == 3
+    assert all(torch.equal(p, frozen[name]) for name, p in trainer.reference_model.named_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(critic_before, trainer.critic_chunks[0].parameters()))
+    records = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
+    assert {"reward", "kl", "critic_loss", "response_length"} <= set(records[0])
+    assert {"val_reward", "val_kl", "val_response_length"} <= set(records[-1])
+    assert (tmp_path / "ck" / CRITIC_DIR).is_dir()
+
+    # resuming loads the actor and the critic with their optimizers
+    resumed = PPOTrainer(stage_config(data, sft, tmp_path / "resumed", ppo_extra(
+        sft_checkpoint, rm_checkpoint, [f"checkpoint.load={tmp_path}/ck", "checkpoint.finetune=false",
+                                        "train.max_steps=4"] + common[1:])))
+    assert resumed.step == 3
+    for a, b in zip(resumed.critic_chunks[0].parameters(), trainer.critic_chunks[0].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_ppo_ptx_adds_the_weighted_pretraining_loss(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoint):
+    from megatron_lite.rlhf import PPOTrainer
+    from megatron_lite.training.trainer import local_batch, split_micro_batches
+
+    data, sft, _ = tiny_stage_data
+    mixture = "[" + ", ".join(f"{{prefix: {p}, weight: {w}}}" for p, w in data.mixture) + "]"
+    trainer = PPOTrainer(stage_config(data, sft, tmp_path, ppo_extra(sft_checkpoint, rm_checkpoint, [
+        "rlhf.ptx_coef=0.5", f"data.mixture={mixture}", f"data.cache_dir={tmp_path}/cache", "train.max_steps=2"])))
+    tokens, labels = split_micro_batches(local_batch(trainer.ptx_ds, 0, 4, trainer.dims), 2, trainer.dims.device)[0]
+    model = trainer.model_chunks[0]
+    with torch.no_grad():
+        ptx = trainer.loss_fn(model, tokens, {"kind": "ptx", "labels": labels, "count": 2}, 99)
+        assert ptx.item() == pytest.approx(0.5 * model(tokens, labels=labels).mean().item() / 2, rel=1e-6)
+    assert len(trainer.train().losses) == 2
+
+
+def test_ppo_user_errors(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoint):
+    from megatron_lite.rlhf import PPOTrainer
+
+    data, sft, _ = tiny_stage_data
+    base = ppo_extra(sft_checkpoint, rm_checkpoint)
+    with pytest.raises(ConfigError, match="ppo samples rollouts token by token .* parallel.pp=1"):
+        PPOTrainer(stage_config(data, sft, tmp_path, base + ["parallel.sequence_parallel=true"]))
+    with pytest.raises(ConfigError, match="ppo needs rlhf.reward_model"):
+        PPOTrainer(stage_config(data, sft, tmp_path, base + ["rlhf.reward_model="]))
+    with pytest.raises(ConfigError, match="PPO-ptx\\) mixes in pretraining batches: set data.mixture"):
+        PPOTrainer(stage_config(data, sft, tmp_path, base + ["rlhf.ptx_coef=0.1"]))
+    with pytest.raises(ConfigError, match="resuming ppo from .* needs the critic saved with it"):
+        PPOTrainer(stage_config(data, sft, tmp_path, base + ["checkpoint.finetune=false"]))
+    with pytest.raises(RLHFDataError, match="no room for a prompt: model.seq_length minus rlhf.max_new_tokens is 0"):
+        PPOTrainer(stage_config(data, sft, tmp_path, base + ["rlhf.max_new_tokens=32"]))
+    with pytest.raises(ConfigError, match="rlhf.top_p must be in \\(0, 1\\], got 0"):
+        load_config(None, ["rlhf.top_p=0"])
+
+
+def _parallel_ppo_runs(rank, world_size, tiny_stage_data, sft_checkpoint, rm_checkpoint, root):
+    from megatron_lite.rlhf import PPOTrainer
+
+    data, sft, _ = tiny_stage_data
+    out = {}
+    for name, layout in {"tp2": ["parallel.tp=2"], "dp2": []}.items():
+        cfg = stage_config(data, sft, f"{root}/ppo-{name}", ppo_extra(sft_checkpoint, rm_checkpoint, ["rlhf.temperature=0"]) + layout)
+        result = PPOTrainer(cfg).train()
+        out[name] = {"losses": result.losses, "val": result.val_losses}
+        if rank == 0:
+            out[name]["steps"] = ppo_step_figures(f"{root}/ppo-{name}")
+    return out
+
+
+def ppo_step_figures(run_dir) -> list[tuple[float, float, float]]:
+    records = [json.loads(line) for line in open(f"{run_dir}/log/metrics.jsonl")]
+    return [(r["reward"], r["kl"], r["critic_loss"]) for r in records if "critic_loss" in r]
+
+
+def test_ppo_tensor_and_data_parallel_match_one_process(tiny_stage_data, sft_checkpoint, rm_checkpoint, tmp_path):
+    from megatron_lite.rlhf import PPOTrainer
+
+    data, sft, _ = tiny_stage_data
+    # greedy rollouts, so every layout samples the same answers
+    single = PPOTrainer(stage_config(data, sft, tmp_path / "single",
+                                     ppo_extra(sft_checkpoint, rm_checkpoint, ["rlhf.temperature=0"]))).train()
+    results = run_distributed(_parallel_ppo_runs, 2, tiny_stage_data, sft_checkpoint, rm_checkpoint, str(tmp_path))
+    expected_steps = ppo_step_figures(tmp_path / "single")
+    assert len(expected_steps) == 3 and all(critic_loss > 0 for _, _, critic_loss in expected_steps)
+    for name, run in results[0].items():
+        assert results[1][name]["losses"] == run["losses"], name  # every rank reports the same loss
+        # the actor's loss sits near 0 (whitened advantages at a ratio near 1): compared absolutely
+        assert run["losses"] == pytest.approx(single.losses, rel=1e-4, abs=1e-5), name
+        for got, want in zip(run["steps"], expected_steps):  # reward, KL, critic loss of every step
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-6), name
+        assert [v for _, v in run["val"]] == pytest.approx([v for _, v in single.val_losses], rel=1e-4), name
