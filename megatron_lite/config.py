@@ -249,6 +249,7 @@ class RLHFConfig:
     beta: float = 0.1  # dpo: strength of the pull towards the reference model
     dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0  # dpo sigmoid: assumed rate of flipped preference labels (conservative DPO)
+    dpo_nll_weight: float = 0.0  # dpo: + this x the chosen answers' mean next-token loss (RPO-style)
     # ppo: the actor starts from checkpoint.load (finetune); these name the other three models
     reference: str = ""  # the frozen policy of the KL penalty (usually the SFT checkpoint)
     reward_model: str = ""  # a reward-model checkpoint (python -m megatron_lite rm)
@@ -279,7 +280,9 @@ class RLHFConfig:
         _require(self.demo_examples > 0, f"rlhf.demo_examples must be positive, got {self.demo_examples}")
         for name in ("max_new_tokens", "ppo_epochs"):
             _require(getattr(self, name) > 0, f"rlhf.{name} must be positive, got {getattr(self, name)}")
-        for name in ("temperature", "kl_coef", "clip_ratio", "value_clip", "reward_clip", "ptx_coef", "top_k"):
+        non_negative = ("dpo_nll_weight", "temperature", "kl_coef", "clip_ratio", "value_clip", "reward_clip",
+                        "ptx_coef", "top_k")
+        for name in non_negative:
             _require(getattr(self, name) >= 0, f"rlhf.{name} must be >= 0, got {getattr(self, name)}")
         _require(0 < self.top_p <= 1, f"rlhf.top_p must be in (0, 1], got {self.top_p}")
         for name in ("gamma", "gae_lambda"):

@@ -6,7 +6,9 @@ forward-only pass over every record computes the reference's log-probabilities o
 (each data-parallel replica a share, summed over dp and handed from the last pipeline stage to
 every rank), so training holds one model, not two. The table is saved next to the run's
 checkpoints, and a resumed run reads it back instead of recomputing it from weights that have
-moved. The loss and its variants are in ``rlhf.losses.dpo_loss``.
+moved. The loss and its variants are in ``rlhf.losses.dpo_loss``; ``rlhf.dpo_nll_weight`` adds the
+chosen answers' next-token loss (as in RPO), which keeps DPO from lowering the likelihood of the
+answers it prefers along with the ones it rejects.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.dims import ParallelDims
+from megatron_lite.rlhf.data import IGNORE_INDEX
 from megatron_lite.rlhf.losses import dpo_loss, sequence_log_probs
 from megatron_lite.rlhf.stage import Epochs, StageTrainer
 from megatron_lite.training.checkpoint import resolve_checkpoint_dir
@@ -105,11 +108,18 @@ class DPOTrainer(StageTrainer):
         return tokens, {"labels": labels, "reference": reference}
 
     def _pair_losses(self, chunk, inputs, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        policy_chosen, policy_rejected = self._answer_log_probs(chunk, inputs, target, 1).chunk(2)
+        """Per pair: the loss (DPO's, plus ``rlhf.dpo_nll_weight`` x the chosen answer's mean
+        next-token loss) and the implicit rewards of both answers."""
+        token_loss = chunk(inputs, labels=target["labels"]).float()  # (2b, T), 0 off the answers
+        policy_chosen, policy_rejected = sequence_log_probs(token_loss).chunk(2)
         reference_chosen, reference_rejected = target["reference"].chunk(2)
         rl = self.cfg.rlhf
-        return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                        rl.beta, rl.dpo_loss, rl.label_smoothing)
+        loss, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                                          rl.beta, rl.dpo_loss, rl.label_smoothing)
+        if rl.dpo_nll_weight > 0:
+            chosen_tokens = (target["labels"] != IGNORE_INDEX).sum(dim=1).chunk(2)[0].clamp(min=1)
+            loss = loss - rl.dpo_nll_weight * policy_chosen / chosen_tokens
+        return loss, chosen, rejected
 
     def loss_fn(self, chunk, inputs, target, num_micro_batches: int) -> torch.Tensor:
         loss, _, _ = self._pair_losses(chunk, inputs, target)

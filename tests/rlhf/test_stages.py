@@ -147,6 +147,24 @@ def test_dpo_reference_first_step_and_resume(tiny_stage_data, tmp_path, sft_chec
         DPOTrainer(stage_config(data, pairs, tmp_path / "bad", [f"checkpoint.load={sft_checkpoint}"]))
 
 
+def test_dpo_nll_weight_adds_the_chosen_answers_token_loss(tiny_stage_data, tmp_path, sft_checkpoint):
+    data, _, pairs = tiny_stage_data
+    trainer = DPOTrainer(stage_config(data, pairs, tmp_path, [f"checkpoint.load={sft_checkpoint}",
+                                                              "checkpoint.finetune=true", "rlhf.dpo_nll_weight=0.5"]))
+    model = trainer.model_chunks[0]
+    tokens, target = trainer.micro_batches(trainer.train_ds, 0)[0]
+    with torch.no_grad():
+        with_nll, _, _ = trainer._pair_losses(model, tokens, target)
+        trainer.cfg.rlhf.dpo_nll_weight = 0.0
+        plain, _, _ = trainer._pair_losses(model, tokens, target)
+        pairs_in_batch = tokens.shape[0] // 2
+        chosen_labels = target["labels"][:pairs_in_batch]
+        logits = model(tokens[:pairs_in_batch])[..., : trainer.cfg.model.vocab_size]
+        nll = F.cross_entropy(logits.transpose(1, 2), chosen_labels, ignore_index=IGNORE_INDEX, reduction="none")
+        mean_nll = nll.sum(dim=1) / (chosen_labels != IGNORE_INDEX).sum(dim=1)
+    assert torch.allclose(with_nll, plain + 0.5 * mean_nll, rtol=1e-5)
+
+
 def test_generate_chat_answers_a_user_turn(tiny_stage_data, sft_checkpoint):
     # the SFT model (6 steps) has not learned much, but the chat form must encode and stop at end-of-text
     texts = generate_text(sft_checkpoint, ["repeat alpha"], 8, temperature=0.0, device="cpu", chat=True)
@@ -165,6 +183,8 @@ def test_user_errors(tiny_stage_data, tmp_path, capsys):
         load_config(None, ["rlhf.dpo_loss=ipo", "rlhf.label_smoothing=0.1"])
     with pytest.raises(ConfigError, match="rlhf.dpo_loss='hinge' is not one of sigmoid, ipo"):
         load_config(None, ["rlhf.dpo_loss=hinge"])
+    with pytest.raises(ConfigError, match="rlhf.dpo_nll_weight must be >= 0, got -1"):
+        load_config(None, ["rlhf.dpo_nll_weight=-1"])
     config = tmp_path / "rm.yaml"
     config.write_text("rlhf:\n  data: ''\n")
     assert main(["rm", "--config", str(config), f"data.tokenizer={data.tokenizer_dir}", "model.vocab_size=0",
