@@ -375,6 +375,12 @@ def convert_to_hf(load: str | Path, output: str | Path, max_shard_size: str | in
                   dtype: str = "auto") -> Path:
     """Write a megatron-lite checkpoint (any tp/pp/dp layout) as a Hugging Face model directory."""
     source = CheckpointWeights(load)
+    if any(name.startswith("value_head.") for name in source.manifest["params"]):
+        raise ConversionError(
+            f"{source.directory} holds a value head (a reward model or PPO critic), not a language model; the "
+            f"Hugging Face export writes causal language models (GPT-2, Llama): convert an SFT, DPO, PPO or "
+            f"pretraining checkpoint"
+        )
     cfg = build_dataclass(ModelConfig, source.manifest["config"]["model"], "model")
     target_dtype, max_bytes = _dtype(dtype), parse_size(max_shard_size)
     output = Path(output)

@@ -3,21 +3,25 @@
 Prompts are left-padded to a common length; each row's positions count from its first
 real token (so learned positions and RoPE see the same positions as an unpadded run),
 and the attention mask hides the padding keys. Vocabulary padding is never sampled.
-Works on a whole model (one pipeline stage) at any tp: every tp rank gathers the full
-logits and samples with the same seeded generator, so all ranks pick the same tokens.
+Works at any tp: every tp rank gathers the full logits and samples with the same seeded
+generator, so all ranks pick the same tokens. At pp > 1 every rank of the pipeline calls
+``generate`` with its stage's chunk: each step's hidden states go stage to stage, the last
+stage samples, and the chosen tokens are broadcast back to every stage.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from megatron_lite.model.gpt import GPT, KVCache, local_kv_heads
 from megatron_lite.parallel.mappings import gather_from_region
 
 
 def _check(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int, top_p: float):
-    if not (model.pre_process and model.post_process) or len(model.layer_range) != model.config.num_layers:
-        raise ValueError("generate needs the whole model on one pipeline stage (build GPT with pp=1)")
+    whole = model.pre_process and model.post_process and len(model.layer_range) == model.config.num_layers
+    if not whole and not (model.dims.pp > 1 and model.dims.virtual_pp == 1):
+        raise ValueError("generate needs the whole model, or at pp > 1 one chunk per stage (virtual_pp=1) on every rank")
     if model.dims.sequence_parallel:
         raise ValueError("generate does not run with sequence parallelism; build the model with it off")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -83,6 +87,40 @@ def generate(
         model.train(was_training)
 
 
+class _Stage:
+    """One pipeline stage's part of a generation step (the whole model at pp = 1)."""
+
+    def __init__(self, model: GPT):
+        self.model, self.dims = model, model.dims
+        if self.dims.pp > 1:
+            group, rank = self.dims.pp_group, self.dims.pp_rank
+            self.prev = dist.get_global_rank(group, rank - 1) if rank > 0 else None
+            self.next = dist.get_global_rank(group, rank + 1) if rank < self.dims.pp - 1 else None
+            self.last = dist.get_global_rank(group, self.dims.pp - 1)
+
+    def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor | None:
+        """tokens (B, T) -> the last position's logits (B, V/tp) on the last stage, None elsewhere."""
+        model = self.model
+        x = tokens
+        if not model.pre_process:
+            x = torch.empty(*tokens.shape, model.config.hidden_size, dtype=next(model.parameters()).dtype,
+                            device=tokens.device)
+            dist.recv(x, src=self.prev, group=self.dims.pp_group)
+        out = model(x, **kwargs)
+        if not model.post_process:
+            dist.send(out.contiguous(), dst=self.next, group=self.dims.pp_group)
+            return None
+        return out[:, -1]
+
+    def share(self, tokens: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        """The last stage's sampled tokens (B,) on every stage."""
+        if self.dims.pp == 1:
+            return tokens
+        buffer = tokens.to(device) if tokens is not None else torch.empty(batch, dtype=torch.long, device=device)
+        dist.broadcast(buffer, src=self.last, group=self.dims.pp_group)
+        return buffer
+
+
 def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id, seed):
     device = model.dims.device
     cfg = model.config
@@ -98,13 +136,17 @@ def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id,
     causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device).tril()
     # Padding queries see themselves only, so no softmax row is empty; real queries never see padding.
     mask = (causal & key_valid[:, None, None, :prompt_length]) | torch.eye(prompt_length, dtype=torch.bool, device=device)
-    logits = model(tokens, position_ids=positions, kv_cache=cache, attention_mask=mask)[:, -1]  # (B, V/tp)
+    stage = _Stage(model)
+    logits = stage.forward(tokens, position_ids=positions, kv_cache=cache, attention_mask=mask)  # (B, V/tp)
 
     generator = torch.Generator().manual_seed(seed)
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * batch
     for step in range(max_new_tokens):
-        next_tokens = sample(_full_logits(model, logits), temperature, top_k, top_p, generator)  # (B,)
+        next_tokens = None
+        if logits is not None:
+            next_tokens = sample(_full_logits(model, logits), temperature, top_k, top_p, generator)  # (B,)
+        next_tokens = stage.share(next_tokens, batch, device)
         for row, token in enumerate(next_tokens.tolist()):
             if not finished[row]:
                 outputs[row].append(token)
@@ -114,6 +156,6 @@ def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id,
         length = cache.length + 1
         positions = (torch.full((batch, 1), length - 1, device=device) - pads.unsqueeze(1)).clamp(min=0)
         mask = key_valid[:, None, None, :length]  # (B, 1, 1, S)
-        logits = model(next_tokens.to(device).unsqueeze(1), position_ids=positions, kv_cache=cache, attention_mask=mask)
-        logits = logits[:, -1]
+        logits = stage.forward(next_tokens.to(device).unsqueeze(1), position_ids=positions, kv_cache=cache,
+                               attention_mask=mask)
     return outputs

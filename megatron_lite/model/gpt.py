@@ -324,7 +324,7 @@ class GPT(nn.Module):
             rope = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
         for block in self.layers.values():
             x = block(x, rope, self._streams, kv_cache, attention_mask)
-        if kv_cache is not None and self.post_process:
+        if kv_cache is not None:  # one cache per chunk: this chunk's layers have stored these positions
             kv_cache.length += full_length
         if not self.post_process:
             return x

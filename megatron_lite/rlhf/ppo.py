@@ -1,8 +1,7 @@
 """PPO and PPO-ptx: the policy answers prompts, a reward model scores the answers, and the policy
 is updated with the clipped surrogate objective against a learned critic.
 
-Four models of one architecture, each on the same tp x dp grid (pp = 1: a rollout samples token
-by token through the whole model):
+Four models of one architecture, each laid out on the same tp x pp x dp grid:
 
     actor       the policy being trained (``checkpoint.load``, usually the SFT model)
     critic      a value head, trained alongside (``rlhf.critic``, by default the reward model)
@@ -13,9 +12,11 @@ One step on a global batch of prompts (each dp rank its share; the tp ranks of a
 the same tokens):
 
 1. rollout: the actor samples an answer to each prompt (KV cache, ``rlhf.temperature``, top-k,
-   top-p, at most ``rlhf.max_new_tokens``, stopping at end-of-text);
-2. scoring, forward only: the actor's and the reference's log-probability of every answer
-   token, the critic's value before each, the reward model's score at the answer's last token;
+   top-p, at most ``rlhf.max_new_tokens``, stopping at end-of-text; at pp > 1 each token's
+   hidden states go stage to stage and the last stage's choice is broadcast back);
+2. scoring, forward only (through the pipeline at pp > 1, where the figures below live on the
+   last stage): the actor's and the reference's log-probability of every answer token, the
+   critic's value before each, the reward model's score at the answer's last token;
 3. per-token reward: -``kl_coef`` * (log pi - log pi_ref), plus the clipped score on the last
    answer token; advantages by GAE (``gamma``, ``gae_lambda``), whitened over the global batch;
 4. ``ppo_epochs`` optimizer steps of each model: the actor on the clipped ratio objective
@@ -83,26 +84,38 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
+def _token_log_probs(chunk, inputs, target, num_micro_batches: int) -> torch.Tensor:
+    return -chunk(inputs, labels=target["labels"]).float()  # (b, T), 0 off the answers
+
+
+def _values(chunk, inputs, target, num_micro_batches: int) -> torch.Tensor:
+    return chunk(inputs).float()
+
+
+def _score_at_last(chunk, inputs, target, num_micro_batches: int) -> torch.Tensor:
+    return values_at(chunk(inputs).float(), target["last"])
+
+
 class PPOTrainer(StageTrainer):
     dataset_kind = demo_file = "sft"  # prompts: of any record kind, the answers are not read
     stage_name = "ppo"
 
     def __init__(self, cfg: Config, dims: ParallelDims | None = None):
         rl = cfg.rlhf
-        if cfg.parallel.pp > 1 or cfg.parallel.sequence_parallel:
+        if cfg.parallel.sequence_parallel or cfg.parallel.virtual_pp > 1:
             raise ConfigError(
-                "ppo samples rollouts token by token through the whole model, so it runs with parallel.pp=1 and "
-                "parallel.sequence_parallel=false (tensor and data parallelism both work)"
+                "ppo samples rollouts one token at a time, which sequence parallelism cannot split and an "
+                "interleaved pipeline cannot stage: set parallel.sequence_parallel=false and parallel.virtual_pp=1"
             )
-        for key in ("reference", "reward_model"):
+        needed = {"reference": "the SFT model the KL penalty measures against",
+                  "reward_model": "a reward model from python -m megatron_lite rm"}
+        for key, what in needed.items():
             if not getattr(rl, key):
-                raise ConfigError(f"ppo needs rlhf.{key}: a checkpoint directory (the "
-                                  + ("SFT model the KL penalty measures against)" if key == "reference"
-                                     else "reward model from python -m megatron_lite rm)"))
+                raise ConfigError(f"ppo needs rlhf.{key}: a checkpoint directory ({what})")
         self.ptx_ds = None
         super().__init__(cfg, dims)
-        self.reference_model = self._frozen(rl.reference, "lm")
-        self.reward_model = self._frozen(rl.reward_model, "value")
+        self.reference_step = self._frozen(rl.reference, "lm")
+        self.reward_step = self._frozen(rl.reward_model, "value")
         self._build_critic()
         if rl.ptx_coef > 0:
             if not cfg.data.mixture:
@@ -112,29 +125,36 @@ class PPOTrainer(StageTrainer):
 
     # ------------------------------------------------------------------ models
 
-    def _frozen(self, path: str, head: str) -> torch.nn.Module:
+    def _frozen(self, path: str, head: str) -> ParallelStep:
+        """A model that only scores: loaded, in eval mode, without gradients; run forward-only
+        through its own (optimizer-less) parallel step."""
         chunks = build_model_chunks(self.cfg, self.dims, head)
         checkpoint.load_checkpoint(path, chunks, self.dims, weights_only=True, padded_vocab_size=self._padded_vocab())
-        model = chunks[0].eval()
-        model.requires_grad_(False)
-        return model
+        for chunk in chunks:
+            chunk.eval().requires_grad_(False)
+        return ParallelStep(chunks, None, self.dims, self.cfg.parallel.pipeline_schedule)
 
     def _build_critic(self) -> None:
         cfg, rl = self.cfg, self.cfg.rlhf
         self.critic_cfg = copy.copy(cfg)
         if rl.critic_lr is not None:
-            self.critic_cfg.optim = dataclasses.replace(cfg.optim, lr=rl.critic_lr, min_lr=min(cfg.optim.min_lr, rl.critic_lr))
+            min_lr = min(cfg.optim.min_lr, rl.critic_lr)
+            self.critic_cfg.optim = dataclasses.replace(cfg.optim, lr=rl.critic_lr, min_lr=min_lr)
         self.critic_chunks = build_model_chunks(cfg, self.dims, "value")
         named = checkpoint.named_parameters(self.critic_chunks)
         self.critic_optimizer, _ = build_optimizer(named, self.critic_cfg, self.dims)
         self.critic_step = ParallelStep(self.critic_chunks, self.critic_optimizer, self.dims,
-                                        bucket_size_mb=cfg.parallel.bucket_size_mb, loss_fn=self._critic_loss)
+                                        cfg.parallel.pipeline_schedule, cfg.parallel.bucket_size_mb,
+                                        loss_fn=self._critic_loss)
         self.critic_scheduler = LRScheduler(self.critic_optimizer, self.critic_cfg.optim, self.total_steps)
         self.critic_scaler = LossScaler(cfg.train.initial_loss_scale, cfg.train.loss_scale_window,
                                         dynamic=cfg.train.precision == "fp16")
         ck = cfg.checkpoint
         resuming = ck.load and not ck.finetune
-        source = checkpoint.resolve_checkpoint_dir(ck.load).parent / CRITIC_DIR if resuming else rl.critic or rl.reward_model
+        if resuming:  # the critic saved beside the actor's checkpoints
+            source = checkpoint.resolve_checkpoint_dir(ck.load).parent / CRITIC_DIR
+        else:
+            source = rl.critic or rl.reward_model
         if resuming and not Path(source).is_dir():
             raise ConfigError(f"resuming ppo from {ck.load} needs the critic saved with it in {source}; "
                               f"to start a new run from these weights set checkpoint.finetune=true")
@@ -164,8 +184,9 @@ class PPOTrainer(StageTrainer):
 
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]], seed: int) -> dict[str, torch.Tensor]:
-        """Sample answers and score them: every (B, T) tensor of the update, on the device."""
-        rl, device = self.cfg.rlhf, self.dims.device
+        """Sample answers and score them: every tensor of the update, on the device (the scores and
+        what follows from them are zeros on pipeline stages other than the last)."""
+        rl, device, size = self.cfg.rlhf, self.dims.device, self.cfg.train.micro_batch_size
         actor = self.model_chunks[0]
         answers = generate(actor, prompts, rl.max_new_tokens, rl.temperature, rl.top_k, rl.top_p,
                            eod_id=self.tokenizer.eod_id, seed=seed)
@@ -179,13 +200,18 @@ class PPOTrainer(StageTrainer):
             labels[row, len(prompt) - 1 : len(sequence) - 1] = torch.tensor(answer)  # position t predicts t + 1
             last[row] = len(sequence) - 1
         tokens, labels, last = tokens.to(device), labels.to(device), last.to(device)
+        micro = [(tokens[i : i + size], {"labels": labels[i : i + size], "last": last[i : i + size]})
+                 for i in range(0, len(prompts), size)]
+        scoring = self.model_chunks + self.critic_chunks  # dropout off while scoring; the frozen models stay in eval
+        for chunk in scoring:
+            chunk.eval()
+        logp, ref_logp, values, score = (
+            self._scores(step, micro, fn, len(prompts))
+            for step, fn in ((self.parallel_step, _token_log_probs), (self.reference_step, _token_log_probs),
+                             (self.critic_step, _values), (self.reward_step, _score_at_last)))
+        for chunk in scoring:
+            chunk.train()
         mask = (labels != IGNORE_INDEX).float()
-        actor.eval()
-        scored = [self._score(actor, tokens[i : i + self.cfg.train.micro_batch_size],
-                              labels[i : i + self.cfg.train.micro_batch_size], last[i : i + self.cfg.train.micro_batch_size])
-                  for i in range(0, len(prompts), self.cfg.train.micro_batch_size)]
-        actor.train()
-        logp, ref_logp, values, score = (torch.cat(parts) for parts in zip(*scored))
         kl = (logp - ref_logp) * mask
         rewards = -rl.kl_coef * kl
         rewards[torch.arange(len(prompts), device=device), last - 1] += score.clamp(-rl.reward_clip, rl.reward_clip)
@@ -194,13 +220,12 @@ class PPOTrainer(StageTrainer):
                 "advantages": self._whiten(advantages, mask), "returns": returns, "score": score, "kl": kl.sum(dim=1),
                 "length": mask.sum(dim=1)}
 
-    def _score(self, actor, tokens, labels, last):
-        with self._autocast():
-            logp = -actor(tokens, labels=labels).float()
-            ref_logp = -self.reference_model(tokens, labels=labels).float()
-            values = self.critic_chunks[0](tokens).float()
-            score = values_at(self.reward_model(tokens).float(), last)
-        return logp, ref_logp, values, score
+    def _scores(self, step: ParallelStep, micro: list, fn, batch: int) -> torch.Tensor:
+        outputs = step.forward_outputs(micro, self._autocast(), fn)
+        if outputs:  # the last pipeline stage
+            return torch.cat([o.float() for o in outputs])
+        shape = (batch,) if fn is _score_at_last else (batch, self.cfg.model.seq_length)
+        return torch.zeros(shape, device=self.dims.device)
 
     def _whiten(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Zero mean and unit variance over every answer token of the global batch."""
@@ -212,11 +237,9 @@ class PPOTrainer(StageTrainer):
         return ((advantages - mean) * torch.rsqrt(var + 1e-8) * mask).float()
 
     def _global_means(self, **per_sample: torch.Tensor) -> dict[str, float]:
-        """Means over the global batch of per-sample (B,) tensors."""
+        """Means over the global batch of per-sample (B,) tensors held by the last pipeline stage."""
         columns = torch.stack([t.double() for t in per_sample.values()], dim=1)  # (B, k)
-        sums = torch.cat([columns.sum(dim=0), columns.new_tensor([columns.shape[0]])])
-        if self.dims.dp > 1:
-            dist.all_reduce(sums, group=self.dims.dp_group)
+        sums = self._sum_over_replicas(torch.cat([columns.sum(dim=0), columns.new_tensor([columns.shape[0]])]))
         return {name: (sums[i] / sums[-1]).item() for i, name in enumerate(per_sample)}
 
     # ------------------------------------------------------------------ the update

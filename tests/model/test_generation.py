@@ -79,7 +79,7 @@ def test_generate_errors():
     with pytest.raises(ValueError, match="0 < top_p <= 1"):
         generate(model, [[1]], 2, top_p=0)
     first = GPT(model.config, layer_range=range(0, 1), post_process=False)
-    with pytest.raises(ValueError, match="whole model on one pipeline stage"):
+    with pytest.raises(ValueError, match="generate needs the whole model, or at pp > 1 one chunk per stage"):
         generate(first, [[1]], 2)
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from megatron_lite.__main__ import generate_text, main
 from megatron_lite.config import ConfigError, load_config
+from megatron_lite.convert.hf import ConversionError, convert_to_hf
 from megatron_lite.rlhf import DPOTrainer, RewardModelTrainer, SFTTrainer
 from megatron_lite.rlhf.data import IGNORE_INDEX, RLHFDataError
 from megatron_lite.rlhf.dpo import REFERENCE_FILE
@@ -113,6 +114,8 @@ def test_reward_model_starts_from_the_sft_checkpoint(tiny_stage_data, tmp_path, 
     assert set(record) >= {"val_loss", "val_accuracy", "val_margin"} and 0 <= record["val_accuracy"] <= 1
     with pytest.raises(CheckpointError, match="is a reward model .* cannot generate"):
         generate_text(tmp_path / "ck", ["repeat alpha"], 4, device="cpu")
+    with pytest.raises(ConversionError, match="holds a value head .* writes causal language models"):
+        convert_to_hf(tmp_path / "ck", tmp_path / "hf")
 
 
 def test_dpo_reference_first_step_and_resume(tiny_stage_data, tmp_path, sft_checkpoint):
@@ -291,7 +294,7 @@ def test_ppo_rollout_scores_and_update(tiny_stage_data, tmp_path, sft_checkpoint
     trainer = PPOTrainer(stage_config(data, sft, tmp_path, ppo_extra(sft_checkpoint, rm_checkpoint, common)))
     prompts = trainer._prompts(trainer.train_ds, 0)
     batch = trainer.rollout(prompts, seed=5)
-    actor, reward_model = trainer.model_chunks[0], trainer.reward_model
+    actor, reward_model = trainer.model_chunks[0], trainer.reward_step.chunks[0]
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
             tokens, labels = batch["tokens"][row], batch["labels"][row]
@@ -309,11 +312,12 @@ def test_ppo_rollout_scores_and_update(tiny_stage_data, tmp_path, sft_checkpoint
     assert batch["advantages"][mask].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
     assert (batch["advantages"][~mask] == 0).all() and (batch["returns"][~mask] == 0).all()
 
-    frozen = {name: p.clone() for name, p in trainer.reference_model.named_parameters()}
+    reference = trainer.reference_step.chunks[0]
+    frozen = {name: p.clone() for name, p in reference.named_parameters()}
     critic_before = [p.clone() for p in trainer.critic_chunks[0].parameters()]
     result = trainer.train()
     assert len(result.losses) == 3
-    assert all(torch.equal(p, frozen[name]) for name, p in trainer.reference_model.named_parameters())
+    assert all(torch.equal(p, frozen[name]) for name, p in reference.named_parameters())
     assert any(not torch.equal(a, b) for a, b in zip(critic_before, trainer.critic_chunks[0].parameters()))
     records = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
     assert {"reward", "kl", "critic_loss", "response_length"} <= set(records[0])
@@ -350,7 +354,8 @@ def test_ppo_user_errors(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoin
 
     data, sft, _ = tiny_stage_data
     base = ppo_extra(sft_checkpoint, rm_checkpoint)
-    with pytest.raises(ConfigError, match="ppo samples rollouts token by token .* parallel.pp=1"):
+    with pytest.raises(ConfigError, match="ppo samples rollouts one token at a time.* set parallel.sequence_parallel="
+                                          "false and parallel.virtual_pp=1"):
         PPOTrainer(stage_config(data, sft, tmp_path, base + ["parallel.sequence_parallel=true"]))
     with pytest.raises(ConfigError, match="ppo needs rlhf.reward_model"):
         PPOTrainer(stage_config(data, sft, tmp_path, base + ["rlhf.reward_model="]))
@@ -369,7 +374,7 @@ def _parallel_ppo_runs(rank, world_size, tiny_stage_data, sft_checkpoint, rm_che
 
     data, sft, _ = tiny_stage_data
     out = {}
-    for name, layout in {"tp2": ["parallel.tp=2"], "dp2": []}.items():
+    for name, layout in {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": []}.items():
         cfg = stage_config(data, sft, f"{root}/ppo-{name}", ppo_extra(sft_checkpoint, rm_checkpoint, ["rlhf.temperature=0"]) + layout)
         result = PPOTrainer(cfg).train()
         out[name] = {"losses": result.losses, "val": result.val_losses}
@@ -383,7 +388,7 @@ def ppo_step_figures(run_dir) -> list[tuple[float, float, float]]:
     return [(r["reward"], r["kl"], r["critic_loss"]) for r in records if "critic_loss" in r]
 
 
-def test_ppo_tensor_and_data_parallel_match_one_process(tiny_stage_data, sft_checkpoint, rm_checkpoint, tmp_path):
+def test_ppo_every_layout_matches_one_process(tiny_stage_data, sft_checkpoint, rm_checkpoint, tmp_path):
     from megatron_lite.rlhf import PPOTrainer
 
     data, sft, _ = tiny_stage_data
