@@ -10,13 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_lite.rlhf.data import IGNORE_INDEX
-
-
-def masked_token_mean(token_loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean of the per-token loss over the positions with a label (SFT: the answer tokens)."""
-    count = (labels != IGNORE_INDEX).sum()
-    return token_loss.sum() / count.clamp(min=1)
 
 
 def sequence_log_probs(token_loss: torch.Tensor) -> torch.Tensor:

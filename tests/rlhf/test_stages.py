@@ -17,7 +17,7 @@ from megatron_lite.convert.hf import ConversionError, convert_to_hf
 from megatron_lite.rlhf import DPOTrainer, RewardModelTrainer, SFTTrainer
 from megatron_lite.rlhf.data import IGNORE_INDEX, RLHFDataError
 from megatron_lite.rlhf.dpo import REFERENCE_FILE
-from megatron_lite.rlhf.losses import dpo_loss, masked_token_mean, pairwise_reward_loss, sequence_log_probs
+from megatron_lite.rlhf.losses import dpo_loss, pairwise_reward_loss, sequence_log_probs
 from megatron_lite.training.checkpoint import CheckpointError, load_full_state_dict
 from tests.distributed import run_distributed
 
@@ -62,26 +62,25 @@ def test_losses_by_hand():
     assert ipo.item() == pytest.approx((1 - 2) ** 2)
     assert pairwise_reward_loss(torch.tensor(1.0), torch.tensor(3.0)).item() == pytest.approx(math.log1p(math.exp(2)))
     token_loss = torch.tensor([[0.0, 2.0, 4.0], [0.0, 0.0, 6.0]])
-    labels = torch.tensor([[IGNORE_INDEX, 5, 6], [IGNORE_INDEX, IGNORE_INDEX, 7]])
-    assert masked_token_mean(token_loss, labels).item() == pytest.approx(4.0)
     assert sequence_log_probs(token_loss).tolist() == [-6.0, -6.0]
     with pytest.raises(ValueError, match="dpo loss kind='hinge' is not one of sigmoid, ipo"):
         dpo_loss(policy_chosen, policy_rejected, reference, reference, beta=0.5, kind="hinge")
 
 
-def test_sft_loss_is_the_answer_token_mean(tiny_stage_data, tmp_path, sft_checkpoint):
+def test_sft_loss_is_the_answer_token_mean_of_the_global_batch(tiny_stage_data, tmp_path, sft_checkpoint):
     data, sft, _ = tiny_stage_data
     trainer = SFTTrainer(stage_config(data, sft, tmp_path))
     model, vocab = trainer.model_chunks[0], trainer.cfg.model.vocab_size
     micro = trainer.micro_batches(trainer.train_ds, 0)
-    expected = []
+    tokens = torch.cat([t for t, _ in micro])
+    labels = torch.cat([target["labels"] for _, target in micro])
+    assert (labels != IGNORE_INDEX).any() and (labels == IGNORE_INDEX).any()  # answers and prompts
+    counts = [(target["labels"] != IGNORE_INDEX).sum().item() for _, target in micro]
+    assert counts[0] != counts[1]  # so a mean of micro-batch means would differ from the token mean
     with torch.no_grad():
-        for tokens, labels in micro:
-            assert (labels != IGNORE_INDEX).any() and (labels == IGNORE_INDEX).any()  # answers and prompts
-            logits = model(tokens)[..., :vocab]
-            expected.append(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX))
-    assert trainer.parallel_step.evaluate(micro, trainer._autocast()) == pytest.approx(
-        torch.stack(expected).mean().item(), rel=1e-5)
+        logits = model(tokens)[..., :vocab]
+        expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    assert trainer.parallel_step.evaluate(micro, trainer._autocast()) == pytest.approx(expected.item(), rel=1e-5)
     result = trainer.train()
     assert result.losses[-1] < result.losses[0] - 0.25
     record = validation_record(tmp_path)
@@ -369,15 +368,38 @@ def test_ppo_user_errors(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoin
         load_config(None, ["rlhf.top_p=0"])
 
 
+def fixed_answers(monkeypatch_target) -> list:
+    """Replace PPO's sampler by one that still runs the real (collective) generation but answers
+    every prompt with its own last two tokens and end-of-text, so every layout trains on the same
+    rollouts whatever near-ties greedy decoding meets. Returns the real generations made."""
+    import megatron_lite.rlhf.ppo as ppo
+
+    real, made = ppo.generate, []
+
+    def answer(model, prompts, max_new_tokens, *args, eod_id=None, **kwargs):
+        made.append(real(model, prompts, max_new_tokens, *args, eod_id=eod_id, **kwargs))
+        return [prompt[-2:] + [eod_id] for prompt in prompts]
+
+    monkeypatch_target.setattr(ppo, "generate", answer)
+    return made
+
+
 def _parallel_ppo_runs(rank, world_size, tiny_stage_data, sft_checkpoint, rm_checkpoint, root):
+    from megatron_lite.model.generation import generate
     from megatron_lite.rlhf import PPOTrainer
 
     data, sft, _ = tiny_stage_data
     out = {}
     for name, layout in {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": []}.items():
-        cfg = stage_config(data, sft, f"{root}/ppo-{name}", ppo_extra(sft_checkpoint, rm_checkpoint, ["rlhf.temperature=0"]) + layout)
-        result = PPOTrainer(cfg).train()
-        out[name] = {"losses": result.losses, "val": result.val_losses}
+        cfg = stage_config(data, sft, f"{root}/ppo-{name}", ppo_extra(sft_checkpoint, rm_checkpoint) + layout)
+        trainer = PPOTrainer(cfg)
+        # greedy answers of the SFT model through this layout's generation (every rank the same)
+        prompts = trainer._prompts(trainer.train_ds, 0)
+        greedy = generate(trainer.model_chunks[0], prompts, 6, temperature=0.0, eod_id=trainer.tokenizer.eod_id)
+        with pytest.MonkeyPatch.context() as patch:
+            fixed_answers(patch)
+            result = trainer.train()
+        out[name] = {"losses": result.losses, "val": result.val_losses, "prompts": prompts, "greedy": greedy}
         if rank == 0:
             out[name]["steps"] = ppo_step_figures(f"{root}/ppo-{name}")
     return out
@@ -388,18 +410,37 @@ def ppo_step_figures(run_dir) -> list[tuple[float, float, float]]:
     return [(r["reward"], r["kl"], r["critic_loss"]) for r in records if "critic_loss" in r]
 
 
-def test_ppo_every_layout_matches_one_process(tiny_stage_data, sft_checkpoint, rm_checkpoint, tmp_path):
+def assert_greedy(model, prompts, answers, slack=1e-4):
+    """Each answer token is the single-process model's top choice after its prefix (within
+    ``slack`` of the largest logit: another layout's rounding may break a near-tie the other way)."""
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        for prompt, answer in zip(prompts, answers):
+            for k, token in enumerate(answer):
+                logits = model(torch.tensor([prompt + answer[:k]]))[0, -1, :vocab]
+                assert logits[token] >= logits.max() - slack, (prompt, answer, k)
+
+
+def test_ppo_every_layout_matches_one_process(tiny_stage_data, sft_checkpoint, rm_checkpoint, tmp_path, monkeypatch):
     from megatron_lite.rlhf import PPOTrainer
 
     data, sft, _ = tiny_stage_data
-    # greedy rollouts, so every layout samples the same answers
-    single = PPOTrainer(stage_config(data, sft, tmp_path / "single",
-                                     ppo_extra(sft_checkpoint, rm_checkpoint, ["rlhf.temperature=0"]))).train()
+    trainer = PPOTrainer(stage_config(data, sft, tmp_path / "single", ppo_extra(sft_checkpoint, rm_checkpoint)))
+    sft_model = trainer.model_chunks[0]
+    sft_state = {k: v.clone() for k, v in sft_model.state_dict().items()}
+    made = fixed_answers(monkeypatch)
+    single = trainer.train()
+    assert len(made) == 3 + 1  # three training rollouts and one validation batch, all really generated
     results = run_distributed(_parallel_ppo_runs, 2, tiny_stage_data, sft_checkpoint, rm_checkpoint, str(tmp_path))
     expected_steps = ppo_step_figures(tmp_path / "single")
     assert len(expected_steps) == 3 and all(critic_loss > 0 for _, _, critic_loss in expected_steps)
+    sft_model.load_state_dict(sft_state)
     for name, run in results[0].items():
         assert results[1][name]["losses"] == run["losses"], name  # every rank reports the same loss
+        if name != "dp2":  # both ranks hold one replica: the same prompts, the same tokens
+            assert results[1][name]["greedy"] == run["greedy"], name
+        for rank_result in results:
+            assert_greedy(sft_model, rank_result[name]["prompts"], rank_result[name]["greedy"])
         # the actor's loss sits near 0 (whitened advantages at a ratio near 1): compared absolutely
         assert run["losses"] == pytest.approx(single.losses, rel=1e-4, abs=1e-5), name
         for got, want in zip(run["steps"], expected_steps):  # reward, KL, critic loss of every step
