@@ -55,7 +55,6 @@ class DPOTrainer(StageTrainer):
         every = Epochs(np.arange(count), self.cfg.train.seed, shuffle=False)
         table = torch.zeros(count, 2, dtype=torch.float64, device=dims.device)
         seen = torch.zeros(count, dtype=torch.float64, device=dims.device)
-        per_rank = gb // dims.dp
         for chunk in self.model_chunks:
             chunk.eval()
         for first in tqdm(range(0, count, gb), desc="reference log-probs", leave=False,
@@ -63,9 +62,8 @@ class DPOTrainer(StageTrainer):
             outputs = self.parallel_step.forward_outputs(self.micro_batches(every, first), self._autocast(),
                                                          self._answer_log_probs)
             if outputs:  # the last pipeline stage: (2b,) per micro-batch, chosen then rejected
-                mine = first + dims.dp_rank * per_rank
-                rows = torch.tensor([every[j] for j in range(mine, mine + per_rank)], device=dims.device)
-                pairs = torch.cat([o.view(2, -1).t() for o in outputs])  # (per_rank, 2)
+                rows = torch.tensor(self.local_records(every, first), device=dims.device)
+                pairs = torch.cat([o.view(2, -1).t() for o in outputs])  # (records of this rank, 2)
                 table.index_add_(0, rows, pairs.double())
                 seen.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float64))
         for chunk in self.model_chunks:
@@ -98,8 +96,7 @@ class DPOTrainer(StageTrainer):
 
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, dict]:
         """Chosen answers first, then rejected: tokens and labels (2b, T), reference log-probs (2b,)."""
-        tokens = torch.cat([self._stack(indices, "chosen_tokens"), self._stack(indices, "rejected_tokens")])
-        labels = torch.cat([self._stack(indices, "chosen_labels"), self._stack(indices, "rejected_labels")])
+        tokens, labels = self._pairs(indices, "tokens"), self._pairs(indices, "labels")
         if self.reference is None:  # computing the reference itself
             reference = torch.zeros(2 * len(indices), device=self.dims.device)
         else:

@@ -176,9 +176,7 @@ class PPOTrainer(StageTrainer):
         return records
 
     def _prompts(self, epochs: Epochs, first_sample: int) -> list[list[int]]:
-        per_rank = self.cfg.train.global_batch_size // self.dims.dp
-        start = first_sample + self.dims.dp_rank * per_rank
-        return [self.records[epochs[j]] for j in range(start, start + per_rank)]
+        return [self.records[i] for i in self.local_records(epochs, first_sample)]
 
     # ------------------------------------------------------------------ rollout and scoring
 

@@ -23,9 +23,7 @@ class RewardModelTrainer(StageTrainer):
 
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen answers first, then rejected: tokens (2b, T) and the reward positions (2b,)."""
-        tokens = torch.cat([self._stack(indices, "chosen_tokens"), self._stack(indices, "rejected_tokens")])
-        last = torch.cat([self._stack(indices, "chosen_last"), self._stack(indices, "rejected_last")])
-        return tokens, last
+        return self._pairs(indices, "tokens"), self._pairs(indices, "last")
 
     def rewards(self, chunk, inputs: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return values_at(chunk(inputs), last).chunk(2)

@@ -91,17 +91,25 @@ class StageTrainer(Trainer):
     def micro_batches(self, epochs: Epochs, first_sample: int) -> list:
         """This dp rank's share of the global batch starting at run sample ``first_sample``,
         collated into micro-batches on the device."""
+        indices = self.local_records(epochs, first_sample)
+        size = self.cfg.train.micro_batch_size
+        return [self.collate(indices[i : i + size]) for i in range(0, len(indices), size)]
+
+    def local_records(self, epochs: Epochs, first_sample: int) -> list[int]:
+        """The record indices of this dp rank's contiguous share of the global batch."""
         per_rank = self.cfg.train.global_batch_size // self.dims.dp
         start = first_sample + self.dims.dp_rank * per_rank
-        indices = [epochs[j] for j in range(start, start + per_rank)]
-        size = self.cfg.train.micro_batch_size
-        return [self.collate(indices[i : i + size]) for i in range(0, per_rank, size)]
+        return [epochs[j] for j in range(start, start + per_rank)]
 
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, object]:
         raise NotImplementedError
 
     def _stack(self, indices: list[int], key: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.records[i][key] for i in indices])).to(self.dims.device)
+
+    def _pairs(self, indices: list[int], key: str) -> torch.Tensor:
+        """A preference field of both answers, chosen first then rejected: (2b, ...)."""
+        return torch.cat([self._stack(indices, f"chosen_{key}"), self._stack(indices, f"rejected_{key}")])
 
     # ------------------------------------------------------------------ validation
 
