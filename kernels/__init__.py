@@ -2,8 +2,9 @@
 
 ``flash_attention``, ``layer_norm``, ``rms_norm``, ``swiglu``, ``apply_rotary``,
 ``cross_entropy`` and ``vocab_parallel_cross_entropy`` run the Triton kernels (on CUDA tensors, or on CPU tensors under
-``TRITON_INTERPRET=1``); ``reference`` holds the PyTorch versions and ``backends`` reports and
-checks what can run here.
+``TRITON_INTERPRET=1``); ``reference`` holds the PyTorch versions they are tested against, and
+``backends`` is the registry of every op's backends (torch, triton, flash_attn, apex) that the
+model and the benchmark call, with what can run here.
 """
 
 from . import backends, reference

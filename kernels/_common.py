@@ -127,26 +127,16 @@ def _time_on_gpu(launch: Callable[[], Any], timer: Callable[..., float] = None) 
         raise
 
 
-_agreement_group = None  # set by set_tuning_group
-
-
-def set_tuning_group(group) -> None:
-    """Make every rank of ``group`` pick the same launch settings (the least total time).
+def _agree(times: list[float], group) -> list[float]:
+    """Every rank of ``group``'s times summed (an inf, a setting that failed, stays inf).
 
     Ranks that compute the same thing, as tensor-parallel ranks do for a norm outside
     sequence parallelism, must launch it the same way: their results are then bit-identical
     and parameters replicated over them cannot drift apart. They make their first call per
-    shape in the same order, so the agreement is one all-reduce inside it. ``None`` turns it off.
+    shape in the same order, so the agreement is one all-reduce inside it.
     """
-    global _agreement_group
-    _agreement_group = group
-
-
-def _agree(times: list[float]) -> list[float]:
-    """Every rank of the tuning group's times summed (an inf, a setting that failed, stays inf)."""
     import torch.distributed as dist
 
-    group = _agreement_group
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return times
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
@@ -162,7 +152,7 @@ class LaunchTuner:
     buffer sized by it (the norm backward's per-program partial sums), so those kernels time
     whole launches here. The first candidate is the default: it is used under the interpreter,
     with tuning disabled, or when there is only one. A launch must be repeatable (it may run
-    many times while being timed). With a tuning group set, its ranks agree on one pick.
+    many times while being timed). Given a process group, its ranks agree on one pick.
     """
 
     def __init__(self, timer: Callable[[Callable[[], Any]], float] = _time_on_gpu,
@@ -171,16 +161,18 @@ class LaunchTuner:
         self.picks: dict[Hashable, Any] = {}
         self.timings: dict[Hashable, list[tuple[Any, float]]] = {}  # what each candidate took, when timed
 
-    def pick(self, key: Hashable, candidates: Sequence | Callable[[], Sequence], launch: Callable[[Any], Any]):
+    def pick(self, key: Hashable, candidates: Sequence | Callable[[], Sequence], launch: Callable[[Any], Any],
+             group=None):
         """The setting for ``key``; ``candidates`` (default first) may be a function, so a call
-        with a known key builds no list."""
+        with a known key builds no list. Every rank of ``group`` (if any) gets the same pick: the
+        least total time over them."""
         if key not in self.picks:
             if callable(candidates):
                 candidates = candidates()
             if len(candidates) == 1 or not self.enabled():
                 self.picks[key] = candidates[0]
             else:
-                times = _agree([self.timer(lambda c=c: launch(c)) for c in candidates])
+                times = _agree([self.timer(lambda c=c: launch(c)) for c in candidates], group)
                 self.timings[key] = list(zip(candidates, times))
                 if all(math.isinf(t) for t in times):
                     raise RuntimeError(f"no launch setting fits this device for {key}: tried {list(candidates)}")

@@ -600,12 +600,15 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    softmax_scale: float | None = None) -> torch.Tensor:
+                    softmax_scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T * scale) v with q (B, S, H, D), k/v (B, S, KVH, D); returns (B, S, H, D).
 
     H must be a multiple of KVH (grouped-query attention: query head h reads k/v head
-    h // (H // KVH)). ``softmax_scale`` defaults to 1/sqrt(D). Differentiable.
+    h // (H // KVH)). ``softmax_scale`` defaults to 1/sqrt(D). Differentiable. ``dropout_p``
+    completes the registry's attention signature: this kernel has no dropout, so it must be 0.
     """
+    if dropout_p != 0.0:
+        raise ValueError(f"flash_attention has no attention dropout, got dropout_p={dropout_p}; use the torch backend")
     check_attention_inputs(q, k, v, causal)
     check_device(q, k, v)
     if q.dtype not in _SUPPORTED_DTYPES:

@@ -210,8 +210,9 @@ def _tuning_key(x2d: torch.Tensor, weight: torch.Tensor, is_rms: bool, has_bias:
     return n_cols, triton.next_power_of_2(n_rows), x2d.dtype, weight.dtype, is_rms, has_bias, x2d.device
 
 
-def norm_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, is_rms: bool):
-    """x2d (M, N) -> (y (M, N), mean (M,) fp32 or None, rstd (M,) fp32)."""
+def norm_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, is_rms: bool,
+                 tuning_group=None):
+    """x2d (M, N) -> (y (M, N), mean (M,) fp32 or None, rstd (M,) fp32); ``tuning_group`` as in ``layer_norm``."""
     n_rows, n_cols = x2d.shape
     y = new_output((n_rows, n_cols), x2d.dtype, x2d.device)
     mean = None if is_rms else new_output((n_rows,), torch.float32, x2d.device)
@@ -229,7 +230,7 @@ def norm_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     def candidates() -> list[tuple[int, int]]:
         return _candidates(block_n, x2d.element_size(), _FWD_BYTES_PER_THREAD)
 
-    launch(_fwd_tuner.pick(_tuning_key(x2d, weight, is_rms, bias is not None), candidates, launch))
+    launch(_fwd_tuner.pick(_tuning_key(x2d, weight, is_rms, bias is not None), candidates, launch, tuning_group))
     return y, mean, rstd
 
 
@@ -240,7 +241,7 @@ def _backward_programs(n_rows: int, rows: int, device: torch.device, per_sm: int
     return max(1, min(per_sm * multiprocessor_count(device), triton.cdiv(n_rows, rows)))
 
 
-def norm_backward(dy2d, x2d, weight, mean, rstd, has_bias: bool):
+def norm_backward(dy2d, x2d, weight, mean, rstd, has_bias: bool, tuning_group=None):
     """Returns (dx (M, N), dw (N,), db (N,) or None); dw and db in the weight's dtype."""
     block_n = triton.next_power_of_2(x2d.shape[1])
     dx = new_output(x2d.shape, x2d.dtype, x2d.device)
@@ -251,7 +252,7 @@ def norm_backward(dy2d, x2d, weight, mean, rstd, has_bias: bool):
     def candidates() -> list[tuple[int, int, int, str]]:
         return backward_candidates(block_n, x2d.element_size())
 
-    return launch(_bwd_tuner.pick(_tuning_key(x2d, weight, mean is None, has_bias), candidates, launch))
+    return launch(_bwd_tuner.pick(_tuning_key(x2d, weight, mean is None, has_bias), candidates, launch, tuning_group))
 
 
 def backward_candidates(block_n: int, element_size: int) -> list[tuple[int, int, int, str]]:
@@ -318,18 +319,18 @@ def _rows_2d(t: torch.Tensor) -> torch.Tensor:
 
 class _NormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, is_rms: bool):
+    def forward(ctx, x, weight, bias, eps: float, is_rms: bool, tuning_group):
         x2d = _rows_2d(x)
-        y, mean, rstd = norm_forward(x2d, weight, bias, eps, is_rms)
+        y, mean, rstd = norm_forward(x2d, weight, bias, eps, is_rms, tuning_group)
         ctx.save_for_backward(x2d, weight, mean, rstd)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.tuning_group = bias is not None, tuning_group
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = norm_backward(_rows_2d(dy), x2d, weight, mean, rstd, ctx.has_bias)
-        return dx.view(dy.shape), dw, db, None, None
+        dx, dw, db = norm_backward(_rows_2d(dy), x2d, weight, mean, rstd, ctx.has_bias, ctx.tuning_group)
+        return dx.view(dy.shape), dw, db, None, None, None
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -352,13 +353,21 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps
     check_device(x, weight, *([bias] if bias is not None else []))
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension; differentiable."""
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5,
+               tuning_group=None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension; differentiable.
+
+    ``tuning_group``: ranks that compute the same norm (tensor-parallel ranks outside sequence
+    parallelism) pass their process group, so they all pick one launch setting on the GPU and
+    their results stay bit-identical (see ``LaunchTuner``).
+    """
     _check(x, weight, bias, eps, "layer_norm")
-    return _NormFunction.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(), float(eps), False)
+    bias = None if bias is None else bias.contiguous()
+    return _NormFunction.apply(x, weight.contiguous(), bias, float(eps), False, tuning_group)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dimension; differentiable."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, tuning_group=None) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension; differentiable. ``tuning_group``
+    as in ``layer_norm``."""
     _check(x, weight, None, eps, "rms_norm")
-    return _NormFunction.apply(x, weight.contiguous(), None, float(eps), True)
+    return _NormFunction.apply(x, weight.contiguous(), None, float(eps), True, tuning_group)

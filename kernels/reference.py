@@ -1,10 +1,10 @@
 """Plain PyTorch versions of every kernel, with the same signatures.
 
 ``flash_attention``, ``layer_norm`` and ``rms_norm`` here spell out the math (they are the
-references the Triton kernels are tested against, run in float64 by the tests).
-``sdpa_attention`` is the fast PyTorch path (``scaled_dot_product_attention``) that the
-``torch`` attention backend uses. ``swiglu``, ``apply_rotary`` and ``cross_entropy`` mirror
-the fused kernels of the same names.
+references the Triton kernels are tested against, run in float64 by the tests); the torch
+backend runs PyTorch's own ops instead (``eager``). ``swiglu``, ``apply_rotary`` and
+``cross_entropy`` mirror the fused kernels of the same names; the first two are also the
+torch backend's.
 """
 
 from __future__ import annotations
@@ -36,15 +36,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     probs = torch.softmax(scores.to(softmax_dtype), dim=-1).to(q.dtype)
     return torch.matmul(probs, v_).transpose(1, 2)  # (B, Sq, H, D)
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                   softmax_scale: float | None = None) -> torch.Tensor:
-    """The same function through ``torch.nn.functional.scaled_dot_product_attention``."""
-    num_heads = q.shape[2]
-    q_, k_, v_ = (t.transpose(1, 2) for t in (q, _expand_kv(k, num_heads), _expand_kv(v, num_heads)))
-    out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=causal, scale=softmax_scale)
-    return out.transpose(1, 2)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:

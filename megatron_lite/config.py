@@ -57,10 +57,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model.flavor", self.flavor, ("gpt2", "llama"))
-        _choice("model.attention_backend", self.attention_backend, ("torch", "triton", "flash_attn"))
-        _choice("model.norm_backend", self.norm_backend, ("torch", "triton", "apex"))
-        _choice("model.loss_backend", self.loss_backend, ("torch", "triton"))
-        _choice("model.elementwise_backend", self.elementwise_backend, ("torch", "triton"))
+        from megatron_lite.kernels import backends  # here, not at the top: importing the kernels imports torch
+
+        for kind in backends.KINDS:
+            _choice(f"model.{kind}_backend", getattr(self, f"{kind}_backend"), backends.choices(kind))
         for name in ("num_layers", "hidden_size", "num_heads", "seq_length", "make_vocab_size_divisible_by"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
         _require(self.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from tokenizer), got {self.vocab_size}")

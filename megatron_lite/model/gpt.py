@@ -65,10 +65,11 @@ class KVCache:
 class Norm(nn.Module):
     """LayerNorm (gpt2) or RMSNorm (llama) through the backend switch."""
 
-    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, device):
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, device, group=None):
         super().__init__()
         self.kind = "layer" if cfg.flavor == "gpt2" else "rms"
         self.eps, self.backend = cfg.norm_eps, cfg.norm_backend
+        self.tp_group = group  # tp ranks run the same norms: one launch setting for the kernels
         self.weight = nn.Parameter(torch.ones(cfg.hidden_size, device=device))
         self.bias = nn.Parameter(torch.zeros(cfg.hidden_size, device=device)) if self.kind == "layer" else None
         for p in self.parameters():
@@ -78,8 +79,8 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layer":
-            return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
-        return ops.rms_norm(x, self.weight, self.eps, self.backend)
+            return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend, tuning_group=self.tp_group)
+        return ops.rms_norm(x, self.weight, self.eps, self.backend, tuning_group=self.tp_group)
 
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,9 +157,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, dims: ParallelDims, layer_index: int):
         super().__init__()
         sp = dims.sequence_parallel
-        self.attention_norm = Norm(cfg, sp, dims.device)
+        self.attention_norm = Norm(cfg, sp, dims.device, group=dims.tp_group)
         self.attention = Attention(cfg, dims, layer_index)
-        self.mlp_norm = Norm(cfg, sp, dims.device)
+        self.mlp_norm = Norm(cfg, sp, dims.device, group=dims.tp_group)
         self.mlp = MLP(cfg, dims)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -244,7 +245,7 @@ class GPT(nn.Module):
 
         self.embedding = Embedding(cfg, dims, self.padded_vocab_size) if pre_process else None
         self.layers = nn.ModuleDict({str(i): Block(cfg, dims, i) for i in self.layer_range})
-        self.final_norm = Norm(cfg, dims.sequence_parallel, dims.device) if post_process else None
+        self.final_norm = Norm(cfg, dims.sequence_parallel, dims.device, group=dims.tp_group) if post_process else None
         self.output = self.value_head = None
         if post_process and head == "value":
             self.value_head = ValueHead(cfg.hidden_size, dims.sequence_parallel, dims.device)

@@ -162,10 +162,6 @@ class Trainer:
         self.cfg = cfg
         self.dims = dims if dims is not None else setup_dims(cfg)
         self.is_logging_rank = self.dims.rank == 0
-        if cfg.model.norm_backend == "triton":
-            from megatron_lite.kernels._common import set_tuning_group
-
-            set_tuning_group(self.dims.tp_group)  # tp ranks run the same norms: one launch setting
         if datasets is None:
             prepare_data_config(cfg, self.is_logging_rank)
             self.tokenizer = load_run_tokenizer(cfg)
@@ -287,6 +283,7 @@ class Trainer:
         return autocast_context(self.cfg.train.precision, self.dims.device)
 
     def _announce(self) -> None:
+        from megatron_lite.kernels import backends
         from megatron_lite.model.gpt import num_parameters
         from megatron_lite.parallel.dims import padded_vocab_size
 
@@ -304,6 +301,7 @@ class Trainer:
             f"{self.cfg.train.micro_batch_size} x {self.micro_batches_per_step} accumulation x {d.dp} dp | "
             f"{self.cfg.train.precision} | {self.optimizer_kind} | steps {self.step}->{self.total_steps}"
         )
+        self.metrics.print("kernel backends:\n" + backends.describe(m))
 
     def evaluate(self) -> float:
         """Mean validation loss over ``train.eval_steps`` global batches (same batches every time)."""

@@ -80,19 +80,13 @@ def test_disabled_or_single_candidate_takes_the_default_without_timing():
 def _agreeing_ranks(rank: int, world_size: int) -> list:
     import torch.distributed as dist
 
-    from megatron_lite.kernels import _common
-
     # Each rank's clock favours a different setting; together "b" costs least (2 + 2 vs 1 + 5, 5 + 1).
     costs = [{"a": 1.0, "b": 2.0, "c": 5.0}, {"a": 5.0, "b": 2.0, "c": 1.0}][rank]
     tuner = LaunchTuner(timer=FakeClock(costs), enabled=lambda: True)
     alone = LaunchTuner(timer=FakeClock(costs), enabled=lambda: True).pick("k", ["a", "b", "c"], lambda c: c)
-    _common.set_tuning_group(dist.group.WORLD)
-    try:
-        agreed = tuner.pick("k", ["a", "b", "c"], lambda c: c)
-        failed = LaunchTuner(timer=FakeClock({"x": [math.inf, 1.0][rank], "y": 3.0}), enabled=lambda: True)
-        skipped = failed.pick("k", ["x", "y"], lambda c: c)  # x failed on rank 0, so nobody takes it
-    finally:
-        _common.set_tuning_group(None)
+    agreed = tuner.pick("k", ["a", "b", "c"], lambda c: c, group=dist.group.WORLD)
+    failed = LaunchTuner(timer=FakeClock({"x": [math.inf, 1.0][rank], "y": 3.0}), enabled=lambda: True)
+    skipped = failed.pick("k", ["x", "y"], lambda c: c, group=dist.group.WORLD)  # x failed on rank 0, so nobody takes it
     return [alone, agreed, skipped]
 
 

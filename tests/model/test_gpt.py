@@ -1,9 +1,11 @@
+import importlib
+import sys
+
 import pytest
 import torch
 
 from megatron_lite.config import ConfigError, ModelConfig
 from megatron_lite.kernels import backends
-from megatron_lite.model import ops
 from megatron_lite.model.gpt import GPT, flops_per_token, num_parameters
 
 
@@ -135,8 +137,8 @@ def test_model_errors_name_the_fix(monkeypatch):
     with pytest.raises(ValueError, match="outside the model's 2 layers"):
         GPT(tiny("gpt2"), layer_range=range(1, 3))
     # Pretend the optional packages are absent, whatever this machine has installed.
-    real_find_spec = ops.importlib.util.find_spec
-    monkeypatch.setattr(ops.importlib.util, "find_spec", lambda n: None if n in ("flash_attn", "apex") else real_find_spec(n))
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    monkeypatch.setitem(sys.modules, "apex", None)
     monkeypatch.setattr(backends, "flash_attn_available", lambda: False)
     monkeypatch.setattr(backends, "apex_available", lambda: False)
     with pytest.raises(ConfigError, match="model.attention_backend=flash_attn .*flash.attn.*torch"):
@@ -151,12 +153,13 @@ def test_model_errors_name_the_fix(monkeypatch):
 
 
 def test_triton_backend_error_when_kernels_lack_the_op(monkeypatch):
-    import megatron_lite.kernels as kernels
+    from megatron_lite.kernels import attention, elementwise, layernorm
 
-    monkeypatch.delattr(kernels, "flash_attention", raising=False)
-    monkeypatch.delattr(kernels, "rms_norm", raising=False)
-    monkeypatch.delattr(kernels, "vocab_parallel_cross_entropy", raising=False)
-    monkeypatch.delattr(kernels, "apply_rotary", raising=False)
+    loss_kernels = importlib.import_module("megatron_lite.kernels.cross_entropy")  # not the function of that name
+    monkeypatch.delattr(attention, "flash_attention")
+    monkeypatch.delattr(layernorm, "rms_norm")
+    monkeypatch.delattr(loss_kernels, "vocab_parallel_cross_entropy")
+    monkeypatch.delattr(elementwise, "apply_rotary")
     with pytest.raises(ConfigError, match="model.attention_backend=triton is not available.*flash_attention"):
         GPT(tiny("llama", attention_backend="triton"))
     with pytest.raises(ConfigError, match="model.norm_backend=triton is not available.*rms_norm"):
