@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import bench_kernels  # noqa: E402
+from kernel_bench.sweep import attention_flops  # noqa: E402
 
 
 def test_smoke_sweep_checks_and_writes_report(tmp_path):
@@ -29,8 +30,8 @@ def test_smoke_sweep_checks_and_writes_report(tmp_path):
 
 
 def test_attention_flop_count():
-    assert bench_kernels.attention_flops(2, 3, 128, 64, causal=False) == 4 * 2 * 3 * 128 * 128 * 64
-    assert bench_kernels.attention_flops(2, 3, 128, 64, causal=True) == 2 * 2 * 3 * 128 * 128 * 64
+    assert attention_flops(2, 3, 128, 64, causal=False) == 4 * 2 * 3 * 128 * 128 * 64
+    assert attention_flops(2, 3, 128, 64, causal=True) == 2 * 2 * 3 * 128 * 128 * 64
 
 
 def test_only_times_the_named_sections(tmp_path):
