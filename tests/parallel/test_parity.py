@@ -21,7 +21,7 @@ import torch
 
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.parallel.layers import merge_shards
+from megatron_lite.parallel.layout import layout_of
 from megatron_lite.training.checkpoint import TIED_COPIES, iteration_dir_name
 from megatron_lite.training.trainer import Trainer
 from tests.distributed import run_distributed
@@ -115,7 +115,7 @@ def _train(cfg, dims: ParallelDims | None) -> dict:
     result = trainer.train()
     d = trainer.dims
     params = {
-        name: (p.detach().clone(), getattr(p, "partition_dim", None), getattr(p, "partition_chunks", 1))
+        name: (p.detach().clone(), layout_of(p))
         for name, p in trainer.named_params
     }
     return {"coords": (d.tp_rank, d.pp_rank, d.dp_rank), "losses": result.losses,
@@ -138,12 +138,12 @@ def _merged_params(per_rank: list[dict]) -> dict[str, torch.Tensor]:
     tp = 1 + max(t for t, _, _ in by_coords)
     merged: dict[str, torch.Tensor] = {}
     for (tp_rank, pp_rank, dp_rank), params in sorted(by_coords.items()):
-        for name, (tensor, _, _) in params.items():
+        for name, (tensor, _) in params.items():
             assert torch.equal(tensor, by_coords[(tp_rank, pp_rank, 0)][name][0]), f"dp replicas differ: {name}"
         if tp_rank != 0 or dp_rank != 0:
             continue
-        for name, (_, dim, chunks) in params.items():
-            merged[name] = merge_shards([by_coords[(t, pp_rank, 0)][name][0] for t in range(tp)], dim, chunks)
+        for name, (_, layout) in params.items():
+            merged[name] = layout.merge_shards([by_coords[(t, pp_rank, 0)][name][0] for t in range(tp)])
     return merged
 
 
