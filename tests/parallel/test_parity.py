@@ -200,7 +200,7 @@ def _check_against_reference(name: str, flavor: str, per_rank: list[dict], root:
     (step, val), (ref_step, ref_val) = per_rank[0]["val_losses"][-1], ref["val_losses"][-1]
     assert step == ref_step == STEPS and abs(val - ref_val) / ref_val < RELATIVE_TOLERANCE, name
     merged = _merged_params(per_rank)
-    ref_params = {n: t for n, (t, _, _) in ref["params"].items()}
+    ref_params = {n: t for n, (t, _) in ref["params"].items()}
     tied_copies = {n for n, target in TIED_COPIES.items() if n in merged and n not in ref_params}
     assert set(merged) - tied_copies == set(ref_params), name
     for copy in tied_copies:  # the last stage's copy of the tied embedding stayed equal to the first's
