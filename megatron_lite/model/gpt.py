@@ -139,7 +139,8 @@ class MLP(nn.Module):
             # [gate; up] fused; partition_chunks=2 keeps each rank's gate and up rows paired.
             self.fc = ColumnParallelLinear(H, 2 * F_, bias=False, group=group, sequence_parallel=sp, partition_chunks=2,
                                            device=dims.device)
-        self.proj = RowParallelLinear(F_, H, bias=cfg.flavor == "gpt2", group=group, sequence_parallel=sp, device=dims.device)
+        self.proj = RowParallelLinear(F_, H, bias=cfg.flavor == "gpt2", group=group, sequence_parallel=sp,
+                                      device=dims.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)  # (B, T, F/tp) or (B, T, 2F/tp)
@@ -253,7 +254,7 @@ class GPT(nn.Module):
                 sequence_parallel=dims.sequence_parallel, device=dims.device,
             )
         if self._shares_embedding():
-            # Two copies of one matrix on the first and last stage; the pipeline sums their gradients.
+            # Two copies of one matrix on the first and last stage; parallel.grad_sync sums their gradients.
             for p in self.tied_embedding_params():
                 mark_tied_embedding(p)
         self.init_weights(seed)

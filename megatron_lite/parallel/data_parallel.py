@@ -92,8 +92,9 @@ class GradReducer:
     Gradient accumulation: wrap the non-final micro-batches in ``no_sync()`` (or let the
     pipeline executor call ``set_grad_sync``) so they communicate nothing; call
     ``finish_grad_sync()`` after the final backward, before clipping and the optimizer step
-    (``parallel.grad_sync`` does both, and the other sums after it). ``zero_grad()`` clears the buffers (use it instead of the
-    optimizer's, which would detach the gradients from their buckets until the next backward).
+    (``parallel.grad_sync`` does both, and the other sums after it). ``zero_grad()`` clears the
+    buffers (use it instead of the optimizer's, which would detach the gradients from their
+    buckets until the next backward).
     """
 
     def __init__(

@@ -80,7 +80,7 @@ def global_grad_norm(
     for kind, group in (("tp", tp_group), ("pp", pp_group), ("dp", dp_group)):
         if group is not None:
             dist.all_reduce(total, group=group)
-            record(comm_stats, kind, "all_reduce", total.element_size(), dist.get_world_size(group))
+            record(comm_stats, kind, "all_reduce", total.element_size(), group_size(group))
     return total.sqrt()
 
 

@@ -53,8 +53,8 @@ class GradSync:
                  comm_stats: CommStats | None = None):
         self.dims, self.comm_stats = dims, comm_stats
         self.params = [p for chunk in chunks for p in chunk.parameters()]
-        self.zero1 = optimizer if isinstance(optimizer, Zero1AdamW) else None
-        self.reducers = [] if self.zero1 else [
+        self.zero1_optimizer = optimizer if isinstance(optimizer, Zero1AdamW) else None
+        self.reducers = [] if self.zero1_optimizer is not None else [
             GradReducer(chunk.parameters(), dims.dp_group, bucket_size_mb, comm_stats=comm_stats) for chunk in chunks
         ]
 
@@ -77,37 +77,29 @@ class GradSync:
 
     def finish(self) -> None:
         """Run the whole sequence; afterwards ``grads_for_optimizer`` are the global-batch gradients."""
+        dims, stats = self.dims, self.comm_stats
         for reducer in self.reducers:
             reducer.set_grad_sync(True)
             reducer.finish_grad_sync()
-        self._sum_sequence_parallel()
-        self._sum_tied_embedding_copies()
-        self._sum_replicated_rows()
-        if self.zero1:
-            self.zero1.reduce_gradients()
-
-    def _sum_sequence_parallel(self) -> None:
-        if self.dims.sequence_parallel:
-            sum_sequence_parallel(self.params, self.dims.tp_group, self.comm_stats)
-
-    def _sum_tied_embedding_copies(self) -> None:
-        sum_tied_embedding_copies(self.params, self.dims.embedding_group, self.comm_stats)
-
-    def _sum_replicated_rows(self) -> None:
-        sum_replicated_rows(self.params, self.dims.tp, self.dims.kv_replica_group, self.comm_stats)
+        if dims.sequence_parallel:
+            sum_sequence_parallel(self.params, dims.tp_group, stats)
+        sum_tied_embedding_copies(self.params, dims.embedding_group, stats)
+        sum_replicated_rows(self.params, dims.tp, dims.kv_replica_group, stats)
+        if self.zero1_optimizer is not None:
+            self.zero1_optimizer.reduce_gradients()
 
     def grads_for_optimizer(self) -> list:
         """What the norm, clipping and unscaling act on: the parameters, or under ZeRO-1 this rank's
         ``GradShard`` slices of the dp-reduced gradient."""
-        if self.zero1:
-            return self.zero1.grad_shards()
+        if self.zero1_optimizer is not None:
+            return self.zero1_optimizer.grad_shards()
         return [p for p in self.params if p.grad is not None]
 
     @property
     def norm_dp_group(self):
         """The group over which the grad norm also sums: dp under ZeRO-1 (each rank holds a different
         slice), else None (every dp rank holds the same gradient)."""
-        return self.dims.dp_group if self.zero1 else None
+        return self.dims.dp_group if self.zero1_optimizer is not None else None
 
     def zero_grad(self) -> None:
         """Clear the gradients; bucketed ones stay views into their buffers."""
@@ -115,7 +107,7 @@ class GradSync:
             for reducer in self.reducers:
                 reducer.zero_grad()
         else:
-            self.zero1.zero_grad(set_to_none=True)
+            self.zero1_optimizer.zero_grad(set_to_none=True)
 
 
 def sum_sequence_parallel(params, tp_group, comm_stats: CommStats | None = None) -> None:
@@ -149,6 +141,7 @@ def sum_replicated_rows(params, tp: int, replica_group, comm_stats: CommStats | 
     if group_size(replica_group) != replicas:
         raise ValueError(
             f"parameters hold copies on {replicas} tensor-parallel ranks but the replica group has "
-            f"{group_size(replica_group)}; build the dims with ParallelDims.initialize, which creates the replica groups"
+            f"{group_size(replica_group)}; build the dims with ParallelDims.initialize, which creates the "
+            f"replica groups"
         )
     all_reduce_flat([layout_of(p).replicated_part(p.grad) for p in params], replica_group, comm_stats, "tp")

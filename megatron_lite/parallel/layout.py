@@ -145,7 +145,8 @@ class ParamLayout:
         blocks = full.chunk(chunks, dim=dim)
         if any(b.shape[dim] % tp for b in blocks) or full.shape[dim] % chunks:
             raise ValueError(
-                f"dim {dim} of size {full.shape[dim]} does not split into {chunks} block(s) x {tp} tensor-parallel ranks"
+                f"dim {dim} of size {full.shape[dim]} does not split into {chunks} block(s) x {tp} "
+                f"tensor-parallel ranks"
             )
         if self.partition_groups % tp and tp < self.partition_groups:
             raise ValueError(f"{self.partition_groups} row groups do not split over {tp} tensor-parallel ranks")
