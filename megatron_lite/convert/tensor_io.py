@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_lite.parallel.layers import layout_of, merge_shards
+from megatron_lite.parallel.layout import ParamLayout
 from megatron_lite.training.checkpoint import read_manifest, resolve_checkpoint_dir, shard_file_name
 
 SINGLE_FILE = "model.safetensors"
@@ -80,7 +80,7 @@ class CheckpointWeights:
             raise ConversionError(f"{self.directory} holds no parameter {name!r}; it does not match its manifest")
         pieces = [self._shard_file(t, self._stage_of[name])[name] for t in range(self.tp)]
         try:
-            return merge_shards(pieces, **layout_of(self.manifest["params"][name]))
+            return ParamLayout.from_manifest(self.manifest["params"][name]).merge_shards(pieces)
         except ValueError as exc:
             raise ConversionError(f"{self.directory}: {name}: {exc}") from exc
 

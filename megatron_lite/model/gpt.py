@@ -32,10 +32,8 @@ from megatron_lite.parallel.layers import (
     VocabParallelEmbedding,
     column_parallel_linear,
     fill_from_full_,
-    full_shape,
-    layout_of,
-    set_partition,
 )
+from megatron_lite.parallel.layout import ParamLayout, attach_layout, layout_of, mark_tied_embedding
 from megatron_lite.parallel.mappings import (
     gather_replicated_from_sequence_region,
     scatter_to_sequence_region,
@@ -73,9 +71,8 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(cfg.hidden_size, device=device))
         self.bias = nn.Parameter(torch.zeros(cfg.hidden_size, device=device)) if self.kind == "layer" else None
         for p in self.parameters():
-            set_partition(p, None)
             # On a sequence shard each rank's gradient covers only its tokens: summed over tp later.
-            p.sequence_parallel = sequence_parallel
+            attach_layout(p, ParamLayout(sequence_parallel=sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layer":
@@ -109,10 +106,11 @@ class Attention(nn.Module):
         # tp / num_kv_heads ranks of group g split its q heads and each keeps a copy of k_g, v_g.
         qkv_size = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.qkv = ColumnParallelLinear(
-            cfg.hidden_size, qkv_size, bias, group, sp, device=dims.device,
+            cfg.hidden_size, qkv_size, bias=bias, group=group, sequence_parallel=sp, device=dims.device,
             partition_groups=cfg.num_kv_heads, replicated_rows=2 * cfg.head_dim,
         )
-        self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias, group, sp, device=dims.device)
+        self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias, group=group,
+                                      sequence_parallel=sp, device=dims.device)
 
     def forward(self, x, rope, rng, kv_cache=None, attention_mask=None):
         qkv = self.qkv(x)  # (B, T, nkv * (q_per_kv + 2) * hd), full T even under sequence parallelism
@@ -137,11 +135,13 @@ class MLP(nn.Module):
         self.flavor, self.backend = cfg.flavor, cfg.elementwise_backend
         group, sp, H, F_ = dims.tp_group, dims.sequence_parallel, cfg.hidden_size, cfg.ffn_hidden_size
         if cfg.flavor == "gpt2":
-            self.fc = ColumnParallelLinear(H, F_, True, group, sp, device=dims.device)
+            self.fc = ColumnParallelLinear(H, F_, bias=True, group=group, sequence_parallel=sp, device=dims.device)
         else:
             # [gate; up] fused; partition_chunks=2 keeps each rank's gate and up rows paired.
-            self.fc = ColumnParallelLinear(H, 2 * F_, False, group, sp, partition_chunks=2, device=dims.device)
-        self.proj = RowParallelLinear(F_, H, cfg.flavor == "gpt2", group, sp, device=dims.device)
+            self.fc = ColumnParallelLinear(H, 2 * F_, bias=False, group=group, sequence_parallel=sp, partition_chunks=2,
+                                           device=dims.device)
+        self.proj = RowParallelLinear(F_, H, bias=cfg.flavor == "gpt2", group=group, sequence_parallel=sp,
+                                      device=dims.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)  # (B, T, F/tp) or (B, T, 2F/tp)
@@ -192,11 +192,11 @@ class _DropoutStreams:
 class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, dims: ParallelDims, padded_vocab: int):
         super().__init__()
-        self.word = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, dims.tp_group, dims.device)
+        self.word = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, group=dims.tp_group, device=dims.device)
         self.position = None
         if cfg.flavor == "gpt2":
             self.position = nn.Embedding(cfg.seq_length, cfg.hidden_size, device=dims.device)
-            set_partition(self.position.weight, None)
+            attach_layout(self.position.weight, ParamLayout())
         self.dropout = nn.Dropout(cfg.dropout)
         self.dims = dims
 
@@ -251,12 +251,13 @@ class GPT(nn.Module):
             self.value_head = ValueHead(cfg.hidden_size, dims.sequence_parallel, dims.device)
         elif post_process and not (cfg.tie_embeddings and pre_process):
             self.output = ColumnParallelLinear(
-                cfg.hidden_size, self.padded_vocab_size, False, dims.tp_group, dims.sequence_parallel, device=dims.device
+                cfg.hidden_size, self.padded_vocab_size, bias=False, group=dims.tp_group,
+                sequence_parallel=dims.sequence_parallel, device=dims.device,
             )
         if self._shares_embedding():
-            # Two copies of one matrix on the first and last stage; the pipeline sums their gradients.
+            # Two copies of one matrix on the first and last stage; parallel.grad_sync sums their gradients.
             for p in self.tied_embedding_params():
-                p.shared_embedding = True
+                mark_tied_embedding(p)
         self.init_weights(seed)
 
     # ---- initialisation: the same full model whatever the layout ----
@@ -272,7 +273,7 @@ class GPT(nn.Module):
 
     def _full_init(self, name: str, param: nn.Parameter, module: nn.Module, seed: int) -> torch.Tensor:
         cfg = self.config
-        shape = full_shape(param.shape, self.dims.tp, **layout_of(param))
+        shape = layout_of(param).full_shape(param.shape, self.dims.tp)
         if isinstance(module, Norm):
             return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
         if name.endswith("bias"):
@@ -358,8 +359,7 @@ class ValueHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(1, hidden_size, device=device))
         self.bias = nn.Parameter(torch.zeros(1, device=device))
         for p in self.parameters():
-            set_partition(p, None)
-            p.sequence_parallel = sequence_parallel
+            attach_layout(p, ParamLayout(sequence_parallel=sequence_parallel))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.weight, self.bias).squeeze(-1).float()

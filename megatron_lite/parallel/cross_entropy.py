@@ -10,11 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(x, op=op, group=group)
-    return x
+from megatron_lite.parallel.collectives import all_reduce, group_rank
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -23,13 +19,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # logits: (B, T, V/tp) this rank's columns; labels: (B, T) global ids
         ctx.logits_dtype = logits.dtype
         local_vocab = logits.shape[-1]
-        rank = 0 if group is None else dist.get_rank(group)
+        rank = group_rank(group)
         vocab_start = rank * local_vocab
         logits = logits.float()
         column_ids = torch.arange(vocab_start, vocab_start + local_vocab, device=logits.device)
         logits = logits.masked_fill(column_ids >= vocab_size, float("-inf"))
 
-        row_max = _all_reduce(logits.amax(dim=-1), dist.ReduceOp.MAX, group)  # (B, T)
+        row_max = all_reduce(logits.amax(dim=-1), group, dist.ReduceOp.MAX)  # (B, T)
         exp = torch.exp(logits - row_max.unsqueeze(-1))  # (B, T, V/tp)
 
         ignored = labels == ignore_index
@@ -39,7 +35,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target = torch.gather(logits, -1, local_label.unsqueeze(-1)).squeeze(-1) - row_max
         target = target.masked_fill(~mine, 0.0)
 
-        sums = _all_reduce(torch.stack([exp.sum(dim=-1), target]), dist.ReduceOp.SUM, group)
+        sums = all_reduce(torch.stack([exp.sum(dim=-1), target]), group)
         sum_exp, target = sums[0], sums[1]
         loss = (torch.log(sum_exp) - target).masked_fill(ignored, 0.0)
 

@@ -22,11 +22,9 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_lite.parallel.collectives import group_rank, group_size
 from megatron_lite.parallel.comm_stats import CommStats, record
-
-
-def _group_size(group: dist.ProcessGroup | None) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+from megatron_lite.parallel.layout import REPLICATED, ParamLayout, layout_of
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -41,23 +39,6 @@ def _reduce_scatter(output: torch.Tensor, full: torch.Tensor, group) -> None:
 def _all_gather(full: torch.Tensor, shard: torch.Tensor, group) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(full, shard, group=group)
-
-
-def allreduce_sequence_parallel_grads(
-    params: Iterable[torch.Tensor], tp_group: dist.ProcessGroup | None, comm_stats: CommStats | None = None
-) -> None:
-    """Sum over tp the gradients of parameters used on sequence shards (norms, biases after a
-    reduce-scatter): each tp rank saw only its part of the sequence. One flat all-reduce."""
-    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if tp_group is None or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=tp_group)
-    record(comm_stats, "tp", "all_reduce", _nbytes(flat), _group_size(tp_group))
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
 
 
 class _Bucket:
@@ -110,10 +91,10 @@ class GradReducer:
 
     Gradient accumulation: wrap the non-final micro-batches in ``no_sync()`` (or let the
     pipeline executor call ``set_grad_sync``) so they communicate nothing; call
-    ``finish_grad_sync()`` after the final backward, before clipping and the optimizer step.
-    With ``sequence_parallel`` the grads of ``param.sequence_parallel`` parameters are also
-    summed over ``tp_group`` there. ``zero_grad()`` clears the buffers (use it instead of the
-    optimizer's, which would detach the gradients from their buckets until the next backward).
+    ``finish_grad_sync()`` after the final backward, before clipping and the optimizer step
+    (``parallel.grad_sync`` does both, and the other sums after it). ``zero_grad()`` clears the
+    buffers (use it instead of the optimizer's, which would detach the gradients from their
+    buckets until the next backward).
     """
 
     def __init__(
@@ -122,8 +103,6 @@ class GradReducer:
         dp_group: dist.ProcessGroup | None,
         bucket_size_mb: float = 25.0,
         *,
-        tp_group: dist.ProcessGroup | None = None,
-        sequence_parallel: bool = False,
         comm_stats: CommStats | None = None,
     ):
         if bucket_size_mb <= 0:
@@ -131,8 +110,7 @@ class GradReducer:
         self.params = [p for p in params if p.requires_grad]
         if len({id(p) for p in self.params}) != len(self.params):
             raise ValueError("GradReducer got the same parameter twice; pass each parameter once")
-        self.dp_group, self.dp_size = dp_group, _group_size(dp_group)
-        self.tp_group = tp_group if sequence_parallel else None
+        self.dp_group, self.dp_size = dp_group, group_size(dp_group)
         self.comm_stats = comm_stats
         self.sync_enabled = True
         self.buckets = [_Bucket(ps) for ps in _split_buckets(self.params, int(bucket_size_mb * 2**20))]
@@ -192,7 +170,7 @@ class GradReducer:
         record(self.comm_stats, "dp", "all_reduce", _nbytes(bucket.buffer), self.dp_size)
 
     def finish_grad_sync(self) -> None:
-        """Launch what backward left unlaunched, wait for every bucket, then the tp reduction."""
+        """Launch what backward left unlaunched and wait for every bucket."""
         if not self.sync_enabled:
             raise RuntimeError(
                 "finish_grad_sync() was called inside no_sync() / with grad sync disabled; call it after "
@@ -206,7 +184,6 @@ class GradReducer:
             self._next_launch = 0
         for bucket in self.buckets:
             bucket.attach_grads()
-        allreduce_sequence_parallel_grads(self.params, self.tp_group, self.comm_stats)
 
     def zero_grad(self) -> None:
         for bucket in self.buckets:
@@ -231,12 +208,11 @@ def pipeline_grad_sync(reducers: Sequence[GradReducer]) -> Callable[[int, bool],
 
 @dataclass
 class GradShard:
-    """The part of one parameter's gradient a ZeRO rank owns, with the parameter's layout
-    attributes, so ``clip_grad_norm`` can count it like a parameter."""
+    """The part of one parameter's gradient a ZeRO rank owns, with the parameter's layout (the
+    attribute ``layout_of`` reads), so ``clip_grad_norm`` counts it like a parameter."""
 
     grad: torch.Tensor
-    partition_dim: int | None = None
-    shared_embedding: bool = False
+    param_layout: ParamLayout = REPLICATED
     param: torch.Tensor | None = None  # the parameter, for layouts that count only some of its rows
     offset: int = 0  # where ``grad`` starts in the flattened parameter
 
@@ -279,8 +255,8 @@ class Zero1AdamW:
             groups = [{"params": groups}]
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
-        self.dp_group, self.dp_size = dp_group, _group_size(dp_group)
-        self.dp_rank = 0 if dp_group is None else dist.get_rank(dp_group)
+        self.dp_group, self.dp_size = dp_group, group_size(dp_group)
+        self.dp_rank = group_rank(dp_group)
         self.comm_stats = comm_stats
         self.step_count = 0
         self._slots = self._lay_out(param_names or {})
@@ -343,8 +319,7 @@ class Zero1AdamW:
                 shards.append(
                     GradShard(
                         self.grad[local[0] : local[1]],
-                        getattr(slot.param, "partition_dim", None),
-                        getattr(slot.param, "shared_embedding", False),
+                        layout_of(slot.param),
                         slot.param,
                         self.shard_start + local[0] - slot.start,
                     )

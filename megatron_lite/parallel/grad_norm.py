@@ -1,20 +1,20 @@
 """The global gradient norm over tensor, pipeline and (ZeRO) data parallel ranks, and clipping.
 
-Each element of the model's gradient must be counted exactly once:
-- a tp-sharded parameter (``partition_dim`` set) holds a different piece on every tp rank:
-  summed over tp;
-- a replicated parameter (``partition_dim`` None) holds the same gradient on every tp rank:
-  counted on tp rank 0 only;
-- pipeline stages hold different layers: summed over pp;
-- the copies of a tied embedding (``shared_embedding``) hold the same gradient after
-  ``sync_tied_embedding_grads``: counted on pipeline rank 0 (the first stage's copy) only, so
-  it does not matter whether the flag marks the last stage's copy alone or both;
+Each element of the model's gradient must be counted exactly once. After ``parallel.grad_sync``
+every copy of an element holds the same gradient, so each rank asks the element's
+``ParamLayout`` whether it is the one that counts it:
+- a tp-sharded parameter holds a different piece on every tp rank: counted on every tp rank
+  (summed over tp); a whole one holds the same gradient on every tp rank: counted on tp rank 0
+  (``counts_in_grad_norm``);
+- pipeline stages hold different layers: summed over pp; the two copies of a tied embedding
+  are counted on pipeline rank 0 (the first stage's copy) only, so it does not matter whether
+  the flag marks the last stage's copy alone or both;
 - under ZeRO-1 each dp rank holds a different slice of the reduced gradient: summed over dp.
   Without ZeRO all dp ranks hold the same gradient; pass ``dp_group=None``;
-- the replicated rows of a grouped parameter (``tp_replicas`` > 1: k and v copied to the
-  tp / num_kv_heads ranks of their group) hold the same gradient on each of those ranks after
-  ``allreduce_replicated_grads``: counted on the first rank of each replica set only. A ZeRO
-  ``GradShard`` names its parameter and its offset in it, so the rows are found in a slice too.
+- the replicated rows of a grouped parameter (k and v copied to the tp / num_kv_heads ranks of
+  their group) are counted on the first rank of each replica set only
+  (``counts_replicated_rows``). A ZeRO ``GradShard`` names its parameter and its offset in it,
+  so the rows are found in a slice too.
 """
 
 from __future__ import annotations
@@ -25,32 +25,28 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from megatron_lite.parallel.collectives import group_rank, group_size
 from megatron_lite.parallel.comm_stats import CommStats, record
+from megatron_lite.parallel.layout import layout_of
 
 
-def _counted_here(item, tp_rank: int, pp_rank: int) -> bool:
-    if getattr(item, "shared_embedding", False) and pp_rank != 0:
-        return False
-    return getattr(item, "partition_dim", None) is not None or tp_rank == 0
-
-
-def _duplicate_range(item, tp_rank: int) -> tuple[int, int] | None:
+def _duplicate_range(item, tp_rank: int, tp: int) -> tuple[int, int] | None:
     """Flat range of ``item.grad`` holding copies that another rank of the replica set counts."""
+    layout = layout_of(item)
+    if layout.counts_replicated_rows(tp_rank, tp):
+        return None
     param = getattr(item, "param", None)
     param = item if param is None else param
-    replicas = getattr(param, "tp_replicas", 1)
-    if replicas == 1 or tp_rank % replicas == 0:
-        return None
     row_numel = param.numel() // param.shape[0]
-    start = (param.shape[0] - param.replicated_rows) * row_numel  # partition_dim 0: the rows are a flat tail
+    start = (param.shape[0] - layout.replicated_rows) * row_numel  # partition_dim 0: the rows are a flat tail
     offset = getattr(item, "offset", 0)
     lo, hi = max(start, offset) - offset, min(param.numel(), offset + item.grad.numel()) - offset
     return (lo, hi) if lo < hi else None
 
 
-def _squared_sum(item, tp_rank: int) -> torch.Tensor:
+def _squared_sum(item, tp_rank: int, tp: int) -> torch.Tensor:
     grad = item.grad.detach().float().reshape(-1)
-    duplicate = _duplicate_range(item, tp_rank)
+    duplicate = _duplicate_range(item, tp_rank, tp)
     if duplicate is None:
         return grad.pow(2).sum()
     return grad[: duplicate[0]].pow(2).sum() + grad[duplicate[1] :].pow(2).sum()
@@ -72,20 +68,19 @@ def global_grad_norm(
     comm_stats: CommStats | None = None,
 ) -> torch.Tensor:
     """L2 norm (fp32 scalar tensor) of the whole model's gradient. ``params`` are parameters or
-    ``data_parallel.GradShard``s: anything with ``.grad`` and the layout attributes."""
+    ``data_parallel.GradShard``s: anything with ``.grad`` and a layout."""
     params = list(params)
     items = [p for p in params if p.grad is not None]
-    tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
-    pp_rank = 0 if pp_group is None else dist.get_rank(pp_group)
+    tp_rank, tp, pp_rank = group_rank(tp_group), group_size(tp_group), group_rank(pp_group)
     device = _device_of(params)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for item in items:
-        if _counted_here(item, tp_rank, pp_rank):
-            total += _squared_sum(item, tp_rank)
+        if layout_of(item).counts_in_grad_norm(tp_rank, pp_rank):
+            total += _squared_sum(item, tp_rank, tp)
     for kind, group in (("tp", tp_group), ("pp", pp_group), ("dp", dp_group)):
         if group is not None:
             dist.all_reduce(total, group=group)
-            record(comm_stats, kind, "all_reduce", total.element_size(), dist.get_world_size(group))
+            record(comm_stats, kind, "all_reduce", total.element_size(), group_size(group))
     return total.sqrt()
 
 

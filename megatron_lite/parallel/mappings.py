@@ -10,32 +10,29 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_lite.parallel.collectives import all_reduce, group_rank, group_size
+
 SEQUENCE_DIM = 1
 
 
-def _world(group: dist.ProcessGroup | None) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    if _world(group) == 1:
+def _summed_copy(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The sum over ``group`` in a new tensor: autograd may still need ``x`` as it is."""
+    if group_size(group) == 1:
         return x
-    x = x.contiguous().clone()
-    dist.all_reduce(x, group=group)
-    return x
+    return all_reduce(x.contiguous().clone(), group)
 
 
 def _split(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    world = _world(group)
+    world = group_size(group)
     if world == 1:
         return x
     if x.shape[dim] % world != 0:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {world} tensor-parallel ranks")
-    return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
+    return x.chunk(world, dim=dim)[group_rank(group)].contiguous()
 
 
 def _gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    world = _world(group)
+    world = group_size(group)
     if world == 1:
         return x
     x = x.contiguous()
@@ -45,12 +42,12 @@ def _gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    world = _world(group)
+    world = group_size(group)
     if world == 1:
         return x
     if dist.get_backend(group) == "gloo":
         # gloo has no reduce-scatter: all-reduce, then keep this rank's slice.
-        return _split(_all_reduce(x, group), dim, group)
+        return _split(_summed_copy(x, group), dim, group)
     parts = [p.contiguous() for p in x.chunk(world, dim=dim)]
     out = torch.empty_like(parts[0])
     dist.reduce_scatter(out, parts, group=group)
@@ -65,13 +62,13 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return _summed_copy(grad, ctx.group), None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x, group)
+        return _summed_copy(x, group)
 
     @staticmethod
     def backward(ctx, grad):

@@ -33,7 +33,7 @@ from megatron_lite.parallel.comm_stats import CommStats, record
 
 Op = tuple[str, int, int]  # ("F" | "B", microbatch, chunk)
 ForwardStep = Callable[[int, "torch.Tensor | None", Any], torch.Tensor]
-GradSync = Callable[[int, bool], None]
+GradSyncHook = Callable[[int, bool], None]  # (chunk, is its last micro-batch): see parallel.grad_sync
 
 SCHEDULES = ("afab", "1f1b")
 _ACTIVATION_TAG = 0
@@ -366,7 +366,7 @@ def forward_backward(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     forward_only: bool = False,
-    grad_sync: GradSync | None = None,
+    grad_sync: GradSyncHook | None = None,
     loss_scale: float = 1.0,
     comm_stats: CommStats | None = None,
 ) -> list[torch.Tensor]:
@@ -398,22 +398,3 @@ def forward_backward(
     p2p.wait_all()
     return [run.losses[mb] for mb in sorted(run.losses)]
 
-
-def sync_tied_embedding_grads(
-    params: Sequence[torch.Tensor],
-    embedding_group: dist.ProcessGroup | None,
-    comm_stats: CommStats | None = None,
-) -> None:
-    """Sum the gradients of the tied word embedding's two copies (first and last stage).
-
-    Both copies then take the same optimizer step and stay equal. ``embedding_group`` is
-    None when the first and last stage are one rank (pp = 1): there is nothing to sum.
-    """
-    if embedding_group is None:
-        return
-    size = dist.get_world_size(embedding_group)
-    for param in params:
-        if param.grad is None:  # this copy took no part in the loss: it contributes zeros
-            param.grad = torch.zeros_like(param)
-        dist.all_reduce(param.grad, group=embedding_group)
-        record(comm_stats, "embedding", "all_reduce", param.grad.numel() * param.grad.element_size(), size)

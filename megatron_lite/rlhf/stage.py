@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import ConfigError
+from megatron_lite.parallel.collectives import sum_over_replicas
 from megatron_lite.rlhf.data import PreferenceDataset, SFTDataset, build_demo_rlhf_data, split_indices
 from megatron_lite.training.trainer import Trainer
 
@@ -148,10 +149,4 @@ class StageTrainer(Trainer):
 
     def _sum_over_replicas(self, sums: torch.Tensor) -> torch.Tensor:
         """Sums held by the last stage of each data-parallel replica -> the total on every rank."""
-        if not self.dims.is_last_stage:
-            sums.zero_()
-        if self.dims.pp > 1:
-            dist.all_reduce(sums, group=self.dims.pp_group)
-        if self.dims.dp > 1:
-            dist.all_reduce(sums, group=self.dims.dp_group)
-        return sums
+        return sum_over_replicas(sums, self.dims)

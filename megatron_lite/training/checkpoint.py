@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_lite.parallel.dims import padded_vocab_size
-from megatron_lite.parallel.layers import full_shape, layout_of, merge_shards, shard_tensor
+from megatron_lite.parallel.layout import ParamLayout, attach_layout, layout_of
 from megatron_lite.training.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
 FORMAT_VERSION = 1
@@ -69,7 +69,7 @@ def named_parameters(model_chunks: list[torch.nn.Module]) -> list[tuple[str, tor
 
 
 def _full_shape(param: torch.Tensor, tp: int) -> list[int]:
-    return full_shape(param.shape, tp, **layout_of(param))
+    return layout_of(param).full_shape(param.shape, tp)
 
 
 # ----------------------------------------------------------------------------- small I/O helpers
@@ -182,10 +182,7 @@ def _param_meta(named: list[tuple[str, torch.nn.Parameter]], tp: int) -> dict:
 def _meta_entry(param: torch.Tensor, tp: int) -> dict:
     """Layout and full shape of one parameter; the grouped-row fields only where they are used,
     so manifests of other parameters keep the form readers before them expect."""
-    layout = layout_of(param)
-    entry = {"partition_dim": layout["partition_dim"], "partition_chunks": layout["partition_chunks"]}
-    if layout["partition_groups"] > 1 or layout["replicated_rows"] > 0:
-        entry.update(partition_groups=layout["partition_groups"], replicated_rows=layout["replicated_rows"])
+    entry = layout_of(param).manifest_fields()
     return {**entry, "shape": _full_shape(param, tp), "dtype": str(param.dtype).replace("torch.", "")}
 
 
@@ -332,7 +329,7 @@ class _ShardReader:
 
     def _merge(self, name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
         try:
-            return merge_shards(pieces, **layout_of(self.manifest["params"][name]))
+            return ParamLayout.from_manifest(self.manifest["params"][name]).merge_shards(pieces)
         except ValueError as exc:
             raise CheckpointError(f"{self.ckpt_dir}: {name}: {exc}") from exc
 
@@ -475,9 +472,9 @@ def _reshard(full: torch.Tensor, name: str, param: torch.Tensor, manifest: dict,
 
 
 def _shard(full: torch.Tensor, name: str, layout_source, tp_rank: int, tp: int) -> torch.Tensor:
-    """``tp_rank``'s piece of ``full`` cut like ``layout_source`` (a parameter or a probe with its attributes)."""
+    """``tp_rank``'s piece of ``full`` cut like ``layout_source`` (a parameter or a probe with its layout)."""
     try:
-        return shard_tensor(full, tp_rank=tp_rank, tp=tp, **layout_of(layout_source))
+        return layout_of(layout_source).shard_tensor(full, tp_rank, tp)
     except ValueError as exc:
         raise CheckpointError(f"{name}: {exc}; choose a tensor-parallel degree that splits it") from exc
 
@@ -611,8 +608,7 @@ def save_full_state_dict(
                                                                   model_cfg.vocab_size, padded, tp)):
                     optimizer_shards[tp_rank][name] = state
             probe = torch.empty(shards[0][name].shape, dtype=full.dtype, device="meta")
-            for key, value in layout_of(layout_param).items():
-                setattr(probe, key, value)
+            attach_layout(probe, layout_of(layout_param))
             params[name] = _meta_entry(probe, tp)
         for tp_rank, shard in enumerate(shards):
             content = {"model": shard}

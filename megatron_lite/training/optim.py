@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lite.config import ConfigError, OptimConfig
+from megatron_lite.parallel.layout import layout_of
 
 NamedParams = list[tuple[str, torch.nn.Parameter]]
 
@@ -24,9 +25,9 @@ def apex_fused_adam() -> type | None:
 
 def skips_weight_decay(name: str, param: torch.Tensor) -> bool:
     """Norm gains and biases are vectors; embeddings are lookup tables whose rows decay unevenly.
-    The last pipeline stage's copy of a tied embedding (``shared_embedding``) is the embedding too."""
+    The last pipeline stage's copy of a tied embedding (``layout.tied_embedding``) is the embedding too."""
     leaf = name.split(".")
-    if getattr(param, "shared_embedding", False):
+    if layout_of(param).tied_embedding:
         return True
     return param.ndim < 2 or any("embed" in part or part in ("wte", "wpe") for part in leaf)
 

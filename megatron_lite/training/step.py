@@ -4,14 +4,14 @@ Every rank runs the same collectives in the same order:
 
 1. forward and backward of each micro-batch: a plain loop at pp=1, the pipeline schedule
    (afab, 1F1B or interleaved 1F1B) at pp>1; the loss lives on the last stage;
-2. gradients averaged over dp: ``GradReducer`` buckets launched during each chunk's final
-   micro-batch backward (earlier micro-batches communicate nothing), or under ZeRO-1 a
-   reduce-scatter onto each rank's slice; sequence-parallel parameters summed over tp;
-3. the two copies of a tied embedding (first and last stage) summed, so they stay equal, and
-   the copies of a kv head (tp > num_kv_heads) summed over the ranks that share it;
-4. the fp16 loss scale removed, the global gradient norm taken (each element counted once
+2. the gradient path, ``parallel.grad_sync``: gradients averaged over dp (``GradReducer``
+   buckets launched during each chunk's final micro-batch backward, or under ZeRO-1 a
+   reduce-scatter onto each rank's slice), sequence-parallel parameters summed over tp, the
+   two copies of a tied embedding summed, the copies of a kv head summed over the ranks that
+   share it; why each is right and counted once is written there and in ``parallel.layout``;
+3. the fp16 loss scale removed, the global gradient norm taken (each element counted once
    across tp, pp and, under ZeRO-1, dp) and clipped;
-5. the optimizer step, skipped when the norm is not finite.
+4. the optimizer step, skipped when the norm is not finite.
 
 The loss returned is the mean over the global batch, identical on every rank.
 """
@@ -23,20 +23,14 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from megatron_lite.config import Config, ConfigError
-from megatron_lite.parallel.data_parallel import (
-    GradReducer,
-    Zero1AdamW,
-    allreduce_sequence_parallel_grads,
-    pipeline_grad_sync,
-)
+from megatron_lite.parallel.collectives import sum_over_replicas
+from megatron_lite.parallel.data_parallel import Zero1AdamW
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.grad_norm import clip_grad_norm
-from megatron_lite.parallel.layers import allreduce_replicated_grads
+from megatron_lite.parallel.grad_sync import GradSync
 from megatron_lite.parallel.pipeline import forward_backward as run_pipeline
-from megatron_lite.parallel.pipeline import sync_tied_embedding_grads
 from megatron_lite.training import optim
 
 # (tokens (micro_batch_size, T), target): the first stage reads the tokens, the last stage's loss
@@ -87,22 +81,14 @@ def validate_batch_layout(cfg: Config, dims: ParallelDims) -> int:
 
 
 class ParallelStep:
-    """Runs steps for one rank: owns the dp gradient reducers and knows the optimizer kind."""
+    """Runs steps for one rank: owns its gradient path (``GradSync``) and knows the optimizer kind."""
 
     def __init__(self, model_chunks: Sequence[torch.nn.Module], optimizer, dims: ParallelDims,
                  schedule: str = "1f1b", bucket_size_mb: float = 25.0, loss_fn: LossFn = language_model_loss):
         self.chunks, self.optimizer, self.dims, self.schedule = list(model_chunks), optimizer, dims, schedule
         self.loss_fn = loss_fn
         self.zero1 = isinstance(optimizer, Zero1AdamW)
-        self.params = [p for chunk in self.chunks for p in chunk.parameters()]
-        self.tied_params = [p for chunk in self.chunks for p in chunk.tied_embedding_params()]
-        self.sp_group = dims.tp_group if dims.sequence_parallel else None
-        # ZeRO-1 reduce-scatters after backward, so only plain AdamW keeps gradients in dp buckets.
-        self.reducers = [] if self.zero1 else [
-            GradReducer(chunk.parameters(), dims.dp_group, bucket_size_mb, tp_group=dims.tp_group,
-                        sequence_parallel=dims.sequence_parallel)
-            for chunk in self.chunks
-        ]
+        self.grad_sync = GradSync(self.chunks, dims, optimizer, bucket_size_mb)
 
     # ------------------------------------------------------------------ forward and backward
 
@@ -113,7 +99,7 @@ class ParallelStep:
             losses = self._pipelined(micro_batches, autocast, loss_scale, forward_only=False)
         else:
             losses = self._accumulated(micro_batches, autocast, loss_scale)
-        self._reduce_gradients()
+        self.grad_sync.finish()
         return self._global_mean(losses)
 
     @torch.no_grad()
@@ -140,10 +126,8 @@ class ParallelStep:
         losses = []
         for index, (tokens, labels) in enumerate(micro_batches):
             final = index == len(micro_batches) - 1
-            with contextlib.ExitStack() as stack:
-                if not final:  # buckets stay local until the last micro-batch's backward
-                    for reducer in self.reducers:
-                        stack.enter_context(reducer.no_sync())
+            # Gradients stay local until the last micro-batch's backward.
+            with contextlib.nullcontext() if final else self.grad_sync.no_sync():
                 loss = self._loss(self.chunks[0], tokens, labels, len(micro_batches), autocast)
                 (loss * loss_scale).backward()
             losses.append(loss.detach())
@@ -164,7 +148,7 @@ class ParallelStep:
         batch, length = micro_batches[0][0].shape
         if dims.sequence_parallel:
             length //= dims.tp
-        grad_sync = None if forward_only or not self.reducers else pipeline_grad_sync(self.reducers)
+        grad_sync = None if forward_only else self.grad_sync.pipeline_hook()
         # The residual stream is fp32 (fp32 master weights under autocast), so stages exchange fp32.
         return run_pipeline(
             self.chunks, micro_batches, forward_step, self.schedule, pp_group=dims.pp_group, pp_rank=dims.pp_rank,
@@ -172,43 +156,21 @@ class ParallelStep:
             device=dims.device, forward_only=forward_only, grad_sync=grad_sync, loss_scale=loss_scale,
         )
 
-    def _reduce_gradients(self) -> None:
-        for reducer in self.reducers:
-            reducer.set_grad_sync(True)
-            reducer.finish_grad_sync()  # dp average, then the sequence-parallel sum over tp
-        if self.zero1:
-            allreduce_sequence_parallel_grads(self.params, self.sp_group)
-        sync_tied_embedding_grads(self.tied_params, self.dims.embedding_group)
-        allreduce_replicated_grads(self.params, self.dims.kv_replica_group)
-
     def _global_mean(self, losses: list[torch.Tensor]) -> float:
-        """Sum of the last stage's micro-batch losses (already divided by their number), made
-        known to every pipeline stage and averaged over dp."""
-        dims = self.dims
-        total = torch.zeros((), dtype=torch.float32, device=dims.device)
-        if losses and dims.is_last_stage:
+        """Sum of the last stage's micro-batch losses (already divided by their number), averaged over dp."""
+        total = torch.zeros((), dtype=torch.float32, device=self.dims.device)
+        if losses:
             total += torch.stack([loss.float() for loss in losses]).sum()
-        if dims.pp > 1:
-            dist.all_reduce(total, group=dims.pp_group)  # only the last stage holds a non-zero sum
-        if dims.dp > 1:
-            dist.all_reduce(total, group=dims.dp_group)
-            total /= dims.dp
-        return total.item()
+        return (sum_over_replicas(total, self.dims) / self.dims.dp).item()
 
     # ------------------------------------------------------------------ the update
 
     def optimizer_step(self, scaler: optim.LossScaler, grad_clip: float) -> tuple[float, bool]:
         """Unscale, clip to the global norm, step; skip (and shrink the fp16 loss scale) when the
         norm is not finite. Returns (norm before clipping, skipped)."""
-        dims = self.dims
-        if self.zero1:
-            self.optimizer.reduce_gradients()
-            grads = self.optimizer.grad_shards()
-        else:
-            grads = [p for p in self.params if p.grad is not None]
+        grads = self.grad_sync.grads_for_optimizer()
         optim.unscale_grads(grads, scaler.scale)
-        norm = clip_grad_norm(grads, grad_clip, dims.tp_group, dims.pp_group,
-                              dims.dp_group if self.zero1 else None)
+        norm = clip_grad_norm(grads, grad_clip, self.dims.tp_group, self.dims.pp_group, self.grad_sync.norm_dp_group)
         skipped = not math.isfinite(norm)
         if not skipped:
             self.optimizer.step()
@@ -217,11 +179,7 @@ class ParallelStep:
         return norm, skipped
 
     def zero_grad(self) -> None:
-        if self.reducers:
-            for reducer in self.reducers:
-                reducer.zero_grad()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        self.grad_sync.zero_grad()
 
     def weights_loaded(self) -> None:
         """Call after parameters were overwritten (a checkpoint): ZeRO-1 re-reads its master slice."""

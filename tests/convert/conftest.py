@@ -53,14 +53,12 @@ def random_full(name: str, shape: list[int], vocab_size: int, seed: int = 7) -> 
 def randomize_(chunks, tp: int, tp_rank: int, vocab_size: int, tied: bool, seed: int = 7) -> None:
     """Overwrite every parameter with this rank's shard of ``random_full``; a tied head copy
     (last stage, pp > 1) draws like the embedding so both copies agree."""
-    from megatron_lite.parallel.layers import shard_tensor
+    from megatron_lite.parallel.layout import layout_of
 
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            shape = list(param.shape)
-            if param.partition_dim is not None:
-                shape[param.partition_dim] *= tp
+            layout = layout_of(param)
             draw_as = "embedding.word.weight" if tied and name == "output.weight" else name
-            full = random_full(draw_as, shape, vocab_size, seed)
+            full = random_full(draw_as, layout.full_shape(param.shape, tp), vocab_size, seed)
             with torch.no_grad():
-                param.copy_(shard_tensor(full, param.partition_dim, param.partition_chunks, tp_rank, tp))
+                param.copy_(layout.shard_tensor(full, tp_rank, tp))

@@ -7,6 +7,7 @@ import torch
 from megatron_lite.config import ConfigError, ModelConfig
 from megatron_lite.kernels import backends
 from megatron_lite.model.gpt import GPT, flops_per_token, num_parameters
+from megatron_lite.parallel.layout import ParamLayout, layout_of
 
 
 def tiny(flavor: str, **overrides) -> ModelConfig:
@@ -33,7 +34,7 @@ def test_forward_shapes_and_parameter_count(flavor):
     assert abs(loss.mean().item() - torch.log(torch.tensor(50.0)).item()) < 0.5
     assert sum(p.numel() for p in model.parameters()) == num_parameters(cfg, 64)
     for p in model.parameters():
-        assert hasattr(p, "partition_dim") and p.partition_chunks >= 1
+        assert isinstance(getattr(p, "param_layout", None), ParamLayout) and layout_of(p).partition_chunks >= 1
 
 
 def test_tie_embeddings_shares_the_head():
@@ -79,7 +80,7 @@ def test_pipeline_chunks_use_global_names_and_match_the_whole_model():
     first = GPT(cfg, layer_range=range(0, 2), post_process=False)
     last = GPT(cfg, layer_range=range(2, 4), pre_process=False)
     assert "layers.3.mlp.fc.weight" in dict(last.named_parameters())
-    assert last.output.weight.shared_embedding and first.embedding.word.weight.shared_embedding
+    assert layout_of(last.output.weight).tied_embedding and layout_of(first.embedding.word.weight).tied_embedding
     assert torch.equal(last.output.weight, whole.embedding.word.weight)
     assert [p is first.embedding.word.weight for p in first.tied_embedding_params()] == [True]
     assert [p is last.output.weight for p in last.tied_embedding_params()] == [True]

@@ -10,6 +10,7 @@ from torch import nn
 from megatron_lite.parallel.comm_stats import CommStats
 from megatron_lite.parallel.data_parallel import GradReducer, GradShard, Zero1AdamW, pipeline_grad_sync
 from megatron_lite.parallel.grad_norm import clip_grad_norm, global_grad_norm
+from megatron_lite.parallel.layout import ParamLayout, attach_layout
 from megatron_lite.parallel.pipeline import forward_backward
 from tests.distributed import run_distributed
 
@@ -185,9 +186,10 @@ def _check_grad_norm_tp_pp(rank: int) -> None:
     }
     expected = torch.cat([g.reshape(-1) for g in full.values()]).norm().item()
 
-    def param(grad, partition_dim=None, shared_embedding=False):
-        p = nn.Parameter(torch.zeros_like(grad))
-        p.grad, p.partition_dim, p.shared_embedding = grad.clone(), partition_dim, shared_embedding
+    def param(grad, partition_dim=None, tied_embedding=False):
+        p = attach_layout(nn.Parameter(torch.zeros_like(grad)),
+                          ParamLayout(partition_dim=partition_dim, tied_embedding=tied_embedding))
+        p.grad = grad.clone()
         return p
 
     def params_of_this_rank(flag_first_copy: bool):
@@ -195,7 +197,7 @@ def _check_grad_norm_tp_pp(rank: int) -> None:
             param(full[f"stage{pp_rank}.weight"].chunk(2, dim=0)[tp_rank], partition_dim=0),
             param(full[f"stage{pp_rank}.bias"]),
             param(full[f"stage{pp_rank}.gain"]),
-            param(full["embedding"], shared_embedding=pp_rank == 1 or flag_first_copy),
+            param(full["embedding"], tied_embedding=pp_rank == 1 or flag_first_copy),
         ]
 
     both_flagged = global_grad_norm(params_of_this_rank(flag_first_copy=True), tp_groups[pp_rank], pp_groups[tp_rank])
@@ -306,7 +308,7 @@ def test_user_errors_are_explained():
 
 
 def test_grad_shard_counts_like_a_parameter():
-    shards = [GradShard(torch.tensor([3.0, 4.0])), GradShard(torch.tensor([12.0]), partition_dim=0)]
+    shards = [GradShard(torch.tensor([3.0, 4.0])), GradShard(torch.tensor([12.0]), ParamLayout(partition_dim=0))]
     assert global_grad_norm(shards).item() == pytest.approx(13.0)
     assert clip_grad_norm(shards, 0.0) == pytest.approx(13.0)  # 0 measures without clipping
     torch.testing.assert_close(shards[0].grad, torch.tensor([3.0, 4.0]))

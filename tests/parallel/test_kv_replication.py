@@ -28,15 +28,9 @@ from megatron_lite.model.generation import generate
 from megatron_lite.parallel.data_parallel import GradShard
 from megatron_lite.parallel.dims import ParallelDims, group_ranks, validate_layout
 from megatron_lite.parallel.grad_norm import global_grad_norm
-from megatron_lite.parallel.layers import (
-    ColumnParallelLinear,
-    allreduce_replicated_grads,
-    full_shape,
-    layout_of,
-    merge_shards,
-    replicated_part,
-    shard_tensor,
-)
+from megatron_lite.parallel.grad_sync import sum_replicated_rows
+from megatron_lite.parallel.layers import ColumnParallelLinear
+from megatron_lite.parallel.layout import ParamLayout, attach_layout, layout_of
 from megatron_lite.training.checkpoint import CheckpointError, iteration_dir_name, load_full_state_dict
 from megatron_lite.training.trainer import Trainer, local_batch, split_micro_batches
 from tests.distributed import run_distributed
@@ -109,7 +103,7 @@ def _full(trainer: Trainer, grads: bool) -> dict[str, torch.Tensor]:
         if grads and trainer.parallel_step.zero1 and dims.dp > 1:  # ZeRO reduces later, onto slices
             dist.all_reduce(t, group=dims.dp_group)
             t /= dims.dp
-        full = merge_shards(_gather(t, dims.tp_group), **layout_of(param))
+        full = layout_of(param).merge_shards(_gather(t, dims.tp_group))
         out[name] = full[:VOCAB] if name in VOCAB_ROWS else full
     return out
 
@@ -117,8 +111,8 @@ def _full(trainer: Trainer, grads: bool) -> dict[str, torch.Tensor]:
 def _copies_identical(trainer: Trainer) -> bool:
     dims = trainer.dims
     for _, param in trainer.named_params:
-        if getattr(param, "tp_replicas", 1) > 1:
-            copies = _gather(replicated_part(param.detach(), param), dims.kv_replica_group)
+        if layout_of(param).tp_replicas(dims.tp) > 1:
+            copies = _gather(layout_of(param).replicated_part(param.detach()), dims.kv_replica_group)
             if not all(torch.equal(c, copies[0]) for c in copies):
                 return False
     return True
@@ -152,11 +146,12 @@ def _train(cfg, dims: ParallelDims | None) -> dict:
 
 def _check_grad_norm_counts_copies_once(dims: ParallelDims) -> None:
     """ZeRO hands the norm flat slices of a parameter: the copied rows must be found in any slice."""
-    param = torch.zeros(4, 3)
-    param.tp_replicas, param.replicated_rows = 2, 2
+    # Two groups over tp=4: each rank holds 2 rows of its own and a copy of its group's 2 rows.
+    layout = ParamLayout(partition_dim=0, partition_groups=2, replicated_rows=2)
+    param = attach_layout(torch.nn.Parameter(torch.zeros(4, 3)), layout)
     tp_rank, replica_set = dims.tp_rank, dims.tp_rank // 2
     flat = torch.cat([torch.full((6,), float(tp_rank + 1)), torch.full((6,), float(10 * (replica_set + 1)))])
-    shards = [GradShard(flat[:5], 0, param=param, offset=0), GradShard(flat[5:], 0, param=param, offset=5)]
+    shards = [GradShard(flat[:5], layout, param=param, offset=0), GradShard(flat[5:], layout, param=param, offset=5)]
     expected = 6 * (1 + 4 + 9 + 16) + 6 * (100 + 400)  # own rows on every rank, each copy once
     assert global_grad_norm(shards, dims.tp_group).item() == pytest.approx(expected**0.5, rel=1e-6)
 
@@ -169,7 +164,7 @@ def _parallel_runs(rank: int, world_size: int, root: str) -> dict:
         if name == "tp4":
             _check_grad_norm_counts_copies_once(dims)
             with pytest.raises(ValueError, match="gather_output would repeat the replicated rows"):
-                ColumnParallelLinear(8, 24, group=dims.tp_group, gather_output=True, partition_groups=2,
+                ColumnParallelLinear(8, 24, bias=True, group=dims.tp_group, gather_output=True, partition_groups=2,
                                      replicated_rows=4)
         result = _train(cfg, dims)
         if dims.tp_rank == 0 and dims.dp_rank == 0:  # one reporter per pipeline stage
@@ -276,11 +271,11 @@ def test_kv_heads_replicated_over_tp_train_like_one_process(tmp_path):
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_grouped_rows_shard_and_merge_are_inverses(tp):
     kv_heads, q_per_kv, head_dim = 2, 4, 3
-    layout = dict(partition_dim=0, partition_chunks=1, partition_groups=kv_heads, replicated_rows=2 * head_dim)
+    layout = ParamLayout(partition_dim=0, partition_chunks=1, partition_groups=kv_heads, replicated_rows=2 * head_dim)
     full = torch.randn(kv_heads * (q_per_kv + 2) * head_dim, 5)
-    shards = [shard_tensor(full, tp_rank=r, tp=tp, **layout) for r in range(tp)]
-    assert torch.equal(merge_shards(shards, **layout), full)
-    assert all(full_shape(s.shape, tp, **layout) == list(full.shape) for s in shards)
+    shards = [layout.shard_tensor(full, r, tp) for r in range(tp)]
+    assert torch.equal(layout.merge_shards(shards), full)
+    assert all(layout.full_shape(s.shape, tp) == list(full.shape) for s in shards)
     groups = full.view(kv_heads, q_per_kv + 2, head_dim, 5)
     for r, s in enumerate(shards):
         if tp > kv_heads:  # one q head of group r // (tp / kv) per rank, then that group's k and v whole
@@ -293,19 +288,19 @@ def test_grouped_rows_shard_and_merge_are_inverses(tp):
 
 
 def test_merging_copies_that_differ_is_an_error():
-    layout = dict(partition_dim=0, partition_chunks=1, partition_groups=1, replicated_rows=2)
+    layout = ParamLayout(partition_dim=0, partition_chunks=1, partition_groups=1, replicated_rows=2)
     full = torch.arange(12.0).view(6, 2)
-    shards = [shard_tensor(full, tp_rank=r, tp=2, **layout) for r in range(2)]
+    shards = [layout.shard_tensor(full, r, 2) for r in range(2)]
     shards[1][-1, 0] += 1
     with pytest.raises(ValueError, match="replicated rows of group 0 differ"):
-        merge_shards(shards, **layout)
+        layout.merge_shards(shards)
 
 
 def test_replicated_gradients_need_the_replica_group():
-    param = torch.nn.Parameter(torch.zeros(6, 2))
-    param.grad, param.tp_replicas, param.replicated_rows = torch.ones(6, 2), 2, 2
+    param = attach_layout(torch.nn.Parameter(torch.zeros(6, 2)), ParamLayout(partition_dim=0, replicated_rows=2))
+    param.grad = torch.ones(6, 2)
     with pytest.raises(ValueError, match="copies on 2 tensor-parallel ranks but the replica group has 1"):
-        allreduce_replicated_grads([param], None)
+        sum_replicated_rows([param], 2, None)
 
 
 def _llama(**kw) -> ModelConfig:

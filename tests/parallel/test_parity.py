@@ -21,7 +21,7 @@ import torch
 
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.parallel.layers import merge_shards
+from megatron_lite.parallel.layout import layout_of
 from megatron_lite.training.checkpoint import TIED_COPIES, iteration_dir_name
 from megatron_lite.training.trainer import Trainer
 from tests.distributed import run_distributed
@@ -115,7 +115,7 @@ def _train(cfg, dims: ParallelDims | None) -> dict:
     result = trainer.train()
     d = trainer.dims
     params = {
-        name: (p.detach().clone(), getattr(p, "partition_dim", None), getattr(p, "partition_chunks", 1))
+        name: (p.detach().clone(), layout_of(p))
         for name, p in trainer.named_params
     }
     return {"coords": (d.tp_rank, d.pp_rank, d.dp_rank), "losses": result.losses,
@@ -138,12 +138,12 @@ def _merged_params(per_rank: list[dict]) -> dict[str, torch.Tensor]:
     tp = 1 + max(t for t, _, _ in by_coords)
     merged: dict[str, torch.Tensor] = {}
     for (tp_rank, pp_rank, dp_rank), params in sorted(by_coords.items()):
-        for name, (tensor, _, _) in params.items():
+        for name, (tensor, _) in params.items():
             assert torch.equal(tensor, by_coords[(tp_rank, pp_rank, 0)][name][0]), f"dp replicas differ: {name}"
         if tp_rank != 0 or dp_rank != 0:
             continue
-        for name, (_, dim, chunks) in params.items():
-            merged[name] = merge_shards([by_coords[(t, pp_rank, 0)][name][0] for t in range(tp)], dim, chunks)
+        for name, (_, layout) in params.items():
+            merged[name] = layout.merge_shards([by_coords[(t, pp_rank, 0)][name][0] for t in range(tp)])
     return merged
 
 
@@ -200,7 +200,7 @@ def _check_against_reference(name: str, flavor: str, per_rank: list[dict], root:
     (step, val), (ref_step, ref_val) = per_rank[0]["val_losses"][-1], ref["val_losses"][-1]
     assert step == ref_step == STEPS and abs(val - ref_val) / ref_val < RELATIVE_TOLERANCE, name
     merged = _merged_params(per_rank)
-    ref_params = {n: t for n, (t, _, _) in ref["params"].items()}
+    ref_params = {n: t for n, (t, _) in ref["params"].items()}
     tied_copies = {n for n, target in TIED_COPIES.items() if n in merged and n not in ref_params}
     assert set(merged) - tied_copies == set(ref_params), name
     for copy in tied_copies:  # the last stage's copy of the tied embedding stayed equal to the first's

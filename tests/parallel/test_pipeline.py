@@ -10,6 +10,8 @@ from torch import nn
 from megatron_lite.config import ConfigError, ParallelConfig
 from megatron_lite.parallel import pipeline
 from megatron_lite.parallel.comm_stats import CommStats
+from megatron_lite.parallel.grad_sync import sum_tied_embedding_copies
+from megatron_lite.parallel.layout import mark_tied_embedding
 from megatron_lite.parallel.pipeline import (
     Transfer,
     build_schedule,
@@ -20,7 +22,6 @@ from megatron_lite.parallel.pipeline import (
     schedule_1f1b,
     schedule_afab,
     schedule_interleaved,
-    sync_tied_embedding_grads,
 )
 from tests.distributed import run_distributed
 
@@ -320,9 +321,9 @@ def _pipeline_body(rank, world_size):
     assert stats.payload_bytes["pp"] == (2 if pp_rank == 0 else 1) * 8 * ROWS * HIDDEN * 4
     checks.append("forward-only")
     # Tied embedding: the first and last stage's copies end with the sum of both gradients.
-    emb = nn.Parameter(torch.zeros(3, 2))
+    emb = mark_tied_embedding(nn.Parameter(torch.zeros(3, 2)))
     emb.grad = torch.full((3, 2), float(rank + 1))
-    sync_tied_embedding_grads([emb], group)
+    sum_tied_embedding_copies([emb], group)
     torch.testing.assert_close(emb.grad, torch.full((3, 2), float(2 * (rank // 2) * 2 + 3)))
     checks.append("tied")
     # A stage that returns the wrong activation shape is told so before anything is sent.

@@ -22,9 +22,8 @@ from megatron_lite.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     fill_from_full_,
-    merge_shards,
-    shard_tensor,
 )
+from megatron_lite.parallel.layout import ParamLayout, layout_of
 from megatron_lite.parallel.random import RNGStatesTracker, model_parallel_seed
 from tests.distributed import run_distributed
 
@@ -88,9 +87,9 @@ def check_layers(rank: int, group, sequence_parallel: bool) -> None:
     reference_up, reference_down = torch.nn.Linear(8, 12), torch.nn.Linear(12, 8)
     reference_embedding = torch.nn.Embedding(10, 8)
     ids = torch.randint(0, 10, (2, 4))
-    column = ColumnParallelLinear(8, 12, True, group, sequence_parallel)
-    row = RowParallelLinear(12, 8, True, group, sequence_parallel)
-    embedding = VocabParallelEmbedding(10, 8, group)
+    column = ColumnParallelLinear(8, 12, bias=True, group=group, sequence_parallel=sequence_parallel)
+    row = RowParallelLinear(12, 8, bias=True, group=group, sequence_parallel=sequence_parallel)
+    embedding = VocabParallelEmbedding(10, 8, group=group)
     for layer, reference in [(column, reference_up), (row, reference_down), (embedding, reference_embedding)]:
         for name, param in layer.named_parameters():
             fill_from_full_(param, getattr(reference, name).detach(), group)
@@ -108,12 +107,12 @@ def check_layers(rank: int, group, sequence_parallel: bool) -> None:
     torch.testing.assert_close(out, target, **close)
     out.square().sum().backward()
 
-    assert getattr(row.bias, "sequence_parallel") is sequence_parallel
+    assert layout_of(row.bias).sequence_parallel is sequence_parallel
     if sequence_parallel:
         dist.all_reduce(row.bias.grad, group=group)
     for layer, reference in [(column, reference_up), (row, reference_down), (embedding, reference_embedding)]:
         for name, param in layer.named_parameters():
-            merged = merge_shards(gather_shards(param.grad, group), param.partition_dim, param.partition_chunks)
+            merged = layout_of(param).merge_shards(gather_shards(param.grad, group))
             torch.testing.assert_close(merged, getattr(reference, name).grad, **close)
 
 
@@ -169,9 +168,9 @@ def merged_tensors(model: GPT, dims: ParallelDims, grads: bool) -> dict[str, tor
     out = {}
     for name, param in model.named_parameters():
         t = param.grad.clone() if grads else param.detach()
-        if grads and getattr(param, "sequence_parallel", False):
-            dist.all_reduce(t, group=dims.tp_group)  # what the gradient reducer does for these
-        out[name] = merge_shards(gather_shards(t, dims.tp_group), param.partition_dim, param.partition_chunks)
+        if grads and layout_of(param).sequence_parallel:
+            dist.all_reduce(t, group=dims.tp_group)  # what the gradient path does for these
+        out[name] = layout_of(param).merge_shards(gather_shards(t, dims.tp_group))
     return out
 
 
@@ -214,7 +213,7 @@ def tp2_checks(rank: int, world_size: int) -> str:
     check_cross_entropy(rank, group)
     check_rng(rank, group)
     with pytest.raises(ValueError, match="in_features=7 is not divisible by the tensor-parallel size 2"):
-        RowParallelLinear(7, 4, group=group)
+        RowParallelLinear(7, 4, bias=True, group=group)
     with pytest.raises(ValueError, match="num_embeddings=9 is not divisible by the tensor-parallel size 2"):
         VocabParallelEmbedding(9, 4, group=group)
     for flavor in ("gpt2", "llama"):
@@ -264,7 +263,7 @@ def grid_checks(rank: int, world_size: int) -> dict:
         torch.testing.assert_close(loss, expected, **close)
 
     for param in model.tied_embedding_params():
-        assert param.shared_embedding
+        assert layout_of(param).tied_embedding
         dist.all_reduce(param.grad, group=dims.embedding_group)
     grads = merged_tensors(model, dims, True)
     reference_grads = {n: p.grad for n, p in reference.named_parameters()}
@@ -296,23 +295,25 @@ def test_tensor_and_pipeline_parallel_on_four_ranks():
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_shard_and_merge_are_inverses(partition_dim, chunks, tp):
     full = torch.arange(8 * 16).reshape(8, 16)
-    shards = [shard_tensor(full, partition_dim, chunks, r, tp) for r in range(tp)]
+    layout = ParamLayout(partition_dim=partition_dim, partition_chunks=chunks)
+    shards = [layout.shard_tensor(full, r, tp) for r in range(tp)]
     if partition_dim is not None:
         assert all(s.shape[partition_dim] == full.shape[partition_dim] // tp for s in shards)
-    assert torch.equal(merge_shards(shards, partition_dim, chunks), full)
+    assert torch.equal(layout.merge_shards(shards), full)
 
 
 def test_shards_of_a_fused_weight_keep_blocks_paired():
     gate, up = torch.zeros(4, 3), torch.ones(4, 3)
-    shard = shard_tensor(torch.cat([gate, up]), 0, 2, 1, 2)
+    fused = ParamLayout(partition_dim=0, partition_chunks=2)
+    shard = fused.shard_tensor(torch.cat([gate, up]), 1, 2)
     assert torch.equal(shard, torch.cat([gate[2:], up[2:]]))
     with pytest.raises(ValueError, match="does not split into 2 block"):
-        shard_tensor(torch.zeros(6, 3), 0, 2, 0, 2)
+        fused.shard_tensor(torch.zeros(6, 3), 0, 2)
 
 
 def test_single_process_errors():
     with pytest.raises(ValueError, match="out_features=12 does not split into 5 block.*multiple of 5"):
-        ColumnParallelLinear(4, 12, partition_chunks=5)
+        ColumnParallelLinear(4, 12, bias=True, group=None, partition_chunks=5)
     tracker = RNGStatesTracker()
     tracker.add("a", 1)
     with pytest.raises(ValueError, match="random stream 'a' already exists"):

@@ -1,0 +1,147 @@
+"""Everything done to gradients after backward, in one place: why each gradient is right and counted once.
+
+After the last micro-batch's backward every rank holds, per parameter, the gradient of the loss
+of its own micro-batches through its own piece of the model. Four sums make that the gradient
+of the global-batch loss, identical wherever the model keeps copies; ``GradSync.finish`` runs
+them in this order on every rank (collectives must be issued in one order by all members):
+
+1. **data parallel**: each dp rank saw a different part of the global batch, so the gradients
+   are averaged over dp (the per-micro-batch losses are already divided by the number of
+   micro-batches, so the average is the global-batch mean). Plain AdamW keeps gradients in
+   ``GradReducer`` buckets whose all-reduces start during the final backward; ZeRO-1 instead
+   reduce-scatters them onto each rank's optimizer slice, last, after the sums below (they act
+   on whole gradients, and afterwards only slices exist);
+2. **sequence parallel** (``layout.sequence_parallel``): norms, the row-parallel biases and the
+   value head run on each tp rank's sequence shard, so each rank's gradient covers only its
+   tokens: summed over tp;
+3. **tied embedding** (``layout.tied_embedding``): at pp > 1 the first and last stage each hold
+   a copy of the word embedding and each copy saw one of its two uses: summed over the
+   embedding group, so both copies take the same step and stay equal;
+4. **kv-head replicas** (``layout.tp_replicas(tp) > 1``): with tp > num_kv_heads the tp ranks of
+   one kv group each hold a copy of its k and v rows, and each copy saw only its rank's query
+   heads: those rows are summed over the replica group, so the copies stay identical.
+
+Every sum goes through one flat all-reduce (``collectives.all_reduce_flat``). Counting each
+element once in the global grad norm is the other half of the answer: ``grad_norm`` asks each
+parameter's ``ParamLayout`` whether this rank counts it (``parallel/layout.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from megatron_lite.parallel.collectives import all_reduce_flat, group_size
+from megatron_lite.parallel.comm_stats import CommStats
+from megatron_lite.parallel.data_parallel import GradReducer, Zero1AdamW, pipeline_grad_sync
+from megatron_lite.parallel.layout import layout_of
+from megatron_lite.parallel.pipeline import GradSyncHook
+
+
+class GradSync:
+    """The post-backward gradient sequence of one rank's model chunks (see the module docstring).
+
+    ``dims`` is the rank's ``ParallelDims`` (its groups and sizes). With a ``Zero1AdamW``
+    optimizer the dp step is its reduce-scatter; otherwise one ``GradReducer`` per chunk
+    overlaps the dp all-reduce with backward.
+    """
+
+    def __init__(self, chunks: Sequence[nn.Module], dims, optimizer, bucket_size_mb: float = 25.0,
+                 comm_stats: CommStats | None = None):
+        self.dims, self.comm_stats = dims, comm_stats
+        self.params = [p for chunk in chunks for p in chunk.parameters()]
+        self.zero1_optimizer = optimizer if isinstance(optimizer, Zero1AdamW) else None
+        self.reducers = [] if self.zero1_optimizer is not None else [
+            GradReducer(chunk.parameters(), dims.dp_group, bucket_size_mb, comm_stats=comm_stats) for chunk in chunks
+        ]
+
+    # ---- during backward ----
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate locally (every micro-batch but the last)."""
+        with contextlib.ExitStack() as stack:
+            for reducer in self.reducers:
+                stack.enter_context(reducer.no_sync())
+            yield
+
+    def pipeline_hook(self) -> GradSyncHook | None:
+        """The pipeline executor's ``grad_sync``: each chunk's buckets communicate only during its
+        final micro-batch's backward (None when nothing overlaps with backward)."""
+        return pipeline_grad_sync(self.reducers) if self.reducers else None
+
+    # ---- after the final backward ----
+
+    def finish(self) -> None:
+        """Run the whole sequence; afterwards ``grads_for_optimizer`` are the global-batch gradients."""
+        dims, stats = self.dims, self.comm_stats
+        for reducer in self.reducers:
+            reducer.set_grad_sync(True)
+            reducer.finish_grad_sync()
+        if dims.sequence_parallel:
+            sum_sequence_parallel(self.params, dims.tp_group, stats)
+        sum_tied_embedding_copies(self.params, dims.embedding_group, stats)
+        sum_replicated_rows(self.params, dims.tp, dims.kv_replica_group, stats)
+        if self.zero1_optimizer is not None:
+            self.zero1_optimizer.reduce_gradients()
+
+    def grads_for_optimizer(self) -> list:
+        """What the norm, clipping and unscaling act on: the parameters, or under ZeRO-1 this rank's
+        ``GradShard`` slices of the dp-reduced gradient."""
+        if self.zero1_optimizer is not None:
+            return self.zero1_optimizer.grad_shards()
+        return [p for p in self.params if p.grad is not None]
+
+    @property
+    def norm_dp_group(self):
+        """The group over which the grad norm also sums: dp under ZeRO-1 (each rank holds a different
+        slice), else None (every dp rank holds the same gradient)."""
+        return self.dims.dp_group if self.zero1_optimizer is not None else None
+
+    def zero_grad(self) -> None:
+        """Clear the gradients; bucketed ones stay views into their buffers."""
+        if self.reducers:
+            for reducer in self.reducers:
+                reducer.zero_grad()
+        else:
+            self.zero1_optimizer.zero_grad(set_to_none=True)
+
+
+def sum_sequence_parallel(params, tp_group, comm_stats: CommStats | None = None) -> None:
+    """Sum over tp the gradients of parameters used on sequence shards: each rank saw only its tokens."""
+    grads = [p.grad for p in params if p.grad is not None and layout_of(p).sequence_parallel]
+    all_reduce_flat(grads, tp_group, comm_stats, "tp")
+
+
+def sum_tied_embedding_copies(params, embedding_group, comm_stats: CommStats | None = None) -> None:
+    """Sum the gradients of the tied word embedding's two copies (first and last stage), so both take
+    the same step. ``embedding_group`` is None when one rank holds the only copy (pp = 1)."""
+    if embedding_group is None:
+        return
+    copies = [p for p in params if layout_of(p).tied_embedding]
+    for param in copies:
+        if param.grad is None:  # this copy took no part in the loss: it contributes zeros
+            param.grad = torch.zeros_like(param)
+    all_reduce_flat([p.grad for p in copies], embedding_group, comm_stats, "embedding")
+
+
+def sum_replicated_rows(params, tp: int, replica_group, comm_stats: CommStats | None = None) -> None:
+    """Sum the gradients of the replicated rows over the tp ranks sharing them (``replica_group``,
+    one set of consecutive tp ranks): each rank's copy only saw its own query heads' use of the rows."""
+    params = [p for p in params if p.grad is not None and layout_of(p).tp_replicas(tp) > 1]
+    if not params:
+        return
+    counts = {layout_of(p).tp_replicas(tp) for p in params}
+    if len(counts) > 1:
+        raise ValueError(f"parameters are replicated over different numbers of ranks {sorted(counts)}")
+    replicas = counts.pop()
+    if group_size(replica_group) != replicas:
+        raise ValueError(
+            f"parameters hold copies on {replicas} tensor-parallel ranks but the replica group has "
+            f"{group_size(replica_group)}; build the dims with ParallelDims.initialize, which creates the "
+            f"replica groups"
+        )
+    all_reduce_flat([layout_of(p).replicated_part(p.grad) for p in params], replica_group, comm_stats, "tp")
