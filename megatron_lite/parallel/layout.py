@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-_ATTRIBUTE = "layout"
+_ATTRIBUTE = "param_layout"
 
 
 @dataclass(frozen=True)
