@@ -34,29 +34,47 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
     _require(value in options, f"{name}={value!r} is not one of {', '.join(options)}")
 
 
+# Structure fields a flavor preset fills when the user leaves them unset (None). A new model family is a
+# new preset; a new structural choice (qkv bias, qk-norm, RoPE scaling) is a new field here and in gpt.py.
+FLAVOR_PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(bias=True, norm="layernorm", activation="gelu", position_embedding="learned", tie_embeddings=True),
+    "llama": dict(bias=False, norm="rmsnorm", activation="swiglu", position_embedding="rope", tie_embeddings=False),
+}
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "swiglu")
+POSITION_EMBEDDINGS = ("learned", "rope")
+
+
 @dataclass
 class ModelConfig:
-    flavor: str = "gpt2"  # gpt2 | llama
+    flavor: str = "gpt2"  # gpt2 | llama: a preset for the structure fields left unset
     num_layers: int = 4
     hidden_size: int = 256
     num_heads: int = 4
     num_kv_heads: int | None = None  # None: same as num_heads (no grouped-query attention)
-    ffn_hidden_size: int | None = None  # None: 4h for gpt2, SwiGLU's 8h/3 rounded to 64 for llama
+    ffn_hidden_size: int | None = None  # None: 4h for gelu, SwiGLU's 8h/3 rounded to 64 for swiglu
     seq_length: int = 256
     vocab_size: int = 0  # 0: taken from the tokenizer
     make_vocab_size_divisible_by: int = 128
     dropout: float = 0.0
-    tie_embeddings: bool | None = None  # None: True for gpt2, False for llama
+    # Structure; None takes the flavor's preset.
+    bias: bool | None = None  # biases on the attention and MLP linears (layernorm always has one)
+    norm: str | None = None  # layernorm | rmsnorm
+    activation: str | None = None  # gelu (tanh approximation) | swiglu (fused gate and up projection)
+    position_embedding: str | None = None  # learned (a table of seq_length rows) | rope
+    tie_embeddings: bool | None = None  # the output head reuses the word embedding
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
     attention_backend: str = "torch"  # torch | triton | flash_attn
     norm_backend: str = "torch"  # torch | triton | apex
     loss_backend: str = "torch"  # torch | triton (fused vocab-parallel cross-entropy, no fp32 logits copy)
-    elementwise_backend: str = "torch"  # torch | triton (fused SwiGLU and rotary embedding, llama)
+    elementwise_backend: str = "torch"  # torch | triton (fused SwiGLU and rotary embedding)
 
     def __post_init__(self) -> None:
-        _choice("model.flavor", self.flavor, ("gpt2", "llama"))
+        _choice("model.flavor", self.flavor, tuple(FLAVOR_PRESETS))
+        self._fill_from_preset()
+        self._validate_structure()
         from megatron_lite.kernels import backends  # here, not at the top: importing the kernels imports torch
 
         for kind in backends.KINDS:
@@ -64,10 +82,35 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "num_heads", "seq_length", "make_vocab_size_divisible_by"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
         _require(self.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
+        self._validate_heads()
+        if self.ffn_hidden_size is None:
+            if self.activation == "gelu":
+                self.ffn_hidden_size = 4 * self.hidden_size
+            else:
+                self.ffn_hidden_size = 64 * ((8 * self.hidden_size // 3 + 63) // 64)
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    def _fill_from_preset(self) -> None:
+        for name, value in FLAVOR_PRESETS[self.flavor].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def _validate_structure(self) -> None:
+        _choice("model.norm", self.norm, NORMS)
+        _choice("model.activation", self.activation, ACTIVATIONS)
+        _choice("model.position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
+
+    def _validate_heads(self) -> None:
         _require(
             self.hidden_size % self.num_heads == 0,
             f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
             f"choose a head count that divides the hidden size",
+        )
+        _require(
+            self.position_embedding != "rope" or self.head_dim % 2 == 0,
+            f"model.position_embedding=rope rotates pairs of head dimensions, but the head dim "
+            f"(hidden_size / num_heads = {self.hidden_size} / {self.num_heads}) is odd; choose an even head dim "
+            f"or position_embedding=learned",
         )
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
@@ -82,18 +125,16 @@ class ModelConfig:
                 self.num_kv_heads == self.num_heads,
                 "model.num_kv_heads must equal model.num_heads for the gpt2 flavor (no grouped-query attention)",
             )
-        if self.ffn_hidden_size is None:
-            if self.flavor == "gpt2":
-                self.ffn_hidden_size = 4 * self.hidden_size
-            else:
-                self.ffn_hidden_size = 64 * ((8 * self.hidden_size // 3 + 63) // 64)
-        if self.tie_embeddings is None:
-            self.tie_embeddings = self.flavor == "gpt2"
-        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def differs_from_preset(self) -> list[str]:
+        """Structure fields whose value is not the flavor preset's (tie_embeddings aside: both families allow
+        either), for code that supports a family only as its preset defines it (the Hugging Face adapters)."""
+        preset = FLAVOR_PRESETS[self.flavor]
+        return [name for name, value in preset.items() if name != "tie_embeddings" and getattr(self, name) != value]
 
 
 @dataclass

@@ -329,6 +329,11 @@ def _model_config(**fields) -> ModelConfig:
 
 
 def adapter_for_model(cfg: ModelConfig) -> Adapter:
+    """The adapter of the model's family; each converts its family only as the flavor preset defines it."""
+    changed = cfg.differs_from_preset()
+    if changed:
+        fields = ", ".join(f"model.{name}={getattr(cfg, name)!r}" for name in changed)
+        raise ConversionError(f"no Hugging Face adapter converts a {cfg.flavor} model with {fields}")
     return ADAPTERS[cfg.flavor](cfg)
 
 

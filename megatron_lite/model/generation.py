@@ -14,8 +14,31 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_lite.model.gpt import GPT, KVCache, local_kv_heads
+from megatron_lite.model.gpt import GPT, local_kv_heads
 from megatron_lite.parallel.mappings import gather_from_region
+
+
+class KVCache:
+    """Keys and values of every processed position, per global layer: (B, S_max, nkv, hd)."""
+
+    def __init__(self, layers, batch: int, max_length: int, kv_heads: int, head_dim: int, device, dtype):
+        shape = (batch, max_length, kv_heads, head_dim)
+        self.keys = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layers}
+        self.values = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layers}
+        self.length = 0  # positions already stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[1]
+        self.keys[layer][:, self.length : end] = k
+        self.values[layer][:, self.length : end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def causal_mask(self, new_length: int, device) -> torch.Tensor:
+        """(1, 1, T, S) for T new queries after the cached keys: causal alignment is bottom-right,
+        query i sees the cached positions and the new ones up to itself."""
+        keys = torch.arange(self.length + new_length, device=device)
+        queries = self.length + torch.arange(new_length, device=device).unsqueeze(1)
+        return (keys <= queries)[None, None]
 
 
 def _check(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int, top_p: float):
@@ -34,7 +57,7 @@ def _check(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperatur
             f"{max_new_tokens}, {temperature}, {top_k}, {top_p}"
         )
     longest = max(len(p) for p in prompts) + max_new_tokens
-    if model.config.flavor == "gpt2" and longest > model.config.seq_length:
+    if model.config.position_embedding == "learned" and longest > model.config.seq_length:
         raise ValueError(
             f"prompt plus max_new_tokens reaches {longest} positions but the learned position table has "
             f"model.seq_length={model.config.seq_length}; shorten the prompt or max_new_tokens"

@@ -1,23 +1,22 @@
-"""The GPT model: GPT-2 and Llama flavours on tensor-parallel layers.
+"""The GPT model on tensor-parallel layers; the structure comes from config fields.
 
-GPT-2: learned positions, LayerNorm, GELU (tanh), biases, tied embeddings.
-Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied head by default.
+``bias`` (linear biases), ``norm`` (layernorm | rmsnorm), ``activation`` (gelu | swiglu),
+``position_embedding`` (learned | rope) and ``tie_embeddings``: the gpt2 and llama flavors are
+presets of them (see ``config.FLAVOR_PRESETS``). Grouped-query attention: ``num_kv_heads``.
 
-At tp = pp = dp = 1 every parallel layer is a plain Linear / Embedding and every
-collective is the identity. A pipeline stage is one ``GPT`` holding ``layer_range``
-(global layer indices, so parameter names match across layouts), the embeddings if
-``pre_process`` and the final norm and head if ``post_process``.
+At tp = pp = dp = 1 every parallel layer is a plain Linear / Embedding, every collective is the
+identity and every dropout is plain dropout. A pipeline stage is one ``GPT`` holding ``layer_range``
+(global layer indices, so parameter names match across layouts), the embeddings if ``pre_process``
+and the final norm and head if ``post_process``.
 
-Shapes: B batch, T sequence, H hidden, nh / nkv query / kv heads on this rank,
-hd head dim, V padded vocabulary. Under sequence parallelism the residual stream
-between blocks is the rank's sequence shard (B, T/tp, H).
+Shapes: B batch, T sequence, H hidden, nh / nkv query / kv heads on this rank, hd head dim,
+V padded vocabulary. Under sequence parallelism the residual stream between blocks is the rank's
+sequence shard (B, T/tp, H).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import zlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,57 +24,43 @@ from torch import nn
 
 from megatron_lite.config import ConfigError, ModelConfig
 from megatron_lite.model import ops
+from megatron_lite.model.heads import HEADS, ValueHead
+from megatron_lite.model.init import init_parameters
 from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size
 from megatron_lite.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     column_parallel_linear,
-    fill_from_full_,
 )
-from megatron_lite.parallel.layout import ParamLayout, attach_layout, layout_of, mark_tied_embedding
+from megatron_lite.parallel.layout import ParamLayout, attach_layout, mark_tied_embedding
 from megatron_lite.parallel.mappings import (
     gather_replicated_from_sequence_region,
     scatter_to_sequence_region,
 )
-from megatron_lite.parallel.random import RNGStatesTracker, model_parallel_seed
+from megatron_lite.parallel.random import ParallelDropout, RNGStatesTracker, model_parallel_rng_tracker
 
-WORD_EMBEDDING = "embedding.word.weight"
-RESIDUAL_PROJECTIONS = ("attention.proj.weight", "mlp.proj.weight")
-
-
-class KVCache:
-    """Keys and values of every processed position, per global layer: (B, S_max, nkv, hd)."""
-
-    def __init__(self, layers, batch: int, max_length: int, kv_heads: int, head_dim: int, device, dtype):
-        shape = (batch, max_length, kv_heads, head_dim)
-        self.keys = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layers}
-        self.values = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layers}
-        self.length = 0  # positions already stored
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[1]
-        self.keys[layer][:, self.length : end] = k
-        self.values[layer][:, self.length : end] = v
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
+if TYPE_CHECKING:
+    from megatron_lite.model.generation import KVCache
 
 
 class Norm(nn.Module):
-    """LayerNorm (gpt2) or RMSNorm (llama) through the backend switch."""
+    """LayerNorm (weight and bias) or RMSNorm (weight) through the backend switch."""
 
     def __init__(self, cfg: ModelConfig, sequence_parallel: bool, device, group=None):
         super().__init__()
-        self.kind = "layer" if cfg.flavor == "gpt2" else "rms"
-        self.eps, self.backend = cfg.norm_eps, cfg.norm_backend
+        self.kind, self.eps, self.backend = cfg.norm, cfg.norm_eps, cfg.norm_backend
         self.tp_group = group  # tp ranks run the same norms: one launch setting for the kernels
         self.weight = nn.Parameter(torch.ones(cfg.hidden_size, device=device))
-        self.bias = nn.Parameter(torch.zeros(cfg.hidden_size, device=device)) if self.kind == "layer" else None
+        self.bias = None
+        if self.kind == "layernorm":
+            self.bias = nn.Parameter(torch.zeros(cfg.hidden_size, device=device))
         for p in self.parameters():
-            # On a sequence shard each rank's gradient covers only its tokens: summed over tp later.
+            # On a sequence shard each rank's gradient covers only its tokens: summed over tp.
             attach_layout(p, ParamLayout(sequence_parallel=sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "layer":
+        if self.kind == "layernorm":
             return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend, tuning_group=self.tp_group)
         return ops.rms_norm(x, self.weight, self.eps, self.backend, tuning_group=self.tp_group)
 
@@ -94,120 +79,103 @@ def local_kv_heads(cfg: ModelConfig, tp: int) -> int:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dims: ParallelDims, layer_index: int):
+    def __init__(self, cfg: ModelConfig, dims: ParallelDims, layer_index: int, rng_tracker: RNGStatesTracker):
         super().__init__()
-        self.cfg, self.layer_index = cfg, layer_index
-        self.head_dim = cfg.head_dim
+        self.layer_index, self.head_dim = layer_index, cfg.head_dim
         self.kv_heads = local_kv_heads(cfg, dims.tp)  # on this rank
         self.q_per_kv = cfg.num_heads // dims.tp // self.kv_heads  # on this rank
-        bias, group, sp = cfg.flavor == "gpt2", dims.tp_group, dims.sequence_parallel
+        self.attention_backend, self.rope_backend = cfg.attention_backend, cfg.elementwise_backend
+        parallel = dict(bias=cfg.bias, group=dims.tp_group, sequence_parallel=dims.sequence_parallel,
+                        device=dims.device)
         # Full layout grouped per kv head, [q heads of group g, k_g, v_g] for each g, so a
         # contiguous split over tp hands each rank whole groups. With tp > num_kv_heads the
         # tp / num_kv_heads ranks of group g split its q heads and each keeps a copy of k_g, v_g.
         qkv_size = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.qkv = ColumnParallelLinear(
-            cfg.hidden_size, qkv_size, bias=bias, group=group, sequence_parallel=sp, device=dims.device,
-            partition_groups=cfg.num_kv_heads, replicated_rows=2 * cfg.head_dim,
-        )
-        self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias, group=group,
-                                      sequence_parallel=sp, device=dims.device)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, **parallel, partition_groups=cfg.num_kv_heads,
+                                        replicated_rows=2 * cfg.head_dim)
+        self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, **parallel)
+        # Each tp rank holds different heads: their attention probabilities drop different elements.
+        self.attention_dropout = ParallelDropout(cfg.dropout, rng_tracker, sharded=True)
 
-    def forward(self, x, rope, rng, kv_cache=None, attention_mask=None):
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None, attention_mask=None):
         qkv = self.qkv(x)  # (B, T, nkv * (q_per_kv + 2) * hd), full T even under sequence parallelism
         B, T, _ = qkv.shape
         qkv = qkv.view(B, T, self.kv_heads, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_kv].reshape(B, T, self.kv_heads * self.q_per_kv, self.head_dim)  # (B, T, nh, hd)
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]  # (B, T, nkv, hd)
         if rope is not None:
-            backend = self.cfg.elementwise_backend
-            q, k = ops.apply_rope(q, rope, backend), ops.apply_rope(k, rope, backend)
+            q, k = ops.apply_rope(q, rope, self.rope_backend), ops.apply_rope(k, rope, self.rope_backend)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_index, k, v)  # (B, S, nkv, hd)
-        dropout_p = self.cfg.dropout if self.training else 0.0
-        with rng.sharded(dropout_p > 0):
-            y = ops.attention(q, k, v, True, self.cfg.attention_backend, dropout_p, attention_mask)  # (B, T, nh, hd)
-        return self.proj(y.reshape(B, T, -1))
+            k, v = kv_cache.update(self.layer_index, k, v)  # (B, S, nkv, hd), S = cached + T
+        dropout = self.attention_dropout
+        with dropout.random_stream():
+            y = ops.attention(q, k, v, True, self.attention_backend, dropout.rate, attention_mask)  # (B, T, nh, hd)
+        return self.proj(y.reshape(B, T, -1))  # (B, T, H)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dims: ParallelDims):
         super().__init__()
-        self.flavor, self.backend = cfg.flavor, cfg.elementwise_backend
-        group, sp, H, F_ = dims.tp_group, dims.sequence_parallel, cfg.hidden_size, cfg.ffn_hidden_size
-        if cfg.flavor == "gpt2":
-            self.fc = ColumnParallelLinear(H, F_, bias=True, group=group, sequence_parallel=sp, device=dims.device)
-        else:
+        self.activation, self.backend = cfg.activation, cfg.elementwise_backend
+        parallel = dict(bias=cfg.bias, group=dims.tp_group, sequence_parallel=dims.sequence_parallel,
+                        device=dims.device)
+        if cfg.activation == "swiglu":
             # [gate; up] fused; partition_chunks=2 keeps each rank's gate and up rows paired.
-            self.fc = ColumnParallelLinear(H, 2 * F_, bias=False, group=group, sequence_parallel=sp, partition_chunks=2,
-                                           device=dims.device)
-        self.proj = RowParallelLinear(F_, H, bias=cfg.flavor == "gpt2", group=group, sequence_parallel=sp,
-                                      device=dims.device)
+            self.fc = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, **parallel, partition_chunks=2)
+        else:
+            self.fc = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, **parallel)
+        self.proj = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, **parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)  # (B, T, F/tp) or (B, T, 2F/tp)
-        if self.flavor == "gpt2":
-            h = F.gelu(h, approximate="tanh")
-        else:
-            gate, up = h.chunk(2, dim=-1)
+        h = self.fc(x)  # (B, T, ffn/tp), or (B, T, 2 ffn/tp) for swiglu
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)  # (B, T, ffn/tp) each
             h = ops.swiglu(gate, up, self.backend)
-        return self.proj(h)
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.proj(h)  # (B, T, H)
+
+
+def residual_dropout(cfg: ModelConfig, dims: ParallelDims, rng_tracker: RNGStatesTracker) -> ParallelDropout:
+    """Dropout on the residual stream: a sequence shard per tp rank under sequence parallelism, else whole."""
+    return ParallelDropout(cfg.dropout, rng_tracker, sharded=dims.sequence_parallel)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, dims: ParallelDims, layer_index: int):
+    def __init__(self, cfg: ModelConfig, dims: ParallelDims, layer_index: int, rng_tracker: RNGStatesTracker):
         super().__init__()
         sp = dims.sequence_parallel
         self.attention_norm = Norm(cfg, sp, dims.device, group=dims.tp_group)
-        self.attention = Attention(cfg, dims, layer_index)
+        self.attention = Attention(cfg, dims, layer_index, rng_tracker)
         self.mlp_norm = Norm(cfg, sp, dims.device, group=dims.tp_group)
         self.mlp = MLP(cfg, dims)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = residual_dropout(cfg, dims, rng_tracker)
 
-    def forward(self, x, rope, rng, kv_cache=None, attention_mask=None):
-        # x: (B, T, H), or (B, T/tp, H) under sequence parallelism; rope: (cos, sin) for llama, else None
-        active = self.training and self.dropout.p > 0
-        h = self.attention(self.attention_norm(x), rope, rng, kv_cache, attention_mask)
-        with rng.residual(active):
-            x = x + self.dropout(h)
-        h = self.mlp(self.mlp_norm(x))
-        with rng.residual(active):
-            return x + self.dropout(h)
-
-
-class _DropoutStreams:
-    """Which random stream a dropout draws from. Sharded activations (attention heads; the
-    residual stream under sequence parallelism) fork the per-tp-rank stream; replicated ones
-    keep the default generator, which every tp rank advances identically."""
-
-    def __init__(self, tracker, sequence_parallel: bool):
-        self.tracker, self.sequence_parallel = tracker, sequence_parallel
-
-    def sharded(self, active: bool):
-        return self.tracker.fork() if active else contextlib.nullcontext()
-
-    def residual(self, active: bool):
-        return self.sharded(active and self.sequence_parallel)
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None, attention_mask=None):
+        # x: (B, T, H), or (B, T/tp, H) under sequence parallelism; rope: (cos, sin) or None
+        x = x + self.dropout(self.attention(self.attention_norm(x), rope, kv_cache, attention_mask))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
 class Embedding(nn.Module):
-    def __init__(self, cfg: ModelConfig, dims: ParallelDims, padded_vocab: int):
+    def __init__(self, cfg: ModelConfig, dims: ParallelDims, padded_vocab: int, rng_tracker: RNGStatesTracker):
         super().__init__()
         self.word = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, group=dims.tp_group, device=dims.device)
         self.position = None
-        if cfg.flavor == "gpt2":
-            self.position = nn.Embedding(cfg.seq_length, cfg.hidden_size, device=dims.device)
+        if cfg.position_embedding == "learned":
+            # skip_init: init_parameters draws the values; nn.Embedding's own init would use the default generator.
+            self.position = nn.utils.skip_init(nn.Embedding, cfg.seq_length, cfg.hidden_size, device=dims.device)
             attach_layout(self.position.weight, ParamLayout())
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = residual_dropout(cfg, dims, rng_tracker)
         self.dims = dims
 
-    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor, rng) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = self.word(ids)  # (B, T, H)
         if self.position is not None:
             x = x + self.position(position_ids)
         if self.dims.sequence_parallel:
             x = scatter_to_sequence_region(x, self.dims.tp_group)  # (B, T/tp, H)
-        with rng.residual(self.training and self.dropout.p > 0):
-            return self.dropout(x)
+        return self.dropout(x)
 
 
 class GPT(nn.Module):
@@ -222,74 +190,38 @@ class GPT(nn.Module):
         rng_tracker: RNGStatesTracker | None = None,
         head: str = "lm",
     ):
-        """``rng_tracker``: share one across the chunks of a rank (virtual pipeline); None seeds a new one,
-        which also reseeds the default generator (seed + 100 x pp_rank, shared over tp).
+        """``rng_tracker``: the dropout streams, shared by the chunks of a rank (virtual pipeline); None
+        builds a new one from ``seed``. Construction leaves torch's default generator untouched.
         ``head``: "lm" (next-token logits over the vocabulary) or "value" (one scalar per position:
         the reward model's and the PPO critic's head, in place of the vocabulary head)."""
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head={head!r} is not one of {', '.join(HEADS)}")
-        self.head = head
         if cfg.vocab_size <= 0:
             raise ConfigError("model.vocab_size must be > 0 to build the model; set it from the tokenizer first")
         ops.check_backends(cfg)
-        self.config, self.dims = cfg, dims or ParallelDims.single(cfg)
+        self.config, self.dims, self.head = cfg, dims or ParallelDims.single(cfg), head
         dims = self.dims
         self.layer_range = range(cfg.num_layers) if layer_range is None else layer_range
         if self.layer_range and (self.layer_range.start < 0 or self.layer_range.stop > cfg.num_layers):
             raise ValueError(f"layer_range {self.layer_range} is outside the model's {cfg.num_layers} layers")
         self.pre_process, self.post_process = pre_process, post_process
         self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, dims.tp)
-        self.rng_tracker = rng_tracker or model_parallel_seed(seed, dims.tp_rank, dims.pp_rank, dims.device)
-        self._streams = _DropoutStreams(self.rng_tracker, dims.sequence_parallel)
+        self.rng_tracker = rng_tracker or model_parallel_rng_tracker(seed, dims.tp_rank, dims.pp_rank, dims.device)
 
-        self.embedding = Embedding(cfg, dims, self.padded_vocab_size) if pre_process else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg, dims, i) for i in self.layer_range})
+        self.embedding = Embedding(cfg, dims, self.padded_vocab_size, self.rng_tracker) if pre_process else None
+        self.layers = nn.ModuleDict({str(i): Block(cfg, dims, i, self.rng_tracker) for i in self.layer_range})
         self.final_norm = Norm(cfg, dims.sequence_parallel, dims.device, group=dims.tp_group) if post_process else None
         self.output = self.value_head = None
         if post_process and head == "value":
             self.value_head = ValueHead(cfg.hidden_size, dims.sequence_parallel, dims.device)
         elif post_process and not (cfg.tie_embeddings and pre_process):
-            self.output = ColumnParallelLinear(
-                cfg.hidden_size, self.padded_vocab_size, bias=False, group=dims.tp_group,
-                sequence_parallel=dims.sequence_parallel, device=dims.device,
-            )
-        if self._shares_embedding():
-            # Two copies of one matrix on the first and last stage; parallel.grad_sync sums their gradients.
-            for p in self.tied_embedding_params():
-                mark_tied_embedding(p)
-        self.init_weights(seed)
-
-    # ---- initialisation: the same full model whatever the layout ----
-
-    def init_weights(self, seed: int) -> None:
-        """Draw every full parameter from a generator seeded by (seed, global name), keep this rank's shard."""
-        if self.dims.device.type == "meta":  # shapes only (planning a checkpoint layout): nothing to draw
-            return
-        for module_name, module in self.named_modules():
-            for param_name, param in module.named_parameters(recurse=False):
-                name = f"{module_name}.{param_name}"
-                fill_from_full_(param, self._full_init(name, param, module, seed), self.dims.tp_group)
-
-    def _full_init(self, name: str, param: nn.Parameter, module: nn.Module, seed: int) -> torch.Tensor:
-        cfg = self.config
-        shape = layout_of(param).full_shape(param.shape, self.dims.tp)
-        if isinstance(module, Norm):
-            return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
-        if name.endswith("bias"):
-            return torch.zeros(shape)
-        if self.output is not None and param is self.output.weight and cfg.tie_embeddings:
-            name = WORD_EMBEDDING  # the last stage's copy starts identical to the first stage's
-        generator = torch.Generator().manual_seed(_param_seed(seed, name))
-        std = cfg.init_std
-        if name.endswith(RESIDUAL_PROJECTIONS):
-            std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        if name == WORD_EMBEDDING or module is self.output:
-            # Real rows random, padding rows zero: identical whatever the padded size.
-            full = torch.zeros(shape)
-            full[: cfg.vocab_size] = torch.randn(cfg.vocab_size, shape[1], generator=generator) * std
-            return full
-        return torch.randn(shape, generator=generator) * std
+            self.output = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, bias=False,
+                                               group=dims.tp_group, sequence_parallel=dims.sequence_parallel,
+                                               device=dims.device)
+        for p in self.tied_embedding_params():
+            mark_tied_embedding(p)
+        init_parameters(self, seed)
 
     def _shares_embedding(self) -> bool:
         """First and last stage each hold a copy of the tied word embedding (pp > 1, lm head)."""
@@ -301,44 +233,50 @@ class GPT(nn.Module):
             return []
         return [self.embedding.word.weight] if self.pre_process else [self.output.weight]
 
-    # ---- forward ----
-
-    def forward(self, inputs, labels=None, position_ids=None, *, kv_cache=None, attention_mask=None):
-        """Token ids (B, T) on the first stage, hidden states after; see the module docstring for outputs."""
-        full_length = inputs.shape[1]
-        if not self.pre_process and self.dims.sequence_parallel:
-            full_length *= self.dims.tp
-        elif self.dims.sequence_parallel and full_length % self.dims.tp != 0:
-            raise ValueError(
-                f"sequence parallelism splits the sequence over tp={self.dims.tp}, but the batch has "
-                f"{full_length} positions; pass sequences whose length is a multiple of tp"
-            )
+    def forward(self, inputs, labels=None, position_ids=None, *, kv_cache: KVCache | None = None, attention_mask=None):
+        """Token ids (B, T) on the first stage, hidden states after. Returns hidden states (B, T, H) before
+        the last stage; there, per-token losses (B, T) given ``labels``, else logits (B, T, V/tp), or the
+        value head's (B, T) values."""
+        full_length = self._full_length(inputs)
         start = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + full_length, device=inputs.device).expand(inputs.shape[0], -1)
         if kv_cache is not None and attention_mask is None:
-            # New queries sit after the cached keys: causal alignment is bottom-right, (1, 1, T, S).
-            keys = torch.arange(start + full_length, device=inputs.device)
-            attention_mask = (keys <= start + torch.arange(full_length, device=inputs.device).unsqueeze(1))[None, None]
-        x = self.embedding(inputs, position_ids, self._streams) if self.pre_process else inputs
+            attention_mask = kv_cache.causal_mask(full_length, inputs.device)  # (1, 1, T, S)
+        x = self.embedding(inputs, position_ids) if self.pre_process else inputs  # (B, T, H)
         rope = None
-        if self.config.flavor == "llama":
+        if self.config.position_embedding == "rope":
             rope = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
         for block in self.layers.values():
-            x = block(x, rope, self._streams, kv_cache, attention_mask)
+            x = block(x, rope, kv_cache, attention_mask)
         if kv_cache is not None:  # one cache per chunk: this chunk's layers have stored these positions
             kv_cache.length += full_length
         if not self.post_process:
             return x
         if self.value_head is not None:
-            values = self.value_head(self.final_norm(x))  # (B, T) fp32, or (B, T/tp) under sequence parallelism
-            if self.dims.sequence_parallel:
-                values = gather_replicated_from_sequence_region(values, self.dims.tp_group)
-            return values  # labels are not used
+            return self._values(self.final_norm(x))  # labels are not used
         logits = self.logits(self.final_norm(x))  # (B, T, V/tp)
         if labels is None:
             return logits
         return ops.cross_entropy(logits, labels, self.config.vocab_size, self.dims.tp_group, self.config.loss_backend)
+
+    def _full_length(self, inputs: torch.Tensor) -> int:
+        """T of the whole sequence: a later stage under sequence parallelism receives its shard."""
+        length = inputs.shape[1]
+        if not self.pre_process and self.dims.sequence_parallel:
+            return length * self.dims.tp
+        if self.dims.sequence_parallel and length % self.dims.tp != 0:
+            raise ValueError(
+                f"sequence parallelism splits the sequence over tp={self.dims.tp}, but the batch has "
+                f"{length} positions; pass sequences whose length is a multiple of tp"
+            )
+        return length
+
+    def _values(self, x: torch.Tensor) -> torch.Tensor:
+        values = self.value_head(x)  # (B, T) fp32, or (B, T/tp) under sequence parallelism
+        if self.dims.sequence_parallel:
+            values = gather_replicated_from_sequence_region(values, self.dims.tp_group)  # (B, T)
+        return values
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.output is not None:
@@ -346,42 +284,18 @@ class GPT(nn.Module):
         return column_parallel_linear(x, self.embedding.word.weight, None, self.dims.tp_group, self.dims.sequence_parallel)
 
 
-HEADS = ("lm", "value")
-
-
-class ValueHead(nn.Module):
-    """One scalar per position from the final hidden state: a (1, H) weight and a bias, replicated
-    over tp. Under sequence parallelism each rank scores its sequence shard, so (as for the norms)
-    its gradient covers only its tokens and is summed over tp later."""
-
-    def __init__(self, hidden_size: int, sequence_parallel: bool, device):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(1, hidden_size, device=device))
-        self.bias = nn.Parameter(torch.zeros(1, device=device))
-        for p in self.parameters():
-            attach_layout(p, ParamLayout(sequence_parallel=sequence_parallel))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.weight, self.bias).squeeze(-1).float()
-
-
-def _param_seed(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
 def num_parameters(cfg: ModelConfig, padded_vocab: int) -> int:
     """Parameters of the full (tp = 1) model, each tied matrix counted once."""
-    H, F_, hd = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
-    gpt2 = cfg.flavor == "gpt2"
-    qkv = H * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + (cfg.num_heads + 2 * cfg.num_kv_heads) * hd * gpt2
-    proj = cfg.num_heads * hd * H + H * gpt2
-    mlp = (H * F_ + F_ + F_ * H + H) if gpt2 else (3 * H * F_)
-    norms = 2 * (2 * H if gpt2 else H)
-    per_layer = qkv + proj + mlp + norms
-    embedding = padded_vocab * H + (cfg.seq_length * H if gpt2 else 0)
-    head = 0 if cfg.tie_embeddings else padded_vocab * H
-    final_norm = 2 * H if gpt2 else H
-    return embedding + cfg.num_layers * per_layer + final_norm + head
+    hidden, ffn, qkv_width = cfg.hidden_size, cfg.ffn_hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    norm = 2 * hidden if cfg.norm == "layernorm" else hidden
+    qkv = hidden * qkv_width + qkv_width * cfg.bias
+    proj = cfg.num_heads * cfg.head_dim * hidden + hidden * cfg.bias
+    fc_width = 2 * ffn if cfg.activation == "swiglu" else ffn
+    mlp = hidden * fc_width + fc_width * cfg.bias + ffn * hidden + hidden * cfg.bias
+    per_layer = qkv + proj + mlp + 2 * norm
+    embedding = padded_vocab * hidden + (cfg.seq_length * hidden if cfg.position_embedding == "learned" else 0)
+    head = 0 if cfg.tie_embeddings else padded_vocab * hidden
+    return embedding + cfg.num_layers * per_layer + norm + head
 
 
 def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
@@ -393,7 +307,7 @@ def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
     """
     padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
     n = num_parameters(cfg, padded) - padded * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
-    if cfg.flavor == "gpt2":
+    if cfg.position_embedding == "learned":
         n -= cfg.seq_length * cfg.hidden_size
     n += padded * cfg.hidden_size  # the output head matmul
     return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_length

@@ -1,10 +1,15 @@
 """Per-rank random streams for dropout under tensor parallelism.
 
-Replicated activations (the residual stream without sequence parallelism) must drop
-the same elements on every tp rank, so they use the default generator, seeded
-identically across tp. Sharded activations (attention heads, sequence shards) must
-drop different elements per rank, so they run inside ``tracker.fork()``, which swaps
-in a stream seeded per tp rank.
+Dropout never draws from the default generator. A tracker holds two named streams per rank:
+
+- ``REPLICATED_STREAM`` for activations every tp rank holds whole (the residual stream without
+  sequence parallelism): seeded the same on every tp rank, so all ranks drop the same elements;
+- ``TP_STREAM`` for sharded activations (attention heads, sequence shards): seeded per tp rank, so
+  each rank drops different elements of its shard.
+
+Both are offset per pipeline stage. ``tracker.fork(name)`` swaps a stream in for the duration of a
+block and leaves the default generator as it found it. A model builds one ``ParallelDropout`` per
+dropout site, which knows its stream, so ``forward`` passes no random state around.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ import contextlib
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-# Offsets keep the sharded stream apart from the default one and stages apart from each other.
+# Offsets keep the sharded stream apart from the replicated one and stages apart from each other.
 TP_STREAM_OFFSET = 2718
 PP_STAGE_OFFSET = 100
 TP_STREAM = "tensor-parallel"
+REPLICATED_STREAM = "replicated"
 
 
 class RNGStatesTracker:
@@ -28,12 +36,10 @@ class RNGStatesTracker:
         self._states: dict[str, dict[str, torch.Tensor]] = {}
 
     def add(self, name: str, seed: int) -> None:
+        """A new stream in the state the default generator would have after ``torch.manual_seed(seed)``."""
         if name in self._states:
             raise ValueError(f"random stream {name!r} already exists")
-        saved = self._capture()
-        torch.manual_seed(seed)
-        self._states[name] = self._capture()
-        self._restore(saved)
+        self._states[name] = self._seeded(seed)
 
     @contextlib.contextmanager
     def fork(self, name: str = TP_STREAM) -> Iterator[None]:
@@ -51,7 +57,19 @@ class RNGStatesTracker:
         return {name: {k: v.clone() for k, v in state.items()} for name, state in self._states.items()}
 
     def set_states(self, states: dict[str, Any]) -> None:
+        """Restore saved streams. Call it after restoring the default generator: a tracker saved before
+        the replicated stream existed had replicated dropout draw from the default generator, so that
+        stream continues from the default generator's restored state, as the old code would have."""
         self._states = {name: {k: v.clone() for k, v in state.items()} for name, state in states.items()}
+        if REPLICATED_STREAM not in self._states:
+            self._states[REPLICATED_STREAM] = self._capture()
+
+    def _seeded(self, seed: int) -> dict[str, torch.Tensor]:
+        # Fresh generators: seeding the default one would touch every CUDA device's state.
+        state = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.Generator(self.device).manual_seed(seed).get_state()
+        return state
 
     def _capture(self) -> dict[str, torch.Tensor]:
         state = {"cpu": torch.get_rng_state()}
@@ -65,10 +83,40 @@ class RNGStatesTracker:
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
 
-def model_parallel_seed(seed: int, tp_rank: int, pp_rank: int, device: torch.device | str = "cpu") -> RNGStatesTracker:
-    """Seed the default generator (shared over tp) and return a tracker holding the per-tp-rank stream."""
+def model_parallel_rng_tracker(
+    seed: int, tp_rank: int, pp_rank: int, device: torch.device | str = "cpu"
+) -> RNGStatesTracker:
+    """The rank's dropout streams: replicated (seed + 100 x pp_rank on every tp rank) and per tp rank."""
     stage_seed = seed + PP_STAGE_OFFSET * pp_rank
-    torch.manual_seed(stage_seed)
     tracker = RNGStatesTracker(device)
+    tracker.add(REPLICATED_STREAM, stage_seed)
     tracker.add(TP_STREAM, stage_seed + TP_STREAM_OFFSET + tp_rank)
     return tracker
+
+
+class ParallelDropout(nn.Module):
+    """Dropout drawing from the tracker stream its activation needs: ``sharded`` (each tp rank holds a
+    different part: attention probabilities, a sequence shard) or replicated (every tp rank holds it whole)."""
+
+    def __init__(self, p: float, tracker: RNGStatesTracker, sharded: bool):
+        super().__init__()
+        self.p, self.tracker = p, tracker
+        self.stream = TP_STREAM if sharded else REPLICATED_STREAM
+
+    @property
+    def rate(self) -> float:
+        """The drop probability now: ``p`` in training, 0 in eval."""
+        return self.p if self.training else 0.0
+
+    def random_stream(self) -> contextlib.AbstractContextManager:
+        """The block in which to draw this site's mask (for ops that drop inside, such as attention)."""
+        return self.tracker.fork(self.stream) if self.rate > 0 else contextlib.nullcontext()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0:
+            return x
+        with self.random_stream():
+            return F.dropout(x, self.rate, training=True)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, stream={self.stream!r}"

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig
-from megatron_lite.convert import ConversionError, convert_from_hf, convert_to_hf
+from megatron_lite.convert import ConversionError, adapter_for_model, convert_from_hf, convert_to_hf
 from megatron_lite.convert.hf import fuse_qkv, split_qkv
 from megatron_lite.convert.hf_tokenizer import export_tokenizer, import_tokenizer
 from megatron_lite.convert.tensor_io import parse_size
@@ -309,3 +309,12 @@ def test_bad_inputs_stop_with_a_message(tmp_path, bytelevel_dir):
         convert_to_hf(no_tokenizer, hf_dir)
     with pytest.raises(ConversionError, match="not a size such as 5GB"):
         parse_size("lots")
+
+
+def test_a_structure_outside_the_family_preset_has_no_adapter():
+    cfg = ModelConfig(flavor="llama", norm="layernorm", bias=True, num_layers=2, hidden_size=32, num_heads=4,
+                      vocab_size=64)
+    with pytest.raises(ConversionError, match=r"no Hugging Face adapter converts a llama model with "
+                                              r"model.bias=True, model.norm='layernorm'"):
+        adapter_for_model(cfg)
+    assert type(adapter_for_model(ModelConfig(flavor="llama", tie_embeddings=True, vocab_size=64))).flavor == "llama"

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.model.generation import generate, sample
-from megatron_lite.model.gpt import GPT, KVCache
+from megatron_lite.model.generation import KVCache, generate, sample
+from megatron_lite.model.gpt import GPT
 from megatron_lite.parallel.dims import ParallelDims
 
 

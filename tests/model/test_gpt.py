@@ -186,3 +186,21 @@ def test_triton_backends_match_torch_through_the_model():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_building_a_model_leaves_the_default_generator_untouched(flavor):
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    GPT(tiny(flavor, dropout=0.1), seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_dropout_draws_from_the_model_streams_not_the_default_generator():
+    ids = torch.randint(0, 50, (2, 8))
+    outputs = []
+    for default_seed in (0, 1):
+        torch.manual_seed(default_seed)
+        model = GPT(tiny("gpt2", dropout=0.5), seed=5).train()
+        outputs.append(model(ids))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)

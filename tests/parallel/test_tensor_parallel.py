@@ -24,7 +24,7 @@ from megatron_lite.parallel.layers import (
     fill_from_full_,
 )
 from megatron_lite.parallel.layout import ParamLayout, layout_of
-from megatron_lite.parallel.random import RNGStatesTracker, model_parallel_seed
+from megatron_lite.parallel.random import REPLICATED_STREAM, RNGStatesTracker, model_parallel_rng_tracker
 from tests.distributed import run_distributed
 
 close = dict(rtol=1e-5, atol=1e-6)
@@ -140,8 +140,9 @@ def check_cross_entropy(rank: int, group) -> None:
 
 
 def check_rng(rank: int, group) -> None:
-    tracker = model_parallel_seed(5, rank, 0)
-    replicated = torch.rand(8)
+    tracker = model_parallel_rng_tracker(5, rank, 0)
+    with tracker.fork(REPLICATED_STREAM):
+        replicated = torch.rand(8)
     with tracker.fork():
         sharded = torch.rand(8)
     others_replicated, others_sharded = gather_shards(replicated, group), gather_shards(sharded, group)
