@@ -77,7 +77,7 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         (directory / "manifest.json").write_text("{ half a manif")  # a torn write, then the process dies
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "_write_manifest", crash)
+    monkeypatch.setattr(checkpoint.format, "write_manifest", crash)
     with pytest.raises(OSError, match="disk full"):
         save(tmp_path, 2, model2, optimizer2, cfg, dims)
     monkeypatch.undo()
@@ -172,7 +172,7 @@ def _check_reshard(root, flavor, original, results):
         assert torch.equal(torch.cat([r["exp_avg_shard"] for r in results]), fc_avg)
     # back to tp=1: merged weights equal the original ones, padding trimmed to the tp=1 size
     merged, manifest = load_full_state_dict(root / "tp2")
-    assert manifest["layout"]["tp"] == 2
+    assert manifest.layout.tp == 2
     for name, p in model.named_parameters():
         assert torch.equal(merged[name], p.detach()), name
     back = GPT(cfg.model, dims, seed=7)

@@ -5,12 +5,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_lite.config import OptimConfig
 from megatron_lite.model.gpt import GPT
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.training.checkpoint import load_checkpoint, load_full_optimizer_state, load_full_state_dict, read_manifest
+from megatron_lite.training.checkpoint import (
+    Checkpointer,
+    DataPosition,
+    load_full_optimizer_state,
+    load_full_state_dict,
+    named_parameters,
+    read_manifest,
+)
 from megatron_lite.training.optim import build_optimizer
-from megatron_lite.training.checkpoint import named_parameters
-from megatron_lite.training.trainer import model_config_from_manifest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "legacy_checkpoint"
 FC = "layers.0.mlp.fc.weight"
@@ -29,14 +35,13 @@ def logits_of(model, tokens):
 
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
 def test_live_load_restores_logits_optimizer_and_position(flavor, expected):
-    cfg = model_config_from_manifest(read_manifest(FIXTURES / flavor))
+    cfg = read_manifest(FIXTURES / flavor).model_config()
     dims = ParallelDims.single(cfg)
     model = GPT(cfg, dims, seed=999)
     named = named_parameters([model])
-    optimizer, _ = build_optimizer(named, cfg_optim(), dims.device)
-    state = load_checkpoint(FIXTURES / flavor, [model], dims, optimizer, padded_vocab_size=model.padded_vocab_size)
-    assert state["iteration"] == 2 and state["rng_restored"] and not state["resharded"]
-    assert state["train_state"]["consumed_samples"] == 4 and state["train_state"]["scheduler"]
+    optimizer, _ = build_optimizer(named, OptimConfig(), dims.device)
+    position = Checkpointer([model], dims, optimizer).load(FIXTURES / flavor)
+    assert position == DataPosition(step=2, consumed_samples=4)
     assert torch.equal(logits_of(model, expected["tokens"]), expected[flavor]["logits"])
     fc_state = optimizer.state[dict(named)[FC]]
     assert torch.equal(fc_state["exp_avg"], expected[flavor]["fc_exp_avg"])
@@ -47,7 +52,7 @@ def test_live_load_restores_logits_optimizer_and_position(flavor, expected):
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
 def test_offline_read_gives_the_same_model_and_optimizer_state(flavor, expected):
     state, manifest = load_full_state_dict(FIXTURES / flavor)
-    model = GPT(model_config_from_manifest(manifest), ParallelDims.single(model_config_from_manifest(manifest)), seed=7)
+    model = GPT(manifest.model_config(), ParallelDims.single(manifest.model_config()), seed=7)
     model.load_state_dict(state)
     assert torch.equal(logits_of(model, expected["tokens"]), expected[flavor]["logits"])
     optimizer_state = load_full_optimizer_state(FIXTURES / flavor)
@@ -55,7 +60,7 @@ def test_offline_read_gives_the_same_model_and_optimizer_state(flavor, expected)
     assert optimizer_state["groups"] and len(optimizer_state["per_param"]) == len(state)
 
 
-def cfg_optim():
-    from megatron_lite.config import OptimConfig
-
-    return OptimConfig()
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_manifest_rewrites_the_legacy_file_unchanged(flavor):
+    text = (read_manifest(FIXTURES / flavor).to_json())
+    assert text == (FIXTURES / flavor / "iter_0000002" / "manifest.json").read_text()
