@@ -119,8 +119,8 @@ def fit_vocab_padding(tensor: torch.Tensor, saved_shape: list[int], want_shape: 
 # ----------------------------------------------------------------------------- the manifest
 
 
-def _from_fields(cls: type, entry: dict, where: str):
-    """``cls(**entry)``, refusing unknown and missing fields with a message that names them."""
+def _check_fields(cls: type, entry: dict, where: str) -> None:
+    """Refuse unknown and missing fields of a dataclass's JSON form with a message that names them."""
     known = [f.name for f in dataclasses.fields(cls)]
     for key in entry:
         if key not in known:
@@ -134,6 +134,10 @@ def _from_fields(cls: type, entry: dict, where: str):
     if missing:
         raise CheckpointError(f"{where}: missing field(s) {', '.join(missing)}; the manifest is damaged or "
                               f"not a megatron-lite checkpoint")
+
+
+def _from_fields(cls: type, entry: dict, where: str):
+    _check_fields(cls, entry, where)
     return cls(**entry)
 
 
@@ -221,11 +225,11 @@ class Manifest:
     def from_dict(cls, entry: dict, where: str = MANIFEST) -> Manifest:
         if entry.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{where} has checkpoint format {entry.get('format')}, expected {FORMAT_VERSION}")
-        manifest = _from_fields(cls, entry, where)
-        manifest.layout = _from_fields(SavedLayout, entry["layout"], f"{where}: layout")
-        manifest.params = {name: ParamRecord.from_dict(record, f"{where}: params.{name}")
-                           for name, record in entry["params"].items()}
-        return manifest
+        _check_fields(cls, entry, where)
+        layout = _from_fields(SavedLayout, entry["layout"], f"{where}: layout")
+        params = {name: ParamRecord.from_dict(record, f"{where}: params.{name}")
+                  for name, record in entry["params"].items()}
+        return cls(**{**entry, "layout": layout, "params": params})
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST) -> Manifest:
