@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_lite.config import ModelConfig, build_dataclass
 from megatron_lite.parallel.layers import full_shape, layout_of, merge_shards, shard_tensor
 from megatron_lite.training.checkpoint import durable
 
@@ -239,10 +240,8 @@ class Manifest:
     def tied_embeddings(self) -> bool:
         return bool(self.config["model"].get("tie_embeddings"))
 
-    def model_config(self):
+    def model_config(self) -> ModelConfig:
         """The ``ModelConfig`` the checkpoint was trained with (vocab size already resolved)."""
-        from megatron_lite.config import ModelConfig, build_dataclass
-
         return build_dataclass(ModelConfig, self.config["model"], "model")
 
     def stage_of_params(self) -> dict[str, int]:

@@ -147,19 +147,24 @@ def save_checkpoint(
     gathered = _gather_objects((shard_name, records) if writes_shard else None)
     _barrier()
     if _is_rank0():
-        held = [g for g in gathered if g is not None]
-        params: dict[str, ParamRecord] = {}
-        for _, records in held:
-            for name, record in records.items():
-                params.setdefault(name, record)
+        files, params = _merge_records([g for g in gathered if g is not None])
         manifest = Manifest(
             iteration=iteration, layout=SavedLayout.of(dims, config), padded_vocab_size=padded_vocab_size,
-            files={name: sorted(records) for name, records in held}, params=params,
-            train_state=train_state or {}, has_optimizer=optimizer is not None, config=config,
+            files=files, params=params, train_state=train_state or {}, has_optimizer=optimizer is not None,
+            config=config,
         )
         publish(save_dir, final, manifest, tokenizer_dir)
     _barrier()
     return final
+
+
+def _merge_records(held: list[tuple[str, dict[str, ParamRecord]]]) -> tuple[dict, dict]:
+    """The manifest's ``files`` and ``params`` from each shard writer's (file name, records)."""
+    params: dict[str, ParamRecord] = {}
+    for _, records in held:
+        for name, record in records.items():
+            params.setdefault(name, record)
+    return {file_name: sorted(records) for file_name, records in held}, params
 
 
 # ----------------------------------------------------------------------------- check the model against the manifest

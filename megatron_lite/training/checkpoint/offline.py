@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.parallel.dims import padded_vocab_size
+from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig, build_dataclass
+from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size, validate_layout
 from megatron_lite.training.checkpoint import durable
 from megatron_lite.training.checkpoint.format import (
     TIED_COPIES,
@@ -128,9 +129,6 @@ def save_full_state_dict(
 
 def _target_layout(config: dict, tp: int, pp: int):
     """The model config, the (tp, pp) grid of one process per rank, and ``config`` with that grid."""
-    from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig, build_dataclass
-    from megatron_lite.parallel.dims import ParallelDims, validate_layout
-
     model_cfg = build_dataclass(ModelConfig, config["model"], "model")
     if model_cfg.vocab_size <= 0:
         raise ConfigError("config model.vocab_size must be set (> 0) to save full weights")
@@ -145,7 +143,6 @@ def _stage_parameters(model_cfg, dims, pp_rank: int) -> list[tuple[str, torch.Te
     """Names and partition metadata of every parameter stage ``pp_rank`` holds, from a model on
     the meta device (no memory; tp = 1 shapes)."""
     from megatron_lite.model.gpt import GPT
-    from megatron_lite.parallel.dims import ParallelDims
 
     meta_cfg = dataclasses.replace(model_cfg, attention_backend="torch", norm_backend="torch", loss_backend="torch",
                                    elementwise_backend="torch")
