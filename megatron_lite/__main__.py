@@ -141,7 +141,6 @@ def generate_text(load: str | Path, prompts: list[str], max_new_tokens: int, tem
     from megatron_lite.data import load_tokenizer
     from megatron_lite.model.generation import generate
     from megatron_lite.training.checkpoint import CheckpointError, load_full_state_dict, resolve_checkpoint_dir
-    from megatron_lite.training.trainer import model_config_from_manifest
 
     ckpt_dir = resolve_checkpoint_dir(load)
     if not (ckpt_dir / "tokenizer").is_dir():
@@ -151,7 +150,7 @@ def generate_text(load: str | Path, prompts: list[str], max_new_tokens: int, tem
     if any(name.startswith("value_head.") for name in state):
         raise CheckpointError(f"{ckpt_dir} is a reward model (a value head, no vocabulary head): it scores "
                               f"answers and cannot generate; load an SFT, DPO or pretraining checkpoint")
-    model = _single_device_model(model_config_from_manifest(manifest), state, device)
+    model = _single_device_model(manifest.model_config(), state, device)
     if chat:
         from megatron_lite.rlhf.data import prompt_ids
 

@@ -41,15 +41,15 @@ def reshard(load: str, output: str, tp: int, pp: int, virtual_pp: int = 1, weigh
 
     source = resolve_checkpoint_dir(load)
     weights, manifest = load_full_state_dict(source)
-    config = dict(manifest["config"])
+    config = dict(manifest.config)
     # stage_layers describes the old pipeline; the new one splits the layers evenly
     config["parallel"] = {**config.get("parallel", {}), "virtual_pp": virtual_pp, "stage_layers": None}
     optimizer_state = None if weights_only else load_full_optimizer_state(source)
     tokenizer = source / "tokenizer"
     return save_full_state_dict(
         weights, config, output, tp=tp, pp=pp, tokenizer_dir=tokenizer if tokenizer.is_dir() else None,
-        iteration=manifest["iteration"], optimizer_state=optimizer_state,
-        train_state=None if weights_only else manifest["train_state"],
+        iteration=manifest.iteration, optimizer_state=optimizer_state,
+        train_state=None if weights_only else manifest.train_state,
     )
 
 

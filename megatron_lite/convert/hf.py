@@ -25,10 +25,9 @@ from typing import Callable
 
 import torch
 
-from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, build_dataclass
+from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig
 from megatron_lite.convert.hf_tokenizer import export_tokenizer, import_tokenizer
 from megatron_lite.convert.tensor_io import (
-    CheckpointWeights,
     ConversionError,
     HFWeights,
     SafetensorsShardWriter,
@@ -379,14 +378,16 @@ def _prepare_output(output: Path) -> None:
 def convert_to_hf(load: str | Path, output: str | Path, max_shard_size: str | int = "5GB",
                   dtype: str = "auto") -> Path:
     """Write a megatron-lite checkpoint (any tp/pp/dp layout) as a Hugging Face model directory."""
-    source = CheckpointWeights(load)
-    if any(name.startswith("value_head.") for name in source.manifest["params"]):
+    from megatron_lite.training.checkpoint import ShardReader
+
+    source = ShardReader(load)
+    if any(name.startswith("value_head.") for name in source.manifest.params):
         raise ConversionError(
             f"{source.directory} holds a value head (a reward model or PPO critic), not a language model; the "
             f"Hugging Face export writes causal language models (GPT-2, Llama): convert an SFT, DPO, PPO or "
             f"pretraining checkpoint"
         )
-    cfg = build_dataclass(ModelConfig, source.manifest["config"]["model"], "model")
+    cfg = source.manifest.model_config()
     target_dtype, max_bytes = _dtype(dtype), parse_size(max_shard_size)
     output = Path(output)
     _prepare_output(output)

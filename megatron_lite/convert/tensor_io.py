@@ -1,7 +1,6 @@
-"""Lazy tensor sources and a sharded safetensors sink for streaming conversion.
+"""A lazy Hugging Face tensor source and a sharded safetensors sink for streaming conversion.
 
-``CheckpointWeights`` serves full (tp = 1) tensors of a megatron-lite checkpoint by name,
-memory-mapping the shard files and merging one parameter's tp shards on request.
+(A megatron-lite checkpoint is read through ``training.checkpoint.ShardReader``.)
 ``HFWeights`` serves tensors of a Hugging Face directory through ``safe_open``.
 ``SafetensorsShardWriter`` writes tensors into shards of at most ``max_shard_bytes`` as
 they arrive, with the index file Hugging Face expects when there is more than one.
@@ -17,9 +16,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from megatron_lite.parallel.layout import ParamLayout
-from megatron_lite.training.checkpoint import read_manifest, resolve_checkpoint_dir, shard_file_name
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,46 +39,6 @@ def parse_size(size: str | int) -> int:
     if value <= 0:
         raise ConversionError(f"shard size must be positive, got {size!r}")
     return value
-
-
-# ----------------------------------------------------------------------------- megatron-lite source
-
-
-class CheckpointWeights:
-    """Full tensors of a megatron-lite checkpoint by global name, read lazily from its shards."""
-
-    def __init__(self, path: str | Path):
-        self.directory = resolve_checkpoint_dir(path)
-        self.manifest = read_manifest(self.directory)
-        self.tp = self.manifest["layout"]["tp"]
-        self._stage_of: dict[str, int] = {}
-        for file_name, names in self.manifest["files"].items():
-            pp_rank = int(file_name.rsplit("_pp", 1)[1].split(".")[0])
-            for name in names:
-                self._stage_of.setdefault(name, pp_rank)
-        self._files: dict[tuple[int, int], dict] = {}
-
-    def _shard_file(self, tp_rank: int, pp_rank: int) -> dict:
-        key = (tp_rank, pp_rank)
-        if key not in self._files:
-            path = self.directory / shard_file_name(tp_rank, pp_rank)
-            if not path.is_file():
-                raise ConversionError(f"{path} is missing; the checkpoint is incomplete")
-            # mmap: only the pages of the tensors actually read come into memory
-            self._files[key] = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["model"]
-        return self._files[key]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._stage_of
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._stage_of:
-            raise ConversionError(f"{self.directory} holds no parameter {name!r}; it does not match its manifest")
-        pieces = [self._shard_file(t, self._stage_of[name])[name] for t in range(self.tp)]
-        try:
-            return ParamLayout.from_manifest(self.manifest["params"][name]).merge_shards(pieces)
-        except ValueError as exc:
-            raise ConversionError(f"{self.directory}: {name}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- Hugging Face source

@@ -24,7 +24,7 @@ from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.rlhf.data import IGNORE_INDEX
 from megatron_lite.rlhf.losses import dpo_loss, sequence_log_probs
 from megatron_lite.rlhf.stage import Epochs, StageTrainer
-from megatron_lite.training.checkpoint import resolve_checkpoint_dir
+from megatron_lite.training.checkpoint import durable, resolve_checkpoint_dir
 
 REFERENCE_FILE = "dpo_reference.pt"
 
@@ -44,7 +44,7 @@ class DPOTrainer(StageTrainer):
             self.reference = self.reference_log_probs()
             if ck.save and self.is_logging_rank:
                 Path(ck.save).mkdir(parents=True, exist_ok=True)
-                torch.save(self.reference.cpu(), Path(ck.save) / REFERENCE_FILE)
+                durable.save_torch(self.reference.cpu(), Path(ck.save) / REFERENCE_FILE)
 
     # ------------------------------------------------------------------ the reference
 

@@ -42,7 +42,7 @@ from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.rlhf.data import IGNORE_INDEX, PromptDataset
 from megatron_lite.rlhf.losses import values_at
 from megatron_lite.rlhf.stage import Epochs, StageTrainer
-from megatron_lite.training import checkpoint
+from megatron_lite.training.checkpoint import Checkpointer, named_parameters, resolve_checkpoint_dir
 from megatron_lite.training.optim import LossScaler
 from megatron_lite.training.schedule import LRScheduler
 from megatron_lite.training.step import ParallelStep, build_optimizer, language_model_loss
@@ -129,7 +129,7 @@ class PPOTrainer(StageTrainer):
         """A model that only scores: loaded, in eval mode, without gradients; run forward-only
         through its own (optimizer-less) parallel step."""
         chunks = build_model_chunks(self.cfg, self.dims, head)
-        checkpoint.load_checkpoint(path, chunks, self.dims, weights_only=True, padded_vocab_size=self._padded_vocab())
+        Checkpointer(chunks, self.dims).load(path, weights_only=True)
         for chunk in chunks:
             chunk.eval().requires_grad_(False)
         return ParallelStep(chunks, None, self.dims, self.cfg.parallel.pipeline_schedule)
@@ -141,7 +141,7 @@ class PPOTrainer(StageTrainer):
             min_lr = min(cfg.optim.min_lr, rl.critic_lr)
             self.critic_cfg.optim = dataclasses.replace(cfg.optim, lr=rl.critic_lr, min_lr=min_lr)
         self.critic_chunks = build_model_chunks(cfg, self.dims, "value")
-        named = checkpoint.named_parameters(self.critic_chunks)
+        named = named_parameters(self.critic_chunks)
         self.critic_optimizer, _ = build_optimizer(named, self.critic_cfg, self.dims)
         self.critic_step = ParallelStep(self.critic_chunks, self.critic_optimizer, self.dims,
                                         cfg.parallel.pipeline_schedule, cfg.parallel.bucket_size_mb,
@@ -149,21 +149,19 @@ class PPOTrainer(StageTrainer):
         self.critic_scheduler = LRScheduler(self.critic_optimizer, self.critic_cfg.optim, self.total_steps)
         self.critic_scaler = LossScaler(cfg.train.initial_loss_scale, cfg.train.loss_scale_window,
                                         dynamic=cfg.train.precision == "fp16")
+        self.critic_checkpointer = Checkpointer(self.critic_chunks, self.dims, self.critic_optimizer,
+                                                self.critic_scheduler, self.critic_scaler)
         ck = cfg.checkpoint
         resuming = ck.load and not ck.finetune
         if resuming:  # the critic saved beside the actor's checkpoints
-            source = checkpoint.resolve_checkpoint_dir(ck.load).parent / CRITIC_DIR
+            source = resolve_checkpoint_dir(ck.load).parent / CRITIC_DIR
         else:
             source = rl.critic or rl.reward_model
         if resuming and not Path(source).is_dir():
             raise ConfigError(f"resuming ppo from {ck.load} needs the critic saved with it in {source}; "
                               f"to start a new run from these weights set checkpoint.finetune=true")
-        state = checkpoint.load_checkpoint(source, self.critic_chunks, self.dims, self.critic_optimizer,
-                                           weights_only=not resuming, padded_vocab_size=self._padded_vocab())
+        self.critic_checkpointer.load(source, weights_only=not resuming)  # the actor's load restored the position
         self.critic_step.weights_loaded()
-        if resuming and state["train_state"]:
-            self.critic_scheduler.load_state_dict(state["train_state"]["scheduler"])
-            self.critic_scaler.load_state_dict(state["train_state"]["scaler"])
 
     # ------------------------------------------------------------------ data
 
@@ -304,11 +302,6 @@ class PPOTrainer(StageTrainer):
     def save(self) -> Path | None:
         path = super().save()
         if path is not None:
-            checkpoint.save_checkpoint(
-                Path(self.cfg.checkpoint.save) / CRITIC_DIR, self.step, self.critic_chunks, self.dims, self.cfg.to_dict(),
-                optimizer=self.critic_optimizer, tokenizer_dir=self.cfg.data.tokenizer or None,
-                train_state={"scheduler": self.critic_scheduler.state_dict(), "scaler": self.critic_scaler.state_dict(),
-                             "step": self.step, "consumed_samples": self.consumed_samples},
-                rng_trackers=[c.rng_tracker for c in self.critic_chunks], padded_vocab_size=self._padded_vocab(),
-            )
+            self.critic_checkpointer.save(Path(self.cfg.checkpoint.save) / CRITIC_DIR, self.step, self.consumed_samples,
+                                          self.cfg.to_dict(), self.cfg.data.tokenizer or None)
         return path

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from megatron_lite.config import Config, ConfigError, MixtureEntry
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.training import checkpoint
+from megatron_lite.training.checkpoint import Checkpointer, named_parameters
 from megatron_lite.training.metrics import Metrics
 from megatron_lite.training.optim import LossScaler
 from megatron_lite.training.schedule import LRScheduler
@@ -171,7 +171,7 @@ class Trainer:
         self.total_steps = total_steps(cfg)
         seed_everything(cfg.train.seed)
         self.model_chunks = build_model_chunks(cfg, self.dims, self.head)
-        self.named_params = checkpoint.named_parameters(self.model_chunks)
+        self.named_params = named_parameters(self.model_chunks)
         self.optimizer, self.optimizer_kind = build_optimizer(self.named_params, cfg, self.dims)
         self.parallel_step = ParallelStep(self.model_chunks, self.optimizer, self.dims,
                                           cfg.parallel.pipeline_schedule, cfg.parallel.bucket_size_mb, self.loss_fn)
@@ -180,6 +180,7 @@ class Trainer:
                                  dynamic=cfg.train.precision == "fp16")
         self.step = 0
         self.consumed_samples = 0
+        self.checkpointer = Checkpointer(self.model_chunks, self.dims, self.optimizer, self.scheduler, self.scaler)
         self.train_ds, self.valid_ds = datasets if datasets is not None else self._build_datasets()
         self._maybe_load_checkpoint()
         self.metrics = Metrics(cfg.log, self.is_logging_rank, self.dims.device, cfg.train.precision,
@@ -216,28 +217,14 @@ class Trainer:
 
         return float(flops_per_token(self.cfg.model, self.cfg.model.seq_length))
 
-    @property
-    def rng_trackers(self) -> list:
-        return [chunk.rng_tracker for chunk in self.model_chunks]
-
-    def _padded_vocab(self) -> int:
-        return self.model_chunks[0].padded_vocab_size
-
     def _maybe_load_checkpoint(self) -> None:
         ck = self.cfg.checkpoint
         if not ck.load:
             return
-        state = checkpoint.load_checkpoint(
-            ck.load, self.model_chunks, self.dims, self.optimizer, weights_only=ck.finetune,
-            rng_trackers=self.rng_trackers, padded_vocab_size=self._padded_vocab(),
-        )
+        position = self.checkpointer.load(ck.load, weights_only=ck.finetune)
         self.parallel_step.weights_loaded()
-        train_state = state["train_state"]
-        if train_state:
-            self.step = train_state["step"]
-            self.consumed_samples = train_state["consumed_samples"]
-            self.scheduler.load_state_dict(train_state["scheduler"])
-            self.scaler.load_state_dict(train_state["scaler"])
+        if position is not None:
+            self.step, self.consumed_samples = position.step, position.consumed_samples
 
     # ------------------------------------------------------------------ the loop
 
@@ -334,23 +321,12 @@ class Trainer:
             return False
         return self.step == self.total_steps or (ck.interval > 0 and self.step % ck.interval == 0)
 
-    def train_state(self) -> dict:
-        return {
-            "step": self.step,
-            "consumed_samples": self.consumed_samples,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
-
     def save(self) -> Path | None:
         if not self.cfg.checkpoint.save:
             self.metrics.print("checkpoint.save is empty: nothing saved")
             return None
-        path = checkpoint.save_checkpoint(
-            self.cfg.checkpoint.save, self.step, self.model_chunks, self.dims, self.cfg.to_dict(),
-            optimizer=self.optimizer, train_state=self.train_state(), tokenizer_dir=self.cfg.data.tokenizer or None,
-            rng_trackers=self.rng_trackers, padded_vocab_size=self._padded_vocab(),
-        )
+        path = self.checkpointer.save(self.cfg.checkpoint.save, self.step, self.consumed_samples, self.cfg.to_dict(),
+                                      self.cfg.data.tokenizer or None)
         self.metrics.print(f"saved checkpoint {path}")
         self.metrics.restart_window()
         return path
@@ -368,9 +344,3 @@ def _sigterm_sets(event: threading.Event):
     finally:
         signal.signal(signal.SIGTERM, previous)
 
-
-def model_config_from_manifest(manifest: dict):
-    """The ``ModelConfig`` a checkpoint was trained with (vocab size already resolved)."""
-    from megatron_lite.config import ModelConfig, build_dataclass
-
-    return build_dataclass(ModelConfig, manifest["config"]["model"], "model")

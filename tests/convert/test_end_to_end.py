@@ -17,7 +17,6 @@ from megatron_lite.data import load_tokenizer
 from megatron_lite.model.generation import generate
 from megatron_lite.model.gpt import GPT
 from megatron_lite.training.checkpoint import load_full_state_dict, read_manifest, resolve_checkpoint_dir
-from megatron_lite.training.trainer import model_config_from_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "def "
@@ -52,7 +51,7 @@ def _pretrain(capsys, data, run_dir: Path) -> Path:
 
 def _our_greedy(ckpt: Path, prompt_ids: list[int], eod_id: int) -> list[int]:
     state, manifest = load_full_state_dict(ckpt)
-    model = GPT(model_config_from_manifest(manifest))
+    model = GPT(manifest.model_config())
     model.load_state_dict(state)
     return generate(model, [prompt_ids], NEW_TOKENS, temperature=0.0, eod_id=eod_id)[0]
 
@@ -62,7 +61,7 @@ def test_trained_checkpoint_converts_and_generates_the_same(tmp_path, capsys):
 
     data = build_demo_data(tmp_path / "data", vocab_size=300, max_bytes=200_000, progress=False)
     ckpt = _pretrain(capsys, data, tmp_path / "run")
-    assert read_manifest(ckpt)["iteration"] == 3
+    assert read_manifest(ckpt).iteration == 3
 
     hf_dir = tmp_path / "hf"
     assert "wrote" in _run(capsys, _tool("convert_to_hf"), "--load", str(ckpt), "--output", str(hf_dir))

@@ -34,7 +34,6 @@ from megatron_lite.training.checkpoint import (
     read_manifest,
     save_full_state_dict,
 )
-from megatron_lite.training.trainer import model_config_from_manifest
 from tests.convert.conftest import _CORPUS, UNICODE_PROBE, randomize_
 from tests.data.test_tokenizer import special_positions, spliced_texts, train_sentencepiece
 from tests.convert.workers import TINY, VARIANTS, save_variants_at_tp2_pp2
@@ -83,8 +82,8 @@ def tp2_pp2_checkpoints(tmp_path_factory, bytelevel_dir, sentencepiece_dir):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_tp2_pp2_checkpoint_gives_the_same_logits_in_transformers(variant, tp2_pp2_checkpoints, tmp_path):
     manifest = read_manifest(tp2_pp2_checkpoints / variant)
-    assert (manifest["layout"]["tp"], manifest["layout"]["pp"]) == (2, 2) and len(manifest["files"]) == 4
-    cfg = model_config_from_manifest(manifest)
+    assert (manifest.layout.tp, manifest.layout.pp) == (2, 2) and len(manifest.files) == 4
+    cfg = manifest.model_config()
     reference = GPT(cfg)  # the same full weights at tp = pp = 1
     randomize_([reference], 1, 0, cfg.vocab_size, cfg.tie_embeddings)
 
@@ -148,8 +147,8 @@ def test_hf_model_to_layouts_and_back(flavor, tied, tmp_path, bytelevel_dir, sen
     for tp, pp in ((2, 1), (1, 2)):
         ckpt = convert_from_hf(hf_dir, tmp_path / f"ckpt-{tp}{pp}", tp=tp, pp=pp)
         manifest = read_manifest(ckpt)
-        assert (manifest["layout"]["tp"], manifest["layout"]["pp"]) == (tp, pp) and len(manifest["files"]) == tp * pp
-        cfg = model_config_from_manifest(manifest)
+        assert (manifest.layout.tp, manifest.layout.pp) == (tp, pp) and len(manifest.files) == tp * pp
+        cfg = manifest.model_config()
         assert (cfg.flavor, cfg.vocab_size, cfg.tie_embeddings) == (flavor, vocab, tied)
         ours = GPT(cfg, seed=99)
         load_checkpoint(ckpt, [ours], ParallelDims.single(cfg), weights_only=True, padded_vocab_size=ours.padded_vocab_size)
@@ -192,7 +191,7 @@ def test_dtype_option_casts_both_ways(tmp_path, bytelevel_dir):
     originals = _safetensors(hf_dir)
     ckpt = convert_from_hf(hf_dir, tmp_path / "ckpt", dtype="bfloat16")
     state, manifest = load_full_state_dict(ckpt)
-    assert {info["dtype"] for info in manifest["params"].values()} == {"bfloat16"}
+    assert {record.dtype for record in manifest.params.values()} == {"bfloat16"}
     assert torch.equal(state["embedding.word.weight"][:310], originals["transformer.wte.weight"].bfloat16())
 
     out = convert_to_hf(ckpt, tmp_path / "out", dtype="float32")

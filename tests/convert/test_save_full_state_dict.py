@@ -31,14 +31,14 @@ def test_layout_shards_and_loads_back_exactly(tmp_path):
     config = Config(model=model.config).to_dict()
     ckpt = save_full_state_dict(model.state_dict(), config, tmp_path / "ck", tp=2, pp=2, iteration=7)
     manifest = read_manifest(tmp_path / "ck")
-    assert ckpt.name == "iter_0000007" and manifest["iteration"] == 7 and not manifest["has_optimizer"]
-    assert manifest["layout"]["tp"] == 2 and manifest["layout"]["pp"] == 2 and manifest["padded_vocab_size"] == 128
-    assert manifest["files"]["model_tp01_pp000.pt"] == ["embedding.word.weight", "layers.0.attention.proj.weight",
+    assert ckpt.name == "iter_0000007" and manifest.iteration == 7 and not manifest.has_optimizer
+    assert manifest.layout.tp == 2 and manifest.layout.pp == 2 and manifest.padded_vocab_size == 128
+    assert manifest.files["model_tp01_pp000.pt"] == ["embedding.word.weight", "layers.0.attention.proj.weight",
                                                         "layers.0.attention.qkv.weight", "layers.0.attention_norm.weight",
                                                         "layers.0.mlp.fc.weight", "layers.0.mlp.proj.weight",
                                                         "layers.0.mlp_norm.weight"]
-    assert "output.weight" in manifest["files"]["model_tp00_pp001.pt"]  # the tied head's copy, as the trainer saves it
-    assert manifest["params"]["layers.1.mlp.fc.weight"] == {
+    assert "output.weight" in manifest.files["model_tp00_pp001.pt"]  # the tied head's copy, as the trainer saves it
+    assert manifest.params["layers.1.mlp.fc.weight"].to_dict() == {
         "partition_dim": 0, "partition_chunks": 2, "shape": [256, 32], "dtype": "float32"}
     shard = torch.load(ckpt / "model_tp01_pp001.pt", weights_only=True)["model"]
     full_fc = model.state_dict()["layers.1.mlp.fc.weight"]  # [gate; up], 128 rows each: rank 1 holds the second half of each
@@ -61,7 +61,7 @@ def test_vocabulary_padding_is_fitted_to_the_layout(tmp_path):
     state["output.weight"] = exact  # no padding at all
     ckpt = save_full_state_dict(state, Config(model=model.config).to_dict(), tmp_path / "ck")
     saved, manifest = load_full_state_dict(ckpt)
-    assert manifest["padded_vocab_size"] == 112
+    assert manifest.padded_vocab_size == 112
     assert saved["embedding.word.weight"].shape == (112, 32) and saved["output.weight"].shape == (112, 32)
     assert torch.equal(saved["output.weight"][:100], exact) and not saved["output.weight"][100:].any()
 

@@ -23,7 +23,6 @@ import torch.distributed as dist
 
 from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig, load_config
 from megatron_lite.convert.hf import adapter_for_model
-from megatron_lite.convert.tensor_io import CheckpointWeights
 from megatron_lite.model.generation import generate
 from megatron_lite.parallel.data_parallel import GradShard
 from megatron_lite.parallel.dims import ParallelDims, group_ranks, validate_layout
@@ -31,7 +30,7 @@ from megatron_lite.parallel.grad_norm import global_grad_norm
 from megatron_lite.parallel.grad_sync import sum_replicated_rows
 from megatron_lite.parallel.layers import ColumnParallelLinear
 from megatron_lite.parallel.layout import ParamLayout, attach_layout, layout_of
-from megatron_lite.training.checkpoint import CheckpointError, iteration_dir_name, load_full_state_dict
+from megatron_lite.training.checkpoint import CheckpointError, ShardReader, iteration_dir_name, load_full_state_dict
 from megatron_lite.training.trainer import Trainer, local_batch, split_micro_batches
 from tests.distributed import run_distributed
 
@@ -206,8 +205,8 @@ def _assert_matches(name: str, run: dict, reference: dict) -> None:
 
 def _hf_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     """What the Hugging Face export writes, through the same adapter and lazy shard reader."""
-    source = CheckpointWeights(ckpt)
-    cfg = ModelConfig(**source.manifest["config"]["model"])
+    source = ShardReader(ckpt)
+    cfg = ModelConfig(**source.manifest.config["model"])
     adapter = adapter_for_model(cfg)
     tensors = {}
     for group in adapter.groups():
@@ -240,12 +239,12 @@ def test_kv_heads_replicated_over_tp_train_like_one_process(tmp_path):
         output = tmp_path / f"resharded_tp{tp}"
         assert reshard.main(["--load", str(source), "--output", str(output), "--tp", str(tp), "--pp", "1"]) == 0
         rewritten, manifest = load_full_state_dict(output)
-        assert manifest["layout"]["tp"] == tp
+        assert manifest.layout.tp == tp
         expected = original if source == tp4 else load_full_state_dict(source)[0]
         assert rewritten.keys() == expected.keys()
         assert all(torch.equal(rewritten[n], expected[n]) for n in expected), f"reshard to tp={tp} changed weights"
-    qkv = manifest["params"]["layers.0.attention.qkv.weight"]
-    assert (qkv["partition_groups"], qkv["replicated_rows"], qkv["shape"]) == (2, 16, [64, 32])
+    qkv = manifest.params["layers.0.attention.qkv.weight"]
+    assert (qkv.partition_groups, qkv.replicated_rows, qkv.shape) == (2, 16, [64, 32])
     resumed = _train(_config(root, "tp1 resumes resharded tp4", 2, [f"checkpoint.load={tmp_path / 'resharded_tp1'}"]),
                      None)
     _assert_matches("tp1 resumes resharded tp4", resumed, references[2])

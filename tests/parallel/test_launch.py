@@ -51,6 +51,6 @@ def test_torchrun_pretrain_tp2_pp2_matches_one_process(tmp_path):
         assert record["loss"] == pytest.approx(loss, rel=1e-5)
         assert record["grad_norm"] > 0 and record["tokens_per_s"] > 0
     manifest = read_manifest(run / "checkpoint")
-    assert manifest["iteration"] == STEPS
-    assert (manifest["layout"]["tp"], manifest["layout"]["pp"], manifest["layout"]["dp"]) == (2, 2, 1)
-    assert len(manifest["files"]) == 4  # one shard per (tp, pp) rank
+    assert manifest.iteration == STEPS
+    assert (manifest.layout.tp, manifest.layout.pp, manifest.layout.dp) == (2, 2, 1)
+    assert len(manifest.files) == 4  # one shard per (tp, pp) rank

@@ -7,8 +7,15 @@ from megatron_lite.config import load_config
 from megatron_lite.model.gpt import GPT
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.training import checkpoint
-from megatron_lite.training.checkpoint import CheckpointError, load_checkpoint, load_full_state_dict, save_checkpoint
-from megatron_lite.training.optim import build_optimizer
+from megatron_lite.training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    load_checkpoint,
+    load_full_state_dict,
+    save_checkpoint,
+)
+from megatron_lite.training.optim import LossScaler, build_optimizer
+from megatron_lite.training.schedule import LRScheduler
 from tests.distributed import run_distributed
 
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.seq_length=16",
@@ -77,7 +84,7 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         (directory / "manifest.json").write_text("{ half a manif")  # a torn write, then the process dies
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "_write_manifest", crash)
+    monkeypatch.setattr(checkpoint.format, "write_manifest", crash)
     with pytest.raises(OSError, match="disk full"):
         save(tmp_path, 2, model2, optimizer2, cfg, dims)
     monkeypatch.undo()
@@ -172,7 +179,7 @@ def _check_reshard(root, flavor, original, results):
         assert torch.equal(torch.cat([r["exp_avg_shard"] for r in results]), fc_avg)
     # back to tp=1: merged weights equal the original ones, padding trimmed to the tp=1 size
     merged, manifest = load_full_state_dict(root / "tp2")
-    assert manifest["layout"]["tp"] == 2
+    assert manifest.layout.tp == 2
     for name, p in model.named_parameters():
         assert torch.equal(merged[name], p.detach()), name
     back = GPT(cfg.model, dims, seed=7)
@@ -181,3 +188,42 @@ def _check_reshard(root, flavor, original, results):
     for (name, a), (_, b) in zip(model.named_parameters(), back.named_parameters()):
         assert torch.equal(a, b), name
         assert torch.equal(optimizer.state[a]["exp_avg"], back_opt.state[b]["exp_avg"]), name
+
+
+def _checkpointer(cfg, dims, steps, seed):
+    model, optimizer = trained_model(cfg, dims, steps=steps, seed=seed)
+    scheduler = LRScheduler(optimizer, cfg.optim, total_steps=10)
+    for _ in range(steps):
+        scheduler.step()
+    scaler = LossScaler(initial_scale=1024.0, window=2, dynamic=True)
+    scaler.update(found_inf=True)
+    return Checkpointer([model], dims, optimizer, scheduler, scaler)
+
+
+def test_checkpointer_saves_and_resumes_everything_in_one_call(tmp_path):
+    cfg, dims = tiny()
+    saved = _checkpointer(cfg, dims, steps=3, seed=1234)
+    path = saved.save(tmp_path / "ck", step=3, consumed_samples=12, config=cfg.to_dict())
+    manifest = checkpoint.read_manifest(path)
+    assert manifest.iteration == 3 and manifest.has_optimizer and manifest.padded_vocab_size == 104
+    assert manifest.train_state["consumed_samples"] == 12 and manifest.train_state["scaler"] == saved.scaler.state_dict()
+
+    fresh = Checkpointer([GPT(cfg.model, dims, seed=5)], dims)
+    fresh.optimizer, _ = build_optimizer(checkpoint.named_parameters(fresh.model_chunks), cfg.optim, dims.device)
+    fresh.scheduler = LRScheduler(fresh.optimizer, cfg.optim, total_steps=10)
+    fresh.scaler = LossScaler(initial_scale=1024.0, window=2, dynamic=True)
+    assert fresh.load(tmp_path / "ck") == checkpoint.DataPosition(step=3, consumed_samples=12)
+    assert fresh.scheduler.state_dict() == saved.scheduler.state_dict() and fresh.scheduler.lr == saved.scheduler.lr
+    assert fresh.scaler.state_dict() == saved.scaler.state_dict()
+    for (name, a), (_, b) in zip(saved.model_chunks[0].named_parameters(), fresh.model_chunks[0].named_parameters()):
+        assert torch.equal(a, b), name
+        assert torch.equal(saved.optimizer.state[a]["exp_avg"], fresh.optimizer.state[b]["exp_avg"]), name
+
+
+def test_checkpointer_weights_only_load_keeps_the_training_state(tmp_path):
+    cfg, dims = tiny()
+    _checkpointer(cfg, dims, steps=2, seed=1234).save(tmp_path / "ck", 2, 8, cfg.to_dict())
+    fresh = _checkpointer(cfg, dims, steps=0, seed=5)
+    scheduler_before = fresh.scheduler.state_dict()
+    assert fresh.load(tmp_path / "ck", weights_only=True) is None
+    assert fresh.scheduler.state_dict() == scheduler_before and not fresh.optimizer.state

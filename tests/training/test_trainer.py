@@ -144,7 +144,7 @@ def test_tensor_and_data_parallel_match_single_process(tiny_data, tmp_path):
     assert val == pytest.approx([v for _, v in single.val_losses], rel=1e-5)
     # the two stages' files merge into the single-process model (the last stage's tied copy dropped)
     merged, manifest = load_full_state_dict(tmp_path / "pp2-ck")
-    assert manifest["layout"]["pp"] == 2 and sorted(manifest["files"]) == ["model_tp00_pp000.pt", "model_tp00_pp001.pt"]
+    assert manifest.layout.pp == 2 and sorted(manifest.files) == ["model_tp00_pp000.pt", "model_tp00_pp001.pt"]
     assert sorted(merged) == sorted(n for n, _ in single_trainer.named_params)
     for name, param in single_trainer.named_params:
         assert torch.allclose(merged[name], param.detach(), atol=1e-4), name

@@ -1,0 +1,358 @@
+"""What a checkpoint is on disk: its names, its ``Manifest``, and the one reader of its shard files.
+
+Layout of a save directory::
+
+    latest                          "iter_0000100", replaced atomically once a save is complete
+    iter_0000100/
+      manifest.json                 layout, per-parameter partition metadata and full shapes,
+                                    step, training state (scheduler, loss scale, data position),
+                                    and the resolved config
+      model_tp00_pp000.pt           one file per (tp, pp) rank (written by dp rank 0): weights and
+                                    optimizer state, both keyed by global parameter name
+      rng/rank00000.pt              every rank's RNG streams (torch, cuda, numpy, python, tp tracker)
+      tokenizer/                    a copy of the tokenizer directory
+
+A save is written into ``iter_N.partial/`` and renamed into place only when every file is
+on disk, then ``latest`` is rewritten through a temporary file, fsync and rename. A crash
+at any point leaves the previous checkpoint and ``latest`` untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megatron_lite.config import ModelConfig, build_dataclass
+from megatron_lite.parallel.layout import ParamLayout, layout_of
+from megatron_lite.training.checkpoint import durable
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+TOKENIZER = "tokenizer"
+# With tied embeddings and pp > 1 the last stage holds a copy of the word embedding under
+# its own name; layouts without that copy read it from (or drop it for) the embedding.
+TIED_COPIES = {"output.weight": "embedding.word.weight"}
+VOCAB_ROWS = set(TIED_COPIES) | set(TIED_COPIES.values())  # tensors whose dim 0 is the padded vocabulary
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, or does not fit the model being loaded."""
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def partial_dir(final: Path) -> Path:
+    """Where a save is assembled before it is renamed to ``final``."""
+    return final.with_name(final.name + ".partial")
+
+
+def shard_file_name(tp_rank: int, pp_rank: int) -> str:
+    return f"model_tp{tp_rank:02d}_pp{pp_rank:03d}.pt"
+
+
+def pp_rank_of(shard_file: str) -> int:
+    return int(shard_file.rsplit("_pp", 1)[1].split(".")[0])
+
+
+def rng_file(ckpt_dir: Path, world_rank: int) -> Path:
+    return ckpt_dir / "rng" / f"rank{world_rank:05d}.pt"
+
+
+def named_parameters(model_chunks: list[torch.nn.Module]) -> list[tuple[str, torch.nn.Parameter]]:
+    """Every parameter this rank holds, by global name, each name once (chunks use global layer indices)."""
+    seen: dict[str, torch.nn.Parameter] = {}
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            seen.setdefault(name, param)
+    return list(seen.items())
+
+
+# ----------------------------------------------------------------------------- a parameter's split
+
+
+def full_shape_of(param: torch.Tensor, tp: int) -> list[int]:
+    return layout_of(param).full_shape(param.shape, tp)
+
+
+def shard_for_rank(full: torch.Tensor, name: str, layout: ParamLayout, tp_rank: int, tp: int) -> torch.Tensor:
+    """``tp_rank``'s piece of ``full`` cut as ``layout`` says."""
+    try:
+        return layout.shard_tensor(full, tp_rank, tp)
+    except ValueError as exc:
+        raise CheckpointError(f"{name}: {exc}; choose a tensor-parallel degree that splits it") from exc
+
+
+def fit_vocab_padding(tensor: torch.Tensor, saved_shape: list[int], want_shape: list[int], saved_pad: int,
+                      want_pad: int) -> torch.Tensor | None:
+    """Trim or zero-extend the vocabulary padding rows when the tp degree changes the padded size;
+    None when the shapes differ in more than that."""
+    diff = [d for d, (a, b) in enumerate(zip(saved_shape, want_shape)) if a != b]
+    if len(saved_shape) != len(want_shape) or len(diff) != 1:
+        return None
+    dim = diff[0]
+    if saved_shape[dim] != saved_pad or want_shape[dim] != want_pad:
+        return None
+    if want_pad < saved_pad:
+        return tensor.narrow(dim, 0, want_pad).clone()
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = want_pad - saved_pad
+    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+
+
+# ----------------------------------------------------------------------------- the manifest
+
+
+def _check_fields(cls: type, entry: dict, where: str) -> None:
+    """Refuse unknown and missing fields of a dataclass's JSON form with a message that names them."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in entry:
+        if key not in known:
+            nearest = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{nearest[0]}'?)" if nearest else ""
+            raise CheckpointError(f"{where}: unknown field '{key}'{hint}; the manifest was not written by this "
+                                  f"version of megatron-lite")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in entry]
+    if missing:
+        raise CheckpointError(f"{where}: missing field(s) {', '.join(missing)}; the manifest is damaged or "
+                              f"not a megatron-lite checkpoint")
+
+
+def _from_fields(cls: type, entry: dict, where: str):
+    _check_fields(cls, entry, where)
+    return cls(**entry)
+
+
+@dataclass(frozen=True)
+class ParamRecord:
+    """One parameter in the manifest: its full (tp = 1) shape, dtype, and how it is split over tp."""
+
+    shape: list[int]
+    dtype: str
+    partition_dim: int | None = None
+    partition_chunks: int = 1
+    partition_groups: int = 1
+    replicated_rows: int = 0
+
+    @classmethod
+    def describe(cls, shape, dtype: torch.dtype, layout: ParamLayout) -> ParamRecord:
+        """The record of a parameter of full ``shape`` split as ``layout`` says."""
+        return cls(shape=list(shape), dtype=str(dtype).replace("torch.", ""), **layout.manifest_fields())
+
+    def layout(self) -> ParamLayout:
+        return ParamLayout(partition_dim=self.partition_dim, partition_chunks=self.partition_chunks,
+                           partition_groups=self.partition_groups, replicated_rows=self.replicated_rows)
+
+    def to_dict(self) -> dict:
+        """The grouped-row fields only where they are used, so entries of other parameters keep the
+        form readers before them expect."""
+        entry = {"partition_dim": self.partition_dim, "partition_chunks": self.partition_chunks}
+        if self.partition_groups > 1 or self.replicated_rows > 0:
+            entry.update(partition_groups=self.partition_groups, replicated_rows=self.replicated_rows)
+        return {**entry, "shape": self.shape, "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, entry: dict, where: str) -> ParamRecord:
+        return _from_fields(cls, entry, where)
+
+
+@dataclass(frozen=True)
+class SavedLayout:
+    """The parallel layout the checkpoint was written at."""
+
+    tp: int
+    pp: int
+    dp: int
+    virtual_pp: int = 1
+    zero1: bool = False
+
+    @classmethod
+    def of(cls, dims, config: dict) -> SavedLayout:
+        parallel = config.get("parallel", {})
+        return cls(tp=dims.tp, pp=dims.pp, dp=dims.dp, virtual_pp=parallel.get("virtual_pp", 1),
+                   zero1=parallel.get("zero1", False))
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    """``manifest.json``: what every shard file holds and the run that wrote them. Fields are in the
+    order of the file; the optional ones were absent from some early checkpoints."""
+
+    format: int = FORMAT_VERSION
+    iteration: int
+    layout: SavedLayout
+    padded_vocab_size: int | None = None
+    files: dict[str, list[str]]  # shard file -> the parameter names it holds
+    params: dict[str, ParamRecord]
+    train_state: dict = field(default_factory=dict)  # step, consumed samples, scheduler, loss scaler
+    has_optimizer: bool = False
+    config: dict  # the resolved config of the run, as a dict
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format,
+            "iteration": self.iteration,
+            "layout": dataclasses.asdict(self.layout),
+            "padded_vocab_size": self.padded_vocab_size,
+            "files": self.files,
+            "params": {name: record.to_dict() for name, record in self.params.items()},
+            "train_state": self.train_state,
+            "has_optimizer": self.has_optimizer,
+            "config": self.config,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, default=str)
+
+    @classmethod
+    def from_dict(cls, entry: dict, where: str = MANIFEST) -> Manifest:
+        if entry.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{where} has checkpoint format {entry.get('format')}, expected {FORMAT_VERSION}")
+        _check_fields(cls, entry, where)
+        layout = _from_fields(SavedLayout, entry["layout"], f"{where}: layout")
+        params = {name: ParamRecord.from_dict(record, f"{where}: params.{name}")
+                  for name, record in entry["params"].items()}
+        return cls(**{**entry, "layout": layout, "params": params})
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST) -> Manifest:
+        return cls.from_dict(json.loads(text), where)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(self.config["model"].get("tie_embeddings"))
+
+    def model_config(self) -> ModelConfig:
+        """The ``ModelConfig`` the checkpoint was trained with (vocab size already resolved)."""
+        return build_dataclass(ModelConfig, self.config["model"], "model")
+
+    def stage_of_params(self) -> dict[str, int]:
+        """Parameter name -> the pipeline rank whose files hold it, in stage order."""
+        stage_of: dict[str, int] = {}
+        for file_name, names in sorted(self.files.items()):
+            for name in names:
+                stage_of.setdefault(name, pp_rank_of(file_name))
+        return dict(sorted(stage_of.items(), key=lambda item: item[1]))
+
+
+# ----------------------------------------------------------------------------- locate, read, publish
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """``path`` may be a save directory (follows ``latest``) or one ``iter_*`` directory."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    latest = path / LATEST
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if not (target / MANIFEST).is_file():
+            raise CheckpointError(f"{latest} points at {target.name}, which has no {MANIFEST}; the checkpoint is incomplete")
+        return target
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory {path} does not exist; check checkpoint.load / --load")
+    raise CheckpointError(
+        f"no checkpoint in {path}: expected a '{LATEST}' file or a '{MANIFEST}' "
+        f"(point at the checkpoint.save directory of a finished run or at one of its iter_* directories)"
+    )
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    ckpt_dir = resolve_checkpoint_dir(path)
+    return Manifest.from_json((ckpt_dir / MANIFEST).read_text(), str(ckpt_dir / MANIFEST))
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    durable.write_text(directory / MANIFEST, manifest.to_json())
+
+
+def publish(save_dir: Path, final: Path, manifest: Manifest, tokenizer_dir: str | Path | None) -> None:
+    """Finish the partial directory of ``final``, move it into place, then point ``latest`` at it."""
+    partial = partial_dir(final)
+    if tokenizer_dir:
+        shutil.copytree(tokenizer_dir, partial / TOKENIZER)
+    write_manifest(partial, manifest)
+    durable.replace_directory(partial, final)
+    durable.write_text(save_dir / LATEST, final.name + "\n")
+
+
+# ----------------------------------------------------------------------------- the shard reader
+
+
+class ShardReader:
+    """Full (tp = 1) tensors of a checkpoint by global name, merged from its tp shards on request.
+
+    The shard files are memory-mapped: only the pages of the tensors actually read come into
+    memory, so converting or resharding a model larger than memory works one tensor at a time.
+    """
+
+    def __init__(self, path: str | Path):
+        self.directory = resolve_checkpoint_dir(path)
+        self.manifest = read_manifest(self.directory)
+        self.stage_of = self.manifest.stage_of_params()
+        self._files: dict[tuple[int, int], dict] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.stage_of
+
+    def saved_name(self, name: str) -> str:
+        """The name ``name`` is stored under: a tied copy the checkpoint lacks is read from its original."""
+        return name if name in self.stage_of else TIED_COPIES.get(name, name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._merge(name, [shard["model"][name] for shard in self._stage_shards(name)])
+
+    def optimizer_state(self, name: str) -> dict | None:
+        """The full optimizer state of ``name`` (step counters as saved), None without one."""
+        shards = [shard.get("optimizer", {}).get("per_param", {}).get(name) for shard in self._stage_shards(name)]
+        if shards[0] is None:
+            return None
+        return {
+            key: self._merge(name, [s[key] for s in shards]) if torch.is_tensor(value) and value.ndim > 0 else value
+            for key, value in shards[0].items()
+        }
+
+    def optimizer_groups(self) -> list[dict] | None:
+        first = self._shard_file(0, 0).get("optimizer")
+        return first["groups"] if first else None
+
+    def local_shard(self, tp_rank: int, pp_rank: int) -> dict:
+        """One rank's file read whole, not mapped: its tensors become a model's and an optimizer's."""
+        return torch.load(self._path(tp_rank, pp_rank), map_location="cpu", weights_only=False)
+
+    def _stage_shards(self, name: str) -> list[dict]:
+        if name not in self.stage_of:
+            raise CheckpointError(f"{self.directory} holds no parameter {name!r}; it does not match its manifest")
+        return [self._shard_file(tp_rank, self.stage_of[name]) for tp_rank in range(self.manifest.layout.tp)]
+
+    def _shard_file(self, tp_rank: int, pp_rank: int) -> dict:
+        key = (tp_rank, pp_rank)
+        if key not in self._files:
+            self._files[key] = torch.load(self._path(tp_rank, pp_rank), map_location="cpu", mmap=True,
+                                          weights_only=False)
+        return self._files[key]
+
+    def _path(self, tp_rank: int, pp_rank: int) -> Path:
+        path = self.directory / shard_file_name(tp_rank, pp_rank)
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+        return path
+
+    def _merge(self, name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+        try:
+            return self.manifest.params[name].layout().merge_shards(pieces)
+        except ValueError as exc:
+            raise CheckpointError(f"{self.directory}: {name}: {exc}") from exc

@@ -1,0 +1,311 @@
+"""Save and load a running model's shards; a checkpoint of another (tp, pp) layout is resharded on load.
+
+Both are collective: every rank of the run calls them.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_lite.parallel.layout import layout_of
+from megatron_lite.training.checkpoint import durable
+from megatron_lite.training.checkpoint.format import (
+    TIED_COPIES,
+    CheckpointError,
+    Manifest,
+    ParamRecord,
+    SavedLayout,
+    ShardReader,
+    fit_vocab_padding,
+    full_shape_of,
+    iteration_dir_name,
+    named_parameters,
+    partial_dir,
+    publish,
+    rng_file,
+    shard_file_name,
+    shard_for_rank,
+)
+from megatron_lite.training.optim import load_optimizer_state_by_name, optimizer_state_by_name
+
+# A weights-only load may move a language model onto a value head (SFT -> reward model or critic).
+VALUE_HEAD = "value_head."
+LM_HEAD = "output."
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _world_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state(rng_trackers=()) -> dict:
+    """This rank's generators, plus each model chunk's tensor-parallel dropout streams."""
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "trackers": [tracker.get_states() for tracker in rng_trackers],
+    }
+
+
+def restore_rng_state(state: dict, rng_trackers=()) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for tracker, saved in zip(rng_trackers, state.get("trackers", [])):
+        tracker.set_states(saved)
+
+
+# ----------------------------------------------------------------------------- optimizer state by name
+
+
+def _optimizer_state(optimizer, named) -> dict:
+    """Full per-parameter optimizer state by name; a ZeRO optimizer gathers its dp slices."""
+    if hasattr(optimizer, "state_dict_by_param_name"):
+        return optimizer.state_dict_by_param_name()
+    return optimizer_state_by_name(optimizer, named)
+
+
+def _load_optimizer_state(optimizer, named, state: dict) -> None:
+    if hasattr(optimizer, "load_state_dict_by_param_name"):
+        optimizer.load_state_dict_by_param_name(state)
+    else:
+        load_optimizer_state_by_name(optimizer, named, state)
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    iteration: int,
+    model_chunks: list[torch.nn.Module],
+    dims,
+    config: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_state: dict | None = None,
+    tokenizer_dir: str | Path | None = None,
+    rng_trackers=(),
+    padded_vocab_size: int | None = None,
+) -> Path:
+    """Write a complete checkpoint for ``iteration``; returns the iteration directory.
+
+    ``config`` is the resolved config as a dict; ``train_state`` holds JSON-able training
+    progress (scheduler, loss scaler, consumed samples). ``Checkpointer.save`` fills these in.
+    """
+    save_dir = Path(save_dir)
+    final = save_dir / iteration_dir_name(iteration)
+    partial = partial_dir(final)
+    if _is_rank0():
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / "rng").mkdir(parents=True)
+    _barrier()
+
+    named = named_parameters(model_chunks)
+    shard_name = shard_file_name(dims.tp_rank, dims.pp_rank)
+    writes_shard = dims.dp_rank == 0
+    optimizer_state = _optimizer_state(optimizer, named) if optimizer is not None else None  # collective under ZeRO
+    if writes_shard:
+        shard = {"model": {n: p.detach().cpu() for n, p in named}}
+        if optimizer_state is not None:
+            shard["optimizer"] = optimizer_state
+        durable.save_torch(shard, partial / shard_name)
+    durable.save_torch(capture_rng_state(rng_trackers), rng_file(partial, _world_rank()))
+
+    records = {n: ParamRecord.describe(full_shape_of(p, dims.tp), p.dtype, layout_of(p)) for n, p in named}
+    gathered = _gather_objects((shard_name, records) if writes_shard else None)
+    _barrier()
+    if _is_rank0():
+        files, params = _merge_records([g for g in gathered if g is not None])
+        manifest = Manifest(
+            iteration=iteration, layout=SavedLayout.of(dims, config), padded_vocab_size=padded_vocab_size,
+            files=files, params=params, train_state=train_state or {}, has_optimizer=optimizer is not None,
+            config=config,
+        )
+        publish(save_dir, final, manifest, tokenizer_dir)
+    _barrier()
+    return final
+
+
+def _merge_records(held: list[tuple[str, dict[str, ParamRecord]]]) -> tuple[dict, dict]:
+    """The manifest's ``files`` and ``params`` from each shard writer's (file name, records)."""
+    params: dict[str, ParamRecord] = {}
+    for _, records in held:
+        for name, record in records.items():
+            params.setdefault(name, record)
+    return {file_name: sorted(records) for file_name, records in held}, params
+
+
+# ----------------------------------------------------------------------------- check the model against the manifest
+
+
+def _head_swap(manifest: Manifest, named, weights_only: bool) -> set[str]:
+    """Names to leave out of a weights-only load that moves a language model onto a value head
+    (SFT -> reward model or critic): the model's new value head keeps its initialization, and
+    the checkpoint's vocabulary head is not read."""
+    saved = manifest.params
+    model_value_head = {n for n, _ in named if n.startswith(VALUE_HEAD)}
+    if not weights_only or not model_value_head or any(n.startswith(VALUE_HEAD) for n in saved):
+        return set()
+    return model_value_head | {n for n in saved if n.startswith(LM_HEAD)}
+
+
+def _shape_problems(manifest: Manifest, named, dims, model_padded_vocab: int | None, skip: set[str]) -> list[str]:
+    saved = {n: record.shape for n, record in manifest.params.items() if n not in skip}
+    named = [(n, p) for n, p in named if n not in skip]
+    tied = manifest.tied_embeddings
+    local = {n for n, _ in named}
+    problems = []
+    for name, param in named:
+        want = full_shape_of(param, dims.tp)
+        if name not in saved and tied and TIED_COPIES.get(name) in saved:
+            name = TIED_COPIES[name]
+        if name not in saved:
+            problems.append(f"{name}: missing from the checkpoint (model expects shape {want})")
+        elif saved[name] != want and not _padding_only(saved[name], want, manifest.padded_vocab_size, model_padded_vocab):
+            problems.append(f"{name}: checkpoint shape {saved[name]} != model shape {want}")
+    if dims.pp == 1:
+        dropped_copies = {n for n, target in TIED_COPIES.items() if tied and target in local}
+        problems += [
+            f"{n}: in the checkpoint but not in the model" for n in sorted(saved) if n not in local | dropped_copies
+        ]
+    return problems
+
+
+def _padding_only(saved_shape, want_shape, saved_pad, want_pad) -> bool:
+    if not saved_pad or not want_pad:
+        return False
+    probe = torch.empty(saved_shape, device="meta")
+    return fit_vocab_padding(probe, saved_shape, want_shape, saved_pad, want_pad) is not None
+
+
+def _same_layout(manifest: Manifest, named, dims) -> bool:
+    if (manifest.layout.tp, manifest.layout.pp) != (dims.tp, dims.pp):
+        return False
+    saved_names = manifest.files.get(shard_file_name(dims.tp_rank, dims.pp_rank))
+    return saved_names is not None and set(saved_names) == {n for n, _ in named}
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _reshard(full: torch.Tensor, name: str, param: torch.Tensor, manifest: Manifest, dims, model_pad) -> torch.Tensor:
+    want = full_shape_of(param, dims.tp)
+    if list(full.shape) != want:
+        full = fit_vocab_padding(full, list(full.shape), want, manifest.padded_vocab_size, model_pad)
+    # clone: the piece must own its memory, not borrow the memory-mapped file's
+    return shard_for_rank(full, name, layout_of(param), dims.tp_rank, dims.tp).clone()
+
+
+def _local_state_from_reader(reader: ShardReader, named, dims, model_pad, with_optimizer: bool):
+    weights, per_param = {}, {}
+    for name, param in tqdm(named, desc="resharding checkpoint", leave=False, disable=not _is_rank0() or len(named) < 100):
+        saved = reader.saved_name(name)
+        weights[name] = _reshard(reader[saved], name, param, reader.manifest, dims, model_pad)
+        if with_optimizer:
+            state = reader.optimizer_state(saved)
+            if state is not None:
+                per_param[name] = {
+                    k: _reshard(v, name, param, reader.manifest, dims, model_pad)
+                    if torch.is_tensor(v) and v.ndim > 0 else (v.clone() if torch.is_tensor(v) else v)
+                    for k, v in state.items()
+                }
+    optimizer_state = {"per_param": per_param, "groups": reader.optimizer_groups()} if with_optimizer else None
+    return weights, optimizer_state
+
+
+def _check_fits(reader: ShardReader, named, dims, padded_vocab_size, skip: set[str]) -> None:
+    problems = _shape_problems(reader.manifest, named, dims, padded_vocab_size, skip)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {reader.directory} does not match the model built from the config "
+            f"({len(problems)} mismatched keys):\n  " + "\n  ".join(problems)
+            + "\nuse the model section the checkpoint was trained with (see its manifest.json)"
+        )
+
+
+def load_checkpoint(
+    load_dir: str | Path,
+    model_chunks: list[torch.nn.Module],
+    dims,
+    optimizer: torch.optim.Optimizer | None = None,
+    weights_only: bool = False,
+    rng_trackers=(),
+    padded_vocab_size: int | None = None,
+) -> dict:
+    """Load a checkpoint into this rank's model chunks.
+
+    Resharding happens automatically when the saved (tp, pp) layout differs. With
+    ``weights_only`` (fine-tuning) the optimizer, RNG and training state are ignored, and a
+    model with a value head may start from a language model's checkpoint (the value head
+    keeps its initialization; the vocabulary head is not read).
+    Returns ``{"iteration", "train_state", "manifest", "resharded", "rng_restored"}``.
+    """
+    reader = ShardReader(load_dir)
+    manifest = reader.manifest
+    named = named_parameters(model_chunks)
+    skip = _head_swap(manifest, named, weights_only)
+    _check_fits(reader, named, dims, padded_vocab_size, skip)
+    with_optimizer = optimizer is not None and not weights_only and manifest.has_optimizer
+    named = [(n, p) for n, p in named if n not in skip]
+    resharded = bool(skip) or not _same_layout(manifest, named, dims)
+    if resharded:
+        weights, optimizer_state = _local_state_from_reader(reader, named, dims, padded_vocab_size, with_optimizer)
+    else:
+        shard = reader.local_shard(dims.tp_rank, dims.pp_rank)
+        weights, optimizer_state = shard["model"], shard.get("optimizer") if with_optimizer else None
+    with torch.no_grad():
+        for name, param in named:
+            param.copy_(weights[name].to(dtype=param.dtype))
+    if optimizer_state is not None:
+        _load_optimizer_state(optimizer, named, optimizer_state)  # after the weights: ZeRO re-reads them
+    rng_restored = not weights_only and _restore_rng(reader, manifest, dims, rng_trackers)
+    _barrier()
+    return {
+        "iteration": 0 if weights_only else manifest.iteration,
+        "train_state": {} if weights_only else manifest.train_state,
+        "manifest": manifest,
+        "resharded": resharded,
+        "rng_restored": rng_restored,
+    }
+
+
+def _restore_rng(reader: ShardReader, manifest: Manifest, dims, rng_trackers) -> bool:
+    """RNG streams belong to ranks: they are restored only when the world is the one that saved them."""
+    saved = rng_file(reader.directory, _world_rank())
+    layout = manifest.layout
+    if (layout.tp, layout.pp, layout.dp) != (dims.tp, dims.pp, dims.dp) or not saved.is_file():
+        return False
+    restore_rng_state(torch.load(saved, map_location="cpu", weights_only=False), rng_trackers)
+    return True
