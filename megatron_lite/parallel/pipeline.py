@@ -29,7 +29,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
+from megatron_lite.config import ConfigError
 from megatron_lite.parallel.comm_stats import CommStats, record
+from megatron_lite.parallel.dims import ParallelDims
 
 Op = tuple[str, int, int]  # ("F" | "B", microbatch, chunk)
 ForwardStep = Callable[[int, "torch.Tensor | None", Any], torch.Tensor]
@@ -38,6 +40,42 @@ GradSync = Callable[[int, bool], None]
 SCHEDULES = ("afab", "1f1b")
 _ACTIVATION_TAG = 0
 _GRADIENT_TAG = 1
+
+
+# ----------------------------------------------------------------------------- which layers each chunk holds
+
+
+def split_layers(num_layers: int, num_chunks: int, stage_layers: list[int] | None) -> list[range]:
+    """Global layer indices of each virtual stage, in virtual-stage order."""
+    if stage_layers is None:
+        if num_layers % num_chunks != 0:
+            raise ConfigError(
+                f"model.num_layers={num_layers} does not split evenly over {num_chunks} pipeline chunks "
+                f"(parallel.pp x parallel.virtual_pp); change num_layers or set parallel.stage_layers "
+                f"to a list of {num_chunks} layer counts"
+            )
+        counts = [num_layers // num_chunks] * num_chunks
+    else:
+        counts = list(stage_layers)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [range(start, start + count) for start, count in zip(starts, counts)]
+
+
+def stage_layer_ranges(num_layers: int, dims: ParallelDims) -> list[range]:
+    """Global layer indices of every virtual stage; virtual stage c * pp + s is chunk c of stage s."""
+    return split_layers(num_layers, dims.pp * dims.virtual_pp, dims.stage_layers)
+
+
+def chunk_layers(num_layers: int, dims: ParallelDims, pp_rank: int, chunk: int = 0) -> range:
+    """The layers model chunk ``chunk`` of pipeline stage ``pp_rank`` holds (interleaved order)."""
+    if not (0 <= pp_rank < dims.pp and 0 <= chunk < dims.virtual_pp):
+        raise ValueError(f"no chunk {chunk} on stage {pp_rank} with pp={dims.pp}, virtual_pp={dims.virtual_pp}")
+    return stage_layer_ranges(num_layers, dims)[chunk * dims.pp + pp_rank]
+
+
+def my_layer_ranges(num_layers: int, dims: ParallelDims) -> list[range]:
+    """The layers of each of this rank's model chunks, chunk 0 first."""
+    return [chunk_layers(num_layers, dims, dims.pp_rank, c) for c in range(dims.virtual_pp)]
 
 
 def _check_sizes(num_microbatches: int, pp: int, stage: int, virtual_pp: int = 1) -> None:

@@ -581,7 +581,8 @@ def save_full_state_dict(
     ``load_full_optimizer_state`` returns) and ``train_state``, and the run resumes exactly.
     """
     from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig, build_dataclass
-    from megatron_lite.parallel.dims import ParallelDims, validate_layout
+    from megatron_lite.model.layout_check import validate_layout
+    from megatron_lite.parallel.dims import ParallelDims
 
     model_cfg = build_dataclass(ModelConfig, config["model"], "model")
     if model_cfg.vocab_size <= 0:
@@ -589,8 +590,7 @@ def save_full_state_dict(
     parallel = build_dataclass(ParallelConfig, {**config.get("parallel", {}), "tp": tp, "pp": pp}, "parallel")
     validate_layout(parallel, model_cfg, tp * pp)
     config = {**config, "parallel": {**config.get("parallel", {}), "tp": tp, "pp": pp}}
-    dims = ParallelDims(tp=tp, pp=pp, dp=1, virtual_pp=parallel.virtual_pp, stage_layers=parallel.stage_layers,
-                        num_layers=model_cfg.num_layers)
+    dims = ParallelDims(tp=tp, pp=pp, dp=1, virtual_pp=parallel.virtual_pp, stage_layers=parallel.stage_layers)
     padded = padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, tp)
     save_dir = Path(save_dir)
     final = save_dir / iteration_dir_name(iteration)
@@ -633,13 +633,14 @@ def _stage_parameters(model_cfg, dims, pp_rank: int) -> list[tuple[str, torch.Te
 
     from megatron_lite.model.gpt import GPT
     from megatron_lite.parallel.dims import ParallelDims
+    from megatron_lite.parallel.pipeline import chunk_layers
 
     meta_cfg = dataclasses.replace(model_cfg, attention_backend="torch", norm_backend="torch", loss_backend="torch",
                                    elementwise_backend="torch")
-    meta_dims = ParallelDims(num_layers=model_cfg.num_layers, device=torch.device("meta"))
+    meta_dims = ParallelDims(device=torch.device("meta"))
     chunks = []
     for chunk in range(dims.virtual_pp):
-        layer_range = dims.layers_for(pp_rank, chunk)
+        layer_range = chunk_layers(model_cfg.num_layers, dims, pp_rank, chunk)
         chunks.append(GPT(meta_cfg, meta_dims, layer_range=layer_range,
                           pre_process=pp_rank == 0 and chunk == 0,
                           post_process=pp_rank == dims.pp - 1 and chunk == dims.virtual_pp - 1))

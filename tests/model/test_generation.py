@@ -85,7 +85,7 @@ def test_generate_errors():
 
 def test_generate_refuses_sequence_parallel_models():
     model = tiny_model("llama")
-    sharded = GPT(model.config, ParallelDims(sequence_parallel=True, num_layers=2))
+    sharded = GPT(model.config, ParallelDims(sequence_parallel=True))
     with pytest.raises(ValueError, match="does not run with sequence parallelism"):
         generate(sharded, [[1]], 2)
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_lite.__main__ import generate_text, main
+from megatron_lite.__main__ import main
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.convert.hf import ConversionError, convert_to_hf
+from megatron_lite.inference import generate_text
 from megatron_lite.rlhf import DPOTrainer, RewardModelTrainer, SFTTrainer
 from megatron_lite.rlhf.data import IGNORE_INDEX, RLHFDataError
 from megatron_lite.rlhf.dpo import REFERENCE_FILE
