@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import Config, ConfigError
+from megatron_lite.parallel.comm_stats import CommStats
 from megatron_lite.parallel.data_parallel import (
     GradReducer,
     Zero1AdamW,
@@ -90,17 +91,21 @@ class ParallelStep:
     """Runs steps for one rank: owns the dp gradient reducers and knows the optimizer kind."""
 
     def __init__(self, model_chunks: Sequence[torch.nn.Module], optimizer, dims: ParallelDims,
-                 schedule: str = "1f1b", bucket_size_mb: float = 25.0, loss_fn: LossFn = language_model_loss):
+                 schedule: str = "1f1b", bucket_size_mb: float = 25.0, loss_fn: LossFn = language_model_loss,
+                 comm_stats: CommStats | None = None):
+        """``comm_stats``: where every collective and send of a step records its bytes (benchmarks, tests)."""
         self.chunks, self.optimizer, self.dims, self.schedule = list(model_chunks), optimizer, dims, schedule
-        self.loss_fn = loss_fn
+        self.loss_fn, self.comm_stats = loss_fn, comm_stats
         self.zero1 = isinstance(optimizer, Zero1AdamW)
+        if self.zero1 and comm_stats is not None:  # ZeRO-1's reduce-scatter and all-gather run in the optimizer
+            optimizer.comm_stats = comm_stats
         self.params = [p for chunk in self.chunks for p in chunk.parameters()]
         self.tied_params = [p for chunk in self.chunks for p in chunk.tied_embedding_params()]
         self.sp_group = dims.tp_group if dims.sequence_parallel else None
         # ZeRO-1 reduce-scatters after backward, so only plain AdamW keeps gradients in dp buckets.
         self.reducers = [] if self.zero1 else [
             GradReducer(chunk.parameters(), dims.dp_group, bucket_size_mb, tp_group=dims.tp_group,
-                        sequence_parallel=dims.sequence_parallel)
+                        sequence_parallel=dims.sequence_parallel, comm_stats=comm_stats)
             for chunk in self.chunks
         ]
 
@@ -170,6 +175,7 @@ class ParallelStep:
             self.chunks, micro_batches, forward_step, self.schedule, pp_group=dims.pp_group, pp_rank=dims.pp_rank,
             pp_size=dims.pp, tensor_shape=(batch, length, self.chunks[0].config.hidden_size), dtype=torch.float32,
             device=dims.device, forward_only=forward_only, grad_sync=grad_sync, loss_scale=loss_scale,
+            comm_stats=self.comm_stats,
         )
 
     def _reduce_gradients(self) -> None:
@@ -177,9 +183,9 @@ class ParallelStep:
             reducer.set_grad_sync(True)
             reducer.finish_grad_sync()  # dp average, then the sequence-parallel sum over tp
         if self.zero1:
-            allreduce_sequence_parallel_grads(self.params, self.sp_group)
-        sync_tied_embedding_grads(self.tied_params, self.dims.embedding_group)
-        allreduce_replicated_grads(self.params, self.dims.kv_replica_group)
+            allreduce_sequence_parallel_grads(self.params, self.sp_group, self.comm_stats)
+        sync_tied_embedding_grads(self.tied_params, self.dims.embedding_group, self.comm_stats)
+        allreduce_replicated_grads(self.params, self.dims.kv_replica_group, self.comm_stats)
 
     def _global_mean(self, losses: list[torch.Tensor]) -> float:
         """Sum of the last stage's micro-batch losses (already divided by their number), made
@@ -208,7 +214,7 @@ class ParallelStep:
             grads = [p for p in self.params if p.grad is not None]
         optim.unscale_grads(grads, scaler.scale)
         norm = clip_grad_norm(grads, grad_clip, dims.tp_group, dims.pp_group,
-                              dims.dp_group if self.zero1 else None)
+                              dims.dp_group if self.zero1 else None, self.comm_stats)
         skipped = not math.isfinite(norm)
         if not skipped:
             self.optimizer.step()
