@@ -239,17 +239,13 @@ class _P2P:
     def __init__(self, group, pp_rank: int, pp_size: int, shape, dtype, device, stats: CommStats | None):
         self.group = group
         self.peers = {
-            "prev": self._global(group, (pp_rank - 1) % pp_size),
-            "next": self._global(group, (pp_rank + 1) % pp_size),
+            "prev": _global_rank(group, (pp_rank - 1) % pp_size),
+            "next": _global_rank(group, (pp_rank + 1) % pp_size),
         }
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self.stats = stats
         # (works, the buffers they send, the stage outputs to release once they are sent)
         self.in_flight: list[tuple[list, list[torch.Tensor], list[torch.Tensor]]] = []
-
-    @staticmethod
-    def _global(group, group_rank: int) -> int:
-        return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
     def exchange(self, sends: Sequence[tuple[Transfer, torch.Tensor]], recvs: Sequence[Transfer],
                  release: Sequence[torch.Tensor] = ()) -> dict:
@@ -298,6 +294,25 @@ class _P2P:
 
     def wait_all(self) -> None:
         self._retire(wait=True)
+
+
+def _global_rank(group, group_rank: int) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+def send_to_next_stage(activation: torch.Tensor, pp_group, pp_rank: int, comm_stats: CommStats | None = None) -> None:
+    """Blocking send of one forward activation to stage ``pp_rank + 1``, outside a schedule
+    (generation, whose activations change shape every step)."""
+    tensor = activation.contiguous()
+    dist.send(tensor, dst=_global_rank(pp_group, pp_rank + 1), group=pp_group, tag=_ACTIVATION_TAG)
+    record(comm_stats, "pp", "send", tensor.numel() * tensor.element_size(), 2)
+
+
+def recv_from_previous_stage(shape: Sequence[int], dtype: torch.dtype, device, pp_group, pp_rank: int) -> torch.Tensor:
+    """The activation ``send_to_next_stage`` on stage ``pp_rank - 1`` sends."""
+    activation = torch.empty(*shape, dtype=dtype, device=device)
+    dist.recv(activation, src=_global_rank(pp_group, pp_rank - 1), group=pp_group, tag=_ACTIVATION_TAG)
+    return activation
 
 
 def release_storage(output: torch.Tensor) -> None:
