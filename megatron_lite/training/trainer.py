@@ -1,4 +1,5 @@
-"""The pretraining loop: setup (grid, data, model chunks, optimizer) and ``Trainer.train``.
+"""The pretraining loop: ``Trainer`` builds a run from a ``Config`` with the helpers of
+``training.setup`` (grid, resolved config, model chunks) and ``Trainer.train`` runs it.
 
 The model is a list of chunks (one per virtual pipeline stage this rank holds; one chunk
 at pp=1). ``training.step.ParallelStep`` runs one global batch's micro-batches (a plain loop
@@ -36,8 +37,6 @@ from megatron_lite.training.setup import (
     total_steps,
 )
 from megatron_lite.training.step import ParallelStep, build_optimizer, language_model_loss, validate_batch_layout
-
-# ----------------------------------------------------------------------------- the trainer
 
 
 @dataclass
