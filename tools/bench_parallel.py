@@ -185,7 +185,7 @@ def _wchar() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("wchar"))
 
 
-def _bytes_step(layout, hidden, layers, tokens, num_micro_batches) -> dict:
+def bytes_of_one_step(layout, hidden, layers, tokens, num_micro_batches) -> dict:
     stats = CommStats()
     real = RealStep(step_config(layout, hidden, layers, tokens, num_micro_batches, "cpu"), stats)
     for _ in range(2):  # the first step warms up; the second is measured
@@ -200,10 +200,10 @@ def _bytes_step(layout, hidden, layers, tokens, num_micro_batches) -> dict:
 
 
 def _bytes_body(rank, world_size, layouts, hidden, layers, tokens, num_micro_batches):
-    return [_bytes_step(layout, hidden, layers, tokens, num_micro_batches) for layout in layouts]
+    return [bytes_of_one_step(layout, hidden, layers, tokens, num_micro_batches) for layout in layouts]
 
 
-def _analytical(layout, result, tokens, hidden, num_micro_batches) -> dict[str, float]:
+def analytical_bytes(layout, result, tokens, hidden, num_micro_batches) -> dict[str, float]:
     dp, pp, virtual_pp, zero = layout
     ring = lambda n: (n - 1) / n  # noqa: E731
     out = {}
@@ -245,7 +245,7 @@ def bytes_table(world_size: int, hidden: int, layers: int, tokens: int, num_micr
         dp, pp, virtual_pp, zero = layout
         name = f"dp={dp} pp={pp}" + (f" v={virtual_pp}" if virtual_pp > 1 else "") + (" ZeRO-1" if zero else "")
         results = [r[i] for r in per_rank]
-        analytic = [_analytical(layout, r, tokens, hidden, num_micro_batches) for r in results]
+        analytic = [analytical_bytes(layout, r, tokens, hidden, num_micro_batches) for r in results]
         wire = statistics.mean(r["wire"] for r in results) / 1e6
         for kind in sorted({k for a in analytic for k in a}):
             expected = statistics.mean(a.get(kind, 0.0) for a in analytic) / 1e6
