@@ -63,7 +63,7 @@ def validate_grid(parallel: ParallelConfig, world_size: int, kv_replicas: int = 
 
 def _validate_stage_layers(parallel: ParallelConfig) -> None:
     """One non-negative layer count per pipeline chunk; whether they add up to the model's layers
-    is the model's check (``model.layout_check``)."""
+    is for the model to check."""
     if parallel.stage_layers is None:
         return
     num_chunks = parallel.pp * parallel.virtual_pp
@@ -140,7 +140,7 @@ class ParallelDims:
     def initialize(cls, parallel: ParallelConfig, kv_replicas: int = 1) -> ParallelDims:
         """Join (or start, from torchrun's env) the process group, validate the grid, build the groups.
         ``kv_replicas``: the size of the ``kv_replica`` groups, runs of consecutive tp ranks that
-        hold copies of one kv head (the model says how many: ``model.layout_check.kv_replicas_for``)."""
+        hold copies of one kv head (how many is for the model to say)."""
         _init_distributed_from_env(parallel)
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
