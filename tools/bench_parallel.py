@@ -42,7 +42,7 @@ from megatron_lite.parallel.launch import run_distributed
 from megatron_lite.parallel.pipeline import forward_backward
 from megatron_lite.training.checkpoint import named_parameters
 from megatron_lite.training.optim import LossScaler
-from megatron_lite.training.setup import autocast_context, build_model_chunks, seed_everything, setup_dims
+from megatron_lite.training.setup import autocast_context, build_model_chunks, resolve, seed_everything, setup_dims
 from megatron_lite.training.step import ParallelStep, build_optimizer
 
 TIMEOUT_S = 300.0  # collectives of a benchmark step on shared CPU cores can be slow
@@ -150,7 +150,8 @@ class RealStep:
     stepping on fixed random tokens; ``comm_stats`` records every collective and send of a step."""
 
     def __init__(self, cfg: Config, comm_stats: CommStats | None = None):
-        self.cfg, self.dims = cfg, setup_dims(cfg)
+        self.dims = setup_dims(cfg)
+        self.cfg = cfg = resolve(cfg, read_data=False)  # random tokens: no tokenizer, no data
         seed_everything(cfg.train.seed)
         self.chunks = build_model_chunks(cfg, self.dims)
         self.optimizer, _ = build_optimizer(named_parameters(self.chunks), cfg, self.dims)
