@@ -212,6 +212,7 @@ def _fingerprint(lengths: np.ndarray) -> str:
 
 # ----------------------------------------------------------------------------- a run's datasets
 
+
 SPLIT_NAMES = ("train", "valid", "test")
 
 
@@ -227,7 +228,9 @@ def _open_sources(mixture: list[MixtureEntry]) -> list[IndexedDataset]:
 def build_datasets(data_cfg: DataConfig, seq_length: int, seed: int, num_samples: tuple[int, int, int]):
     """(train, valid, test): a ``GPTDataset`` for a single-source mixture, a ``BlendedDataset``
     otherwise, and None for a split asked for 0 samples. Every dataset holds at least the number
-    of samples asked for, repeating epochs when the data is smaller."""
+    of samples asked for, repeating epochs when the data is smaller. ``data_cfg`` is read as it is:
+    with ``data.demo``, resolve the config first (``training.setup.resolve``) so its mixture names
+    the demo build."""
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
         raise ValueError(f"num_samples must be three non-negative counts (train, valid, test), got {num_samples}")
     if seq_length <= 0:
