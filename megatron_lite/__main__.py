@@ -91,6 +91,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from megatron_lite.inference import generate_text
+    from megatron_lite.training.setup import resolve, setup_dims
     from megatron_lite.training.trainer import Trainer
 
     if not Path(args.config).is_file():
@@ -106,10 +108,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides.append(f"train.max_steps={args.steps}")
     cfg = load_config(args.config, overrides + list(args.overrides))
     _share_cpu_politely(args.device)
-    if cfg.optim.warmup_steps > cfg.train.max_steps // 2:  # a short --steps run still gets to decay
-        cfg.optim.warmup_steps = cfg.train.max_steps // 10
-    trainer = Trainer(cfg)
-    result = trainer.train()
+    dims = setup_dims(cfg)
+    cfg = resolve(cfg, dims.rank == 0, short_run_warmup=True)  # a short --steps run still gets to decay
+    result = Trainer(cfg, dims).train()
     _say(f"loss: {result.losses[0]:.3f} at the first step -> {result.losses[-1]:.3f} at step {result.steps}")
     if result.val_losses:
         _say(f"validation loss {result.val_losses[-1][1]:.3f}")
@@ -131,54 +132,9 @@ def _share_cpu_politely(device: str) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
 
-def generate_text(load: str | Path, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, device: str = "auto",
-                  chat: bool = False) -> list[str]:
-    """Load a checkpoint at tp=1 on one device and return each prompt's continuation (with
-    ``chat``, each prompt is a user turn and the continuation the assistant's answer)."""
-    import torch
-
-    from megatron_lite.data import load_tokenizer
-    from megatron_lite.model.generation import generate
-    from megatron_lite.training.checkpoint import CheckpointError, load_full_state_dict, resolve_checkpoint_dir
-
-    ckpt_dir = resolve_checkpoint_dir(load)
-    if not (ckpt_dir / "tokenizer").is_dir():
-        raise CheckpointError(f"{ckpt_dir} has no tokenizer/ directory; it was saved without data.tokenizer")
-    tokenizer = load_tokenizer(ckpt_dir / "tokenizer")
-    state, manifest = load_full_state_dict(ckpt_dir)
-    if any(name.startswith("value_head.") for name in state):
-        raise CheckpointError(f"{ckpt_dir} is a reward model (a value head, no vocabulary head): it scores "
-                              f"answers and cannot generate; load an SFT, DPO or pretraining checkpoint")
-    model = _single_device_model(manifest.model_config(), state, device)
-    if chat:
-        from megatron_lite.rlhf.data import prompt_ids
-
-        encoded = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    else:
-        encoded = [tokenizer.encode(p) for p in prompts]
-    if any(len(ids) == 0 for ids in encoded):
-        raise ConfigError("every --prompt must encode to at least one token; pass non-empty text")
-    with torch.no_grad():
-        outputs = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           eod_id=tokenizer.eod_id, seed=seed)
-    return [tokenizer.decode(list(ids)) for ids in outputs]
-
-
-def _single_device_model(model_cfg, state: dict, device: str):
-    import torch
-
-    from megatron_lite.model.gpt import GPT
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is visible; use --device auto or cpu")
-    target = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-    model = GPT(model_cfg)
-    model.load_state_dict(state, strict=True)
-    return model.to(target).eval()
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    from megatron_lite.inference import generate_text
+
     if args.max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     texts = generate_text(args.load, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,

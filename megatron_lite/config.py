@@ -331,23 +331,6 @@ class RLHFConfig:
         _require(self.critic_lr is None or self.critic_lr > 0, f"rlhf.critic_lr must be positive, got {self.critic_lr}")
 
 
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "parallel": ParallelConfig,
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "train": TrainConfig,
-    "checkpoint": CheckpointConfig,
-    "log": LogConfig,
-    "rlhf": RLHFConfig,
-}
-
-
-def register_section(name: str, cls: type) -> None:
-    """Add a section (the RLHF stages add theirs) so YAML and overrides can name it."""
-    SECTIONS[name] = cls
-
-
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -358,18 +341,12 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     rlhf: RLHFConfig = field(default_factory=RLHFConfig)
-    extra: dict[str, Any] = field(default_factory=dict)  # registered sections beyond the core
-
-    def section(self, name: str) -> Any:
-        return getattr(self, name) if name in _CORE else self.extra[name]
 
     def to_dict(self) -> dict[str, Any]:
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in _CORE}
-        out.update({name: dataclasses.asdict(value) for name, value in self.extra.items()})
-        return out
+        return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
 
 
-_CORE = tuple(f.name for f in dataclasses.fields(Config) if f.name != "extra")
+_SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # YAML section name -> its dataclass
 
 
 def _nearest(key: str, options: list[str]) -> str:
@@ -456,15 +433,13 @@ def build_dataclass(cls: type, values: dict[str, Any], path: str) -> Any:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw or {})
-    unknown = [k for k in raw if k not in SECTIONS]
+    unknown = [k for k in raw if k not in _SECTIONS]
     if unknown:
-        raise ConfigError(f"unknown section '{unknown[0]}'{_nearest(unknown[0], list(SECTIONS))}")
+        raise ConfigError(f"unknown section '{unknown[0]}'{_nearest(unknown[0], list(_SECTIONS))}")
     for name, value in raw.items():
         if value is not None and not isinstance(value, dict):
             raise ConfigError(f"section '{name}' must be a mapping, got {type(value).__name__}")
-    core = {name: build_dataclass(SECTIONS[name], raw.get(name) or {}, name) for name in _CORE}
-    extra = {name: build_dataclass(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items() if name not in _CORE}
-    return Config(**core, extra=extra)
+    return Config(**{name: build_dataclass(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()})
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ import pytest
 
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.model.gpt import num_parameters
-from megatron_lite.parallel.dims import validate_layout
+from megatron_lite.model.layout_check import validate_layout
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

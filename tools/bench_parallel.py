@@ -5,18 +5,21 @@
     python tools/bench_parallel.py --device cuda            # GPU: tokens/s of a data-parallel step
     torchrun --nproc-per-node 8 tools/bench_parallel.py --device cuda   # the same at dp = 8
 
-Bubble: every chunk "computes" by sleeping a fixed time per micro-batch (forward t, backward 2t,
-split evenly over a rank's virtual chunks), so the measurement shows the schedule and not the
-CPU contention between ranks sharing cores. A rank's busy time is the time spent in those
-sleeps; the bubble fraction is 1 - busy / makespan, next to the theory (p-1)/(m+p-1) for
-all-forward-all-backward and 1F1B, and (p-1)/(v*m+p-1) for interleaved 1F1B.
+Bubble: the pipeline's own ``forward_backward`` over chunks that "compute" by sleeping a fixed
+time per micro-batch (forward t, backward 2t, split evenly over a rank's virtual chunks), so the
+measurement shows the schedule and not the CPU contention between ranks sharing cores. A rank's
+busy time is the time spent in those sleeps; the bubble fraction is 1 - busy / makespan, next to
+the theory (p-1)/(m+p-1) for all-forward-all-backward and 1F1B, and (p-1)/(v*m+p-1) for
+interleaved 1F1B.
 
-Bytes: one training step of a stack of MLP blocks (Linear h->4h, GELU, Linear 4h->h) in fp32,
-per rank and group: the analytical count (dp all-reduce 2(dp-1)/dp x gradient bytes; ZeRO-1
-reduce-scatter plus all-gather, each (dp-1)/dp x the flat parameter vector; pp: every
-micro-batch's activation crosses every virtual-stage boundary once forward and its gradient
-once backward; plus the grad-norm scalars), what the code recorded in ``CommStats``, and what
-the process really wrote to its sockets (``wchar`` in /proc/self/io, gloo headers included).
+Bytes and throughput: training steps of a GPT-2 model through the trainer's own ``ParallelStep``
+(grid, model chunks and optimizer built as a run builds them), fp32, per rank and group: the
+analytical count (dp all-reduce 2(dp-1)/dp x gradient bytes; ZeRO-1 reduce-scatter plus
+all-gather, each (dp-1)/dp x the flat parameter vector; pp: every micro-batch's activation
+crosses every virtual-stage boundary once forward and its gradient once backward; embedding:
+the tied word embedding's gradient summed over the first and last stage; plus the grad-norm
+scalars), what the step recorded in ``CommStats``, and what the process really wrote to its
+sockets (``wchar`` in /proc/self/io, gloo headers and the loss's all-reduces included).
 """
 
 from __future__ import annotations
@@ -24,55 +27,25 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import statistics
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from megatron_lite.config import Config, load_config
 from megatron_lite.parallel.comm_stats import CommStats
-from megatron_lite.parallel.data_parallel import GradReducer, Zero1AdamW, pipeline_grad_sync
-from megatron_lite.parallel.dims import group_ranks
-from megatron_lite.parallel.grad_norm import clip_grad_norm
+from megatron_lite.parallel.launch import run_distributed
 from megatron_lite.parallel.pipeline import forward_backward
+from megatron_lite.training.checkpoint import named_parameters
+from megatron_lite.training.optim import LossScaler
+from megatron_lite.training.setup import autocast_context, build_model_chunks, resolve, seed_everything, setup_dims
+from megatron_lite.training.step import ParallelStep, build_optimizer
 
-# ----------------------------------------------------------------------------- launching
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world_size, port, fn, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=300))
-    try:
-        queue.put((rank, fn(rank, world_size, *args)))
-    finally:
-        dist.destroy_process_group()
-
-
-def run_gloo(fn, world_size: int, *args) -> list:
-    """``fn(rank, world_size, *args)`` on gloo ranks in child processes; results in rank order."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=1800) for _ in procs)
-    for p in procs:
-        p.join()
-    return [results[r] for r in range(world_size)]
+TIMEOUT_S = 300.0  # collectives of a benchmark step on shared CPU cores can be slow
 
 
 # ----------------------------------------------------------------------------- bubble
@@ -109,18 +82,18 @@ class _TimedChunk(nn.Module):
         return _Sleep.apply(x * self.scale, self.forward_s, 2 * self.forward_s, self.busy)
 
 
-def _bubble_body(rank, world_size, num_microbatches, stage_ms, repeats):
+def _bubble_body(rank, world_size, num_micro_batches, stage_ms, repeats):
     rows = []
     schedules = (("all-forward-all-backward", "afab", 1), ("1F1B", "1f1b", 1), ("interleaved 1F1B, v=2", "1f1b", 2))
     for label, schedule, virtual_pp in schedules:
         busy = [0.0]
         chunks = [_TimedChunk(stage_ms / 1000 / virtual_pp, busy) for _ in range(virtual_pp)]
-        batches = [torch.ones(4, 16) for _ in range(num_microbatches)]
+        batches = [torch.ones(4, 16) for _ in range(num_micro_batches)]
         last = rank == world_size - 1
 
         def forward_step(chunk, x, batch):
             out = chunks[chunk](batch if x is None else x)
-            return out.sum() / num_microbatches if last and chunk == virtual_pp - 1 else out
+            return out.sum() / num_micro_batches if last and chunk == virtual_pp - 1 else out
 
         fractions = []
         for _ in range(repeats):
@@ -137,9 +110,9 @@ def _bubble_body(rank, world_size, num_microbatches, stage_ms, repeats):
     return rows
 
 
-def bubble_table(world_size: int, num_microbatches: int, stage_ms: float, repeats: int) -> str:
-    per_rank = run_gloo(_bubble_body, world_size, num_microbatches, stage_ms, repeats)
-    p, m = world_size, num_microbatches
+def bubble_table(world_size: int, num_micro_batches: int, stage_ms: float, repeats: int) -> str:
+    per_rank = run_distributed(_bubble_body, world_size, num_micro_batches, stage_ms, repeats, timeout_s=TIMEOUT_S)
+    p, m = world_size, num_micro_batches
     lines = [
         f"Pipeline bubble, p={p} stages, m={m} micro-batches, forward {stage_ms:g} ms and backward "
         f"{2 * stage_ms:g} ms per micro-batch per stage (sleep-timed), median of {repeats} steps, "
@@ -156,11 +129,56 @@ def bubble_table(world_size: int, num_microbatches: int, stage_ms: float, repeat
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- the real step
+
+
+def step_config(layout: tuple, hidden: int, layers: int, tokens: int, num_micro_batches: int, device: str) -> Config:
+    """A GPT-2 run at ``layout`` = (dp, pp, virtual_pp, zero1): micro-batches of one sequence
+    of ``tokens`` tokens, ``num_micro_batches`` of them per rank and step."""
+    dp, pp, virtual_pp, zero1 = layout
+    return load_config(None, [
+        "model.flavor=gpt2", f"model.num_layers={layers}", f"model.hidden_size={hidden}",
+        f"model.num_heads={max(1, hidden // 64)}", f"model.seq_length={tokens}", "model.vocab_size=1024",
+        f"parallel.pp={pp}", f"parallel.virtual_pp={virtual_pp}", f"parallel.zero1={str(zero1).lower()}",
+        f"parallel.timeout_s={TIMEOUT_S}", "train.micro_batch_size=1", f"train.global_batch_size={dp * num_micro_batches}",
+        f"train.device={device}", "train.precision=" + ("bf16" if device == "cuda" else "fp32"),
+    ])
+
+
+class RealStep:
+    """One rank's model chunks, optimizer and ``ParallelStep``, built as a training run builds them,
+    stepping on fixed random tokens; ``comm_stats`` records every collective and send of a step."""
+
+    def __init__(self, cfg: Config, comm_stats: CommStats | None = None):
+        self.dims = setup_dims(cfg)
+        self.cfg = cfg = resolve(cfg, read_data=False)  # random tokens: no tokenizer, no data
+        seed_everything(cfg.train.seed)
+        self.chunks = build_model_chunks(cfg, self.dims)
+        self.optimizer, _ = build_optimizer(named_parameters(self.chunks), cfg, self.dims)
+        self.step = ParallelStep(self.chunks, self.optimizer, self.dims, cfg.parallel.pipeline_schedule,
+                                 cfg.parallel.bucket_size_mb, comm_stats=comm_stats)
+        self.scaler = LossScaler(dynamic=False)
+        generator = torch.Generator().manual_seed(self.dims.dp_rank)
+        shape = (cfg.train.micro_batch_size, cfg.model.seq_length)
+        count = cfg.train.global_batch_size // cfg.train.micro_batch_size // self.dims.dp
+        self.micro_batches = [
+            (torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(self.dims.device),
+             torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(self.dims.device))
+            for _ in range(count)
+        ]
+
+    def run(self) -> None:
+        self.step.forward_backward(self.micro_batches, autocast_context(self.cfg.train.precision, self.dims.device))
+        self.step.optimizer_step(self.scaler, self.cfg.optim.grad_clip)
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for chunk in self.chunks for p in chunk.parameters())
+
+    def tied_embedding_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for chunk in self.chunks for p in chunk.tied_embedding_params())
+
+
 # ----------------------------------------------------------------------------- bytes
-
-
-def _mlp_block(hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
 
 
 def _wchar() -> int:
@@ -168,72 +186,25 @@ def _wchar() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("wchar"))
 
 
-def _make_groups(rank: int, dp: int, pp: int):
-    """This rank's (dp_group, pp_group, dp_rank, pp_rank) for a tp=1 grid; every rank builds all groups."""
-    mine = {}
-    for kind, groups in group_ranks(1, dp, pp).items():
-        if kind == "embedding":
-            continue
-        for ranks in groups:
-            group = dist.new_group(ranks) if len(ranks) > 1 else None
-            if rank in ranks:
-                mine[kind] = group
-    return mine["dp"], mine["pp"], rank % dp, rank // dp
-
-
-def _bytes_step(rank, layout, hidden, layers, tokens, num_microbatches):
-    dp, pp, virtual_pp, zero = layout
-    dp_group, pp_group, dp_rank, pp_rank = _make_groups(rank, dp, pp)
-    torch.manual_seed(0)
-    per_chunk = layers // (pp * virtual_pp)
-    chunks = [nn.Sequential(*[_mlp_block(hidden) for _ in range(per_chunk)]) for _ in range(virtual_pp)]
-    params = [p for c in chunks for p in c.parameters()]
+def bytes_of_one_step(layout, hidden, layers, tokens, num_micro_batches) -> dict:
     stats = CommStats()
-    if zero:
-        optimizer, reducers = Zero1AdamW(params, dp_group, lr=1e-4, comm_stats=stats), []
-    else:
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        reducers = [GradReducer(c.parameters(), dp_group, 1.0, comm_stats=stats) for c in chunks]
-    batches = [torch.randn(tokens, hidden) for _ in range(num_microbatches)]
-    last_virtual = pp * virtual_pp - 1
-
-    def forward_step(chunk, x, batch):
-        out = chunks[chunk](batch if x is None else x)
-        return out.pow(2).mean() / num_microbatches if chunk * pp + pp_rank == last_virtual else out
-
-    for step in range(2):  # the first step warms up; the second is measured
+    real = RealStep(step_config(layout, hidden, layers, tokens, num_micro_batches, "cpu"), stats)
+    for _ in range(2):  # the first step warms up; the second is measured
         stats.reset()
         before = _wchar()
-        forward_backward(
-            chunks, batches, forward_step, "1f1b", pp_group=pp_group, pp_rank=pp_rank, pp_size=pp,
-            tensor_shape=(tokens, hidden), grad_sync=pipeline_grad_sync(reducers) if reducers else None,
-            comm_stats=stats,
-        )
-        if zero:
-            optimizer.reduce_gradients()
-            clip_grad_norm(optimizer.grad_shards(), 1.0, None, pp_group, dp_group, comm_stats=stats)
-        else:
-            for reducer in reducers:
-                reducer.finish_grad_sync()
-            clip_grad_norm(params, 1.0, None, pp_group, None, comm_stats=stats)
-        optimizer.step()
-        if zero:
-            optimizer.zero_grad()
-        else:
-            for reducer in reducers:
-                reducer.zero_grad()
+        real.run()
         wire = _wchar() - before
-    grad_bytes = sum(p.numel() * 4 for p in params)
-    flat_bytes = optimizer.shard_size * dp * 4 if zero else grad_bytes
-    return {"stats": stats.as_dict(), "wire": wire, "grad_bytes": grad_bytes, "flat_bytes": flat_bytes,
-            "pp_rank": pp_rank}
+    zero1 = layout[3]
+    flat_bytes = real.optimizer.shard_size * real.dims.dp * 4 if zero1 else real.parameter_bytes()
+    return {"stats": stats.as_dict(), "wire": wire, "grad_bytes": real.parameter_bytes(), "flat_bytes": flat_bytes,
+            "embedding_bytes": real.tied_embedding_bytes(), "pp_rank": real.dims.pp_rank}
 
 
-def _bytes_body(rank, world_size, layouts, hidden, layers, tokens, num_microbatches):
-    return [_bytes_step(rank, layout, hidden, layers, tokens, num_microbatches) for layout in layouts]
+def _bytes_body(rank, world_size, layouts, hidden, layers, tokens, num_micro_batches):
+    return [bytes_of_one_step(layout, hidden, layers, tokens, num_micro_batches) for layout in layouts]
 
 
-def _analytical(layout, result, tokens, hidden, num_microbatches) -> dict[str, float]:
+def analytical_bytes(layout, result, tokens, hidden, num_micro_batches) -> dict[str, float]:
     dp, pp, virtual_pp, zero = layout
     ring = lambda n: (n - 1) / n  # noqa: E731
     out = {}
@@ -246,11 +217,12 @@ def _analytical(layout, result, tokens, hidden, num_microbatches) -> dict[str, f
         activation = tokens * hidden * 4
         first, last = result["pp_rank"] == 0, result["pp_rank"] == pp - 1
         boundaries = 2 * virtual_pp - first - last  # chunks that send forward + chunks that send back
-        out["pp"] = num_microbatches * activation * boundaries + 2 * ring(pp) * 4
+        out["pp"] = num_micro_batches * activation * boundaries + 2 * ring(pp) * 4
+        out["embedding"] = 2 * ring(2) * result["embedding_bytes"]
     return out
 
 
-def bytes_table(world_size: int, hidden: int, layers: int, tokens: int, num_microbatches: int) -> str:
+def bytes_table(world_size: int, hidden: int, layers: int, tokens: int, num_micro_batches: int) -> str:
     half = world_size // 2
     layouts = [  # (dp, pp, virtual_pp, zero1)
         (world_size, 1, 1, False),
@@ -259,10 +231,11 @@ def bytes_table(world_size: int, hidden: int, layers: int, tokens: int, num_micr
         (2, half, 1, False),
         (2, half, 2, False),
     ]
-    per_rank = run_gloo(_bytes_body, world_size, layouts, hidden, layers, tokens, num_microbatches)
+    per_rank = run_distributed(_bytes_body, world_size, layouts, hidden, layers, tokens, num_micro_batches,
+                               timeout_s=TIMEOUT_S)
     lines = [
-        f"Bytes sent per rank in one fp32 training step ({layers} MLP blocks, hidden {hidden}, {tokens} tokens "
-        f"per micro-batch, m={num_microbatches}), mean over ranks, MB = 1e6 bytes. \"counted\" is what "
+        f"Bytes sent per rank in one fp32 training step (GPT-2, {layers} layers, hidden {hidden}, {tokens} tokens "
+        f"per micro-batch, m={num_micro_batches}), mean over ranks, MB = 1e6 bytes. \"counted\" is what "
         f"CommStats recorded (ring-algorithm bytes); \"wire\" is everything the process wrote to sockets "
         f"in the step (all groups, gloo headers included):",
         "",
@@ -273,7 +246,7 @@ def bytes_table(world_size: int, hidden: int, layers: int, tokens: int, num_micr
         dp, pp, virtual_pp, zero = layout
         name = f"dp={dp} pp={pp}" + (f" v={virtual_pp}" if virtual_pp > 1 else "") + (" ZeRO-1" if zero else "")
         results = [r[i] for r in per_rank]
-        analytic = [_analytical(layout, r, tokens, hidden, num_microbatches) for r in results]
+        analytic = [analytical_bytes(layout, r, tokens, hidden, num_micro_batches) for r in results]
         wire = statistics.mean(r["wire"] for r in results) / 1e6
         for kind in sorted({k for a in analytic for k in a}):
             expected = statistics.mean(a.get(kind, 0.0) for a in analytic) / 1e6
@@ -285,51 +258,27 @@ def bytes_table(world_size: int, hidden: int, layers: int, tokens: int, num_micr
 # ----------------------------------------------------------------------------- GPU throughput
 
 
-def cuda_throughput(hidden: int, layers: int, tokens: int, num_microbatches: int, steps: int) -> str:
+def cuda_throughput(hidden: int, layers: int, tokens: int, num_micro_batches: int, steps: int) -> str:
     """Tokens/s of a data-parallel step on this rank's GPU; dp = the torchrun world size (1 alone)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl", timeout=timedelta(seconds=300))
-    group = dist.group.WORLD if world_size > 1 else None
     rows = []
-    for zero in (False, True):
-        torch.manual_seed(0)
-        model = nn.Sequential(*[_mlp_block(hidden) for _ in range(layers)]).cuda()
-        if zero:
-            optimizer, reducers = Zero1AdamW(model.parameters(), group, lr=1e-4), []
-        else:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-            reducers = [GradReducer(model.parameters(), group, 25.0)]
-        batches = [torch.randn(tokens, hidden, device="cuda") for _ in range(num_microbatches)]
-
-        def forward_step(chunk, x, batch):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return model(batch).float().pow(2).mean() / num_microbatches
-
-        def step():
-            forward_backward([model], batches, forward_step, "1f1b", tensor_shape=(tokens, hidden), device="cuda",
-                             grad_sync=pipeline_grad_sync(reducers) if reducers else None)
-            for reducer in reducers:
-                reducer.finish_grad_sync()
-            optimizer.step()
-            optimizer.zero_grad() if zero else reducers[0].zero_grad()
-
+    for zero1 in (False, True):
+        real = RealStep(step_config((world_size, 1, 1, zero1), hidden, layers, tokens, num_micro_batches, "cuda"))
         for _ in range(3):
-            step()
+            real.run()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(steps):
-            step()
+            real.run()
         torch.cuda.synchronize()
         elapsed = (time.perf_counter() - start) / steps
-        tokens_per_s = world_size * num_microbatches * tokens / elapsed
-        tflops_per_gpu = 6 * sum(p.numel() for p in model.parameters()) * tokens_per_s / world_size / 1e12
-        rows.append((zero, tokens_per_s, tflops_per_gpu, elapsed * 1e3))
-    name = torch.cuda.get_device_name()
+        tokens_per_s = world_size * num_micro_batches * tokens / elapsed
+        parameters = real.parameter_bytes() / 4
+        tflops_per_gpu = 6 * parameters * tokens_per_s / world_size / 1e12
+        rows.append((zero1, tokens_per_s, tflops_per_gpu, elapsed * 1e3))
     lines = [
-        f"{name}, dp={world_size}: {layers} MLP blocks, hidden {hidden}, bf16 autocast, fp32 weights, "
-        f"{num_microbatches} micro-batches of {tokens} tokens per rank per step, mean of {steps} steps:",
+        f"{torch.cuda.get_device_name()}, dp={world_size}: GPT-2, {layers} layers, hidden {hidden}, bf16 autocast, "
+        f"fp32 weights, {num_micro_batches} micro-batches of {tokens} tokens per rank per step, mean of {steps} steps:",
         "",
         "| optimizer | tokens/s (all ranks) | TFLOP/s per GPU (6 x params x tokens/s) | ms/step |",
         "|---|---|---|---|",
@@ -338,7 +287,7 @@ def cuda_throughput(hidden: int, layers: int, tokens: int, num_microbatches: int
         f"| {'ZeRO-1 AdamW' if z else 'AdamW + bucketed all-reduce'} | {tps:,.0f} | {tf:.0f} | {ms:.1f} |"
         for z, tps, tf, ms in rows
     ]
-    if world_size > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return "\n".join(lines)
 
@@ -390,14 +339,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=None, help="default 256 on CPU, 2048 on GPU")
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per micro-batch; default 128 CPU, 8192 GPU")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per micro-batch; default 128 CPU, 2048 GPU")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (GPU)")
     parser.add_argument("--write", type=Path, default=None, help="update the Parallelism section of this Markdown file")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("--device cuda needs a CUDA GPU; run without it for the CPU (gloo) benchmark")
-        report = cuda_throughput(args.hidden or 2048, args.layers, args.tokens or 8192, args.micro_batches, args.steps)
+        report = cuda_throughput(args.hidden or 2048, args.layers, args.tokens or 2048, args.micro_batches, args.steps)
     else:
         if args.layers % args.world_size or args.world_size % 2:
             sys.exit(

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from megatron_lite.data.indexed import IndexedDatasetError
-from megatron_lite.data.mixture import MixtureError, load_spec, plan_mixture
+from megatron_lite.data.blend import MixtureError, load_spec, plan_mixture
 
 
 def main(argv: list[str] | None = None) -> int:

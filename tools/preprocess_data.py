@@ -11,7 +11,8 @@ import sys
 
 from megatron_lite.data.indexed import IndexedDatasetError
 from megatron_lite.data.preprocess import DEFAULT_ALLOWED_SPECIAL, PreprocessError, inspect_dataset, preprocess
-from megatron_lite.data.tokenizer import SPECIAL_MODES, TokenizerError, load_tokenizer
+from megatron_lite.data.tokenizer import SPECIAL_MODES, TokenizerError
+from megatron_lite.data.tokenizer_dir import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

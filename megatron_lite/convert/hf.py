@@ -442,7 +442,7 @@ def convert_from_hf(hf_dir: str | Path, output: str | Path, tp: int = 1, pp: int
                     make_vocab_size_divisible_by: int = 128, iteration: int = 0) -> Path:
     """Write a Hugging Face model directory as a megatron-lite checkpoint at layout (tp, pp);
     returns the iteration directory. The tokenizer is carried into the checkpoint."""
-    from megatron_lite.parallel.dims import validate_layout
+    from megatron_lite.model.layout_check import validate_layout
     from megatron_lite.training.checkpoint import save_full_state_dict
 
     source = HFWeights(hf_dir)

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import regex
 
-from megatron_lite.data.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, TokenizerError
+from megatron_lite.data.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, TokenizerError, read_config
 
 # Contractions, letter runs, digit runs and punctuation runs each take one optional leading
 # space; whitespace before a word is left for the word, trailing whitespace stays together.
@@ -172,7 +172,7 @@ class ByteLevelBPETokenizer(Tokenizer):
         directory = Path(directory)
         vocab = _read_json(directory / "vocab.json")
         merges = _read_merges(directory / "merges.txt")
-        config = _read_own_config(directory)
+        config = read_config(directory)
         special = config.get("special_tokens") if config else None
         return cls(vocab, merges, special if special is not None else _guess_special(vocab))
 
@@ -193,7 +193,7 @@ class ByteLevelBPETokenizer(Tokenizer):
         for added in data.get("added_tokens") or []:
             vocab.setdefault(added["content"], added["id"])
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-        config = _read_own_config(path.parent)
+        config = read_config(path.parent)
         special = config.get("special_tokens") if config else None
         return cls(vocab, merges, special if special is not None else _guess_special(vocab))
 
@@ -265,12 +265,6 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
             raise TokenizerError(f"{path}:{number}: expected two space-separated tokens, got {line!r}")
         merges.append((parts[0], parts[1]))
     return merges
-
-
-def _read_own_config(directory: Path) -> dict | None:
-    from megatron_lite.data.tokenizer import _read_config
-
-    return _read_config(directory)
 
 
 def _guess_special(vocab: dict[str, int]) -> dict[str, str]:

@@ -26,7 +26,8 @@ def python_files(root: Path | None = None) -> Iterator[Path]:
             yield path
 
 
-def _read_source(path: Path) -> str | None:
+def read_source(path: Path) -> str | None:
+    """A source file's text; None when it cannot be read or is not UTF-8."""
     try:
         return path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError):
@@ -60,7 +61,7 @@ def stdlib_corpus(max_bytes: int = 4_000_000, root: Path | None = None) -> dict[
     for path in python_files(root):
         if min(used.values()) >= max_bytes * 0.99:
             break
-        source = _read_source(path)
+        source = read_source(path)
         if source is None or not source.strip():
             continue
         take("code", source)

@@ -9,14 +9,20 @@ Three index arrays, built with numpy and cached (see ``cache.py``):
 
 Sample j holds stream tokens [j * seq_length, (j + 1) * seq_length], both ends included: the
 extra token is the last label, and consecutive samples share one token, as in Megatron-LM.
+
+``build_datasets`` turns a (resolved) ``DataConfig`` into a run's train / valid / test datasets:
+one ``GPTDataset`` per source and split, blended (``blend.py``) when there are several sources.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
+from megatron_lite.config import ConfigError, DataConfig, MixtureEntry
+from megatron_lite.data.blend import BlendedDataset
 from megatron_lite.data.cache import IndexCache
 from megatron_lite.data.indexed import IndexedDataset
 
@@ -202,3 +208,55 @@ def _fingerprint(lengths: np.ndarray) -> str:
     import hashlib
 
     return hashlib.sha256(np.ascontiguousarray(lengths).tobytes()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- a run's datasets
+
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def _open_sources(mixture: list[MixtureEntry]) -> list[IndexedDataset]:
+    if not mixture:
+        raise ConfigError(
+            "data.mixture is empty: list the datasets to train on ([{prefix: PATH, weight: 1.0}], built with "
+            "tools/preprocess_data.py), or set data.demo=true to build and use the standard-library demo data"
+        )
+    return [IndexedDataset(entry.prefix) for entry in mixture]
+
+
+def build_datasets(data_cfg: DataConfig, seq_length: int, seed: int, num_samples: tuple[int, int, int]):
+    """(train, valid, test): a ``GPTDataset`` for a single-source mixture, a ``BlendedDataset``
+    otherwise, and None for a split asked for 0 samples. Every dataset holds at least the number
+    of samples asked for, repeating epochs when the data is smaller. ``data_cfg`` is read as it is:
+    with ``data.demo``, resolve the config first (``training.setup.resolve``) so its mixture names
+    the demo build."""
+    if len(num_samples) != 3 or any(n < 0 for n in num_samples):
+        raise ValueError(f"num_samples must be three non-negative counts (train, valid, test), got {num_samples}")
+    if seq_length <= 0:
+        raise ValueError(f"seq_length must be positive, got {seq_length}")
+    sources = _open_sources(data_cfg.mixture)
+    cache = IndexCache(data_cfg.cache_dir or Path(data_cfg.mixture[0].prefix).parent / "index-cache")
+    ranges = [split_document_ranges(len(source), data_cfg.split) for source in sources]
+    datasets = []
+    for split_index, (name, count) in enumerate(zip(SPLIT_NAMES, num_samples)):
+        if count == 0:
+            datasets.append(None)
+            continue
+        split_ranges = [r[split_index] for r in ranges]
+        datasets.append(_build_split(data_cfg, sources, split_ranges, seq_length, seed, count, cache, name))
+    return tuple(datasets)
+
+
+def _build_split(data_cfg, sources, split_ranges, seq_length, seed, count, cache, name):
+    if len(sources) == 1:
+        return GPTDataset(sources[0], split_ranges[0], seq_length, count, seed, cache, name)
+    weights = [entry.weight for entry in data_cfg.mixture]
+    total = sum(weights)
+    # Each source is asked for its share plus a margin; the blend checks that it was enough.
+    parts = [
+        GPTDataset(source, doc_range, seq_length, int(count * w / total * 1.005) + 2, seed + index, cache, f"{name}{index}")
+        for index, (source, doc_range, w) in enumerate(zip(sources, split_ranges, weights))
+    ]
+    description = [{"prefix": s.prefix, "documents": r} for s, r in zip(sources, split_ranges)]
+    return BlendedDataset(parts, weights, count, cache, {"split": name, "seed": seed, "seq_length": seq_length, "sources": description})

@@ -58,11 +58,6 @@ class IndexedDatasetWriter:
         self._file.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
         self.lengths.append(int(array.size))
 
-    def add_documents(self, flat_tokens: np.ndarray, lengths) -> None:
-        """Many documents at once: their tokens concatenated and their lengths."""
-        self._file.write(np.asarray(flat_tokens, dtype=self.dtype).tobytes(order="C"))
-        self.lengths.extend(int(n) for n in lengths)
-
     def finalize(self, idx_path: str | Path) -> None:
         self._file.close()
         write_index(idx_path, np.asarray(self.lengths, dtype=np.int64), self.dtype)

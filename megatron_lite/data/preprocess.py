@@ -18,7 +18,8 @@ from typing import Iterator
 import numpy as np
 
 from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetWriter, remove_dataset, token_dtype
-from megatron_lite.data.tokenizer import SPECIAL_MODES, Tokenizer, load_tokenizer
+from megatron_lite.data.tokenizer import SPECIAL_MODES, Tokenizer
+from megatron_lite.data.tokenizer_dir import load_tokenizer
 
 _BATCH_DOCS = 64
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")

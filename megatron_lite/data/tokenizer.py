@@ -1,9 +1,9 @@
-"""The tokenizer interface, the special tokens every tokenizer carries, and ``load_tokenizer``.
+"""The tokenizer interface and the special tokens every tokenizer carries.
 
 A tokenizer directory describes itself with ``tokenizer_config.json``: Hugging Face's keys
 (``tokenizer_class``, ``eos_token``, ...) so ``transformers.AutoTokenizer`` can open it, plus a
 ``megatron_lite`` entry naming the backend and the id of every special token. Directories
-written by other tools are recognised by the files they hold (see ``load_tokenizer``).
+written by other tools are recognised by the files they hold (see ``tokenizer_dir.load_tokenizer``).
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ class Tokenizer:
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def _read_config(directory: Path) -> dict | None:
+def read_config(directory: Path) -> dict | None:
+    """The ``megatron_lite`` entry of a directory's tokenizer config; None when there is none."""
     path = directory / CONFIG_FILE
     if not path.is_file():
         return None
@@ -163,32 +164,3 @@ def _read_config(directory: Path) -> dict | None:
     except json.JSONDecodeError as exc:
         raise TokenizerError(f"{path} is not valid JSON ({exc}); delete it or re-save the tokenizer") from exc
     return config.get("megatron_lite") if isinstance(config, dict) else None
-
-
-def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Open any tokenizer directory this project saves, or one holding GPT-2 ``vocab.json`` +
-    ``merges.txt``, a Hugging Face byte-level ``tokenizer.json``, or a SentencePiece ``tokenizer.model``."""
-    from megatron_lite.data.bytelevel import ByteLevelBPETokenizer
-    from megatron_lite.data.sentencepiece_bpe import SentencePieceTokenizer
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise TokenizerError(
-            f"tokenizer directory {directory} does not exist; train one with tools/train_tokenizer.py "
-            f"or point data.tokenizer at a directory holding vocab.json + merges.txt, tokenizer.json or tokenizer.model"
-        )
-    config = _read_config(directory)
-    kind = config.get("type") if config else None
-    if kind == "sentencepiece" or (kind is None and (directory / "tokenizer.model").is_file()):
-        return SentencePieceTokenizer.load(directory)
-    if kind == "bytelevel" or kind is None:
-        if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
-            return ByteLevelBPETokenizer.load(directory)
-        if (directory / "tokenizer.json").is_file():
-            return ByteLevelBPETokenizer.from_hf_json(directory / "tokenizer.json")
-    if kind not in (None, "bytelevel", "sentencepiece"):
-        raise TokenizerError(f"{directory / CONFIG_FILE} names tokenizer type {kind!r}; expected bytelevel or sentencepiece")
-    raise TokenizerError(
-        f"{directory} holds no tokenizer: expected vocab.json + merges.txt (GPT-2 byte-level BPE), "
-        f"tokenizer.json (Hugging Face byte-level BPE) or tokenizer.model (SentencePiece)"
-    )

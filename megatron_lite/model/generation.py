@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from megatron_lite.model.gpt import GPT, local_kv_heads
 from megatron_lite.parallel.mappings import gather_from_region
+from megatron_lite.parallel.pipeline import recv_from_previous_stage, send_to_next_stage
 
 
 class KVCache:
@@ -116,22 +117,18 @@ class _Stage:
     def __init__(self, model: GPT):
         self.model, self.dims = model, model.dims
         if self.dims.pp > 1:
-            group, rank = self.dims.pp_group, self.dims.pp_rank
-            self.prev = dist.get_global_rank(group, rank - 1) if rank > 0 else None
-            self.next = dist.get_global_rank(group, rank + 1) if rank < self.dims.pp - 1 else None
-            self.last = dist.get_global_rank(group, self.dims.pp - 1)
+            self.last = dist.get_global_rank(self.dims.pp_group, self.dims.pp - 1)
 
     def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor | None:
         """tokens (B, T) -> the last position's logits (B, V/tp) on the last stage, None elsewhere."""
-        model = self.model
+        model, dims = self.model, self.dims
         x = tokens
         if not model.pre_process:
-            x = torch.empty(*tokens.shape, model.config.hidden_size, dtype=next(model.parameters()).dtype,
-                            device=tokens.device)
-            dist.recv(x, src=self.prev, group=self.dims.pp_group)
+            x = recv_from_previous_stage((*tokens.shape, model.config.hidden_size), next(model.parameters()).dtype,
+                                         tokens.device, dims.pp_group, dims.pp_rank)
         out = model(x, **kwargs)
         if not model.post_process:
-            dist.send(out.contiguous(), dst=self.next, group=self.dims.pp_group)
+            send_to_next_stage(out, dims.pp_group, dims.pp_rank)
             return None
         return out[:, -1]
 

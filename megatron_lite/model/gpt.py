@@ -26,6 +26,7 @@ from megatron_lite.config import ConfigError, ModelConfig
 from megatron_lite.model import ops
 from megatron_lite.model.heads import HEADS, ValueHead
 from megatron_lite.model.init import init_parameters
+from megatron_lite.model.layout_check import check_layout
 from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size
 from megatron_lite.parallel.layers import (
     ColumnParallelLinear,
@@ -200,7 +201,8 @@ class GPT(nn.Module):
         if cfg.vocab_size <= 0:
             raise ConfigError("model.vocab_size must be > 0 to build the model; set it from the tokenizer first")
         ops.check_backends(cfg)
-        self.config, self.dims, self.head = cfg, dims or ParallelDims.single(cfg), head
+        self.config, self.dims, self.head = cfg, dims or ParallelDims.single(), head
+        check_layout(cfg, self.dims)
         dims = self.dims
         self.layer_range = range(cfg.num_layers) if layer_range is None else layer_range
         if self.layer_range and (self.layer_range.start < 0 or self.layer_range.stop > cfg.num_layers):

@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_lite.config import ConfigError, ParallelConfig
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -45,86 +45,28 @@ def group_ranks(tp: int, dp: int, pp: int, kv_replicas: int = 1) -> dict[str, li
     return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "embedding": embedding_groups, "kv_replica": kv_groups}
 
 
-def kv_replicas_for(model: ModelConfig, tp: int) -> int:
-    """Tensor-parallel ranks that share one kv head: tp / num_kv_heads when tp exceeds the kv heads."""
-    return tp // model.num_kv_heads if tp > model.num_kv_heads else 1
-
-
-def split_layers(num_layers: int, num_chunks: int, stage_layers: list[int] | None) -> list[range]:
-    """Global layer indices of each virtual stage, in virtual-stage order."""
-    if stage_layers is None:
-        if num_layers % num_chunks != 0:
-            raise ConfigError(
-                f"model.num_layers={num_layers} does not split evenly over {num_chunks} pipeline chunks "
-                f"(parallel.pp x parallel.virtual_pp); change num_layers or set parallel.stage_layers "
-                f"to a list of {num_chunks} layer counts"
-            )
-        counts = [num_layers // num_chunks] * num_chunks
-    else:
-        counts = list(stage_layers)
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    return [range(start, start + count) for start, count in zip(starts, counts)]
-
-
-def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int) -> int:
-    """Check the grid against the world and the model; return dp. Errors say what to change."""
+def validate_grid(parallel: ParallelConfig, world_size: int, kv_replicas: int = 1) -> int:
+    """Check the grid against the world size; return dp. Errors say what to change."""
     tp, pp = parallel.tp, parallel.pp
     if world_size % (tp * pp) != 0:
         raise ConfigError(
             f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {tp} x {pp} = {tp * pp}; "
             f"launch a multiple of {tp * pp} processes or change tp/pp"
         )
-    if model.num_heads % tp != 0:
-        raise ConfigError(
-            f"model.num_heads={model.num_heads} is not divisible by parallel.tp={tp}; "
-            f"choose a tp that divides the head count"
-        )
-    _validate_kv_heads(model.num_kv_heads, tp)
-    if model.ffn_hidden_size % tp != 0:
-        raise ConfigError(
-            f"model.ffn_hidden_size={model.ffn_hidden_size} is not divisible by parallel.tp={tp}; "
-            f"choose an ffn size that is a multiple of tp"
-        )
-    if parallel.sequence_parallel and tp > 1 and model.seq_length % tp != 0:
-        raise ConfigError(
-            f"parallel.sequence_parallel splits the sequence over parallel.tp={tp}, but model.seq_length="
-            f"{model.seq_length} is not a multiple of it; change seq_length or turn sequence_parallel off"
-        )
     if parallel.virtual_pp > 1 and pp == 1:
         raise ConfigError("parallel.virtual_pp > 1 needs parallel.pp > 1; set virtual_pp=1 or raise pp")
-    _validate_stage_layers(parallel, model)
-    if model.vocab_size > 0:
-        padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
-        if padded % tp != 0 or padded < model.vocab_size:
-            raise ConfigError(
-                f"vocabulary {model.vocab_size} padded to {padded} does not split over parallel.tp={tp}; "
-                f"set model.make_vocab_size_divisible_by to a positive integer"
-            )
+    if kv_replicas < 1 or tp % kv_replicas != 0:
+        raise ValueError(f"kv_replicas={kv_replicas} must be a positive divisor of parallel.tp={tp}")
+    _validate_stage_layers(parallel)
     return world_size // (tp * pp)
 
 
-def _validate_kv_heads(kv_heads: int, tp: int) -> None:
-    """Each rank holds whole kv heads (tp divides them) or one copy of a kv head shared by
-    tp / num_kv_heads ranks (tp a multiple of them); anything between would cut a head."""
-    if tp <= kv_heads and kv_heads % tp != 0:
-        raise ConfigError(
-            f"model.num_kv_heads={kv_heads} is not divisible by parallel.tp={tp}; each tensor-parallel rank "
-            f"needs whole kv heads: choose a tp that divides num_kv_heads or a multiple of it "
-            f"(then each kv head is copied to tp / num_kv_heads ranks)"
-        )
-    if tp > kv_heads and tp % kv_heads != 0:
-        raise ConfigError(
-            f"parallel.tp={tp} is larger than model.num_kv_heads={kv_heads} but not a multiple of it; each kv head "
-            f"is copied to tp / num_kv_heads ranks, so choose a tp that is a multiple of num_kv_heads "
-            f"(or a divisor of it), or change num_kv_heads"
-        )
-
-
-def _validate_stage_layers(parallel: ParallelConfig, model: ModelConfig) -> None:
-    num_chunks = parallel.pp * parallel.virtual_pp
+def _validate_stage_layers(parallel: ParallelConfig) -> None:
+    """One non-negative layer count per pipeline chunk; whether they add up to the model's layers
+    is for the model to check."""
     if parallel.stage_layers is None:
-        split_layers(model.num_layers, num_chunks, None)
         return
+    num_chunks = parallel.pp * parallel.virtual_pp
     counts = parallel.stage_layers
     if len(counts) != num_chunks:
         raise ConfigError(
@@ -133,11 +75,6 @@ def _validate_stage_layers(parallel: ParallelConfig, model: ModelConfig) -> None
         )
     if any(c < 0 for c in counts):
         raise ConfigError(f"parallel.stage_layers={counts} has a negative layer count; every entry must be >= 0")
-    if sum(counts) != model.num_layers:
-        raise ConfigError(
-            f"parallel.stage_layers={counts} sums to {sum(counts)} but model.num_layers={model.num_layers}; "
-            f"the counts must add up to the number of layers (no layer is dropped or repeated)"
-        )
 
 
 @dataclass
@@ -149,7 +86,6 @@ class ParallelDims:
     rank: int = 0
     sequence_parallel: bool = False
     stage_layers: list[int] | None = None
-    num_layers: int | None = None
     tp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
@@ -195,41 +131,29 @@ class ParallelDims:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
-    def stage_layer_ranges(self, num_layers: int | None = None) -> list[range]:
-        """Global layer indices of every virtual stage; virtual stage c * pp + s is chunk c of stage s."""
-        num_layers = self._num_layers(num_layers)
-        return split_layers(num_layers, self.pp * self.virtual_pp, self.stage_layers)
-
-    def layers_for(self, pp_rank: int, chunk: int = 0, num_layers: int | None = None) -> range:
-        """The layers model chunk ``chunk`` of pipeline stage ``pp_rank`` holds (interleaved order)."""
-        if not (0 <= pp_rank < self.pp and 0 <= chunk < self.virtual_pp):
-            raise ValueError(f"no chunk {chunk} on stage {pp_rank} with pp={self.pp}, virtual_pp={self.virtual_pp}")
-        return self.stage_layer_ranges(num_layers)[chunk * self.pp + pp_rank]
-
-    def my_layer_ranges(self, num_layers: int | None = None) -> list[range]:
-        """The layers of each of this rank's model chunks, chunk 0 first."""
-        return [self.layers_for(self.pp_rank, c, num_layers) for c in range(self.virtual_pp)]
-
-    def _num_layers(self, num_layers: int | None) -> int:
-        if num_layers is None:
-            num_layers = self.num_layers
-        if num_layers is None:
-            raise ValueError("pass num_layers: these dims were built without a model config")
-        return num_layers
-
     @classmethod
-    def single(cls, model: ModelConfig | None = None) -> ParallelDims:
+    def single(cls) -> ParallelDims:
         """One process, no torch.distributed: every size is 1 and every group is None."""
-        return cls(num_layers=model.num_layers if model is not None else None)
+        return cls()
 
     @classmethod
-    def initialize(cls, parallel: ParallelConfig, model: ModelConfig) -> ParallelDims:
-        """Join (or start, from torchrun's env) the process group, validate the grid, build the groups."""
+    def initialize(cls, parallel: ParallelConfig, kv_replicas: int = 1) -> ParallelDims:
+        """Join (or start, from torchrun's env) the process group, validate the grid, build the groups.
+        ``kv_replicas``: the size of the ``kv_replica`` groups, runs of consecutive tp ranks that
+        hold copies of one kv head (how many is for the model to say)."""
         _init_distributed_from_env(parallel)
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        dp = validate_layout(parallel, model, world_size)
-        dims = cls(
+        dims = cls.for_world(parallel, world_size, rank, kv_replicas)
+        if world_size > 1:
+            dims._build_groups(timedelta(seconds=parallel.timeout_s))
+        return dims
+
+    @classmethod
+    def for_world(cls, parallel: ParallelConfig, world_size: int, rank: int = 0, kv_replicas: int = 1) -> ParallelDims:
+        """The validated grid of ``world_size`` ranks as seen by ``rank``, without process groups."""
+        dp = validate_grid(parallel, world_size, kv_replicas)
+        return cls(
             tp=parallel.tp,
             pp=parallel.pp,
             dp=dp,
@@ -237,13 +161,9 @@ class ParallelDims:
             rank=rank,
             sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
             stage_layers=list(parallel.stage_layers) if parallel.stage_layers is not None else None,
-            num_layers=model.num_layers,
-            kv_replicas=kv_replicas_for(model, parallel.tp),
+            kv_replicas=kv_replicas,
             device=_pick_device(parallel),
         )
-        if world_size > 1:
-            dims._build_groups(timedelta(seconds=parallel.timeout_s))
-        return dims
 
     def _build_groups(self, timeout: timedelta) -> None:
         sizes = {"tp": self.tp, "dp": self.dp, "pp": self.pp, "embedding": min(self.pp, 2),

@@ -1,6 +1,6 @@
 """Pipeline parallelism: schedules as pure functions, and an executor that runs one.
 
-A schedule is this stage's ordered list of ``(op, microbatch, chunk)`` with op ``"F"``
+A schedule is this stage's ordered list of ``(op, micro_batch, chunk)`` with op ``"F"``
 (forward) or ``"B"`` (backward); ``chunk`` is the index of one of this rank's model chunks.
 Chunk ``c`` on stage ``s`` is virtual stage ``c * pp + s``, so activations flow
 stage 0 -> 1 -> ... -> pp-1 -> stage 0 (next chunk) -> ... and gradients flow back.
@@ -29,9 +29,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
+from megatron_lite.config import ConfigError
 from megatron_lite.parallel.comm_stats import CommStats, record
+from megatron_lite.parallel.dims import ParallelDims
 
-Op = tuple[str, int, int]  # ("F" | "B", microbatch, chunk)
+Op = tuple[str, int, int]  # ("F" | "B", micro_batch, chunk)
 ForwardStep = Callable[[int, "torch.Tensor | None", Any], torch.Tensor]
 GradSyncHook = Callable[[int, bool], None]  # (chunk, is its last micro-batch): see parallel.grad_sync
 
@@ -40,43 +42,79 @@ _ACTIVATION_TAG = 0
 _GRADIENT_TAG = 1
 
 
-def _check_sizes(num_microbatches: int, pp: int, stage: int, virtual_pp: int = 1) -> None:
-    if num_microbatches < 1:
-        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+# ----------------------------------------------------------------------------- which layers each chunk holds
+
+
+def split_layers(num_layers: int, num_chunks: int, stage_layers: list[int] | None) -> list[range]:
+    """Global layer indices of each virtual stage, in virtual-stage order."""
+    if stage_layers is None:
+        if num_layers % num_chunks != 0:
+            raise ConfigError(
+                f"model.num_layers={num_layers} does not split evenly over {num_chunks} pipeline chunks "
+                f"(parallel.pp x parallel.virtual_pp); change num_layers or set parallel.stage_layers "
+                f"to a list of {num_chunks} layer counts"
+            )
+        counts = [num_layers // num_chunks] * num_chunks
+    else:
+        counts = list(stage_layers)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [range(start, start + count) for start, count in zip(starts, counts)]
+
+
+def stage_layer_ranges(num_layers: int, dims: ParallelDims) -> list[range]:
+    """Global layer indices of every virtual stage; virtual stage c * pp + s is chunk c of stage s."""
+    return split_layers(num_layers, dims.pp * dims.virtual_pp, dims.stage_layers)
+
+
+def chunk_layers(num_layers: int, dims: ParallelDims, pp_rank: int, chunk: int = 0) -> range:
+    """The layers model chunk ``chunk`` of pipeline stage ``pp_rank`` holds (interleaved order)."""
+    if not (0 <= pp_rank < dims.pp and 0 <= chunk < dims.virtual_pp):
+        raise ValueError(f"no chunk {chunk} on stage {pp_rank} with pp={dims.pp}, virtual_pp={dims.virtual_pp}")
+    return stage_layer_ranges(num_layers, dims)[chunk * dims.pp + pp_rank]
+
+
+def my_layer_ranges(num_layers: int, dims: ParallelDims) -> list[range]:
+    """The layers of each of this rank's model chunks, chunk 0 first."""
+    return [chunk_layers(num_layers, dims, dims.pp_rank, c) for c in range(dims.virtual_pp)]
+
+
+def _check_sizes(num_micro_batches: int, pp: int, stage: int, virtual_pp: int = 1) -> None:
+    if num_micro_batches < 1:
+        raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
     if pp < 1 or virtual_pp < 1:
         raise ValueError(f"pp and virtual_pp must be >= 1, got pp={pp}, virtual_pp={virtual_pp}")
     if not 0 <= stage < pp:
         raise ValueError(f"stage {stage} is outside the pipeline of {pp} stages (0..{pp - 1})")
 
 
-def schedule_afab(num_microbatches: int, pp: int, stage: int) -> list[Op]:
+def schedule_afab(num_micro_batches: int, pp: int, stage: int) -> list[Op]:
     """All forwards, then all backwards: the reference schedule (one model chunk per stage)."""
-    _check_sizes(num_microbatches, pp, stage)
-    return [("F", mb, 0) for mb in range(num_microbatches)] + [("B", mb, 0) for mb in range(num_microbatches)]
+    _check_sizes(num_micro_batches, pp, stage)
+    return [("F", mb, 0) for mb in range(num_micro_batches)] + [("B", mb, 0) for mb in range(num_micro_batches)]
 
 
-def schedule_1f1b(num_microbatches: int, pp: int, stage: int) -> list[Op]:
+def schedule_1f1b(num_micro_batches: int, pp: int, stage: int) -> list[Op]:
     """Warm-up forwards, then alternate one forward and one backward, then cool-down backwards.
 
     A stage starts backward as soon as the first gradient can arrive, so it holds at most
     ``pp - stage`` micro-batches' activations instead of all of them.
     """
-    _check_sizes(num_microbatches, pp, stage)
-    warmup = min(pp - stage - 1, num_microbatches)
+    _check_sizes(num_micro_batches, pp, stage)
+    warmup = min(pp - stage - 1, num_micro_batches)
     ops: list[Op] = [("F", mb, 0) for mb in range(warmup)]
-    for i in range(num_microbatches - warmup):
+    for i in range(num_micro_batches - warmup):
         ops += [("F", warmup + i, 0), ("B", i, 0)]
-    ops += [("B", mb, 0) for mb in range(num_microbatches - warmup, num_microbatches)]
+    ops += [("B", mb, 0) for mb in range(num_micro_batches - warmup, num_micro_batches)]
     return ops
 
 
-def interleaved_warmup(num_microbatches: int, pp: int, stage: int, virtual_pp: int) -> int:
+def interleaved_warmup(num_micro_batches: int, pp: int, stage: int, virtual_pp: int) -> int:
     """Forwards before the first backward: enough for the first gradient to come round the ring."""
-    return min(num_microbatches * virtual_pp, (pp - stage - 1) * 2 + (virtual_pp - 1) * pp)
+    return min(num_micro_batches * virtual_pp, (pp - stage - 1) * 2 + (virtual_pp - 1) * pp)
 
 
 def _interleaved_op(k: int, pp: int, virtual_pp: int, backward: bool) -> tuple[int, int]:
-    """(microbatch, chunk) of this stage's k-th forward or backward.
+    """(micro_batch, chunk) of this stage's k-th forward or backward.
 
     Micro-batches go in groups of pp: a group passes through chunk 0, then chunk 1, ...;
     backwards take the chunks in reverse.
@@ -88,16 +126,16 @@ def _interleaved_op(k: int, pp: int, virtual_pp: int, backward: bool) -> tuple[i
     return group * pp + within % pp, chunk
 
 
-def schedule_interleaved(num_microbatches: int, pp: int, stage: int, virtual_pp: int) -> list[Op]:
+def schedule_interleaved(num_micro_batches: int, pp: int, stage: int, virtual_pp: int) -> list[Op]:
     """1F1B over virtual stages: each rank runs ``virtual_pp`` chunks, cutting the bubble by that factor."""
-    _check_sizes(num_microbatches, pp, stage, virtual_pp)
-    if num_microbatches % pp != 0:
+    _check_sizes(num_micro_batches, pp, stage, virtual_pp)
+    if num_micro_batches % pp != 0:
         raise ValueError(
-            f"the interleaved schedule needs the number of micro-batches ({num_microbatches}) to be a "
+            f"the interleaved schedule needs the number of micro-batches ({num_micro_batches}) to be a "
             f"multiple of pp={pp}; change global_batch_size / micro_batch_size / dp, or set virtual_pp=1"
         )
-    total = num_microbatches * virtual_pp
-    warmup = interleaved_warmup(num_microbatches, pp, stage, virtual_pp)
+    total = num_micro_batches * virtual_pp
+    warmup = interleaved_warmup(num_micro_batches, pp, stage, virtual_pp)
     forward = [("F", *_interleaved_op(k, pp, virtual_pp, backward=False)) for k in range(total)]
     backward = [("B", *_interleaved_op(k, pp, virtual_pp, backward=True)) for k in range(total)]
     ops: list[Op] = forward[:warmup]
@@ -106,7 +144,7 @@ def schedule_interleaved(num_microbatches: int, pp: int, stage: int, virtual_pp:
     return ops + backward[total - warmup :]
 
 
-def build_schedule(schedule: str, num_microbatches: int, pp: int, stage: int, virtual_pp: int = 1) -> list[Op]:
+def build_schedule(schedule: str, num_micro_batches: int, pp: int, stage: int, virtual_pp: int = 1) -> list[Op]:
     """The op list for ``schedule`` ("afab" or "1f1b"; 1F1B is interleaved when virtual_pp > 1)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"pipeline schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
@@ -116,26 +154,26 @@ def build_schedule(schedule: str, num_microbatches: int, pp: int, stage: int, vi
                 f"the afab schedule runs one model chunk per stage, got virtual_pp={virtual_pp}; "
                 f"use the 1f1b schedule (interleaved) for virtual stages"
             )
-        return schedule_afab(num_microbatches, pp, stage)
+        return schedule_afab(num_micro_batches, pp, stage)
     if virtual_pp > 1:
-        return schedule_interleaved(num_microbatches, pp, stage, virtual_pp)
-    return schedule_1f1b(num_microbatches, pp, stage)
+        return schedule_interleaved(num_micro_batches, pp, stage, virtual_pp)
+    return schedule_1f1b(num_micro_batches, pp, stage)
 
 
-def in_flight_bound(schedule: str, num_microbatches: int, pp: int, stage: int, virtual_pp: int = 1) -> int:
-    """Most (microbatch, chunk) activations a stage holds at once under ``schedule``."""
+def in_flight_bound(schedule: str, num_micro_batches: int, pp: int, stage: int, virtual_pp: int = 1) -> int:
+    """Most (micro_batch, chunk) activations a stage holds at once under ``schedule``."""
     if schedule == "afab":
-        return num_microbatches
+        return num_micro_batches
     if virtual_pp > 1:
-        return min(num_microbatches * virtual_pp, interleaved_warmup(num_microbatches, pp, stage, virtual_pp) + 1)
-    return min(num_microbatches, pp - stage)
+        return min(num_micro_batches * virtual_pp, interleaved_warmup(num_micro_batches, pp, stage, virtual_pp) + 1)
+    return min(num_micro_batches, pp - stage)
 
 
 class Transfer(NamedTuple):
     """One tensor crossing a stage boundary, seen from this rank."""
 
     kind: str  # "act" (forward activation) | "grad" (its gradient)
-    microbatch: int
+    micro_batch: int
     chunk: int  # this rank's chunk that produced it (send) or will consume it (receive)
     peer: str  # "next" | "prev": the neighbouring stage on the other end
 
@@ -161,13 +199,13 @@ def _transfers(op: Op, pp: int, stage: int, virtual_pp: int) -> tuple[Transfer |
     return recv, send
 
 
-def _compute_groups(ops: Sequence[Op], num_microbatches: int, pp: int, stage: int, virtual_pp: int) -> list[list[Op]]:
+def _compute_groups(ops: Sequence[Op], num_micro_batches: int, pp: int, stage: int, virtual_pp: int) -> list[list[Op]]:
     """Ops run between two communication batches: one op, or under interleaving a steady-state
     (forward, backward) pair, whose transfers are batched together as in Megatron-LM."""
     if virtual_pp == 1 or not any(op == "B" for op, _, _ in ops):
         return [[op] for op in ops]
-    warmup = interleaved_warmup(num_microbatches, pp, stage, virtual_pp)
-    steady_end = warmup + 2 * (num_microbatches * virtual_pp - warmup)
+    warmup = interleaved_warmup(num_micro_batches, pp, stage, virtual_pp)
+    steady_end = warmup + 2 * (num_micro_batches * virtual_pp - warmup)
     groups = [[op] for op in ops[:warmup]]
     groups += [list(ops[i : i + 2]) for i in range(warmup, steady_end, 2)]
     return groups + [[op] for op in ops[steady_end:]]
@@ -178,7 +216,7 @@ def _canonical(transfers: list[Transfer]) -> tuple[Transfer, ...]:
     return tuple(sorted(transfers, key=lambda t: (t.kind != "act", t.peer)))
 
 
-def p2p_plan(ops: Sequence[Op], num_microbatches: int, pp: int, stage: int, virtual_pp: int = 1) -> list[Step]:
+def p2p_plan(ops: Sequence[Op], num_micro_batches: int, pp: int, stage: int, virtual_pp: int = 1) -> list[Step]:
     """This stage's communication batches and computations for ``ops``.
 
     Each batch carries what the previous computations produced and what the next ones need,
@@ -186,7 +224,7 @@ def p2p_plan(ops: Sequence[Op], num_microbatches: int, pp: int, stage: int, virt
     instead of waiting on each other; the tests check this by simulating all stages.
     """
     steps, pending = [], []
-    for group in _compute_groups(ops, num_microbatches, pp, stage, virtual_pp):
+    for group in _compute_groups(ops, num_micro_batches, pp, stage, virtual_pp):
         recvs = [t for t in (_transfers(op, pp, stage, virtual_pp)[0] for op in group) if t is not None]
         steps.append(Step(_canonical(pending), _canonical(recvs), tuple(group)))
         pending = [t for t in (_transfers(op, pp, stage, virtual_pp)[1] for op in group) if t is not None]
@@ -201,17 +239,13 @@ class _P2P:
     def __init__(self, group, pp_rank: int, pp_size: int, shape, dtype, device, stats: CommStats | None):
         self.group = group
         self.peers = {
-            "prev": self._global(group, (pp_rank - 1) % pp_size),
-            "next": self._global(group, (pp_rank + 1) % pp_size),
+            "prev": _global_rank(group, (pp_rank - 1) % pp_size),
+            "next": _global_rank(group, (pp_rank + 1) % pp_size),
         }
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self.stats = stats
         # (works, the buffers they send, the stage outputs to release once they are sent)
         self.in_flight: list[tuple[list, list[torch.Tensor], list[torch.Tensor]]] = []
-
-    @staticmethod
-    def _global(group, group_rank: int) -> int:
-        return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
     def exchange(self, sends: Sequence[tuple[Transfer, torch.Tensor]], recvs: Sequence[Transfer],
                  release: Sequence[torch.Tensor] = ()) -> dict:
@@ -262,6 +296,25 @@ class _P2P:
         self._retire(wait=True)
 
 
+def _global_rank(group, group_rank: int) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+def send_to_next_stage(activation: torch.Tensor, pp_group, pp_rank: int, comm_stats: CommStats | None = None) -> None:
+    """Blocking send of one forward activation to stage ``pp_rank + 1``, outside a schedule
+    (generation, whose activations change shape every step)."""
+    tensor = activation.contiguous()
+    dist.send(tensor, dst=_global_rank(pp_group, pp_rank + 1), group=pp_group, tag=_ACTIVATION_TAG)
+    record(comm_stats, "pp", "send", tensor.numel() * tensor.element_size(), 2)
+
+
+def recv_from_previous_stage(shape: Sequence[int], dtype: torch.dtype, device, pp_group, pp_rank: int) -> torch.Tensor:
+    """The activation ``send_to_next_stage`` on stage ``pp_rank - 1`` sends."""
+    activation = torch.empty(*shape, dtype=dtype, device=device)
+    dist.recv(activation, src=_global_rank(pp_group, pp_rank - 1), group=pp_group, tag=_ACTIVATION_TAG)
+    return activation
+
+
 def release_storage(output: torch.Tensor) -> None:
     """Free an activation's storage but keep its autograd node (its shape goes to (1,))."""
     output.data = torch.empty((1,), dtype=output.dtype, device=output.device)
@@ -287,8 +340,8 @@ def _check_output(output: torch.Tensor, shape: tuple, is_last: bool, where: str,
 
 
 class _Executor:
-    def __init__(self, chunks, microbatches, forward_step, pp_rank, pp_size, grad_sync, loss_scale, shape):
-        self.chunks, self.microbatches, self.forward_step = chunks, microbatches, forward_step
+    def __init__(self, chunks, micro_batches, forward_step, pp_rank, pp_size, grad_sync, loss_scale, shape):
+        self.chunks, self.micro_batches, self.forward_step = chunks, micro_batches, forward_step
         self.pp_rank, self.pp_size = pp_rank, pp_size
         self.grad_sync, self.loss_scale, self.shape = grad_sync, loss_scale, tuple(shape)
         self.inputs: dict[tuple[int, int], torch.Tensor | None] = {}
@@ -308,7 +361,7 @@ class _Executor:
         if inp is not None and keep_graph:
             inp.requires_grad_(True)
         with torch.set_grad_enabled(keep_graph):
-            out = self.forward_step(chunk, inp, self.microbatches[mb])
+            out = self.forward_step(chunk, inp, self.micro_batches[mb])
         _check_output(out, self.shape, self.is_last(chunk), f"stage {self.pp_rank}, chunk {chunk}", not keep_graph)
         if self.is_last(chunk):
             self.losses[mb] = out.detach() if not keep_graph else out.detach().reshape(())
@@ -355,7 +408,7 @@ def _last_backward_per_chunk(ops: Sequence[Op]) -> set[tuple[int, int]]:
 
 def forward_backward(
     chunks: Sequence[nn.Module],
-    microbatches: Sequence[Any],
+    micro_batches: Sequence[Any],
     forward_step: ForwardStep,
     schedule: str = "1f1b",
     *,
@@ -372,7 +425,7 @@ def forward_backward(
 ) -> list[torch.Tensor]:
     """Run every micro-batch through this rank's chunks (and back, unless ``forward_only``).
 
-    ``forward_step(chunk, input_or_None, microbatch)`` returns the chunk's output, or on the
+    ``forward_step(chunk, input_or_None, micro_batch)`` returns the chunk's output, or on the
     last virtual stage the loss already divided by the number of micro-batches (with
     ``forward_only``, any tensor: per-sample scores come back as they are). ``tensor_shape``
     and ``dtype`` describe what stages send each other. ``grad_sync(chunk, is_last)`` is called
@@ -388,12 +441,12 @@ def forward_backward(
         raise ValueError(f"{num_chunks} model chunks (virtual_pp) need pp > 1; set virtual_pp=1 or raise pp")
     if pp_size > 1 and not dist.is_initialized():
         raise RuntimeError(f"pp_size={pp_size} needs torch.distributed to be initialized first")
-    ops = build_schedule(schedule, len(microbatches), pp_size, pp_rank, num_chunks)
+    ops = build_schedule(schedule, len(micro_batches), pp_size, pp_rank, num_chunks)
     if forward_only:  # the schedule's forwards alone keep its send/receive order
         ops = [op for op in ops if op[0] == "F"]
-    steps = p2p_plan(ops, len(microbatches), pp_size, pp_rank, num_chunks)
+    steps = p2p_plan(ops, len(micro_batches), pp_size, pp_rank, num_chunks)
     p2p = _P2P(pp_group, pp_rank, pp_size, tensor_shape, dtype, device, comm_stats)
-    run = _Executor(chunks, microbatches, forward_step, pp_rank, pp_size, grad_sync, loss_scale, tensor_shape)
+    run = _Executor(chunks, micro_batches, forward_step, pp_rank, pp_size, grad_sync, loss_scale, tensor_shape)
     run.run(steps, p2p, _last_backward_per_chunk(ops), keep_graph=not forward_only)
     p2p.wait_all()
     return [run.losses[mb] for mb in sorted(run.losses)]

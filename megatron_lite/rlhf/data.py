@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from megatron_lite.data.corpus import _read_source, python_files, stdlib_dir
+from megatron_lite.data.corpus import python_files, read_source, stdlib_dir
 from megatron_lite.data.tokenizer import CHAT_ROLES, Tokenizer
 
 IGNORE_INDEX = -100  # label of a position that contributes no loss (torch's cross_entropy default)
@@ -444,7 +444,7 @@ def _stdlib_examples(max_examples: int) -> list[dict]:
         module = _module_name(path, root)
         if not module or any(part.startswith("_") for part in module.split(".")):
             continue
-        source = _read_source(path)
+        source = read_source(path)
         try:
             tree = ast.parse(source) if source else None
         except (SyntaxError, ValueError):

@@ -46,7 +46,8 @@ from megatron_lite.training.checkpoint import Checkpointer, named_parameters, re
 from megatron_lite.training.optim import LossScaler
 from megatron_lite.training.schedule import LRScheduler
 from megatron_lite.training.step import ParallelStep, build_optimizer, language_model_loss
-from megatron_lite.training.trainer import Trainer, build_model_chunks, local_batch, split_micro_batches
+from megatron_lite.training.setup import build_model_chunks, local_batch, split_micro_batches
+from megatron_lite.training.trainer import Trainer
 
 CRITIC_DIR = "critic"
 
@@ -118,7 +119,7 @@ class PPOTrainer(StageTrainer):
         self.reward_step = self._frozen(rl.reward_model, "value")
         self._build_critic()
         if rl.ptx_coef > 0:
-            if not cfg.data.mixture:
+            if not self.cfg.data.mixture:  # the resolved config: demo data fills the mixture
                 raise ConfigError("rlhf.ptx_coef > 0 (PPO-ptx) mixes in pretraining batches: set data.mixture "
                                   "(or data.demo=true), or rlhf.ptx_coef=0")
             self.ptx_ds, _ = Trainer._build_datasets(self)

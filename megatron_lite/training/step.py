@@ -26,6 +26,7 @@ import torch
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.collectives import sum_over_replicas
+from megatron_lite.parallel.comm_stats import CommStats
 from megatron_lite.parallel.data_parallel import Zero1AdamW
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.grad_norm import clip_grad_norm
@@ -84,11 +85,15 @@ class ParallelStep:
     """Runs steps for one rank: owns its gradient path (``GradSync``) and knows the optimizer kind."""
 
     def __init__(self, model_chunks: Sequence[torch.nn.Module], optimizer, dims: ParallelDims,
-                 schedule: str = "1f1b", bucket_size_mb: float = 25.0, loss_fn: LossFn = language_model_loss):
+                 schedule: str = "1f1b", bucket_size_mb: float = 25.0, loss_fn: LossFn = language_model_loss,
+                 comm_stats: CommStats | None = None):
+        """``comm_stats``: where every collective and send of a step records its bytes (benchmarks, tests)."""
         self.chunks, self.optimizer, self.dims, self.schedule = list(model_chunks), optimizer, dims, schedule
-        self.loss_fn = loss_fn
+        self.loss_fn, self.comm_stats = loss_fn, comm_stats
         self.zero1 = isinstance(optimizer, Zero1AdamW)
-        self.grad_sync = GradSync(self.chunks, dims, optimizer, bucket_size_mb)
+        if self.zero1 and comm_stats is not None:  # ZeRO-1's reduce-scatter and all-gather run in the optimizer
+            optimizer.comm_stats = comm_stats
+        self.grad_sync = GradSync(self.chunks, dims, optimizer, bucket_size_mb, comm_stats)
 
     # ------------------------------------------------------------------ forward and backward
 
@@ -154,6 +159,7 @@ class ParallelStep:
             self.chunks, micro_batches, forward_step, self.schedule, pp_group=dims.pp_group, pp_rank=dims.pp_rank,
             pp_size=dims.pp, tensor_shape=(batch, length, self.chunks[0].config.hidden_size), dtype=torch.float32,
             device=dims.device, forward_only=forward_only, grad_sync=grad_sync, loss_scale=loss_scale,
+            comm_stats=self.comm_stats,
         )
 
     def _global_mean(self, losses: list[torch.Tensor]) -> float:
@@ -170,7 +176,8 @@ class ParallelStep:
         norm is not finite. Returns (norm before clipping, skipped)."""
         grads = self.grad_sync.grads_for_optimizer()
         optim.unscale_grads(grads, scaler.scale)
-        norm = clip_grad_norm(grads, grad_clip, self.dims.tp_group, self.dims.pp_group, self.grad_sync.norm_dp_group)
+        norm = clip_grad_norm(grads, grad_clip, self.dims.tp_group, self.dims.pp_group, self.grad_sync.norm_dp_group,
+                              self.comm_stats)
         skipped = not math.isfinite(norm)
         if not skipped:
             self.optimizer.step()

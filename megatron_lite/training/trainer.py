@@ -1,4 +1,5 @@
-"""The pretraining loop: setup (grid, data, model chunks, optimizer) and ``Trainer.train``.
+"""The pretraining loop: ``Trainer`` builds a run from a ``Config`` with the helpers of
+``training.setup`` (grid, resolved config, model chunks) and ``Trainer.train`` runs it.
 
 The model is a list of chunks (one per virtual pipeline stage this rank holds; one chunk
 at pp=1). ``training.step.ParallelStep`` runs one global batch's micro-batches (a plain loop
@@ -9,133 +10,33 @@ embedding copies, and owns unscaling, the global grad norm, clipping and overflo
 from __future__ import annotations
 
 import contextlib
-import math
-import random
 import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_lite.config import Config, ConfigError, MixtureEntry
+from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.training.checkpoint import Checkpointer, named_parameters
 from megatron_lite.training.metrics import Metrics
 from megatron_lite.training.optim import LossScaler
 from megatron_lite.training.schedule import LRScheduler
+from megatron_lite.training.setup import (
+    autocast_context,
+    build_model_chunks,
+    load_run_tokenizer,
+    local_batch,
+    resolve,
+    seed_everything,
+    setup_dims,
+    split_micro_batches,
+    total_steps,
+)
 from megatron_lite.training.step import ParallelStep, build_optimizer, language_model_loss, validate_batch_layout
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ----------------------------------------------------------------------------- setup helpers
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def setup_dims(cfg: Config) -> ParallelDims:
-    """Join the process group (torchrun env) and build the grid; ``train.device`` picks the backend."""
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    if cfg.train.device == "cpu" and cfg.parallel.backend == "auto":
-        cfg.parallel.backend = "gloo"
-    return ParallelDims.initialize(cfg.parallel, cfg.model)
-
-
-def prepare_data_config(cfg: Config, is_logging_rank: bool) -> None:
-    """With ``data.demo``, build the demo corpus if missing and point the data section at it
-    (the paths of the build in ``data.demo_dir`` replace ``data.tokenizer`` and ``data.mixture``)."""
-    if not cfg.data.demo:
-        return
-    from megatron_lite.data.demo import build_demo_data
-
-    if is_logging_rank:  # one rank builds; the others then find it finished (the build is idempotent)
-        build_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size, progress=True)
-    if dist.is_initialized():
-        dist.barrier()
-    demo = build_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size, progress=False)
-    cfg.data.tokenizer = str(demo.tokenizer_dir)
-    cfg.data.mixture = [MixtureEntry(prefix=str(prefix), weight=float(weight)) for prefix, weight in demo.mixture]
-
-
-def load_run_tokenizer(cfg: Config):
-    from megatron_lite.data import load_tokenizer
-
-    if not cfg.data.tokenizer:
-        raise ConfigError("data.tokenizer is empty; set it to a tokenizer directory (or use data.demo=true)")
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; "
-            f"set model.vocab_size=0 to take it from the tokenizer"
-        )
-    return tokenizer
-
-
-def build_model_chunks(cfg: Config, dims: ParallelDims, head: str = "lm") -> list[torch.nn.Module]:
-    """This rank's model chunks, chunk 0 first, on ``dims.device``; they share one dropout RNG tracker.
-    ``head``: the last chunk's head, "lm" or "value" (see ``GPT``)."""
-    from megatron_lite.model.gpt import GPT
-
-    ranges = dims.my_layer_ranges(cfg.model.num_layers)
-    chunks = []
-    for index, layer_range in enumerate(ranges):
-        pre_process = dims.is_first_stage and index == 0
-        post_process = dims.is_last_stage and index == len(ranges) - 1
-        chunk = GPT(cfg.model, dims=dims, layer_range=layer_range, pre_process=pre_process,
-                    post_process=post_process, seed=cfg.train.seed,
-                    rng_tracker=chunks[0].rng_tracker if chunks else None, head=head)
-        chunks.append(chunk.to(dims.device))
-    return chunks
-
-
-def total_steps(cfg: Config) -> int:
-    """``train.max_steps``, shortened by ``train.max_tokens`` when a token budget is set."""
-    if cfg.train.max_tokens <= 0:
-        return cfg.train.max_steps
-    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
-    return min(cfg.train.max_steps, math.ceil(cfg.train.max_tokens / tokens_per_step))
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-def local_batch(dataset, first_sample: int, global_batch_size: int, dims: ParallelDims) -> torch.Tensor:
-    """This dp rank's contiguous slice of the global batch starting at ``first_sample``; (B_dp, T+1).
-
-    Every tp (and pp) rank of a data-parallel replica reads the same samples.
-    """
-    per_rank = global_batch_size // dims.dp
-    start = first_sample + dims.dp_rank * per_rank
-    samples = np.stack([np.asarray(dataset[i], dtype=np.int64) for i in range(start, start + per_rank)])
-    return torch.from_numpy(samples)
-
-
-def split_micro_batches(batch: torch.Tensor, micro_batch_size: int, device: torch.device):
-    """(B_dp, T+1) -> list of (tokens, labels), each (micro_batch_size, T)."""
-    return [
-        (mb[:, :-1].to(device, non_blocking=True), mb[:, 1:].to(device, non_blocking=True))
-        for mb in batch.split(micro_batch_size)
-    ]
-
-
-# ----------------------------------------------------------------------------- the trainer
 
 
 @dataclass
@@ -159,11 +60,10 @@ class Trainer:
     def __init__(self, cfg: Config, dims: ParallelDims | None = None, datasets: tuple | None = None):
         """``datasets``: (train, valid) to use instead of the data section's (benchmarks feed
         synthetic tokens this way; ``model.vocab_size`` must then be set)."""
-        self.cfg = cfg
         self.dims = dims if dims is not None else setup_dims(cfg)
         self.is_logging_rank = self.dims.rank == 0
+        self.cfg = cfg = resolve(cfg, self.is_logging_rank, read_data=datasets is None)
         if datasets is None:
-            prepare_data_config(cfg, self.is_logging_rank)
             self.tokenizer = load_run_tokenizer(cfg)
         elif cfg.model.vocab_size <= 0:
             raise ConfigError("model.vocab_size must be set when training on given (synthetic) datasets")

@@ -151,7 +151,7 @@ def test_hf_model_to_layouts_and_back(flavor, tied, tmp_path, bytelevel_dir, sen
         cfg = manifest.model_config()
         assert (cfg.flavor, cfg.vocab_size, cfg.tie_embeddings) == (flavor, vocab, tied)
         ours = GPT(cfg, seed=99)
-        load_checkpoint(ckpt, [ours], ParallelDims.single(cfg), weights_only=True, padded_vocab_size=ours.padded_vocab_size)
+        load_checkpoint(ckpt, [ours], ParallelDims.single(), weights_only=True, padded_vocab_size=ours.padded_vocab_size)
         with torch.no_grad():
             logits = ours(tokens)[..., :vocab]
         assert _max_diff(logits, expected) < 1e-4

@@ -48,7 +48,7 @@ def test_layout_shards_and_loads_back_exactly(tmp_path):
     assert set(state) == set(model.state_dict())
     assert all(torch.equal(state[n][: t.shape[0]], t) for n, t in model.state_dict().items())
     fresh = GPT(model.config, seed=5)
-    load_checkpoint(ckpt, [fresh], ParallelDims.single(model.config), weights_only=True,
+    load_checkpoint(ckpt, [fresh], ParallelDims.single(), weights_only=True,
                     padded_vocab_size=fresh.padded_vocab_size)
     assert all(torch.equal(p, model.state_dict()[n]) for n, p in fresh.state_dict().items())
 

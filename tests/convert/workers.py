@@ -18,9 +18,8 @@ def save_variants_at_tp2_pp2(rank, world_size, root, tokenizer_dirs):
 
     from megatron_lite.config import Config, ModelConfig, ParallelConfig
     from megatron_lite.data import load_tokenizer
-    from megatron_lite.parallel.dims import ParallelDims
     from megatron_lite.training.checkpoint import save_checkpoint
-    from megatron_lite.training.trainer import build_model_chunks
+    from megatron_lite.training.setup import build_model_chunks, setup_dims
     from tests.convert.conftest import randomize_
 
     start = time.perf_counter()
@@ -28,7 +27,7 @@ def save_variants_at_tp2_pp2(rank, world_size, root, tokenizer_dirs):
         tokenizer_dir = tokenizer_dirs[fields["flavor"]]
         vocab = load_tokenizer(tokenizer_dir).vocab_size
         cfg = Config(model=ModelConfig(**TINY, **fields, vocab_size=vocab), parallel=ParallelConfig(tp=2, pp=2))
-        dims = ParallelDims.initialize(cfg.parallel, cfg.model)
+        dims = setup_dims(cfg)
         chunks = build_model_chunks(cfg, dims)
         randomize_(chunks, dims.tp, dims.tp_rank, vocab, cfg.model.tie_embeddings)
         save_checkpoint(f"{root}/{variant}", 5, chunks, dims, cfg.to_dict(), tokenizer_dir=tokenizer_dir,

@@ -10,7 +10,7 @@ from megatron_lite.data import load_tokenizer
 from megatron_lite.data.corpus import docstrings_of, stdlib_corpus
 from megatron_lite.data.demo import build_demo_data
 from megatron_lite.data.indexed import IndexedDataset, write_indexed_dataset
-from megatron_lite.data.mixture import MixtureError, plan_mixture
+from megatron_lite.data.blend import MixtureError, plan_mixture
 
 ROOT = Path(__file__).resolve().parents[2]
 

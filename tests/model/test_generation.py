@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from megatron_lite.config import ModelConfig
+from megatron_lite.config import ModelConfig, ParallelConfig
 from megatron_lite.model.generation import KVCache, generate, sample
 from megatron_lite.model.gpt import GPT
 from megatron_lite.parallel.dims import ParallelDims
+from megatron_lite.parallel.pipeline import my_layer_ranges
+from tests.distributed import run_distributed
 
 
 def tiny_model(flavor: str) -> GPT:
@@ -85,7 +87,7 @@ def test_generate_errors():
 
 def test_generate_refuses_sequence_parallel_models():
     model = tiny_model("llama")
-    sharded = GPT(model.config, ParallelDims(sequence_parallel=True, num_layers=2))
+    sharded = GPT(model.config, ParallelDims(sequence_parallel=True))
     with pytest.raises(ValueError, match="does not run with sequence parallelism"):
         generate(sharded, [[1]], 2)
 
@@ -100,3 +102,20 @@ def test_cache_without_a_mask_is_causal_from_the_cached_positions():
         first = model(ids[:, :4], kv_cache=cache)
         rest = model(ids[:, 4:], kv_cache=cache)
     torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def _pipelined_generation(rank: int, world_size: int) -> list[list[int]]:
+    reference = tiny_model("llama")
+    dims = ParallelDims.initialize(ParallelConfig(pp=2))
+    stage = GPT(reference.config, dims, my_layer_ranges(reference.config.num_layers, dims)[0],
+                pre_process=dims.is_first_stage, post_process=dims.is_last_stage, seed=3)
+    prompts = [[1, 2, 3], [4]]
+    out = generate(stage, prompts, 5, temperature=0)
+    assert out == generate(reference, prompts, 5, temperature=0)
+    return out
+
+
+def test_generation_through_a_pipeline_matches_one_model():
+    """At pp=2 each token's hidden states go stage to stage through the pipeline's send and receive."""
+    first, last = run_distributed(_pipelined_generation, 2)
+    assert first == last and all(len(row) == 5 for row in first)

@@ -1,15 +1,9 @@
 import pytest
 
 from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_lite.parallel.dims import (
-    ParallelDims,
-    coords_of,
-    group_ranks,
-    padded_vocab_size,
-    rank_of,
-    split_layers,
-    validate_layout,
-)
+from megatron_lite.model.layout_check import check_layout, kv_replicas_for, validate_layout
+from megatron_lite.parallel.dims import ParallelDims, coords_of, group_ranks, padded_vocab_size, rank_of, validate_grid
+from megatron_lite.parallel.pipeline import chunk_layers, my_layer_ranges, split_layers, stage_layer_ranges
 
 
 def model(**kw) -> ModelConfig:
@@ -31,31 +25,31 @@ def test_rank_order_is_tp_then_dp_then_pp():
 
 
 def test_dims_properties():
-    dims = ParallelDims(tp=2, pp=2, dp=2, rank=5, num_layers=8)
+    dims = ParallelDims(tp=2, pp=2, dp=2, rank=5)
     assert (dims.tp_rank, dims.dp_rank, dims.pp_rank) == (1, 0, 1)
     assert dims.world_size == 8 and dims.pp_ranks == [1, 5] and dims.tp_ranks == [4, 5] and dims.dp_ranks == [5, 7]
     assert dims.is_last_stage and not dims.is_first_stage
-    assert dims.stage_layer_ranges() == [range(0, 4), range(4, 8)]
+    assert stage_layer_ranges(8, dims) == [range(0, 4), range(4, 8)]
     single = ParallelDims.single()
     assert single.world_size == 1 and single.tp_group is None and single.is_first_stage and single.is_last_stage
 
 
 def test_virtual_stages_are_interleaved():
-    dims = ParallelDims(tp=1, pp=2, dp=1, virtual_pp=2, rank=1, num_layers=8)
-    assert dims.stage_layer_ranges() == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
-    assert dims.layers_for(0, 1) == range(4, 6)  # chunk 1 of stage 0 is virtual stage 2
-    assert dims.my_layer_ranges() == [range(2, 4), range(6, 8)]
-    uneven = ParallelDims(pp=2, stage_layers=[3, 5], num_layers=8)
-    assert uneven.stage_layer_ranges() == [range(0, 3), range(3, 8)]
+    dims = ParallelDims(tp=1, pp=2, dp=1, virtual_pp=2, rank=1)
+    assert stage_layer_ranges(8, dims) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert chunk_layers(8, dims, 0, 1) == range(4, 6)  # chunk 1 of stage 0 is virtual stage 2
+    assert my_layer_ranges(8, dims) == [range(2, 4), range(6, 8)]
+    uneven = ParallelDims(pp=2, stage_layers=[3, 5])
+    assert stage_layer_ranges(8, uneven) == [range(0, 3), range(3, 8)]
     with pytest.raises(ValueError, match="no chunk 2 on stage 0"):
-        dims.layers_for(0, 2)
+        chunk_layers(8, dims, 0, 2)
 
 
 def test_initialize_without_distributed_is_single_process():
-    dims = ParallelDims.initialize(ParallelConfig(), model())
+    dims = ParallelDims.initialize(ParallelConfig())
     assert (dims.tp, dims.pp, dims.dp, dims.rank) == (1, 1, 1, 0)
     assert dims.dp_group is None and dims.embedding_group is None
-    assert dims.stage_layer_ranges() == [range(0, 8)]
+    assert my_layer_ranges(8, dims) == [range(0, 8)]
 
 
 def test_vocab_padding():
@@ -106,4 +100,31 @@ def test_nccl_without_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="parallel.backend=nccl needs CUDA GPUs; use parallel.backend=gloo"):
-        ParallelDims.initialize(ParallelConfig(backend="nccl"), model())
+        ParallelDims.initialize(ParallelConfig(backend="nccl"))
+
+
+def test_grid_checks_need_no_model():
+    assert validate_grid(ParallelConfig(tp=2, pp=2), 16) == 4
+    with pytest.raises(ConfigError, match="world size 6 is not divisible"):
+        validate_grid(ParallelConfig(tp=2, pp=2), 6)
+    with pytest.raises(ConfigError, match="stage_layers has 3 entries but there are 2 pipeline chunks"):
+        validate_grid(ParallelConfig(pp=2, stage_layers=[4, 2, 2]), 2)
+    with pytest.raises(ValueError, match="kv_replicas=3 must be a positive divisor of parallel.tp=4"):
+        ParallelDims.for_world(ParallelConfig(tp=4), 4, kv_replicas=3)
+
+
+def test_model_checks_run_on_dims():
+    dims = ParallelDims.for_world(ParallelConfig(tp=2, pp=2), 4)
+    check_layout(model(), dims)
+    with pytest.raises(ConfigError, match="model.ffn_hidden_size=101 is not divisible by parallel.tp=2"):
+        check_layout(model(ffn_hidden_size=101), dims)
+    with pytest.raises(ConfigError, match="model.num_layers=6 does not split evenly over 4 pipeline chunks"):
+        check_layout(model(num_layers=6), ParallelDims.for_world(ParallelConfig(pp=2, virtual_pp=2), 2))
+
+
+def test_kv_replica_groups_must_match_the_model():
+    one_kv_head = model(num_kv_heads=1)
+    assert kv_replicas_for(one_kv_head, 4) == 4 and kv_replicas_for(model(), 2) == 1
+    check_layout(one_kv_head, ParallelDims.for_world(ParallelConfig(tp=4), 4, kv_replicas=4))
+    with pytest.raises(ValueError, match="kv-replica groups have 1 ranks but .* needs 4"):
+        check_layout(one_kv_head, ParallelDims.for_world(ParallelConfig(tp=4), 4))

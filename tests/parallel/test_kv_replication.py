@@ -25,13 +25,16 @@ from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig, load_
 from megatron_lite.convert.hf import adapter_for_model
 from megatron_lite.model.generation import generate
 from megatron_lite.parallel.data_parallel import GradShard
-from megatron_lite.parallel.dims import ParallelDims, group_ranks, validate_layout
+from megatron_lite.model.layout_check import validate_layout
+from megatron_lite.parallel.dims import ParallelDims, group_ranks
 from megatron_lite.parallel.grad_norm import global_grad_norm
 from megatron_lite.parallel.grad_sync import sum_replicated_rows
 from megatron_lite.parallel.layers import ColumnParallelLinear
 from megatron_lite.parallel.layout import ParamLayout, attach_layout, layout_of
 from megatron_lite.training.checkpoint import CheckpointError, ShardReader, iteration_dir_name, load_full_state_dict
-from megatron_lite.training.trainer import Trainer, local_batch, split_micro_batches
+from megatron_lite.training.setup import local_batch, split_micro_batches
+from megatron_lite.training.trainer import Trainer
+from megatron_lite.training.setup import setup_dims
 from tests.distributed import run_distributed
 
 VOCAB, SEQ, STEPS, SAVED_STEP, BATCH = 50, 8, 4, 3, 4
@@ -159,7 +162,7 @@ def _parallel_runs(rank: int, world_size: int, root: str) -> dict:
     out = {}
     for name, (kv_heads, overrides, resumes) in PARALLEL_RUNS.items():
         cfg = _config(root, name, kv_heads, overrides, resumes)
-        dims = ParallelDims.initialize(cfg.parallel, cfg.model)
+        dims = setup_dims(cfg)
         if name == "tp4":
             _check_grad_norm_counts_copies_once(dims)
             with pytest.raises(ValueError, match="gather_output would repeat the replicated rows"):

@@ -1,4 +1,5 @@
-"""``torchrun ... -m megatron_lite pretrain`` on 4 CPU processes trains like one process."""
+"""``torchrun ... -m megatron_lite pretrain`` on 4 CPU processes trains like one process; the
+library's own gloo launcher."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from megatron_lite.config import load_config, save_config
+from megatron_lite.parallel.launch import run_distributed
 from megatron_lite.training.checkpoint import read_manifest
 from megatron_lite.training.trainer import Trainer
 from tests.training.tiny import build_tiny_data, tiny_overrides
@@ -54,3 +56,16 @@ def test_torchrun_pretrain_tp2_pp2_matches_one_process(tmp_path):
     assert manifest.iteration == STEPS
     assert (manifest.layout.tp, manifest.layout.pp, manifest.layout.dp) == (2, 2, 1)
     assert len(manifest.files) == 4  # one shard per (tp, pp) rank
+
+
+def _rank_and_world_or_fail(rank: int, world_size: int, failing_rank: int) -> tuple[int, int, str]:
+    if rank == failing_rank:
+        raise RuntimeError(f"rank {rank} gives up")
+    return rank, world_size, os.environ["RANK"]
+
+
+def test_gloo_launcher_returns_in_rank_order_and_reports_a_failing_rank():
+    """The launcher the distributed tests and tools/bench_parallel.py share."""
+    assert run_distributed(_rank_and_world_or_fail, 2, -1) == [(0, 2, "0"), (1, 2, "1")]
+    with pytest.raises(AssertionError, match=r"(?s)rank 1 failed:.*RuntimeError: rank 1 gives up"):
+        run_distributed(_rank_and_world_or_fail, 2, 1)

@@ -24,6 +24,7 @@ from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.layout import layout_of
 from megatron_lite.training.checkpoint import TIED_COPIES, iteration_dir_name
 from megatron_lite.training.trainer import Trainer
+from megatron_lite.training.setup import setup_dims
 from tests.distributed import run_distributed
 
 VOCAB, SEQ, STEPS, SAVED_STEP = 120, 32, 6, 3
@@ -128,7 +129,7 @@ def _train_layouts(rank: int, world_size: int, root: str, runs: dict) -> dict:
         if loads:
             overrides = overrides + [f"checkpoint.load={_checkpoint_dir(root, loads[0]) / iteration_dir_name(SAVED_STEP)}"]
         cfg = _config(root, name, flavor, overrides)
-        out[name] = _train(cfg, ParallelDims.initialize(cfg.parallel, cfg.model))
+        out[name] = _train(cfg, setup_dims(cfg))
     return out
 
 
@@ -265,7 +266,7 @@ def test_reshard_tool_rejects_layouts_that_cannot_hold_the_model(tmp_path, capsy
 def test_batch_layout_errors(tmp_path):
     cfg = _config(str(tmp_path), "bad", "gpt2", ["train.global_batch_size=6"])
     with pytest.raises(ConfigError, match=r"global_batch_size=6 is not divisible by .* 2 x 2 = 4"):
-        Trainer(cfg, ParallelDims(dp=2, num_layers=4), datasets=_datasets())
-    interleaved = ParallelDims(pp=2, virtual_pp=2, num_layers=4)
+        Trainer(cfg, ParallelDims(dp=2), datasets=_datasets())
+    interleaved = ParallelDims(pp=2, virtual_pp=2)
     with pytest.raises(ConfigError, match=r"micro-batches per step .* = 3\) to be a multiple of parallel.pp=2"):
         Trainer(cfg, interleaved, datasets=_datasets())

@@ -103,7 +103,7 @@ def _link_and_identity(transfer, pp: int, stage: int) -> tuple[tuple[int, int], 
         producer = virtual if transfer.peer == "prev" else virtual + 1
     sending = (transfer.kind == "act") == (transfer.peer == "next")
     link = (stage, peer) if sending else (peer, stage)
-    return link, (transfer.kind, transfer.microbatch, producer)
+    return link, (transfer.kind, transfer.micro_batch, producer)
 
 
 def _simulate(schedule: str, num_microbatches: int, pp: int, virtual_pp: int, forward_only: bool = False) -> None:
@@ -189,7 +189,7 @@ def test_schedule_errors_say_what_to_change():
         build_schedule("gpipe", 4, 2, 0)
     with pytest.raises(ValueError, match=r"stage 2 is outside the pipeline of 2 stages"):
         schedule_1f1b(4, 2, 2)
-    with pytest.raises(ValueError, match=r"num_microbatches must be >= 1"):
+    with pytest.raises(ValueError, match=r"num_micro_batches must be >= 1"):
         schedule_1f1b(0, 2, 0)
     with pytest.raises(ValueError, match=r"afab schedule runs one model chunk per stage, got virtual_pp=2"):
         build_schedule("afab", 4, 2, 0, virtual_pp=2)

@@ -24,6 +24,7 @@ from megatron_lite.parallel.layers import (
     fill_from_full_,
 )
 from megatron_lite.parallel.layout import ParamLayout, layout_of
+from megatron_lite.parallel.pipeline import my_layer_ranges
 from megatron_lite.parallel.random import REPLICATED_STREAM, RNGStatesTracker, model_parallel_rng_tracker
 from tests.distributed import run_distributed
 
@@ -177,7 +178,7 @@ def merged_tensors(model: GPT, dims: ParallelDims, grads: bool) -> dict[str, tor
 
 def check_gpt(flavor: str, sequence_parallel: bool, triton_ops: bool = False) -> None:
     cfg = tiny_config(flavor)
-    dims = ParallelDims.initialize(ParallelConfig(tp=2, sequence_parallel=sequence_parallel), cfg)
+    dims = ParallelDims.initialize(ParallelConfig(tp=2, sequence_parallel=sequence_parallel))
     assert dims.tp == 2 and dims.dp == 1 and dims.sequence_parallel is sequence_parallel
     reference = GPT(cfg, seed=9)
     backend = "triton" if triton_ops else "torch"
@@ -251,8 +252,8 @@ def pipeline_step(model: GPT, dims: ParallelDims, ids, labels, weights, hidden_s
 def grid_checks(rank: int, world_size: int) -> dict:
     """tp=2 x pp=2 with sequence parallelism and tied embeddings against the single-process model."""
     cfg = tiny_config("gpt2")
-    dims = ParallelDims.initialize(ParallelConfig(tp=2, pp=2, sequence_parallel=True), cfg)
-    layers = dims.my_layer_ranges()[0]
+    dims = ParallelDims.initialize(ParallelConfig(tp=2, pp=2, sequence_parallel=True))
+    layers = my_layer_ranges(cfg.num_layers, dims)[0]
     model = GPT(cfg, dims, layers, pre_process=dims.is_first_stage, post_process=dims.is_last_stage, seed=9)
     reference = GPT(cfg, seed=9)
     torch.manual_seed(3)

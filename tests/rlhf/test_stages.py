@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_lite.__main__ import generate_text, main
+from megatron_lite.__main__ import main
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.convert.hf import ConversionError, convert_to_hf
+from megatron_lite.inference import generate_text
 from megatron_lite.rlhf import DPOTrainer, RewardModelTrainer, SFTTrainer
 from megatron_lite.rlhf.data import IGNORE_INDEX, RLHFDataError
 from megatron_lite.rlhf.dpo import REFERENCE_FILE
@@ -334,7 +335,7 @@ def test_ppo_rollout_scores_and_update(tiny_stage_data, tmp_path, sft_checkpoint
 
 def test_ppo_ptx_adds_the_weighted_pretraining_loss(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoint):
     from megatron_lite.rlhf import PPOTrainer
-    from megatron_lite.training.trainer import local_batch, split_micro_batches
+    from megatron_lite.training.setup import local_batch, split_micro_batches
 
     data, sft, _ = tiny_stage_data
     mixture = "[" + ", ".join(f"{{prefix: {p}, weight: {w}}}" for p, w in data.mixture) + "]"

@@ -16,6 +16,7 @@ from megatron_lite.training.checkpoint import (
 )
 from megatron_lite.training.optim import LossScaler, build_optimizer
 from megatron_lite.training.schedule import LRScheduler
+from megatron_lite.training.setup import setup_dims
 from tests.distributed import run_distributed
 
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.seq_length=16",
@@ -24,7 +25,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "mode
 
 def tiny(overrides=()):
     cfg = load_config(None, TINY + list(overrides))
-    return cfg, ParallelDims.single(cfg.model)
+    return cfg, ParallelDims.single()
 
 
 def trained_model(cfg, dims, steps=1, seed=1234):
@@ -132,7 +133,7 @@ def _reshard_one(tp1_dir, tp2_dir, flavor):
     torch.manual_seed(0)
     cfg = load_config(None, TINY + ["parallel.tp=2", f"model.flavor={flavor}"] +
                       (["model.num_kv_heads=2"] if flavor == "llama" else []))
-    dims = ParallelDims.initialize(cfg.parallel, cfg.model)
+    dims = setup_dims(cfg)
     model = GPT(cfg.model, dims, seed=4321)  # a different init: everything must come from the checkpoint
     named = checkpoint.named_parameters([model])
     optimizer, _ = build_optimizer(named, cfg.optim, dims.device)

@@ -36,7 +36,7 @@ def logits_of(model, tokens):
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
 def test_live_load_restores_logits_optimizer_and_position(flavor, expected):
     cfg = read_manifest(FIXTURES / flavor).model_config()
-    dims = ParallelDims.single(cfg)
+    dims = ParallelDims.single()
     model = GPT(cfg, dims, seed=999)
     named = named_parameters([model])
     optimizer, _ = build_optimizer(named, OptimConfig(), dims.device)
@@ -52,7 +52,7 @@ def test_live_load_restores_logits_optimizer_and_position(flavor, expected):
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
 def test_offline_read_gives_the_same_model_and_optimizer_state(flavor, expected):
     state, manifest = load_full_state_dict(FIXTURES / flavor)
-    model = GPT(manifest.model_config(), ParallelDims.single(manifest.model_config()), seed=7)
+    model = GPT(manifest.model_config(), ParallelDims.single(), seed=7)
     model.load_state_dict(state)
     assert torch.equal(logits_of(model, expected["tokens"]), expected[flavor]["logits"])
     optimizer_state = load_full_optimizer_state(FIXTURES / flavor)

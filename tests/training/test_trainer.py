@@ -11,6 +11,7 @@ from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.training.checkpoint import load_full_state_dict
 from megatron_lite.training.step import validate_batch_layout
 from megatron_lite.training.trainer import Trainer
+from megatron_lite.training.setup import setup_dims
 from tests.distributed import run_distributed
 from tests.training.tiny import tiny_config
 
@@ -118,7 +119,7 @@ def _parallel_runs(rank, world, data, root):
     losses = {}
     for name, extra in PARALLEL_RUNS.items():
         cfg = tiny_config(data, f"{root}/{name}", [e.format(root=root) for e in extra])
-        dims = ParallelDims.initialize(cfg.parallel, cfg.model)
+        dims = setup_dims(cfg)
         result = Trainer(cfg, dims).train()
         losses[name] = {"losses": result.losses, "val_losses": result.val_losses}
     return losses

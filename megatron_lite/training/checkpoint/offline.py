@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 
 from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig, build_dataclass
-from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size, validate_layout
+from megatron_lite.model.layout_check import validate_layout
+from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size
 from megatron_lite.parallel.layout import layout_of
+from megatron_lite.parallel.pipeline import chunk_layers
 from megatron_lite.training.checkpoint import durable
 from megatron_lite.training.checkpoint.format import (
     TIED_COPIES,
@@ -134,8 +136,7 @@ def _target_layout(config: dict, tp: int, pp: int):
         raise ConfigError("config model.vocab_size must be set (> 0) to save full weights")
     parallel = build_dataclass(ParallelConfig, {**config.get("parallel", {}), "tp": tp, "pp": pp}, "parallel")
     validate_layout(parallel, model_cfg, tp * pp)
-    dims = ParallelDims(tp=tp, pp=pp, dp=1, virtual_pp=parallel.virtual_pp, stage_layers=parallel.stage_layers,
-                        num_layers=model_cfg.num_layers)
+    dims = ParallelDims(tp=tp, pp=pp, dp=1, virtual_pp=parallel.virtual_pp, stage_layers=parallel.stage_layers)
     return model_cfg, dims, {**config, "parallel": {**config.get("parallel", {}), "tp": tp, "pp": pp}}
 
 
@@ -146,10 +147,10 @@ def _stage_parameters(model_cfg, dims, pp_rank: int) -> list[tuple[str, torch.Te
 
     meta_cfg = dataclasses.replace(model_cfg, attention_backend="torch", norm_backend="torch", loss_backend="torch",
                                    elementwise_backend="torch")
-    meta_dims = ParallelDims(num_layers=model_cfg.num_layers, device=torch.device("meta"))
+    meta_dims = ParallelDims(device=torch.device("meta"))
     chunks = []
     for chunk in range(dims.virtual_pp):
-        layer_range = dims.layers_for(pp_rank, chunk)
+        layer_range = chunk_layers(model_cfg.num_layers, dims, pp_rank, chunk)
         chunks.append(GPT(meta_cfg, meta_dims, layer_range=layer_range,
                           pre_process=pp_rank == 0 and chunk == 0,
                           post_process=pp_rank == dims.pp - 1 and chunk == dims.virtual_pp - 1))
