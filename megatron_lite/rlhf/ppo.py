@@ -124,8 +124,8 @@ class PPOTask:
         if resuming:
             source = resolve_checkpoint_dir(cfg.checkpoint.load).parent / CRITIC_DIR
             if not source.is_dir():
-                raise ConfigError(f"resuming ppo from {cfg.checkpoint.load} needs the critic saved with it in {source}; "
-                                  f"to start a new run from these weights set checkpoint.finetune=true")
+                raise ConfigError(f"resuming ppo from {cfg.checkpoint.load} needs the critic saved with it in "
+                                  f"{source}; to start a new run from these weights set checkpoint.finetune=true")
         else:
             source = settings.critic or settings.reward_model
         critic.load(source, weights_only=not resuming)
@@ -185,7 +185,8 @@ class PPOTask:
     def _rollout_micro_batches(self, batch: dict, keys: tuple[str, ...], kind: str | None = None) -> list:
         """The rollout's rows as micro-batches of ``keys``; an actor's (``kind``) also counts them."""
         size, rows = self.cfg.train.micro_batch_size, batch["tokens"].shape[0]
-        micro = [(batch["tokens"][i : i + size], {k: batch[k][i : i + size] for k in keys}) for i in range(0, rows, size)]
+        micro = [(batch["tokens"][i : i + size], {k: batch[k][i : i + size] for k in keys})
+                 for i in range(0, rows, size)]
         if kind is not None:
             for _, target in micro:
                 target.update(kind=kind, count=len(micro))

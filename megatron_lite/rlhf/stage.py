@@ -103,13 +103,11 @@ class StageRecords:
         return torch.cat([self.stack(indices, f"chosen_{key}"), self.stack(indices, f"rejected_{key}")])
 
 
-def reported(records, path: Path, cfg: Config, dims: ParallelDims):
-    """``records`` after rank 0 said how many the sequence length truncated or dropped."""
-    seq = cfg.model.seq_length
+def report_truncation(records, path: Path, seq_length: int, dims: ParallelDims) -> None:
+    """Rank 0 says how many records the sequence length truncated or dropped."""
     if dims.rank == 0 and (records.num_truncated or records.num_dropped):
         print(f"{path}: {len(records)} records kept, {records.num_truncated} truncated and "
-              f"{records.num_dropped} dropped at model.seq_length={seq}", flush=True)
-    return records
+              f"{records.num_dropped} dropped at model.seq_length={seq_length}", flush=True)
 
 
 def sum_over_replicas(sums: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
@@ -129,9 +127,9 @@ class RecordStage:
     ``sequences_per_record`` (2 when a record is a chosen and a rejected answer), and implements
     ``collate``, ``loss`` and ``evaluation_terms``."""
 
-    name = "sft"
+    name: str  # the command line's name of the stage
     head = "lm"
-    dataset_kind = "sft"
+    dataset_kind: str
     evaluation_names: tuple[str, ...] = ()  # the columns of evaluation_terms
     sequences_per_record = 1
 
@@ -142,9 +140,12 @@ class RecordStage:
 
     def datasets(self) -> tuple:
         dataset = SFTDataset if self.dataset_kind == "sft" else PreferenceDataset
+        seq_length = self.cfg.model.seq_length
 
         def open_records(path: Path):
-            return reported(dataset(path, self.tokenizer, self.cfg.model.seq_length), path, self.cfg, self.dims)
+            records = dataset(path, self.tokenizer, seq_length)
+            report_truncation(records, path, seq_length, self.dims)
+            return records
 
         self.records = StageRecords(self.cfg, self.dims, self.name, self.dataset_kind, open_records)
         return self.records.train, self.records.valid

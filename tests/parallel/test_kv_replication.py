@@ -143,7 +143,7 @@ def _train(cfg, dims: ParallelDims | None) -> dict:
             trainer.save()
     out["weights"] = _full(trainer, grads=False)
     if not trainer.dims.sequence_parallel and trainer.dims.pp == 1:  # decoding runs the whole model on one rank
-        out["generated"] = generate(trainer.model_chunks[0], PROMPTS, 4, temperature=0)
+        out["generated"] = generate(trainer.model.chunks[0], PROMPTS, 4, temperature=0)
     out["copies_identical"] = _copies_identical(trainer)
     out["kv_replicas"] = trainer.dims.kv_replicas
     trainer.metrics.close()

@@ -81,7 +81,8 @@ def test_sft_loss_is_the_answer_token_mean_of_the_global_batch(tiny_stage_data, 
     with torch.no_grad():
         logits = model(tokens)[..., :vocab]
         expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-    assert trainer.model.parallel_step.evaluate(micro, trainer.model.autocast()) == pytest.approx(expected.item(), rel=1e-5)
+    evaluated = trainer.model.parallel_step.evaluate(micro, trainer.model.autocast())
+    assert evaluated == pytest.approx(expected.item(), rel=1e-5)
     result = trainer.train()
     assert result.losses[-1] < result.losses[0] - 0.25
     record = validation_record(tmp_path)
@@ -141,7 +142,8 @@ def test_dpo_reference_first_step_and_resume(tiny_stage_data, tmp_path, sft_chec
 
     # resuming reads the saved reference instead of recomputing it from moved weights
     resumed = Trainer(stage_config(data, pairs, tmp_path / "resumed", [f"checkpoint.load={tmp_path}/ck",
-                                                                          f"train.max_steps={STEPS + 2}"] + common), task=DPOTask)
+                                                                      f"train.max_steps={STEPS + 2}"] + common),
+                      task=DPOTask)
     assert resumed.step == STEPS and torch.equal(resumed.task.reference, trainer.task.reference)
     assert len(resumed.train().losses) == 2
 
@@ -152,8 +154,9 @@ def test_dpo_reference_first_step_and_resume(tiny_stage_data, tmp_path, sft_chec
 
 def test_dpo_nll_weight_adds_the_chosen_answers_token_loss(tiny_stage_data, tmp_path, sft_checkpoint):
     data, _, pairs = tiny_stage_data
-    trainer = Trainer(stage_config(data, pairs, tmp_path, [f"checkpoint.load={sft_checkpoint}",
-                                                              "checkpoint.finetune=true", "rlhf.dpo.nll_weight=0.5"]), task=DPOTask)
+    cfg = stage_config(data, pairs, tmp_path, [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true",
+                                               "rlhf.dpo.nll_weight=0.5"])
+    trainer = Trainer(cfg, task=DPOTask)
     model = trainer.model.chunks[0]
     tokens, target = trainer.task.micro_batches(trainer.train_ds, 0)[0]
     with torch.no_grad():
@@ -274,15 +277,16 @@ def test_gae_and_ppo_losses_by_hand():
 def rm_checkpoint(tiny_stage_data, tmp_path_factory, sft_checkpoint):
     data, _, pairs = tiny_stage_data
     run = tmp_path_factory.mktemp("rm")
-    Trainer(stage_config(data, pairs, run, [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true",
-                                                       f"checkpoint.save={run}/ck"]), task=RewardModelTask).train()
+    cfg = stage_config(data, pairs, run, [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true",
+                                          f"checkpoint.save={run}/ck"])
+    Trainer(cfg, task=RewardModelTask).train()
     return run / "ck"
 
 
 def ppo_extra(sft_checkpoint, rm_checkpoint, extra=()):
     return [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true", f"rlhf.ppo.reference={sft_checkpoint}",
-            f"rlhf.ppo.reward_model={rm_checkpoint}", "rlhf.ppo.max_new_tokens=8", "train.max_steps=3", "train.eval_interval=3",
-            "train.eval_steps=1"] + list(extra)
+            f"rlhf.ppo.reward_model={rm_checkpoint}", "rlhf.ppo.max_new_tokens=8", "train.max_steps=3",
+            "train.eval_interval=3", "train.eval_steps=1"] + list(extra)
 
 
 def test_ppo_rollout_scores_and_update(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoint):
@@ -337,8 +341,9 @@ def test_ppo_ptx_adds_the_weighted_pretraining_loss(tiny_stage_data, tmp_path, s
 
     data, sft, _ = tiny_stage_data
     mixture = "[" + ", ".join(f"{{prefix: {p}, weight: {w}}}" for p, w in data.mixture) + "]"
-    trainer = Trainer(stage_config(data, sft, tmp_path, ppo_extra(sft_checkpoint, rm_checkpoint, [
-        "rlhf.ppo.ptx_coef=0.5", f"data.mixture={mixture}", f"data.cache_dir={tmp_path}/cache", "train.max_steps=2"])), task=PPOTask)
+    cfg = stage_config(data, sft, tmp_path, ppo_extra(sft_checkpoint, rm_checkpoint, [
+        "rlhf.ppo.ptx_coef=0.5", f"data.mixture={mixture}", f"data.cache_dir={tmp_path}/cache", "train.max_steps=2"]))
+    trainer = Trainer(cfg, task=PPOTask)
     tokens, labels = split_micro_batches(local_batch(trainer.task.ptx_ds, 0, 4, trainer.dims), 2, trainer.dims.device)[0]
     model = trainer.model.chunks[0]
     with torch.no_grad():
@@ -421,7 +426,8 @@ def assert_greedy(model, prompts, answers, slack=1e-4):
 def test_ppo_every_layout_matches_one_process(tiny_stage_data, sft_checkpoint, rm_checkpoint, tmp_path, monkeypatch):
 
     data, sft, _ = tiny_stage_data
-    trainer = Trainer(stage_config(data, sft, tmp_path / "single", ppo_extra(sft_checkpoint, rm_checkpoint)), task=PPOTask)
+    cfg = stage_config(data, sft, tmp_path / "single", ppo_extra(sft_checkpoint, rm_checkpoint))
+    trainer = Trainer(cfg, task=PPOTask)
     sft_model = trainer.model.chunks[0]
     sft_state = {k: v.clone() for k, v in sft_model.state_dict().items()}
     made = fixed_answers(monkeypatch)
