@@ -12,6 +12,7 @@ prompts through ``StageRecords`` too but trains several models, so it is a task 
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Callable
 
@@ -121,7 +122,7 @@ def sum_over_replicas(sums: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     return sums
 
 
-class RecordStage:
+class RecordStage(abc.ABC):
     """A stage that trains one model on a loss over records: sft, rm and dpo. A stage class sets
     ``name``, ``head``, ``dataset_kind`` ("sft" or "preference"), ``evaluation_names`` and
     ``sequences_per_record`` (2 when a record is a chosen and a rejected answer), and implements
@@ -160,11 +161,13 @@ class RecordStage:
         size = self.cfg.train.micro_batch_size
         return [self.collate(indices[i : i + size]) for i in range(0, len(indices), size)]
 
+    @abc.abstractmethod
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, object]:
-        raise NotImplementedError
+        """One micro-batch of records: (tokens, what ``loss`` reads), on the device."""
 
+    @abc.abstractmethod
     def loss(self, chunk, inputs: torch.Tensor, target, num_micro_batches: int) -> torch.Tensor:
-        raise NotImplementedError
+        """The last stage's loss of one micro-batch (see ``training.step.LossFn``)."""
 
     def train_step(self, epochs: Epochs, first_sample: int, step: int) -> StepResult:
         return StepResult(*self.model.train_on(self.micro_batches(epochs, first_sample)), {})
@@ -177,9 +180,9 @@ class RecordStage:
 
     # ------------------------------------------------------------------ validation
 
+    @abc.abstractmethod
     def evaluation_terms(self, chunk, inputs: torch.Tensor, target, num_micro_batches: int) -> torch.Tensor:
         """(samples, len(evaluation_names)) per-sample terms; validation sums them over its batches."""
-        raise NotImplementedError
 
     def summarize(self, sums: dict[str, float], samples: float) -> dict[str, float]:
         """Validation's figures from the summed terms: by default each term's mean per sample.

@@ -22,7 +22,14 @@ from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.training import checkpoint
 from megatron_lite.training.optim import LossScaler
 from megatron_lite.training.schedule import LRScheduler
-from megatron_lite.training.step import LossFn, MicroBatch, ParallelStep, build_parallel_optimizer, language_model_loss
+from megatron_lite.training.step import (
+    LossFn,
+    MicroBatch,
+    ParallelStep,
+    build_parallel_optimizer,
+    language_model_loss,
+)
+
 
 @dataclass
 class TrainedModel:
