@@ -289,6 +289,17 @@ def ppo_extra(sft_checkpoint, rm_checkpoint, extra=()):
             "train.eval_interval=3", "train.eval_steps=1"] + list(extra)
 
 
+def test_ppo_holds_an_actor_a_critic_and_two_frozen_models(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoint):
+    data, sft, _ = tiny_stage_data
+    cfg = stage_config(data, sft, tmp_path, ppo_extra(sft_checkpoint, rm_checkpoint, ["rlhf.ppo.critic_lr=1e-4"]))
+    trainer = Trainer(cfg, task=PPOTask)
+    task = trainer.task
+    assert task.actor is trainer.model and not task.actor.frozen and task.actor.scheduler.optim.lr == 3e-3
+    assert task.critic.scheduler.optim.lr == 1e-4 and task.critic.scheduler.optim.min_lr == 1e-4  # below optim.min_lr
+    assert task.reference.frozen and task.reward_model.frozen and task.reward_model.chunks[0].value_head is not None
+    assert task.saved_beside() == {"critic": task.critic}
+
+
 def test_ppo_rollout_scores_and_update(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoint):
     from megatron_lite.rlhf.ppo import CRITIC_DIR
 
