@@ -80,9 +80,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from megatron_lite.rlhf import STAGES
+    from megatron_lite.training.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    result = STAGES[args.command](cfg).train()
+    result = Trainer(cfg, task=STAGES[args.command]).train()
     if result.interrupted:
         _say(f"stopped at step {result.steps} on SIGTERM; resume with checkpoint.load={cfg.checkpoint.save}")
     elif result.losses:

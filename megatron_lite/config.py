@@ -279,19 +279,31 @@ class LogConfig:
 
 
 @dataclass
-class RLHFConfig:
-    """The fine-tuning stages (sft, rm, dpo, ppo): their data, models and losses' settings."""
+class DPOConfig:
+    """Direct preference optimization (``python -m megatron_lite dpo``)."""
 
-    data: str = ""  # JSONL: {"prompt", "response"} / {"messages"} for sft; {"prompt", "chosen", "rejected"} for rm and dpo
-    valid_fraction: float = 0.05  # records held out for validation (seeded by train.seed)
-    demo: bool = False  # build instruction data from the standard library's docstrings into demo_dir
-    demo_dir: str = "data/demo-rlhf"
-    demo_examples: int = 4000
-    beta: float = 0.1  # dpo: strength of the pull towards the reference model
-    dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo
-    label_smoothing: float = 0.0  # dpo sigmoid: assumed rate of flipped preference labels (conservative DPO)
-    dpo_nll_weight: float = 0.0  # dpo: + this x the chosen answers' mean next-token loss (RPO-style)
-    # ppo: the actor starts from checkpoint.load (finetune); these name the other three models
+    beta: float = 0.1  # strength of the pull towards the reference model
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    label_smoothing: float = 0.0  # sigmoid: assumed rate of flipped preference labels (conservative DPO)
+    nll_weight: float = 0.0  # + this x the chosen answers' mean next-token loss (RPO-style)
+
+    def __post_init__(self) -> None:
+        _choice("rlhf.dpo.loss", self.loss, ("sigmoid", "ipo"))
+        _require(self.beta > 0, f"rlhf.dpo.beta must be positive, got {self.beta}")
+        _require(0 <= self.label_smoothing < 0.5,
+                 f"rlhf.dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _require(
+            self.label_smoothing == 0 or self.loss == "sigmoid",
+            "rlhf.dpo.label_smoothing applies to rlhf.dpo.loss=sigmoid only; set it to 0 for ipo",
+        )
+        _require(self.nll_weight >= 0, f"rlhf.dpo.nll_weight must be >= 0, got {self.nll_weight}")
+
+
+@dataclass
+class PPOConfig:
+    """PPO and PPO-ptx (``python -m megatron_lite ppo``). The actor starts from checkpoint.load
+    (finetune); the first three fields name the other models."""
+
     reference: str = ""  # the frozen policy of the KL penalty (usually the SFT checkpoint)
     reward_model: str = ""  # a reward-model checkpoint (python -m megatron_lite rm)
     critic: str = ""  # the critic's starting weights; "" = the reward model's
@@ -301,34 +313,42 @@ class RLHFConfig:
     top_k: int = 0
     top_p: float = 1.0
     kl_coef: float = 0.05  # per-token penalty on log(pi / pi_ref) in the reward
-    clip_ratio: float = 0.2  # PPO's policy-ratio clip
+    clip_ratio: float = 0.2  # the policy-ratio clip
     value_clip: float = 0.2  # the critic's clip around its rollout values
     gamma: float = 1.0
     gae_lambda: float = 0.95
     reward_clip: float = 5.0  # the reward model's score is clipped to +-reward_clip
-    ppo_epochs: int = 1  # optimizer passes over each rollout batch
+    epochs: int = 1  # optimizer passes over each rollout batch
     ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss on data.mixture batches (0 = plain PPO)
 
     def __post_init__(self) -> None:
-        _choice("rlhf.dpo_loss", self.dpo_loss, ("sigmoid", "ipo"))
-        _require(0 <= self.valid_fraction < 1, f"rlhf.valid_fraction must be in [0, 1), got {self.valid_fraction}")
-        _require(self.beta > 0, f"rlhf.beta must be positive, got {self.beta}")
-        _require(0 <= self.label_smoothing < 0.5, f"rlhf.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        _require(
-            self.label_smoothing == 0 or self.dpo_loss == "sigmoid",
-            "rlhf.label_smoothing applies to rlhf.dpo_loss=sigmoid only; set it to 0 for ipo",
-        )
-        _require(self.demo_examples > 0, f"rlhf.demo_examples must be positive, got {self.demo_examples}")
-        for name in ("max_new_tokens", "ppo_epochs"):
-            _require(getattr(self, name) > 0, f"rlhf.{name} must be positive, got {getattr(self, name)}")
-        non_negative = ("dpo_nll_weight", "temperature", "kl_coef", "clip_ratio", "value_clip", "reward_clip",
-                        "ptx_coef", "top_k")
-        for name in non_negative:
-            _require(getattr(self, name) >= 0, f"rlhf.{name} must be >= 0, got {getattr(self, name)}")
-        _require(0 < self.top_p <= 1, f"rlhf.top_p must be in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "epochs"):
+            _require(getattr(self, name) > 0, f"rlhf.ppo.{name} must be positive, got {getattr(self, name)}")
+        for name in ("temperature", "kl_coef", "clip_ratio", "value_clip", "reward_clip", "ptx_coef", "top_k"):
+            _require(getattr(self, name) >= 0, f"rlhf.ppo.{name} must be >= 0, got {getattr(self, name)}")
+        _require(0 < self.top_p <= 1, f"rlhf.ppo.top_p must be in (0, 1], got {self.top_p}")
         for name in ("gamma", "gae_lambda"):
-            _require(0 <= getattr(self, name) <= 1, f"rlhf.{name} must be in [0, 1], got {getattr(self, name)}")
-        _require(self.critic_lr is None or self.critic_lr > 0, f"rlhf.critic_lr must be positive, got {self.critic_lr}")
+            _require(0 <= getattr(self, name) <= 1, f"rlhf.ppo.{name} must be in [0, 1], got {getattr(self, name)}")
+        _require(self.critic_lr is None or self.critic_lr > 0,
+                 f"rlhf.ppo.critic_lr must be positive, got {self.critic_lr}")
+
+
+@dataclass
+class RLHFConfig:
+    """The fine-tuning stages (sft, rm, dpo, ppo): the records they read, shared by every stage,
+    and one nested section per algorithm with settings of its own (``rlhf.dpo``, ``rlhf.ppo``)."""
+
+    data: str = ""  # JSONL: {"prompt", "response"} / {"messages"} for sft; {"prompt", "chosen", "rejected"} for rm and dpo
+    valid_fraction: float = 0.05  # records held out for validation (seeded by train.seed)
+    demo: bool = False  # build instruction data from the standard library's docstrings into demo_dir
+    demo_dir: str = "data/demo-rlhf"
+    demo_examples: int = 4000
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.valid_fraction < 1, f"rlhf.valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        _require(self.demo_examples > 0, f"rlhf.demo_examples must be positive, got {self.demo_examples}")
 
 
 @dataclass
@@ -419,6 +439,24 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def _key_options(cls: type) -> list[str]:
+    """The keys of ``cls`` and, one level down, of its nested sections (``dpo.beta``), so a key
+    given at the wrong depth is pointed to where it lives."""
+    hints = typing.get_type_hints(cls)
+    options = []
+    for f in dataclasses.fields(cls):
+        options.append(f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            options += [f"{f.name}.{inner.name}" for inner in dataclasses.fields(hints[f.name])]
+    return options
+
+
+def _nearest_key(key: str, cls: type) -> str:
+    options = _key_options(cls)
+    nested = [option for option in options if option.rsplit(".", 1)[-1] == key]
+    return f"; did you mean '{nested[0]}'?" if nested else _nearest(key, options)
+
+
 def build_dataclass(cls: type, values: dict[str, Any], path: str) -> Any:
     """Build ``cls`` from a mapping, rejecting unknown keys and wrong types by name."""
     hints = typing.get_type_hints(cls)
@@ -426,7 +464,7 @@ def build_dataclass(cls: type, values: dict[str, Any], path: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"unknown key '{path}.{key}'{_nearest(key, [f'{n}' for n in names])}")
+            raise ConfigError(f"unknown key '{path}.{key}'{_nearest_key(key, cls)}")
         kwargs[key] = _coerce(f"{path}.{key}", value, hints[key])
     return cls(**kwargs)
 

@@ -36,7 +36,7 @@ def test_generate_end_to_end(tiny_data, tmp_path):
     trainer.train()
     tokenizer = load_tokenizer(tiny_data.tokenizer_dir)
     prompt = "def main("
-    model = trainer.model_chunks[0].eval()
+    model = trainer.model.chunks[0].eval()
     with torch.no_grad():
         expected = generate(model, [tokenizer.encode(prompt)], 6, temperature=0.0)[0]
     out = cli("generate", "--load", f"{tmp_path}/ck", "--prompt", prompt, "--prompt", "import",

@@ -43,7 +43,7 @@ from megatron_lite.parallel.pipeline import forward_backward
 from megatron_lite.training.checkpoint import named_parameters
 from megatron_lite.training.optim import LossScaler
 from megatron_lite.training.setup import autocast_context, build_model_chunks, resolve, seed_everything, setup_dims
-from megatron_lite.training.step import ParallelStep, build_optimizer
+from megatron_lite.training.step import ParallelStep, build_parallel_optimizer
 
 TIMEOUT_S = 300.0  # collectives of a benchmark step on shared CPU cores can be slow
 
@@ -154,7 +154,7 @@ class RealStep:
         self.cfg = cfg = resolve(cfg, read_data=False)  # random tokens: no tokenizer, no data
         seed_everything(cfg.train.seed)
         self.chunks = build_model_chunks(cfg, self.dims)
-        self.optimizer, _ = build_optimizer(named_parameters(self.chunks), cfg, self.dims)
+        self.optimizer, _ = build_parallel_optimizer(named_parameters(self.chunks), cfg.optim, cfg.parallel.zero1, self.dims)
         self.step = ParallelStep(self.chunks, self.optimizer, self.dims, cfg.parallel.pipeline_schedule,
                                  cfg.parallel.bucket_size_mb, comm_stats=comm_stats)
         self.scaler = LossScaler(dynamic=False)

@@ -1,10 +1,11 @@
-"""Fine-tuning stages on the pretraining core: supervised fine-tuning, reward model, DPO, PPO."""
+"""Fine-tuning stages on the pretraining core, each a task the ``Trainer`` runs: supervised
+fine-tuning, reward model, DPO, PPO."""
 
-from megatron_lite.rlhf.dpo import DPOTrainer
-from megatron_lite.rlhf.ppo import PPOTrainer
-from megatron_lite.rlhf.reward import RewardModelTrainer
-from megatron_lite.rlhf.sft import SFTTrainer
+from megatron_lite.rlhf.dpo import DPOTask
+from megatron_lite.rlhf.ppo import PPOTask
+from megatron_lite.rlhf.reward import RewardModelTask
+from megatron_lite.rlhf.sft import SFTTask
 
-STAGES = {"sft": SFTTrainer, "rm": RewardModelTrainer, "dpo": DPOTrainer, "ppo": PPOTrainer}
+STAGES = {"sft": SFTTask, "rm": RewardModelTask, "dpo": DPOTask, "ppo": PPOTask}
 
-__all__ = ["DPOTrainer", "PPOTrainer", "RewardModelTrainer", "SFTTrainer", "STAGES"]
+__all__ = ["DPOTask", "PPOTask", "RewardModelTask", "SFTTask", "STAGES"]

@@ -6,7 +6,7 @@ forward-only pass over every record computes the reference's log-probabilities o
 (each data-parallel replica a share, summed over dp and handed from the last pipeline stage to
 every rank), so training holds one model, not two. The table is saved next to the run's
 checkpoints, and a resumed run reads it back instead of recomputing it from weights that have
-moved. The loss and its variants are in ``rlhf.losses.dpo_loss``; ``rlhf.dpo_nll_weight`` adds the
+moved. The loss and its variants are in ``rlhf.losses.dpo_loss``; ``rlhf.dpo.nll_weight`` adds the
 chosen answers' next-token loss (as in RPO), which keeps DPO from lowering the likelihood of the
 answers it prefers along with the ones it rejects.
 """
@@ -19,32 +19,35 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron_lite.config import Config, ConfigError
-from megatron_lite.parallel.dims import ParallelDims
+from megatron_lite.config import ConfigError
+from megatron_lite.parallel.collectives import sum_over_replicas
 from megatron_lite.rlhf.data import IGNORE_INDEX
 from megatron_lite.rlhf.losses import dpo_loss, sequence_log_probs
-from megatron_lite.rlhf.stage import Epochs, StageTrainer
+from megatron_lite.rlhf.stage import Epochs, RecordStage
 from megatron_lite.training.checkpoint import durable, resolve_checkpoint_dir
+from megatron_lite.training.trained_model import TrainedModel
 
 REFERENCE_FILE = "dpo_reference.pt"
 
 
-class DPOTrainer(StageTrainer):
-    dataset_kind = demo_file = "preference"
-    stage_name = "dpo"
+class DPOTask(RecordStage):
+    name = "dpo"
+    dataset_kind = "preference"
     evaluation_names = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
+    sequences_per_record = 2
     reference: torch.Tensor | None = None  # (records, 2): log pi_ref of the chosen and the rejected answer
 
-    def __init__(self, cfg: Config, dims: ParallelDims | None = None):
-        super().__init__(cfg, dims)
-        ck = cfg.checkpoint
-        if ck.load and not ck.finetune:
-            self.reference = self._read_reference(ck.load)
-        else:
-            self.reference = self.reference_log_probs()
-            if ck.save and self.is_logging_rank:
-                Path(ck.save).mkdir(parents=True, exist_ok=True)
-                durable.save_torch(self.reference.cpu(), Path(ck.save) / REFERENCE_FILE)
+    def start(self, model: TrainedModel) -> None:
+        """The reference table: read back when resuming, else computed from the weights as loaded."""
+        super().start(model)
+        checkpoint_cfg = self.cfg.checkpoint
+        if checkpoint_cfg.load and not checkpoint_cfg.finetune:
+            self.reference = self._read_reference(checkpoint_cfg.load)
+            return
+        self.reference = self.reference_log_probs()
+        if checkpoint_cfg.save and self.dims.rank == 0:
+            Path(checkpoint_cfg.save).mkdir(parents=True, exist_ok=True)
+            durable.save_torch(self.reference.cpu(), Path(checkpoint_cfg.save) / REFERENCE_FILE)
 
     # ------------------------------------------------------------------ the reference
 
@@ -55,21 +58,17 @@ class DPOTrainer(StageTrainer):
         every = Epochs(np.arange(count), self.cfg.train.seed, shuffle=False)
         table = torch.zeros(count, 2, dtype=torch.float64, device=dims.device)
         seen = torch.zeros(count, dtype=torch.float64, device=dims.device)
-        for chunk in self.model_chunks:
-            chunk.eval()
-        for first in tqdm(range(0, count, gb), desc="reference log-probs", leave=False,
-                          disable=not self.is_logging_rank or count < 20 * gb):
-            outputs = self.parallel_step.forward_outputs(self.micro_batches(every, first), self._autocast(),
-                                                         self._answer_log_probs)
-            if outputs:  # the last pipeline stage: (2b,) per micro-batch, chosen then rejected
-                rows = torch.tensor(self.local_records(every, first), device=dims.device)
-                pairs = torch.cat([o.view(2, -1).t() for o in outputs])  # (records of this rank, 2)
-                table.index_add_(0, rows, pairs.double())
-                seen.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float64))
-        for chunk in self.model_chunks:
-            chunk.train()
+        with self.model.evaluating():
+            for first in tqdm(range(0, count, gb), desc="reference log-probs", leave=False,
+                              disable=dims.rank != 0 or count < 20 * gb):
+                outputs = self.model.forward_outputs(self.micro_batches(every, first), self._answer_log_probs)
+                if outputs:  # the last pipeline stage: (2b,) per micro-batch, chosen then rejected
+                    rows = torch.tensor(self.records.local_indices(every, first), device=dims.device)
+                    pairs = torch.cat([o.view(2, -1).t() for o in outputs])  # (records of this rank, 2)
+                    table.index_add_(0, rows, pairs.double())
+                    seen.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float64))
         both = torch.cat([table, seen.unsqueeze(1)], dim=1)
-        both = self._sum_over_replicas(both)  # a record past the end of the data may repeat: averaged
+        both = sum_over_replicas(both, dims)  # a record past the end of the data may repeat: averaged
         return (both[:, :2] / both[:, 2:].clamp(min=1)).float()
 
     def _answer_log_probs(self, chunk, inputs, target, num_micro_batches: int) -> torch.Tensor:
@@ -82,7 +81,7 @@ class DPOTrainer(StageTrainer):
                 table = torch.load(path, map_location=self.dims.device, weights_only=True)
                 if table.shape != (len(self.records), 2):
                     raise ConfigError(
-                        f"{path} holds reference log-probs for {table.shape[0]} records, but {self._data_path()} "
+                        f"{path} holds reference log-probs for {table.shape[0]} records, but {self.records.path} "
                         f"has {len(self.records)}; resume with the data the run started with"
                     )
                 return table
@@ -96,7 +95,7 @@ class DPOTrainer(StageTrainer):
 
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, dict]:
         """Chosen answers first, then rejected: tokens and labels (2b, T), reference log-probs (2b,)."""
-        tokens, labels = self._pairs(indices, "tokens"), self._pairs(indices, "labels")
+        tokens, labels = self.records.pairs(indices, "tokens"), self.records.pairs(indices, "labels")
         if self.reference is None:  # computing the reference itself
             reference = torch.zeros(2 * len(indices), device=self.dims.device)
         else:
@@ -104,28 +103,25 @@ class DPOTrainer(StageTrainer):
             reference = torch.cat([rows[:, 0], rows[:, 1]]).to(self.dims.device)
         return tokens, {"labels": labels, "reference": reference}
 
-    def _pair_losses(self, chunk, inputs, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per pair: the loss (DPO's, plus ``rlhf.dpo_nll_weight`` x the chosen answer's mean
+    def pair_losses(self, chunk, inputs, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per pair: the loss (DPO's, plus ``rlhf.dpo.nll_weight`` x the chosen answer's mean
         next-token loss) and the implicit rewards of both answers."""
         token_loss = chunk(inputs, labels=target["labels"]).float()  # (2b, T), 0 off the answers
         policy_chosen, policy_rejected = sequence_log_probs(token_loss).chunk(2)
         reference_chosen, reference_rejected = target["reference"].chunk(2)
-        rl = self.cfg.rlhf
+        settings = self.cfg.rlhf.dpo
         loss, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                                          rl.beta, rl.dpo_loss, rl.label_smoothing)
-        if rl.dpo_nll_weight > 0:
+                                          settings.beta, settings.loss, settings.label_smoothing)
+        if settings.nll_weight > 0:
             chosen_tokens = (target["labels"] != IGNORE_INDEX).sum(dim=1).chunk(2)[0].clamp(min=1)
-            loss = loss - rl.dpo_nll_weight * policy_chosen / chosen_tokens
+            loss = loss - settings.nll_weight * policy_chosen / chosen_tokens
         return loss, chosen, rejected
 
-    def loss_fn(self, chunk, inputs, target, num_micro_batches: int) -> torch.Tensor:
-        loss, _, _ = self._pair_losses(chunk, inputs, target)
+    def loss(self, chunk, inputs, target, num_micro_batches: int) -> torch.Tensor:
+        loss, _, _ = self.pair_losses(chunk, inputs, target)
         return loss.mean() / num_micro_batches
 
     def evaluation_terms(self, chunk, inputs, target, num_micro_batches) -> torch.Tensor:
-        loss, chosen, rejected = self._pair_losses(chunk, inputs, target)
+        loss, chosen, rejected = self.pair_losses(chunk, inputs, target)
         margin = chosen - rejected
         return torch.stack([loss, (margin > 0).float(), margin, chosen, rejected], dim=1)
-
-    def tokens_per_step(self) -> int:
-        return 2 * super().tokens_per_step()

@@ -1,15 +1,16 @@
-"""The losses of the fine-tuning stages, on per-token losses and per-position values.
+"""The losses of the fine-tuning stages and RL algorithms, on per-token losses and per-position values.
 
 Everything here is plain tensor math on what the model's last stage returns: per-token cross
 entropy (B, T) from the language-model head (0 where the label is ignored), or one value per
-position (B, T) from the value head. Nothing gathers logits.
+position (B, T) from the value head. Nothing gathers logits. The one collective is whitening's
+optional sum of its statistics over a data-parallel group.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-
 
 
 def sequence_log_probs(token_loss: torch.Tensor) -> torch.Tensor:
@@ -54,3 +55,50 @@ def dpo_loss(
     else:
         raise ValueError(f"dpo loss kind={kind!r} is not one of sigmoid, ipo")
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalized advantage estimation over answer positions (mask) of (B, T) tensors; the
+    value after the last answer token is 0 (the episode ends). Returns (advantages, returns),
+    zero outside the mask."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+        next_value = values[:, t]
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, group=None) -> torch.Tensor:
+    """Zero mean and unit variance over the masked entries, of every rank of ``group`` when given
+    (the data-parallel replicas: statistics of the global batch); zero outside the mask."""
+    stats = torch.stack([(values * mask).sum(), (values**2 * mask).sum(), mask.sum()]).double()
+    if group is not None:
+        dist.all_reduce(stats, group=group)
+    mean = stats[0] / stats[2].clamp(min=1)
+    var = (stats[1] / stats[2].clamp(min=1) - mean**2).clamp(min=0)
+    return ((values - mean) * torch.rsqrt(var + 1e-8) * mask).float()
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip: float) -> torch.Tensor:
+    """PPO's clipped surrogate, averaged over the answer tokens."""
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    return (surrogate * mask).sum() / mask.sum().clamp(min=1)
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       clip: float) -> torch.Tensor:
+    """0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped within ``clip`` of the rollout's values."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return (loss * mask).sum() / mask.sum().clamp(min=1)

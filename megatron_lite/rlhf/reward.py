@@ -12,23 +12,24 @@ from __future__ import annotations
 import torch
 
 from megatron_lite.rlhf.losses import pairwise_reward_loss, values_at
-from megatron_lite.rlhf.stage import StageTrainer
+from megatron_lite.rlhf.stage import RecordStage
 
 
-class RewardModelTrainer(StageTrainer):
-    dataset_kind = demo_file = "preference"
-    stage_name = "rm"
+class RewardModelTask(RecordStage):
+    name = "rm"
     head = "value"
+    dataset_kind = "preference"
     evaluation_names = ("loss", "accuracy", "margin")
+    sequences_per_record = 2
 
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen answers first, then rejected: tokens (2b, T) and the reward positions (2b,)."""
-        return self._pairs(indices, "tokens"), self._pairs(indices, "last")
+        return self.records.pairs(indices, "tokens"), self.records.pairs(indices, "last")
 
     def rewards(self, chunk, inputs: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return values_at(chunk(inputs), last).chunk(2)
 
-    def loss_fn(self, chunk, inputs, last, num_micro_batches: int) -> torch.Tensor:
+    def loss(self, chunk, inputs, last, num_micro_batches: int) -> torch.Tensor:
         chosen, rejected = self.rewards(chunk, inputs, last)
         return pairwise_reward_loss(chosen, rejected).mean() / num_micro_batches
 
@@ -36,6 +37,3 @@ class RewardModelTrainer(StageTrainer):
         chosen, rejected = self.rewards(chunk, inputs, last)
         margin = chosen - rejected
         return torch.stack([pairwise_reward_loss(chosen, rejected), (margin > 0).float(), margin], dim=1)
-
-    def tokens_per_step(self) -> int:
-        return 2 * super().tokens_per_step()

@@ -14,16 +14,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.rlhf.data import IGNORE_INDEX
-from megatron_lite.rlhf.stage import Epochs, StageTrainer
+from megatron_lite.rlhf.stage import Epochs, RecordStage
 
 
-class SFTTrainer(StageTrainer):
+class SFTTask(RecordStage):
+    name = "sft"
     dataset_kind = "sft"
-    stage_name = "sft"
     evaluation_names = ("token_loss", "tokens")
 
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._stack(indices, "tokens"), self._stack(indices, "labels")
+        return self.records.stack(indices, "tokens"), self.records.stack(indices, "labels")
 
     def micro_batches(self, epochs: Epochs, first_sample: int) -> list:
         micro = super().micro_batches(epochs, first_sample)
@@ -33,7 +33,7 @@ class SFTTrainer(StageTrainer):
         per_rank = answer_tokens / self.dims.dp
         return [(tokens, {"labels": labels, "tokens_per_rank": per_rank}) for tokens, labels in micro]
 
-    def loss_fn(self, chunk, inputs: torch.Tensor, target: dict, num_micro_batches: int) -> torch.Tensor:
+    def loss(self, chunk, inputs: torch.Tensor, target: dict, num_micro_batches: int) -> torch.Tensor:
         token_loss = chunk(inputs, labels=target["labels"]).float()  # 0 off the answers
         return token_loss.sum() / target["tokens_per_rank"].clamp(min=1).float()
 

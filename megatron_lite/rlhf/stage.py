@@ -1,25 +1,32 @@
-"""What the fine-tuning stages share: a JSONL file -> token datasets -> epochs of batches, fed to
-the same ``Trainer`` and parallel step as pretraining.
+"""What the fine-tuning stages share: a JSONL file -> token records -> epochs of batches, and the
+task shape of the stages that train one model on a loss over those records (sft, rm, dpo).
 
-A stage subclasses ``StageTrainer`` and says how a micro-batch is collated (``collate``), what its
-loss is (``loss_fn``, on the last pipeline stage) and which metrics validation reports
-(``evaluation_terms``). Batches are records drawn from a seeded permutation of the training
-records, reshuffled every epoch; every tp and pp rank of a data-parallel replica reads the same
-records, as in pretraining.
+Batches are records drawn from a seeded permutation of the training records, reshuffled every
+epoch; every tp and pp rank of a data-parallel replica reads the same records, as in
+pretraining. A stage is a task object run by ``training.trainer.Trainer`` (see its ``Task``):
+``RecordStage`` below holds the parts sft, rm and dpo have in common, and each of them says
+how a micro-batch is collated (``collate``), what its loss is (``loss``, on the last pipeline
+stage) and which figures validation reports (``evaluation_terms``, ``summarize``). PPO reads
+prompts through ``StageRecords`` too but trains several models, so it is a task of its own.
 """
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lite.config import ConfigError
+from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.collectives import sum_over_replicas
-from megatron_lite.rlhf.data import PreferenceDataset, SFTDataset, build_demo_rlhf_data, split_indices
-from megatron_lite.training.trainer import Trainer
+from megatron_lite.parallel.dims import ParallelDims
+from megatron_lite.rlhf.data import PreferenceDataset, SFTDataset, split_indices
+from megatron_lite.rlhf.demo_data import build_demo_rlhf_data
+from megatron_lite.training.trained_model import TrainedModel
+from megatron_lite.training.trainer import StepResult
 
 
 class Epochs:
@@ -41,112 +48,147 @@ class Epochs:
         return int(self._order[k])
 
 
-class StageTrainer(Trainer):
-    """A ``Trainer`` over one of the RLHF datasets; subclasses set ``dataset_kind`` ("sft" or
-    "preference") and implement ``collate``, ``loss_fn`` and ``evaluation_terms``."""
+def stage_data_path(cfg: Config, dims: ParallelDims, stage: str, demo_file: str) -> Path:
+    """``rlhf.data``, or with ``rlhf.demo`` the demo instruction set's ``demo_file`` (built once)."""
+    settings = cfg.rlhf
+    if settings.data:
+        path = Path(settings.data)
+        if not path.is_file():
+            raise ConfigError(f"rlhf.data={settings.data} does not exist; point it at a JSONL file")
+        return path
+    if not settings.demo:
+        raise ConfigError(f"rlhf.data is empty; set it to a JSONL file for the {stage} stage "
+                          f"(or rlhf.demo=true for the standard-library instruction data)")
+    if dims.rank == 0:  # one rank builds; the others then find it finished
+        build_demo_rlhf_data(settings.demo_dir, max_examples=settings.demo_examples)
+    if dist.is_initialized():
+        dist.barrier()
+    return Path(build_demo_rlhf_data(settings.demo_dir, max_examples=settings.demo_examples)[demo_file])
 
-    dataset_kind = "sft"
-    stage_name = "sft"
-    demo_file = "sft"  # which file of the demo instruction set the stage reads
 
-    # ------------------------------------------------------------------ data
+class StageRecords:
+    """A stage's records, split into training and validation epochs (``rlhf.valid_fraction``),
+    handed out as each data-parallel rank's share of a global batch."""
 
-    def _build_datasets(self) -> tuple:
-        rl = self.cfg.rlhf
-        path = self._data_path()
-        self.records = self._load_records(path)
-        train, valid = split_indices(len(self.records), rl.valid_fraction, self.cfg.train.seed)
-        if self.cfg.train.eval_interval > 0 and len(valid) == 0:
+    def __init__(self, cfg: Config, dims: ParallelDims, stage: str, demo_file: str, open_records: Callable):
+        """``open_records(path)``: the dataset of the file's records (``rlhf.data``)."""
+        self.cfg, self.dims = cfg, dims
+        self.path = stage_data_path(cfg, dims, stage, demo_file)
+        self.records = open_records(self.path)
+        train, valid = split_indices(len(self.records), cfg.rlhf.valid_fraction, cfg.train.seed)
+        if cfg.train.eval_interval > 0 and len(valid) == 0:
             raise ConfigError(
-                f"validation is on (train.eval_interval={self.cfg.train.eval_interval}) but rlhf.valid_fraction="
-                f"{rl.valid_fraction} holds out no record of {path}; raise it or set train.eval_interval=0"
+                f"validation is on (train.eval_interval={cfg.train.eval_interval}) but rlhf.valid_fraction="
+                f"{cfg.rlhf.valid_fraction} holds out no record of {self.path}; raise it or set train.eval_interval=0"
             )
-        valid_epochs = Epochs(valid, self.cfg.train.seed, shuffle=False) if len(valid) else None
-        return Epochs(train, self.cfg.train.seed), valid_epochs
+        self.train = Epochs(train, cfg.train.seed)
+        self.valid = Epochs(valid, cfg.train.seed, shuffle=False) if len(valid) else None
 
-    def _load_records(self, path: Path):
-        seq = self.cfg.model.seq_length
-        kind = SFTDataset if self.dataset_kind == "sft" else PreferenceDataset
-        records = kind(path, self.tokenizer, seq)
-        if self.is_logging_rank and (records.num_truncated or records.num_dropped):
-            print(f"{path}: {len(records)} records kept, {records.num_truncated} truncated and "
-                  f"{records.num_dropped} dropped at model.seq_length={seq}", flush=True)
-        return records
+    def __len__(self) -> int:
+        return len(self.records)
 
-    def _data_path(self) -> Path:
-        rl = self.cfg.rlhf
-        if rl.data:
-            path = Path(rl.data)
-            if not path.is_file():
-                raise ConfigError(f"rlhf.data={rl.data} does not exist; point it at a JSONL file")
-            return path
-        if not rl.demo:
-            raise ConfigError(f"rlhf.data is empty; set it to a JSONL file for the {self.stage_name} stage "
-                              f"(or rlhf.demo=true for the standard-library instruction data)")
-        if self.is_logging_rank:  # one rank builds; the others then find it finished
-            build_demo_rlhf_data(rl.demo_dir, max_examples=rl.demo_examples)
-        if dist.is_initialized():
-            dist.barrier()
-        return Path(build_demo_rlhf_data(rl.demo_dir, max_examples=rl.demo_examples)[self.demo_file])
+    def __getitem__(self, index: int):
+        return self.records[index]
 
-    def micro_batches(self, epochs: Epochs, first_sample: int) -> list:
-        """This dp rank's share of the global batch starting at run sample ``first_sample``,
-        collated into micro-batches on the device."""
-        indices = self.local_records(epochs, first_sample)
-        size = self.cfg.train.micro_batch_size
-        return [self.collate(indices[i : i + size]) for i in range(0, len(indices), size)]
-
-    def local_records(self, epochs: Epochs, first_sample: int) -> list[int]:
-        """The record indices of this dp rank's contiguous share of the global batch."""
+    def local_indices(self, epochs: Epochs, first_sample: int) -> list[int]:
+        """The record indices of this dp rank's contiguous share of the global batch starting at
+        run sample ``first_sample``."""
         per_rank = self.cfg.train.global_batch_size // self.dims.dp
         start = first_sample + self.dims.dp_rank * per_rank
         return [epochs[j] for j in range(start, start + per_rank)]
 
-    def collate(self, indices: list[int]) -> tuple[torch.Tensor, object]:
-        raise NotImplementedError
-
-    def _stack(self, indices: list[int], key: str) -> torch.Tensor:
+    def stack(self, indices: list[int], key: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.records[i][key] for i in indices])).to(self.dims.device)
 
-    def _pairs(self, indices: list[int], key: str) -> torch.Tensor:
+    def pairs(self, indices: list[int], key: str) -> torch.Tensor:
         """A preference field of both answers, chosen first then rejected: (2b, ...)."""
-        return torch.cat([self._stack(indices, f"chosen_{key}"), self._stack(indices, f"rejected_{key}")])
+        return torch.cat([self.stack(indices, f"chosen_{key}"), self.stack(indices, f"rejected_{key}")])
+
+
+def report_truncation(records, path: Path, seq_length: int, dims: ParallelDims) -> None:
+    """Rank 0 says how many records the sequence length truncated or dropped."""
+    if dims.rank == 0 and (records.num_truncated or records.num_dropped):
+        print(f"{path}: {len(records)} records kept, {records.num_truncated} truncated and "
+              f"{records.num_dropped} dropped at model.seq_length={seq_length}", flush=True)
+
+
+class RecordStage(abc.ABC):
+    """A stage that trains one model on a loss over records: sft, rm and dpo. A stage class sets
+    ``name``, ``head``, ``dataset_kind`` ("sft" or "preference"), ``evaluation_names`` and
+    ``sequences_per_record`` (2 when a record is a chosen and a rejected answer), and implements
+    ``collate``, ``loss`` and ``evaluation_terms``."""
+
+    name: str  # the command line's name of the stage
+    head = "lm"
+    dataset_kind: str
+    evaluation_names: tuple[str, ...] = ()  # the columns of evaluation_terms
+    sequences_per_record = 1
+
+    def __init__(self, cfg: Config, dims: ParallelDims, tokenizer):
+        self.cfg, self.dims, self.tokenizer = cfg, dims, tokenizer
+        self.records: StageRecords | None = None
+        self.model: TrainedModel | None = None
+
+    def datasets(self) -> tuple:
+        dataset = SFTDataset if self.dataset_kind == "sft" else PreferenceDataset
+        seq_length = self.cfg.model.seq_length
+
+        def open_records(path: Path):
+            records = dataset(path, self.tokenizer, seq_length)
+            report_truncation(records, path, seq_length, self.dims)
+            return records
+
+        self.records = StageRecords(self.cfg, self.dims, self.name, self.dataset_kind, open_records)
+        return self.records.train, self.records.valid
+
+    def start(self, model: TrainedModel) -> None:
+        self.model = model
+
+    def micro_batches(self, epochs: Epochs, first_sample: int) -> list:
+        """This dp rank's share of the global batch starting at run sample ``first_sample``,
+        collated into micro-batches on the device."""
+        indices = self.records.local_indices(epochs, first_sample)
+        size = self.cfg.train.micro_batch_size
+        return [self.collate(indices[i : i + size]) for i in range(0, len(indices), size)]
+
+    @abc.abstractmethod
+    def collate(self, indices: list[int]) -> tuple[torch.Tensor, object]:
+        """One micro-batch of records: (tokens, what ``loss`` reads), on the device."""
+
+    @abc.abstractmethod
+    def loss(self, chunk, inputs: torch.Tensor, target, num_micro_batches: int) -> torch.Tensor:
+        """The last stage's loss of one micro-batch (see ``training.step.LossFn``)."""
+
+    def train_step(self, epochs: Epochs, first_sample: int, step: int) -> StepResult:
+        return StepResult(*self.model.train_on(self.micro_batches(epochs, first_sample)), {})
+
+    def tokens_per_step(self) -> int:
+        return self.sequences_per_record * self.cfg.train.global_batch_size * self.cfg.model.seq_length
+
+    def saved_beside(self) -> dict[str, TrainedModel]:
+        return {}
 
     # ------------------------------------------------------------------ validation
 
-    evaluation_names: tuple[str, ...] = ()  # the columns of evaluation_terms
-
+    @abc.abstractmethod
     def evaluation_terms(self, chunk, inputs: torch.Tensor, target, num_micro_batches: int) -> torch.Tensor:
         """(samples, len(evaluation_names)) per-sample terms; validation sums them over its batches."""
-        raise NotImplementedError
 
     def summarize(self, sums: dict[str, float], samples: float) -> dict[str, float]:
         """Validation's figures from the summed terms: by default each term's mean per sample.
         Must hold "loss"."""
         return {name: value / max(samples, 1.0) for name, value in sums.items()}
 
-    def evaluate(self) -> float:
-        """Over ``train.eval_steps`` validation batches: the loss (returned and logged) and the
-        stage's own figures (accuracy, margins; logged as ``val_<name>``)."""
+    def evaluate(self, epochs: Epochs) -> dict[str, float]:
+        """Over ``train.eval_steps`` validation batches: the loss and the stage's own figures
+        (accuracy, margins)."""
         gb = self.cfg.train.global_batch_size
-        for chunk in self.model_chunks:
-            chunk.eval()
         sums = torch.zeros(len(self.evaluation_names) + 1, dtype=torch.float64, device=self.dims.device)
-        for i in range(self.cfg.train.eval_steps):
-            outputs = self.parallel_step.forward_outputs(self.micro_batches(self.valid_ds, i * gb), self._autocast(),
-                                                         self.evaluation_terms)
-            for terms in outputs:
-                sums[0] += terms.shape[0]
-                sums[1:] += terms.double().sum(dim=0)
-        for chunk in self.model_chunks:
-            chunk.train()
-        sums = self._sum_over_replicas(sums).tolist()
+        with self.model.evaluating():
+            for i in range(self.cfg.train.eval_steps):
+                for terms in self.model.forward_outputs(self.micro_batches(epochs, i * gb), self.evaluation_terms):
+                    sums[0] += terms.shape[0]
+                    sums[1:] += terms.double().sum(dim=0)
+        sums = sum_over_replicas(sums, self.dims).tolist()
         figures = self.summarize(dict(zip(self.evaluation_names, sums[1:])), sums[0])
-        loss = figures.pop("loss")
-        self.metrics.evaluation(self.step, loss, extra={f"val_{k}": v for k, v in figures.items()} or None)
-        self.metrics.restart_window()
-        return loss
-
-    def _sum_over_replicas(self, sums: torch.Tensor) -> torch.Tensor:
-        """Sums held by the last stage of each data-parallel replica -> the total on every rank."""
-        return sum_over_replicas(sums, self.dims)
+        return {"loss": figures.pop("loss"), **figures}

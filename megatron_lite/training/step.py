@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from megatron_lite.config import Config, ConfigError
+from megatron_lite.config import Config, ConfigError, OptimConfig
 from megatron_lite.parallel.collectives import sum_over_replicas
 from megatron_lite.parallel.comm_stats import CommStats
 from megatron_lite.parallel.data_parallel import Zero1AdamW
@@ -47,15 +47,15 @@ def language_model_loss(chunk, inputs: torch.Tensor, labels: torch.Tensor, num_m
     return chunk(inputs, labels=labels).float().mean() / num_micro_batches
 
 
-def build_optimizer(named_params: optim.NamedParams, cfg: Config, dims: ParallelDims) -> tuple[object, str]:
-    """AdamW over this rank's parameters: sharded over dp with ``parallel.zero1``, else torch's
-    (or apex's). Returns the optimizer and a short description for the start-up line."""
-    if not cfg.parallel.zero1:
-        return optim.build_optimizer(named_params, cfg.optim, dims.device)
-    o = cfg.optim
+def build_parallel_optimizer(named_params: optim.NamedParams, optim_cfg: OptimConfig, zero1: bool,
+                             dims: ParallelDims) -> tuple[object, str]:
+    """AdamW over this rank's parameters: sharded over dp with ``zero1``, else torch's (or apex's).
+    Returns the optimizer and a short description for the start-up line."""
+    if not zero1:
+        return optim.build_optimizer(named_params, optim_cfg, dims.device)
     zero = Zero1AdamW(
-        optim.param_groups(named_params, o.weight_decay), dims.dp_group, lr=o.lr, betas=(o.beta1, o.beta2),
-        eps=o.eps, param_names={p: n for n, p in named_params},
+        optim.param_groups(named_params, optim_cfg.weight_decay), dims.dp_group, lr=optim_cfg.lr,
+        betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps, param_names={p: n for n, p in named_params},
     )
     return zero, f"ZeRO-1 AdamW over dp={dims.dp}"
 

@@ -1,10 +1,11 @@
-"""The pretraining loop: ``Trainer`` builds a run from a ``Config`` with the helpers of
-``training.setup`` (grid, resolved config, model chunks) and ``Trainer.train`` runs it.
+"""The training loop: setup (grid, data, model chunks), ``Trainer.train`` and the task it runs.
 
-The model is a list of chunks (one per virtual pipeline stage this rank holds; one chunk
-at pp=1). ``training.step.ParallelStep`` runs one global batch's micro-batches (a plain loop
-at pp=1, the pipeline schedule at pp>1), reduces the gradients over tp, dp and the tied
-embedding copies, and owns unscaling, the global grad norm, clipping and overflow skipping.
+The trainer holds one ``TrainedModel`` (``training.trained_model``) and a task that says what a
+step trains on: ``LanguageModelTask`` for pretraining, a fine-tuning stage or RL algorithm from
+``rlhf`` otherwise. The model is a list of chunks (one per virtual pipeline stage this rank
+holds; one chunk at pp=1). ``training.step.ParallelStep`` runs one global batch's micro-batches
+(a plain loop at pp=1, the pipeline schedule at pp>1), reduces the gradients over tp, dp and the
+tied embedding copies, and owns unscaling, the global grad norm, clipping and overflow skipping.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -21,13 +23,9 @@ from tqdm import tqdm
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.training.checkpoint import Checkpointer, named_parameters
+from megatron_lite.training.checkpoint import DataPosition
 from megatron_lite.training.metrics import Metrics
-from megatron_lite.training.optim import LossScaler
-from megatron_lite.training.schedule import LRScheduler
 from megatron_lite.training.setup import (
-    autocast_context,
-    build_model_chunks,
     load_run_tokenizer,
     local_batch,
     resolve,
@@ -36,7 +34,106 @@ from megatron_lite.training.setup import (
     split_micro_batches,
     total_steps,
 )
-from megatron_lite.training.step import ParallelStep, build_optimizer, language_model_loss, validate_batch_layout
+from megatron_lite.training.step import language_model_loss, validate_batch_layout
+from megatron_lite.training.trained_model import TrainedModel, build_trained_model
+
+# ----------------------------------------------------------------------------- what a run trains on
+
+
+class StepResult(NamedTuple):
+    loss: float  # the global-batch mean loss
+    grad_norm: float  # before clipping
+    skipped: bool  # the optimizer step was skipped (a non-finite norm)
+    extra: dict  # the task's own per-step figures (PPO: reward, KL, critic loss, ...)
+
+
+class Task(Protocol):
+    """What a run trains on and how it is measured; the ``Trainer`` owns the loop, the trained
+    model and its checkpoints. Pretraining is ``LanguageModelTask``; the fine-tuning stages and
+    RL algorithms are tasks in ``rlhf``. A task class is called as ``task(cfg, dims, tokenizer)``."""
+
+    head: str  # the model's head: "lm", or "value" for a reward model
+
+    def loss(self, chunk, inputs: torch.Tensor, target, num_micro_batches: int) -> torch.Tensor:
+        """The last stage's loss of one micro-batch (see ``training.step.LossFn``)."""
+
+    def datasets(self) -> tuple:
+        """(train, valid): what ``train_step`` and ``evaluate`` read (valid may be None)."""
+
+    def start(self, model: TrainedModel) -> None:
+        """Receive the model to train, built and loaded (a stage may build its other models here)."""
+
+    def train_step(self, dataset, first_sample: int, step: int) -> StepResult:
+        """One run step on the global batch starting at run sample ``first_sample``."""
+
+    def evaluate(self, dataset) -> dict[str, float]:
+        """Validation figures by name: "loss" first when the task has one (it is then the run's
+        validation value; alone, it is logged with its perplexity), else the first figure is."""
+
+    def tokens_per_step(self) -> int:
+        """Tokens of one global batch, for throughput."""
+
+    def saved_beside(self) -> dict[str, TrainedModel]:
+        """Other trained models saved with the run's checkpoints, each in a subdirectory by name."""
+
+
+class LanguageModelTask:
+    """Pretraining: the next-token loss on packed samples of ``data.mixture``."""
+
+    head = "lm"
+
+    def __init__(self, cfg: Config, dims: ParallelDims, tokenizer=None):
+        self.cfg, self.dims = cfg, dims
+        self.model: TrainedModel | None = None
+
+    def loss(self, chunk, inputs: torch.Tensor, labels: torch.Tensor, num_micro_batches: int) -> torch.Tensor:
+        return language_model_loss(chunk, inputs, labels, num_micro_batches)
+
+    def datasets(self) -> tuple:
+        return language_model_datasets(self.cfg, total_steps(self.cfg))
+
+    def start(self, model: TrainedModel) -> None:
+        self.model = model
+
+    def micro_batches(self, dataset, first_sample: int) -> list:
+        """This rank's micro-batches of the global batch starting at ``first_sample``."""
+        batch = local_batch(dataset, first_sample, self.cfg.train.global_batch_size, self.dims)
+        return split_micro_batches(batch, self.cfg.train.micro_batch_size, self.dims.device)
+
+    def train_step(self, dataset, first_sample: int, step: int) -> StepResult:
+        return StepResult(*self.model.train_on(self.micro_batches(dataset, first_sample)), {})
+
+    def evaluate(self, dataset) -> dict[str, float]:
+        """The mean loss over ``train.eval_steps`` global batches (the same batches every time)."""
+        gb, eval_steps = self.cfg.train.global_batch_size, self.cfg.train.eval_steps
+        losses = []
+        steps = tqdm(range(eval_steps), desc="validation", leave=False,
+                     disable=self.dims.rank != 0 or eval_steps < 20)
+        with self.model.evaluating(), torch.no_grad():
+            for i in steps:
+                losses.append(self.model.parallel_step.evaluate(self.micro_batches(dataset, i * gb),
+                                                                self.model.autocast()))
+        return {"loss": sum(losses) / len(losses)}
+
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.global_batch_size * self.cfg.model.seq_length
+
+    def saved_beside(self) -> dict[str, TrainedModel]:
+        return {}
+
+
+def language_model_datasets(cfg: Config, steps: int) -> tuple:
+    """(train, valid) packed samples of ``data.mixture`` for ``steps`` global batches and validation."""
+    from megatron_lite.data import build_datasets
+
+    gb = cfg.train.global_batch_size
+    eval_samples = gb * cfg.train.eval_steps if cfg.train.eval_interval > 0 else 0
+    train_ds, valid_ds, _ = build_datasets(cfg.data, cfg.model.seq_length, cfg.train.seed,
+                                           num_samples=(steps * gb, eval_samples, 0))
+    return train_ds, valid_ds
+
+
+# ----------------------------------------------------------------------------- the trainer
 
 
 @dataclass
@@ -49,82 +146,44 @@ class TrainResult:
 
 
 class Trainer:
-    """Everything a pretraining run needs, built from a ``Config``; ``train()`` runs it.
+    """A run built from a ``Config``: the grid, one trained model and the task it trains on
+    (pretraining unless told otherwise); ``train()`` runs it."""
 
-    The RLHF stages subclass it and change what a step trains on through four hooks: ``head``,
-    ``_build_datasets``, ``micro_batches`` and ``loss_fn`` (and ``evaluate`` for their metrics).
-    """
-
-    head = "lm"  # the model's head: "lm", or "value" for a reward model
-
-    def __init__(self, cfg: Config, dims: ParallelDims | None = None, datasets: tuple | None = None):
-        """``datasets``: (train, valid) to use instead of the data section's (benchmarks feed
-        synthetic tokens this way; ``model.vocab_size`` must then be set)."""
+    def __init__(self, cfg: Config, dims: ParallelDims | None = None, datasets: tuple | None = None,
+                 task: Callable[..., Task] = LanguageModelTask):
+        """``datasets``: (train, valid) to use instead of the task's (benchmarks feed synthetic
+        tokens this way; ``model.vocab_size`` must then be set)."""
         self.dims = dims if dims is not None else setup_dims(cfg)
         self.is_logging_rank = self.dims.rank == 0
         self.cfg = cfg = resolve(cfg, self.is_logging_rank, read_data=datasets is None)
+        self.tokenizer = None
         if datasets is None:
             self.tokenizer = load_run_tokenizer(cfg)
         elif cfg.model.vocab_size <= 0:
             raise ConfigError("model.vocab_size must be set when training on given (synthetic) datasets")
         self.micro_batches_per_step = validate_batch_layout(cfg, self.dims)
         self.total_steps = total_steps(cfg)
+        self.task = task(cfg, self.dims, self.tokenizer)
         seed_everything(cfg.train.seed)
-        self.model_chunks = build_model_chunks(cfg, self.dims, self.head)
-        self.named_params = named_parameters(self.model_chunks)
-        self.optimizer, self.optimizer_kind = build_optimizer(self.named_params, cfg, self.dims)
-        self.parallel_step = ParallelStep(self.model_chunks, self.optimizer, self.dims,
-                                          cfg.parallel.pipeline_schedule, cfg.parallel.bucket_size_mb, self.loss_fn)
-        self.scheduler = LRScheduler(self.optimizer, cfg.optim, self.total_steps)
-        self.scaler = LossScaler(cfg.train.initial_loss_scale, cfg.train.loss_scale_window,
-                                 dynamic=cfg.train.precision == "fp16")
+        self.model = build_trained_model(cfg, self.dims, self.task.head, self.task.loss)
         self.step = 0
         self.consumed_samples = 0
-        self.checkpointer = Checkpointer(self.model_chunks, self.dims, self.optimizer, self.scheduler, self.scaler)
-        self.train_ds, self.valid_ds = datasets if datasets is not None else self._build_datasets()
-        self._maybe_load_checkpoint()
+        self.train_ds, self.valid_ds = datasets if datasets is not None else self.task.datasets()
+        if cfg.checkpoint.load:
+            self._resume_from(self.model.load(cfg.checkpoint.load, weights_only=cfg.checkpoint.finetune))
         self.metrics = Metrics(cfg.log, self.is_logging_rank, self.dims.device, cfg.train.precision,
                                self._train_flops_per_token(), self.dims.world_size, self.total_steps)
+        self.task.start(self.model)
         self._stop_requested = threading.Event()
 
-    # ------------------------------------------------------------------ what a step trains on
-
-    def loss_fn(self, chunk, inputs: torch.Tensor, target, num_micro_batches: int) -> torch.Tensor:
-        """The last stage's loss of one micro-batch (see ``training.step.LossFn``)."""
-        return language_model_loss(chunk, inputs, target, num_micro_batches)
-
-    def micro_batches(self, dataset, first_sample: int) -> list:
-        """This rank's micro-batches of the global batch starting at ``first_sample``."""
-        batch = local_batch(dataset, first_sample, self.cfg.train.global_batch_size, self.dims)
-        return split_micro_batches(batch, self.cfg.train.micro_batch_size, self.dims.device)
-
-    def tokens_per_step(self) -> int:
-        return self.cfg.train.global_batch_size * self.cfg.model.seq_length
-
-    def _build_datasets(self) -> tuple:
-        from megatron_lite.data import build_datasets
-
-        gb = self.cfg.train.global_batch_size
-        eval_samples = gb * self.cfg.train.eval_steps if self.cfg.train.eval_interval > 0 else 0
-        train_ds, valid_ds, _ = build_datasets(
-            self.cfg.data, self.cfg.model.seq_length, self.cfg.train.seed,
-            num_samples=(self.total_steps * gb, eval_samples, 0),
-        )
-        return train_ds, valid_ds
+    def _resume_from(self, position: DataPosition | None) -> None:
+        if position is not None:
+            self.step, self.consumed_samples = position.step, position.consumed_samples
 
     def _train_flops_per_token(self) -> float:
         from megatron_lite.model.gpt import flops_per_token
 
         return float(flops_per_token(self.cfg.model, self.cfg.model.seq_length))
-
-    def _maybe_load_checkpoint(self) -> None:
-        ck = self.cfg.checkpoint
-        if not ck.load:
-            return
-        position = self.checkpointer.load(ck.load, weights_only=ck.finetune)
-        self.parallel_step.weights_loaded()
-        if position is not None:
-            self.step, self.consumed_samples = position.step, position.consumed_samples
 
     # ------------------------------------------------------------------ the loop
 
@@ -133,16 +192,16 @@ class Trainer:
         self._announce()
         with _sigterm_sets(self._stop_requested):
             while self.step < self.total_steps:
-                loss, grad_norm, skipped, extra = self.train_step()
-                lr = self.scheduler.lr
+                loss, grad_norm, skipped, extra = self.task.train_step(self.train_ds, self.consumed_samples, self.step)
+                lr = self.model.scheduler.lr
                 if not skipped:
-                    self.scheduler.step()
+                    self.model.scheduler.step()
                 self.step += 1
                 self.consumed_samples += cfg.train.global_batch_size
                 result.losses.append(loss)
-                self.metrics.step(self.step, loss, lr, grad_norm, self.tokens_per_step(),
-                                  loss_scale=self.scaler.scale if self.scaler.dynamic else None, skipped=skipped,
-                                  **extra)
+                scaler = self.model.scaler
+                self.metrics.step(self.step, loss, lr, grad_norm, self.task.tokens_per_step(),
+                                  loss_scale=scaler.scale if scaler.dynamic else None, skipped=skipped, **extra)
                 if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == self.total_steps):
                     result.val_losses.append((self.step, self.evaluate()))
                 stop = self._stop_agreed()
@@ -159,18 +218,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces the loop calls
 
-    def train_step(self) -> tuple[float, float, bool, dict]:
-        """One global batch: (mean loss, grad norm before clipping, skipped, extra metrics)."""
-        micro = self.micro_batches(self.train_ds, self.consumed_samples)
-        loss = self.parallel_step.forward_backward(micro, self._autocast(), self.scaler.scale)
-        grad_norm, skipped = self.parallel_step.optimizer_step(self.scaler, self.cfg.optim.grad_clip)
-        return loss, grad_norm, skipped, {}
-
-    def _autocast(self):
-        return autocast_context(self.cfg.train.precision, self.dims.device)
-
     def _announce(self) -> None:
-        from megatron_lite.kernels import backends
         from megatron_lite.model.gpt import num_parameters
         from megatron_lite.parallel.dims import padded_vocab_size
 
@@ -186,27 +234,23 @@ class Trainer:
             f"training {m.flavor} ({count / 1e6:.2f}M parameters) on {d.device} | "
             f"{layout} | global batch {self.cfg.train.global_batch_size} = "
             f"{self.cfg.train.micro_batch_size} x {self.micro_batches_per_step} accumulation x {d.dp} dp | "
-            f"{self.cfg.train.precision} | {self.optimizer_kind} | steps {self.step}->{self.total_steps}"
+            f"{self.cfg.train.precision} | {self.model.optimizer_kind} | steps {self.step}->{self.total_steps}"
         )
+        from megatron_lite.kernels import backends
+
         self.metrics.print("kernel backends:\n" + backends.describe(m))
 
     def evaluate(self) -> float:
-        """Mean validation loss over ``train.eval_steps`` global batches (same batches every time)."""
-        gb = self.cfg.train.global_batch_size
-        for chunk in self.model_chunks:
-            chunk.eval()
-        losses = []
-        steps = tqdm(range(self.cfg.train.eval_steps), desc="validation", leave=False,
-                     disable=not self.is_logging_rank or self.cfg.train.eval_steps < 20)
-        with torch.no_grad():
-            for i in steps:
-                losses.append(self.parallel_step.evaluate(self.micro_batches(self.valid_ds, i * gb), self._autocast()))
-        for chunk in self.model_chunks:
-            chunk.train()
-        val_loss = sum(losses) / len(losses)
-        self.metrics.evaluation(self.step, val_loss)
+        """The task's validation figures, logged; returns the run's validation value."""
+        figures = self.task.evaluate(self.valid_ds)
+        if "loss" in figures:
+            value = figures.pop("loss")
+            self.metrics.evaluation(self.step, value, extra={f"val_{k}": v for k, v in figures.items()} or None)
+        else:
+            value = next(iter(figures.values()))
+            self.metrics.validation_figures(self.step, {f"val_{k}": v for k, v in figures.items()})
         self.metrics.restart_window()
-        return val_loss
+        return value
 
     def _stop_agreed(self) -> bool:
         """Every rank stops at the same step when any rank received SIGTERM."""
@@ -216,17 +260,21 @@ class Trainer:
         return bool(flag.item())
 
     def _save_due(self) -> bool:
-        ck = self.cfg.checkpoint
-        if not ck.save:
+        checkpoint_cfg = self.cfg.checkpoint
+        if not checkpoint_cfg.save:
             return False
-        return self.step == self.total_steps or (ck.interval > 0 and self.step % ck.interval == 0)
+        return self.step == self.total_steps or (checkpoint_cfg.interval > 0 and self.step % checkpoint_cfg.interval == 0)
 
     def save(self) -> Path | None:
-        if not self.cfg.checkpoint.save:
+        """The trained model's checkpoint, and beside it those of the task's other trained models."""
+        save_dir = self.cfg.checkpoint.save
+        if not save_dir:
             self.metrics.print("checkpoint.save is empty: nothing saved")
             return None
-        path = self.checkpointer.save(self.cfg.checkpoint.save, self.step, self.consumed_samples, self.cfg.to_dict(),
-                                      self.cfg.data.tokenizer or None)
+        config, tokenizer_dir = self.cfg.to_dict(), self.cfg.data.tokenizer or None
+        path = self.model.save(save_dir, self.step, self.consumed_samples, config, tokenizer_dir)
+        for name, model in self.task.saved_beside().items():
+            model.save(Path(save_dir) / name, self.step, self.consumed_samples, config, tokenizer_dir)
         self.metrics.print(f"saved checkpoint {path}")
         self.metrics.restart_window()
         return path
@@ -243,4 +291,3 @@ def _sigterm_sets(event: threading.Event):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-

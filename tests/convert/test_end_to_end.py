@@ -101,7 +101,7 @@ def _finetune_starts_from(ckpt: Path, data, run_dir: Path) -> None:
     trainer = Trainer(cfg)
     converted, _ = load_full_state_dict(ckpt)
     vocab = cfg.model.vocab_size
-    for name, param in trainer.model_chunks[0].named_parameters():
+    for name, param in trainer.model.chunks[0].named_parameters():
         expected = converted[name][:vocab] if name.startswith("embedding.word") else converted[name]
         assert torch.equal(param.detach()[: expected.shape[0]], expected), name
     assert trainer.step == 0 and trainer.train().steps == 1

@@ -100,9 +100,9 @@ def _full(trainer: Trainer, grads: bool) -> dict[str, torch.Tensor]:
     """Every parameter (or its dp-averaged gradient) merged to the tp=1 layout; merging checks
     that each kv head's copies are identical."""
     dims, out = trainer.dims, {}
-    for name, param in trainer.named_params:
+    for name, param in trainer.model.named_params:
         t = param.grad.detach().clone() if grads else param.detach()
-        if grads and trainer.parallel_step.zero1 and dims.dp > 1:  # ZeRO reduces later, onto slices
+        if grads and trainer.model.parallel_step.zero1 and dims.dp > 1:  # ZeRO reduces later, onto slices
             dist.all_reduce(t, group=dims.dp_group)
             t /= dims.dp
         full = layout_of(param).merge_shards(_gather(t, dims.tp_group))
@@ -112,7 +112,7 @@ def _full(trainer: Trainer, grads: bool) -> dict[str, torch.Tensor]:
 
 def _copies_identical(trainer: Trainer) -> bool:
     dims = trainer.dims
-    for _, param in trainer.named_params:
+    for _, param in trainer.model.named_params:
         if layout_of(param).tp_replicas(dims.tp) > 1:
             copies = _gather(layout_of(param).replicated_part(param.detach()), dims.kv_replica_group)
             if not all(torch.equal(c, copies[0]) for c in copies):
@@ -127,11 +127,11 @@ def _train(cfg, dims: ParallelDims | None) -> dict:
     while trainer.step < STEPS:
         batch = local_batch(trainer.train_ds, trainer.consumed_samples, BATCH, trainer.dims)
         micro = split_micro_batches(batch, cfg.train.micro_batch_size, trainer.dims.device)
-        out["losses"].append(trainer.parallel_step.forward_backward(micro, contextlib.nullcontext(), 1.0))
+        out["losses"].append(trainer.model.parallel_step.forward_backward(micro, contextlib.nullcontext(), 1.0))
         out["grads"].append(_full(trainer, grads=True))
-        norm, skipped = trainer.parallel_step.optimizer_step(trainer.scaler, cfg.optim.grad_clip)
+        norm, skipped = trainer.model.parallel_step.optimizer_step(trainer.model.scaler, cfg.optim.grad_clip)
         assert not skipped
-        trainer.scheduler.step()
+        trainer.model.scheduler.step()
         trainer.step += 1
         trainer.consumed_samples += BATCH
         out["norms"].append(norm)
@@ -139,7 +139,7 @@ def _train(cfg, dims: ParallelDims | None) -> dict:
             trainer.save()
     out["weights"] = _full(trainer, grads=False)
     if not trainer.dims.sequence_parallel and trainer.dims.pp == 1:  # decoding runs the whole model on one rank
-        out["generated"] = generate(trainer.model_chunks[0], PROMPTS, 4, temperature=0)
+        out["generated"] = generate(trainer.model.chunks[0], PROMPTS, 4, temperature=0)
     out["copies_identical"] = _copies_identical(trainer)
     out["kv_replicas"] = trainer.dims.kv_replicas
     trainer.metrics.close()

@@ -117,7 +117,7 @@ def _train(cfg, dims: ParallelDims | None) -> dict:
     d = trainer.dims
     params = {
         name: (p.detach().clone(), layout_of(p))
-        for name, p in trainer.named_params
+        for name, p in trainer.model.named_params
     }
     return {"coords": (d.tp_rank, d.pp_rank, d.dp_rank), "losses": result.losses,
             "val_losses": result.val_losses, "params": params}

@@ -18,7 +18,6 @@ from megatron_lite.rlhf.data import (
     PromptDataset,
     RLHFDataError,
     SFTDataset,
-    build_demo_rlhf_data,
     conversation,
     encode_chat,
     preference_pair,
@@ -27,6 +26,7 @@ from megatron_lite.rlhf.data import (
     read_jsonl,
     split_indices,
 )
+from megatron_lite.rlhf.demo_data import build_demo_rlhf_data
 
 EOD_TEXT = "<|endoftext|>"
 
@@ -327,9 +327,9 @@ def test_prompt_dataset_errors(tok, tmp_path):
     with pytest.raises(RLHFDataError, match=r"b\.jsonl:1: no key 'prompt'"):
         PromptDataset(write_jsonl(tmp_path / "b.jsonl", [{"question": "q"}]), tok, 20)
     long = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "hi there " * 40}])
-    with pytest.raises(RLHFDataError, match=r"all 1 prompts are longer than 20 tokens .* lower rlhf.max_new_tokens"):
+    with pytest.raises(RLHFDataError, match=r"all 1 prompts are longer than 20 tokens .* lower rlhf.ppo.max_new_tokens"):
         PromptDataset(long, tok, 20)
-    with pytest.raises(RLHFDataError, match="no room for a prompt: model.seq_length minus rlhf.max_new_tokens is 0"):
+    with pytest.raises(RLHFDataError, match="no room for a prompt: model.seq_length minus rlhf.ppo.max_new_tokens is 0"):
         PromptDataset(long, tok, 0)
 
 

@@ -15,11 +15,12 @@ from megatron_lite.__main__ import main
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.convert.hf import ConversionError, convert_to_hf
 from megatron_lite.inference import generate_text
-from megatron_lite.rlhf import DPOTrainer, RewardModelTrainer, SFTTrainer
+from megatron_lite.rlhf import DPOTask, PPOTask, RewardModelTask, SFTTask
 from megatron_lite.rlhf.data import IGNORE_INDEX, RLHFDataError
 from megatron_lite.rlhf.dpo import REFERENCE_FILE
 from megatron_lite.rlhf.losses import dpo_loss, pairwise_reward_loss, sequence_log_probs
 from megatron_lite.training.checkpoint import CheckpointError, load_full_state_dict
+from megatron_lite.training.trainer import Trainer
 from tests.distributed import run_distributed
 
 STEPS = 6
@@ -46,7 +47,7 @@ def validation_record(run_dir) -> dict:
 def sft_checkpoint(tiny_stage_data, tmp_path_factory):
     data, sft, _ = tiny_stage_data
     run = tmp_path_factory.mktemp("sft")
-    SFTTrainer(stage_config(data, sft, run, [f"checkpoint.save={run}/ck"])).train()
+    Trainer(stage_config(data, sft, run, [f"checkpoint.save={run}/ck"]), task=SFTTask).train()
     return run / "ck"
 
 
@@ -70,9 +71,9 @@ def test_losses_by_hand():
 
 def test_sft_loss_is_the_answer_token_mean_of_the_global_batch(tiny_stage_data, tmp_path, sft_checkpoint):
     data, sft, _ = tiny_stage_data
-    trainer = SFTTrainer(stage_config(data, sft, tmp_path))
-    model, vocab = trainer.model_chunks[0], trainer.cfg.model.vocab_size
-    micro = trainer.micro_batches(trainer.train_ds, 0)
+    trainer = Trainer(stage_config(data, sft, tmp_path), task=SFTTask)
+    model, vocab = trainer.model.chunks[0], trainer.cfg.model.vocab_size
+    micro = trainer.task.micro_batches(trainer.train_ds, 0)
     tokens = torch.cat([t for t, _ in micro])
     labels = torch.cat([target["labels"] for _, target in micro])
     assert (labels != IGNORE_INDEX).any() and (labels == IGNORE_INDEX).any()  # answers and prompts
@@ -81,7 +82,8 @@ def test_sft_loss_is_the_answer_token_mean_of_the_global_batch(tiny_stage_data, 
     with torch.no_grad():
         logits = model(tokens)[..., :vocab]
         expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-    assert trainer.parallel_step.evaluate(micro, trainer._autocast()) == pytest.approx(expected.item(), rel=1e-5)
+    evaluated = trainer.model.parallel_step.evaluate(micro, trainer.model.autocast())
+    assert evaluated == pytest.approx(expected.item(), rel=1e-5)
     result = trainer.train()
     assert result.losses[-1] < result.losses[0] - 0.25
     record = validation_record(tmp_path)
@@ -93,14 +95,14 @@ def test_reward_model_starts_from_the_sft_checkpoint(tiny_stage_data, tmp_path, 
     data, _, pairs = tiny_stage_data
     cfg = stage_config(data, pairs, tmp_path, [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true",
                                                f"checkpoint.save={tmp_path}/ck", "train.max_steps=12"])
-    trainer = RewardModelTrainer(cfg)
-    model = trainer.model_chunks[0]
+    trainer = Trainer(cfg, task=RewardModelTask)
+    model = trainer.model.chunks[0]
     assert model.value_head is not None and model.output is None
     saved, _ = load_full_state_dict(sft_checkpoint)
-    for name, param in trainer.named_params:
+    for name, param in trainer.model.named_params:
         if not name.startswith("value_head."):
             assert torch.equal(param.detach(), saved[name]), name  # the transformer is the SFT model's
-    tokens, last = trainer.micro_batches(trainer.train_ds, 0)[0]
+    tokens, last = trainer.task.micro_batches(trainer.train_ds, 0)[0]
     with torch.no_grad():
         values = model(tokens)
         # the reward reads the answer's last real token: what follows it (padding) cannot change it
@@ -122,17 +124,17 @@ def test_dpo_reference_first_step_and_resume(tiny_stage_data, tmp_path, sft_chec
     data, _, pairs = tiny_stage_data
     common = [f"checkpoint.save={tmp_path}/ck", "optim.lr=1e-3"]
     cfg = stage_config(data, pairs, tmp_path, [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true"] + common)
-    trainer = DPOTrainer(cfg)
+    trainer = Trainer(cfg, task=DPOTask)
     # the reference table holds the loaded model's log-probabilities of both answers of every record
-    model = trainer.model_chunks[0]
-    record = trainer.records[1]
+    model = trainer.model.chunks[0]
+    record = trainer.task.records[1]
     with torch.no_grad():
         for column, side in enumerate(("chosen", "rejected")):
             tokens = torch.from_numpy(record[f"{side}_tokens"])[None]
             labels = torch.from_numpy(record[f"{side}_labels"])[None]
             direct = -model(tokens, labels=labels).sum().item()
-            assert trainer.reference[1, column].item() == pytest.approx(direct, rel=1e-5)
-    assert torch.equal(torch.load(tmp_path / "ck" / REFERENCE_FILE), trainer.reference)
+            assert trainer.task.reference[1, column].item() == pytest.approx(direct, rel=1e-5)
+    assert torch.equal(torch.load(tmp_path / "ck" / REFERENCE_FILE), trainer.task.reference)
     result = trainer.train()
     assert result.losses[0] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference: h = 0
     assert result.losses[-1] < math.log(2)
@@ -140,26 +142,28 @@ def test_dpo_reference_first_step_and_resume(tiny_stage_data, tmp_path, sft_chec
     assert {"val_accuracy", "val_margin", "val_chosen_reward", "val_rejected_reward"} <= set(record)
 
     # resuming reads the saved reference instead of recomputing it from moved weights
-    resumed = DPOTrainer(stage_config(data, pairs, tmp_path / "resumed", [f"checkpoint.load={tmp_path}/ck",
-                                                                          f"train.max_steps={STEPS + 2}"] + common))
-    assert resumed.step == STEPS and torch.equal(resumed.reference, trainer.reference)
+    resumed = Trainer(stage_config(data, pairs, tmp_path / "resumed", [f"checkpoint.load={tmp_path}/ck",
+                                                                      f"train.max_steps={STEPS + 2}"] + common),
+                      task=DPOTask)
+    assert resumed.step == STEPS and torch.equal(resumed.task.reference, trainer.task.reference)
     assert len(resumed.train().losses) == 2
 
     with pytest.raises(ConfigError, match=f"needs the reference log-probs saved with the run \\({REFERENCE_FILE}\\)"
                                           ".*set checkpoint.finetune=true"):
-        DPOTrainer(stage_config(data, pairs, tmp_path / "bad", [f"checkpoint.load={sft_checkpoint}"]))
+        Trainer(stage_config(data, pairs, tmp_path / "bad", [f"checkpoint.load={sft_checkpoint}"]), task=DPOTask)
 
 
 def test_dpo_nll_weight_adds_the_chosen_answers_token_loss(tiny_stage_data, tmp_path, sft_checkpoint):
     data, _, pairs = tiny_stage_data
-    trainer = DPOTrainer(stage_config(data, pairs, tmp_path, [f"checkpoint.load={sft_checkpoint}",
-                                                              "checkpoint.finetune=true", "rlhf.dpo_nll_weight=0.5"]))
-    model = trainer.model_chunks[0]
-    tokens, target = trainer.micro_batches(trainer.train_ds, 0)[0]
+    cfg = stage_config(data, pairs, tmp_path, [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true",
+                                               "rlhf.dpo.nll_weight=0.5"])
+    trainer = Trainer(cfg, task=DPOTask)
+    model = trainer.model.chunks[0]
+    tokens, target = trainer.task.micro_batches(trainer.train_ds, 0)[0]
     with torch.no_grad():
-        with_nll, _, _ = trainer._pair_losses(model, tokens, target)
-        trainer.cfg.rlhf.dpo_nll_weight = 0.0
-        plain, _, _ = trainer._pair_losses(model, tokens, target)
+        with_nll, _, _ = trainer.task.pair_losses(model, tokens, target)
+        trainer.cfg.rlhf.dpo.nll_weight = 0.0
+        plain, _, _ = trainer.task.pair_losses(model, tokens, target)
         pairs_in_batch = tokens.shape[0] // 2
         chosen_labels = target["labels"][:pairs_in_batch]
         logits = model(tokens[:pairs_in_batch])[..., : trainer.cfg.model.vocab_size]
@@ -177,17 +181,17 @@ def test_generate_chat_answers_a_user_turn(tiny_stage_data, sft_checkpoint):
 def test_user_errors(tiny_stage_data, tmp_path, capsys):
     data, sft, pairs = tiny_stage_data
     with pytest.raises(ConfigError, match="rlhf.data is empty; set it to a JSONL file for the sft stage"):
-        SFTTrainer(stage_config(data, "", tmp_path))
+        Trainer(stage_config(data, "", tmp_path), task=SFTTask)
     with pytest.raises(ConfigError, match=f"rlhf.data={tmp_path}/none.jsonl does not exist"):
-        SFTTrainer(stage_config(data, tmp_path / "none.jsonl", tmp_path))
+        Trainer(stage_config(data, tmp_path / "none.jsonl", tmp_path), task=SFTTask)
     with pytest.raises(ConfigError, match="rlhf.valid_fraction=0.0 holds out no record"):
-        SFTTrainer(stage_config(data, sft, tmp_path, ["rlhf.valid_fraction=0"]))
-    with pytest.raises(ConfigError, match="rlhf.label_smoothing applies to rlhf.dpo_loss=sigmoid only"):
-        load_config(None, ["rlhf.dpo_loss=ipo", "rlhf.label_smoothing=0.1"])
-    with pytest.raises(ConfigError, match="rlhf.dpo_loss='hinge' is not one of sigmoid, ipo"):
-        load_config(None, ["rlhf.dpo_loss=hinge"])
-    with pytest.raises(ConfigError, match="rlhf.dpo_nll_weight must be >= 0, got -1"):
-        load_config(None, ["rlhf.dpo_nll_weight=-1"])
+        Trainer(stage_config(data, sft, tmp_path, ["rlhf.valid_fraction=0"]), task=SFTTask)
+    with pytest.raises(ConfigError, match="rlhf.dpo.label_smoothing applies to rlhf.dpo.loss=sigmoid only"):
+        load_config(None, ["rlhf.dpo.loss=ipo", "rlhf.dpo.label_smoothing=0.1"])
+    with pytest.raises(ConfigError, match="rlhf.dpo.loss='hinge' is not one of sigmoid, ipo"):
+        load_config(None, ["rlhf.dpo.loss=hinge"])
+    with pytest.raises(ConfigError, match="rlhf.dpo.nll_weight must be >= 0, got -1"):
+        load_config(None, ["rlhf.dpo.nll_weight=-1"])
     config = tmp_path / "rm.yaml"
     config.write_text("rlhf:\n  data: ''\n")
     assert main(["rm", "--config", str(config), f"data.tokenizer={data.tokenizer_dir}", "model.vocab_size=0",
@@ -207,7 +211,7 @@ LAYOUTS = {
     "pp2": ["parallel.pp=2"],
     "dp2": [],
 }
-STAGES = {"sft": SFTTrainer, "rm": RewardModelTrainer, "dpo": DPOTrainer}
+STAGES = {"sft": SFTTask, "rm": RewardModelTask, "dpo": DPOTask}
 
 
 def _stage_args(tiny_stage_data, sft_checkpoint, stage):
@@ -219,20 +223,20 @@ def _stage_args(tiny_stage_data, sft_checkpoint, stage):
 
 def _parallel_stage_runs(rank, world_size, tiny_stage_data, sft_checkpoint, root):
     out = {}
-    for stage, trainer_class in STAGES.items():
+    for stage, task in STAGES.items():
         data, records, extra = _stage_args(tiny_stage_data, sft_checkpoint, stage)
         for name, layout in LAYOUTS.items():
             run_dir = f"{root}/{stage}-{name.replace(' ', '-')}"
-            result = trainer_class(stage_config(data, records, run_dir, extra + layout)).train()
+            result = Trainer(stage_config(data, records, run_dir, extra + layout), task=task).train()
             out[(stage, name)] = {"losses": result.losses, "val": result.val_losses}
     return out
 
 
 def test_every_layout_matches_one_process(tiny_stage_data, sft_checkpoint, tmp_path):
     single = {}
-    for stage, trainer_class in STAGES.items():
+    for stage, task in STAGES.items():
         data, records, extra = _stage_args(tiny_stage_data, sft_checkpoint, stage)
-        result = trainer_class(stage_config(data, records, tmp_path / f"single-{stage}", extra)).train()
+        result = Trainer(stage_config(data, records, tmp_path / f"single-{stage}", extra), task=task).train()
         single[stage] = {"losses": result.losses, "val": result.val_losses}
     results = run_distributed(_parallel_stage_runs, 2, tiny_stage_data, sft_checkpoint, str(tmp_path))
     for (stage, name), run in results[0].items():
@@ -245,7 +249,7 @@ def test_every_layout_matches_one_process(tiny_stage_data, sft_checkpoint, tmp_p
 
 
 def test_gae_and_ppo_losses_by_hand():
-    from megatron_lite.rlhf.ppo import clipped_value_loss, gae, ppo_policy_loss
+    from megatron_lite.rlhf.losses import clipped_value_loss, gae, ppo_policy_loss
 
     # one prompt position, three answer positions, one padding position
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
@@ -274,27 +278,38 @@ def test_gae_and_ppo_losses_by_hand():
 def rm_checkpoint(tiny_stage_data, tmp_path_factory, sft_checkpoint):
     data, _, pairs = tiny_stage_data
     run = tmp_path_factory.mktemp("rm")
-    RewardModelTrainer(stage_config(data, pairs, run, [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true",
-                                                       f"checkpoint.save={run}/ck"])).train()
+    cfg = stage_config(data, pairs, run, [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true",
+                                          f"checkpoint.save={run}/ck"])
+    Trainer(cfg, task=RewardModelTask).train()
     return run / "ck"
 
 
 def ppo_extra(sft_checkpoint, rm_checkpoint, extra=()):
-    return [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true", f"rlhf.reference={sft_checkpoint}",
-            f"rlhf.reward_model={rm_checkpoint}", "rlhf.max_new_tokens=8", "train.max_steps=3", "train.eval_interval=3",
-            "train.eval_steps=1"] + list(extra)
+    return [f"checkpoint.load={sft_checkpoint}", "checkpoint.finetune=true", f"rlhf.ppo.reference={sft_checkpoint}",
+            f"rlhf.ppo.reward_model={rm_checkpoint}", "rlhf.ppo.max_new_tokens=8", "train.max_steps=3",
+            "train.eval_interval=3", "train.eval_steps=1"] + list(extra)
+
+
+def test_ppo_holds_an_actor_a_critic_and_two_frozen_models(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoint):
+    data, sft, _ = tiny_stage_data
+    cfg = stage_config(data, sft, tmp_path, ppo_extra(sft_checkpoint, rm_checkpoint, ["rlhf.ppo.critic_lr=1e-4"]))
+    trainer = Trainer(cfg, task=PPOTask)
+    task = trainer.task
+    assert task.actor is trainer.model and not task.actor.frozen and task.actor.scheduler.optim.lr == 3e-3
+    assert task.critic.scheduler.optim.lr == 1e-4 and task.critic.scheduler.optim.min_lr == 1e-4  # below optim.min_lr
+    assert task.reference.frozen and task.reward_model.frozen and task.reward_model.chunks[0].value_head is not None
+    assert task.saved_beside() == {"critic": task.critic}
 
 
 def test_ppo_rollout_scores_and_update(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoint):
-    from megatron_lite.rlhf import PPOTrainer
     from megatron_lite.rlhf.ppo import CRITIC_DIR
 
     data, sft, _ = tiny_stage_data
     common = [f"checkpoint.save={tmp_path}/ck", "optim.lr=1e-3"]
-    trainer = PPOTrainer(stage_config(data, sft, tmp_path, ppo_extra(sft_checkpoint, rm_checkpoint, common)))
-    prompts = trainer._prompts(trainer.train_ds, 0)
-    batch = trainer.rollout(prompts, seed=5)
-    actor, reward_model = trainer.model_chunks[0], trainer.reward_step.chunks[0]
+    trainer = Trainer(stage_config(data, sft, tmp_path, ppo_extra(sft_checkpoint, rm_checkpoint, common)), task=PPOTask)
+    prompts = trainer.task.prompts(trainer.train_ds, 0)
+    batch = trainer.task.rollout(prompts, seed=5)
+    actor, reward_model = trainer.model.chunks[0], trainer.task.reward_model.chunks[0]
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
             tokens, labels = batch["tokens"][row], batch["labels"][row]
@@ -312,91 +327,89 @@ def test_ppo_rollout_scores_and_update(tiny_stage_data, tmp_path, sft_checkpoint
     assert batch["advantages"][mask].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
     assert (batch["advantages"][~mask] == 0).all() and (batch["returns"][~mask] == 0).all()
 
-    reference = trainer.reference_step.chunks[0]
+    reference = trainer.task.reference.chunks[0]
     frozen = {name: p.clone() for name, p in reference.named_parameters()}
-    critic_before = [p.clone() for p in trainer.critic_chunks[0].parameters()]
+    critic_before = [p.clone() for p in trainer.task.critic.chunks[0].parameters()]
     result = trainer.train()
     assert len(result.losses) == 3
     assert all(torch.equal(p, frozen[name]) for name, p in reference.named_parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(critic_before, trainer.critic_chunks[0].parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(critic_before, trainer.task.critic.chunks[0].parameters()))
     records = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
     assert {"reward", "kl", "critic_loss", "response_length"} <= set(records[0])
     assert {"val_reward", "val_kl", "val_response_length"} <= set(records[-1])
     assert (tmp_path / "ck" / CRITIC_DIR).is_dir()
 
     # resuming loads the actor and the critic with their optimizers
-    resumed = PPOTrainer(stage_config(data, sft, tmp_path / "resumed", ppo_extra(
+    resumed = Trainer(stage_config(data, sft, tmp_path / "resumed", ppo_extra(
         sft_checkpoint, rm_checkpoint, [f"checkpoint.load={tmp_path}/ck", "checkpoint.finetune=false",
-                                        "train.max_steps=4"] + common[1:])))
+                                        "train.max_steps=4"] + common[1:])), task=PPOTask)
     assert resumed.step == 3
-    for a, b in zip(resumed.critic_chunks[0].parameters(), trainer.critic_chunks[0].parameters()):
+    for a, b in zip(resumed.task.critic.chunks[0].parameters(), trainer.task.critic.chunks[0].parameters()):
         assert torch.equal(a, b)
 
 
 def test_ppo_ptx_adds_the_weighted_pretraining_loss(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoint):
-    from megatron_lite.rlhf import PPOTrainer
     from megatron_lite.training.setup import local_batch, split_micro_batches
 
     data, sft, _ = tiny_stage_data
     mixture = "[" + ", ".join(f"{{prefix: {p}, weight: {w}}}" for p, w in data.mixture) + "]"
-    trainer = PPOTrainer(stage_config(data, sft, tmp_path, ppo_extra(sft_checkpoint, rm_checkpoint, [
-        "rlhf.ptx_coef=0.5", f"data.mixture={mixture}", f"data.cache_dir={tmp_path}/cache", "train.max_steps=2"])))
-    tokens, labels = split_micro_batches(local_batch(trainer.ptx_ds, 0, 4, trainer.dims), 2, trainer.dims.device)[0]
-    model = trainer.model_chunks[0]
+    cfg = stage_config(data, sft, tmp_path, ppo_extra(sft_checkpoint, rm_checkpoint, [
+        "rlhf.ppo.ptx_coef=0.5", f"data.mixture={mixture}", f"data.cache_dir={tmp_path}/cache", "train.max_steps=2"]))
+    trainer = Trainer(cfg, task=PPOTask)
+    tokens, labels = split_micro_batches(local_batch(trainer.task.ptx_ds, 0, 4, trainer.dims), 2, trainer.dims.device)[0]
+    model = trainer.model.chunks[0]
     with torch.no_grad():
-        ptx = trainer.loss_fn(model, tokens, {"kind": "ptx", "labels": labels, "count": 2}, 99)
+        ptx = trainer.task.loss(model, tokens, {"kind": "ptx", "labels": labels, "count": 2}, 99)
         assert ptx.item() == pytest.approx(0.5 * model(tokens, labels=labels).mean().item() / 2, rel=1e-6)
     assert len(trainer.train().losses) == 2
 
 
 def test_ppo_user_errors(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoint):
-    from megatron_lite.rlhf import PPOTrainer
 
     data, sft, _ = tiny_stage_data
     base = ppo_extra(sft_checkpoint, rm_checkpoint)
     with pytest.raises(ConfigError, match="ppo samples rollouts one token at a time.* set parallel.sequence_parallel="
                                           "false and parallel.virtual_pp=1"):
-        PPOTrainer(stage_config(data, sft, tmp_path, base + ["parallel.sequence_parallel=true"]))
-    with pytest.raises(ConfigError, match="ppo needs rlhf.reward_model"):
-        PPOTrainer(stage_config(data, sft, tmp_path, base + ["rlhf.reward_model="]))
+        Trainer(stage_config(data, sft, tmp_path, base + ["parallel.sequence_parallel=true"]), task=PPOTask)
+    with pytest.raises(ConfigError, match="ppo needs rlhf.ppo.reward_model"):
+        Trainer(stage_config(data, sft, tmp_path, base + ["rlhf.ppo.reward_model="]), task=PPOTask)
     with pytest.raises(ConfigError, match="PPO-ptx\\) mixes in pretraining batches: set data.mixture"):
-        PPOTrainer(stage_config(data, sft, tmp_path, base + ["rlhf.ptx_coef=0.1"]))
+        Trainer(stage_config(data, sft, tmp_path, base + ["rlhf.ppo.ptx_coef=0.1"]), task=PPOTask)
     with pytest.raises(ConfigError, match="resuming ppo from .* needs the critic saved with it"):
-        PPOTrainer(stage_config(data, sft, tmp_path, base + ["checkpoint.finetune=false"]))
-    with pytest.raises(RLHFDataError, match="no room for a prompt: model.seq_length minus rlhf.max_new_tokens is 0"):
-        PPOTrainer(stage_config(data, sft, tmp_path, base + ["rlhf.max_new_tokens=32"]))
-    with pytest.raises(ConfigError, match="rlhf.top_p must be in \\(0, 1\\], got 0"):
-        load_config(None, ["rlhf.top_p=0"])
+        Trainer(stage_config(data, sft, tmp_path, base + ["checkpoint.finetune=false"]), task=PPOTask)
+    with pytest.raises(RLHFDataError, match="no room for a prompt: model.seq_length minus rlhf.ppo.max_new_tokens is 0"):
+        Trainer(stage_config(data, sft, tmp_path, base + ["rlhf.ppo.max_new_tokens=32"]), task=PPOTask)
+    with pytest.raises(ConfigError, match="rlhf.ppo.top_p must be in \\(0, 1\\], got 0"):
+        load_config(None, ["rlhf.ppo.top_p=0"])
 
 
 def fixed_answers(monkeypatch_target) -> list:
     """Replace PPO's sampler by one that still runs the real (collective) generation but answers
     every prompt with its own last two tokens and end-of-text, so every layout trains on the same
     rollouts whatever near-ties greedy decoding meets. Returns the real generations made."""
-    import megatron_lite.rlhf.ppo as ppo
+    import megatron_lite.rlhf.rollout as rollout
 
-    real, made = ppo.generate, []
+    real, made = rollout.generate, []
 
     def answer(model, prompts, max_new_tokens, *args, eod_id=None, **kwargs):
         made.append(real(model, prompts, max_new_tokens, *args, eod_id=eod_id, **kwargs))
         return [prompt[-2:] + [eod_id] for prompt in prompts]
 
-    monkeypatch_target.setattr(ppo, "generate", answer)
+    monkeypatch_target.setattr(rollout, "generate", answer)
     return made
 
 
 def _parallel_ppo_runs(rank, world_size, tiny_stage_data, sft_checkpoint, rm_checkpoint, root):
     from megatron_lite.model.generation import generate
-    from megatron_lite.rlhf import PPOTrainer
 
     data, sft, _ = tiny_stage_data
     out = {}
     for name, layout in {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": []}.items():
         cfg = stage_config(data, sft, f"{root}/ppo-{name}", ppo_extra(sft_checkpoint, rm_checkpoint) + layout)
-        trainer = PPOTrainer(cfg)
+        trainer = Trainer(cfg, task=PPOTask)
         # greedy answers of the SFT model through this layout's generation (every rank the same)
-        prompts = trainer._prompts(trainer.train_ds, 0)
-        greedy = generate(trainer.model_chunks[0], prompts, 6, temperature=0.0, eod_id=trainer.tokenizer.eod_id)
+        prompts = trainer.task.prompts(trainer.train_ds, 0)
+        greedy = generate(trainer.model.chunks[0], prompts, 6, temperature=0.0, eod_id=trainer.tokenizer.eod_id)
         with pytest.MonkeyPatch.context() as patch:
             fixed_answers(patch)
             result = trainer.train()
@@ -423,11 +436,11 @@ def assert_greedy(model, prompts, answers, slack=1e-4):
 
 
 def test_ppo_every_layout_matches_one_process(tiny_stage_data, sft_checkpoint, rm_checkpoint, tmp_path, monkeypatch):
-    from megatron_lite.rlhf import PPOTrainer
 
     data, sft, _ = tiny_stage_data
-    trainer = PPOTrainer(stage_config(data, sft, tmp_path / "single", ppo_extra(sft_checkpoint, rm_checkpoint)))
-    sft_model = trainer.model_chunks[0]
+    cfg = stage_config(data, sft, tmp_path / "single", ppo_extra(sft_checkpoint, rm_checkpoint))
+    trainer = Trainer(cfg, task=PPOTask)
+    sft_model = trainer.model.chunks[0]
     sft_state = {k: v.clone() for k, v in sft_model.state_dict().items()}
     made = fixed_answers(monkeypatch)
     single = trainer.train()

@@ -76,8 +76,8 @@ def test_fp16_overflow_skips_step_and_halves_scale(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path, ["train.precision=fp16", "train.max_steps=2", "train.eval_interval=0",
                                             "train.initial_loss_scale=1024"])
     trainer = Trainer(cfg)
-    initial = {n: p.detach().clone() for n, p in trainer.named_params}
-    qkv = dict(trainer.named_params)["layers.0.attention.qkv.weight"]
+    initial = {n: p.detach().clone() for n, p in trainer.model.named_params}
+    qkv = dict(trainer.model.named_params)["layers.0.attention.qkv.weight"]
     calls = {"n": 0}
 
     def poison_first_backward(grad):
@@ -89,7 +89,7 @@ def test_fp16_overflow_skips_step_and_halves_scale(tiny_data, tmp_path):
     original = trainer.metrics.step
 
     def capture(step, *args, **kwargs):
-        after_step[step] = ({n: p.detach().clone() for n, p in trainer.named_params}, trainer.scaler.scale)
+        after_step[step] = ({n: p.detach().clone() for n, p in trainer.model.named_params}, trainer.model.scaler.scale)
         return original(step, *args, **kwargs)
 
     trainer.metrics.step = capture
@@ -100,7 +100,7 @@ def test_fp16_overflow_skips_step_and_halves_scale(tiny_data, tmp_path):
         assert torch.equal(value, initial[name]), name  # the overflowing step changed nothing
     params2, scale2 = after_step[2]
     assert scale2 == 512.0 and not torch.equal(params2["layers.0.mlp.fc.weight"], initial["layers.0.mlp.fc.weight"])
-    assert trainer.scheduler.step_count == 1  # the skipped step did not advance the schedule
+    assert trainer.model.scheduler.step_count == 1  # the skipped step did not advance the schedule
     records = read_jsonl(tmp_path / "log" / "metrics.jsonl")
     assert [(r["skipped"], r["loss_scale"]) for r in records] == [(True, 512.0), (False, 512.0)]
 
@@ -146,6 +146,6 @@ def test_tensor_and_data_parallel_match_single_process(tiny_data, tmp_path):
     # the two stages' files merge into the single-process model (the last stage's tied copy dropped)
     merged, manifest = load_full_state_dict(tmp_path / "pp2-ck")
     assert manifest.layout.pp == 2 and sorted(manifest.files) == ["model_tp00_pp000.pt", "model_tp00_pp001.pt"]
-    assert sorted(merged) == sorted(n for n, _ in single_trainer.named_params)
-    for name, param in single_trainer.named_params:
+    assert sorted(merged) == sorted(n for n, _ in single_trainer.model.named_params)
+    for name, param in single_trainer.model.named_params:
         assert torch.allclose(merged[name], param.detach(), atol=1e-4), name
