@@ -5,7 +5,7 @@ Per token: one max all-reduce (for a stable softmax), then one sum all-reduce of
 and take no part in the softmax.
 
 One full-size float32 tensor is written per call: the shifted logits, turned in place into
-their exponentials, then into the softmax that backward needs, then into the gradient.
+their exponentials (kept for backward with the per-row sums), then into the gradient.
 """
 
 from __future__ import annotations
@@ -64,18 +64,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sum_exp, target = sums[0], sums[1]
         loss = (torch.log(sum_exp) - target).masked_fill(ignored, 0.0)
 
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_label, mine, ignored)
+        ctx.save_for_backward(exp, sum_exp, local_label, mine, ignored)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # The softmax becomes the gradient in place; a second backward through this graph is
-        # refused by autograd, which sees the saved tensor changed.
-        softmax, local_label, mine, ignored = ctx.saved_tensors
-        grad = softmax  # d loss / d logit = softmax - one_hot(label)
-        grad.scatter_add_(-1, local_label.unsqueeze(-1), -mine.to(grad.dtype).unsqueeze(-1))
-        grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
+        # d loss / d logit = (softmax - one_hot(label)) * grad_loss, with the softmax's division
+        # folded into the per-row factor. The exponentials become the gradient in place; a second
+        # backward through this graph is refused by autograd, which sees the saved tensor changed.
+        exp, sum_exp, local_label, mine, ignored = ctx.saved_tensors
+        grad_loss = grad_loss.masked_fill(ignored, 0.0)
+        grad = exp.mul_((grad_loss / sum_exp).unsqueeze(-1))
+        grad.scatter_add_(-1, local_label.unsqueeze(-1), -(grad_loss * mine).unsqueeze(-1))
         return grad.to(ctx.logits_dtype), None, None, None, None
 
 
