@@ -82,9 +82,10 @@ def bench_loss(tokens: int, vocab_size: int, padded_vocab: int, repeat: int, row
 
 
 def gpt_like_shapes(hidden: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
-    layer = [(3 * hidden, hidden), (3 * hidden,), (hidden, hidden), (hidden,), (4 * hidden, hidden), (4 * hidden,),
-             (hidden, 4 * hidden), (hidden,), (hidden,), (hidden,)]
-    return layer * layers + [(vocab, hidden)]
+    attention = [(3 * hidden, hidden), (3 * hidden,), (hidden, hidden), (hidden,)]
+    mlp = [(4 * hidden, hidden), (4 * hidden,), (hidden, 4 * hidden), (hidden,)]
+    norms = [(hidden,), (hidden,)]
+    return (attention + mlp + norms) * layers + [(vocab, hidden)]
 
 
 def adamw_runs(shapes, kinds: dict) -> tuple[dict, dict]:

@@ -23,7 +23,7 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
 def _local_row_max(logits: torch.Tensor, real_columns: int) -> torch.Tensor:
     """Float32 max over this rank's vocabulary columns, -inf on a rank that holds only padding."""
     if real_columns == 0:
-        return torch.full(logits.shape[:-1], float("-inf"), device=logits.device)
+        return torch.full(logits.shape[:-1], float("-inf"), dtype=torch.float32, device=logits.device)
     return logits[..., :real_columns].amax(dim=-1).float()
 
 

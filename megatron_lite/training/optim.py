@@ -28,9 +28,9 @@ def apex_fused_adam() -> type | None:
 def torch_fused_adamw_supports(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this torch has a fused AdamW kernel for ``dtype`` parameters on ``device`` (CPU since
     torch 2.4): one step on a one-element probe, since torch checks this lazily and differently by version."""
-    probe = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
-    probe.grad = torch.zeros_like(probe)
     try:
+        probe = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+        probe.grad = torch.zeros_like(probe)
         torch.optim.AdamW([probe], fused=True).step()
     except (RuntimeError, TypeError, ValueError):
         return False

@@ -71,6 +71,7 @@ def test_torch_fused_adamw_is_chosen_where_torch_has_it():
     assert bool(optimizer.defaults["fused"]) == fused_on_cpu
     assert kind == ("torch AdamW (fused)" if fused_on_cpu else "torch AdamW")
     assert not torch_fused_adamw_supports(cpu, torch.complex64)  # torch's fused kernel takes real floats only
+    assert not torch_fused_adamw_supports(cpu, torch.int64)  # no gradient at all
 
 
 def test_no_fused_optimizer_when_switched_off():
