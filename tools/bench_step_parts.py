@@ -49,15 +49,17 @@ def loss_run(loss_fn, logits: torch.Tensor, upstream: torch.Tensor):
 
 
 def saved_bytes(loss_fn, logits: torch.Tensor) -> int:
-    sizes = []
+    """Bytes of the storages a loss keeps for backward, each counted once (two ops often save one)."""
+    storages = {}
 
     def pack(tensor):
-        sizes.append(tensor.numel() * tensor.element_size())
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss_fn(logits.detach().requires_grad_())
-    return sum(sizes)
+    return sum(storages.values())
 
 
 def bench_loss(tokens: int, vocab_size: int, padded_vocab: int, repeat: int, rows: list[str]) -> None:
