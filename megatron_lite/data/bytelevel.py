@@ -22,6 +22,7 @@ from megatron_lite.data.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, Toke
 # space; whitespace before a word is left for the word, trailing whitespace stays together.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _CACHE_LIMIT = 1 << 20  # pre-tokens remembered before the cache starts over
+_GONE = -1  # a byte position merged into the part on its left; no merge pair contains it
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -66,19 +67,21 @@ class ByteLevelBPETokenizer(Tokenizer):
         self.special_ids = {role: self.vocab[text] for role, text in self.special_tokens.items()}
         self._set_added_tokens({text: (self.vocab[text], True) for text in self.special_tokens.values()})
         self._byte_ids = [self.vocab[BYTE_TO_CHAR[b]] for b in range(256)]
-        self._merge_table = self._build_merge_table()
+        self._merge_rank = self._build_merge_ranks()
+        self._merged_ids = [self.vocab[left + right] for left, right in self.merges]  # by rank
         self._id_bytes = self._build_id_bytes()
         self._pattern = regex.compile(GPT2_PATTERN)
         self._cache: dict[str, list[int]] = {}
 
-    def _build_merge_table(self) -> dict[tuple[int, int], tuple[int, int]]:
-        table = {}
+    def _build_merge_ranks(self) -> dict[tuple[int, int], int]:
+        """(left id, right id) -> rank of the first merge of that pair."""
+        ranks = {}
         for rank, (left, right) in enumerate(self.merges):
             for part in (left, right, left + right):
                 if part not in self.vocab:
                     raise TokenizerError(f"merge #{rank} ({left!r} {right!r}) uses {part!r}, which is not in the vocabulary")
-            table.setdefault((self.vocab[left], self.vocab[right]), (rank, self.vocab[left + right]))
-        return table
+            ranks.setdefault((self.vocab[left], self.vocab[right]), rank)
+        return ranks
 
     def _build_id_bytes(self) -> list[bytes]:
         out = [b""] * (max(self.vocab.values()) + 1)
@@ -111,19 +114,41 @@ class ByteLevelBPETokenizer(Tokenizer):
         return ids
 
     def _bpe(self, piece: str) -> list[int]:
-        byte_ids = self._byte_ids
-        word = [byte_ids[b] for b in piece.encode("utf-8")]
-        table = self._merge_table
-        while len(word) > 1:
-            best = None
-            for pair in zip(word, word[1:]):
-                found = table.get(pair)
-                if found is not None and (best is None or found[0] < best[0]):
-                    best, best_pair = found, pair
-            if best is None:
-                break
-            word = _merge_pair(word, best_pair, best[1])
-        return word
+        """Apply the lowest-ranked merge among neighbouring parts, the leftmost on a tie, until none applies.
+
+        The parts are a linked list over byte positions (a merged part keeps its left position)
+        and the candidate pairs a heap of (rank, position). A merge changes its neighbours' pairs,
+        so an entry goes stale instead of being removed: it is dropped when popped, since the
+        pair now at its position has another rank (or none).
+        """
+        word = list(map(self._byte_ids.__getitem__, piece.encode("utf-8")))
+        size = len(word)
+        rank_of = self._merge_rank.get
+        heap = [(rank, position) for position, rank in enumerate(map(rank_of, zip(word, word[1:]))) if rank is not None]
+        if not heap:
+            return word
+        heapq.heapify(heap)
+        word.append(_GONE)  # past the last part; index -1 reads it too, before the first part
+        after = list(range(1, size + 1))
+        before = list(range(-1, size))
+        merged_ids = self._merged_ids
+        while heap:
+            rank, position = heapq.heappop(heap)
+            right = after[position]
+            if rank_of((word[position], word[right])) != rank:
+                continue
+            word[position] = merged_ids[rank]
+            word[right] = _GONE
+            right = after[position] = after[right]
+            before[right] = position
+            new_rank = rank_of((word[position], word[right]))
+            if new_rank is not None:
+                heapq.heappush(heap, (new_rank, position))
+            left = before[position]
+            new_rank = rank_of((word[left], word[position]))
+            if new_rank is not None:
+                heapq.heappush(heap, (new_rank, left))
+        return [part for part in word if part != _GONE]
 
     def decode(self, ids) -> str:
         table = self._id_bytes

@@ -6,6 +6,8 @@ The global gradient norm and clipping live in ``parallel.grad_norm``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from megatron_lite.config import ConfigError, OptimConfig
@@ -21,6 +23,19 @@ def apex_fused_adam() -> type | None:
     except Exception:  # noqa: BLE001 - apex missing or built without its extensions
         return None
     return FusedAdam
+
+
+@functools.lru_cache(maxsize=None)
+def torch_fused_adamw_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has a fused AdamW kernel for ``dtype`` parameters on ``device`` (CPU since
+    torch 2.4): one step on a one-element probe, since torch checks this lazily and differently by version."""
+    try:
+        probe = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+        probe.grad = torch.zeros_like(probe)
+        torch.optim.AdamW([probe], fused=True).step()
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
 
 
 def skips_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -53,7 +68,14 @@ def build_optimizer(named_params: NamedParams, optim: OptimConfig, device: torch
         )
     if optim.fused in ("apex", "auto") and fused_adam is not None:
         return fused_adam(groups, adam_w_mode=True, **common), "apex FusedAdam"
-    if optim.fused == "torch" or (optim.fused == "auto" and device.type == "cuda"):
+    dtypes = sorted({param.dtype for _, param in named_params}, key=str)
+    torch_fused = all(torch_fused_adamw_supports(device, dtype) for dtype in dtypes)
+    if optim.fused == "torch" and not torch_fused:
+        raise ConfigError(
+            f"optim.fused=torch but torch {torch.__version__} has no fused AdamW for {dtypes} parameters "
+            f"on {device.type}; use optim.fused=auto"
+        )
+    if optim.fused in ("torch", "auto") and torch_fused:
         return torch.optim.AdamW(groups, fused=True, **common), "torch AdamW (fused)"
     return torch.optim.AdamW(groups, foreach=False, **common), "torch AdamW"
 
