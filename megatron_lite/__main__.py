@@ -151,15 +151,13 @@ COMMANDS = {"pretrain": cmd_pretrain, "sft": cmd_stage, "rm": cmd_stage, "dpo": 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_lite.rlhf.data import RLHFDataError
-    from megatron_lite.training.checkpoint import CheckpointError
+    from megatron_lite.cli import report_user_error, user_errors
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, RLHFDataError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except user_errors() as exc:
+        return report_user_error(exc)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,20 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_lite.config import ConfigError
-    from megatron_lite.convert import ConversionError, convert_from_hf
-    from megatron_lite.training.checkpoint import CheckpointError
+    from megatron_lite.cli import run_timed
+    from megatron_lite.convert import convert_from_hf
 
     args = build_parser().parse_args(argv)
-    start = time.perf_counter()
-    try:
+
+    def convert() -> str:
         out = convert_from_hf(args.hf, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype,
                               make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
-    except (ConversionError, ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} at tp={args.tp} pp={args.pp} in {time.perf_counter() - start:.1f}s")
-    return 0
+        return f"wrote {out} at tp={args.tp} pp={args.pp}"
+
+    return run_timed(convert)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,19 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_lite.convert import ConversionError, convert_to_hf
-    from megatron_lite.training.checkpoint import CheckpointError
+    from megatron_lite.cli import run_timed
+    from megatron_lite.convert import convert_to_hf
 
     args = build_parser().parse_args(argv)
-    start = time.perf_counter()
-    try:
+
+    def convert() -> str:
         out = convert_to_hf(args.load, args.output, max_shard_size=args.max_shard_size, dtype=args.dtype)
-    except (ConversionError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    weights = sorted(p.name for p in out.glob("*.safetensors"))
-    print(f"wrote {out} ({len(weights)} weight file(s)) in {time.perf_counter() - start:.1f}s")
-    return 0
+        return f"wrote {out} ({len(list(out.glob('*.safetensors')))} weight file(s))"
+
+    return run_timed(convert)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,18 +53,15 @@ def reshard(load: str, output: str, tp: int, pp: int, virtual_pp: int = 1, weigh
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_lite.config import ConfigError
-    from megatron_lite.training.checkpoint import CheckpointError
+    from megatron_lite.cli import run_timed
 
     args = build_parser().parse_args(argv)
-    start = time.perf_counter()
-    try:
+
+    def rewrite() -> str:
         out = reshard(args.load, args.output, args.tp, args.pp, args.virtual_pp, args.weights_only)
-    except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} at tp={args.tp} pp={args.pp} virtual_pp={args.virtual_pp} in {time.perf_counter() - start:.1f}s")
-    return 0
+        return f"wrote {out} at tp={args.tp} pp={args.pp} virtual_pp={args.virtual_pp}"
+
+    return run_timed(rewrite)
 
 
 if __name__ == "__main__":

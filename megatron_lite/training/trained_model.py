@@ -57,14 +57,6 @@ class TrainedModel:
     def frozen(self) -> bool:
         return self.optimizer is None
 
-    @property
-    def rng_trackers(self) -> list:
-        return [chunk.rng_tracker for chunk in self.chunks]
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return self.chunks[0].padded_vocab_size
-
     @contextlib.contextmanager
     def evaluating(self):
         """Dropout off for the duration; a frozen model stays in eval mode afterwards."""

@@ -9,17 +9,8 @@
 
 from megatron_lite.training.checkpoint.checkpointer import Checkpointer, DataPosition
 from megatron_lite.training.checkpoint.format import (
-    TIED_COPIES,
-    CheckpointError,
-    Manifest,
-    ParamRecord,
-    SavedLayout,
-    ShardReader,
-    iteration_dir_name,
-    named_parameters,
-    read_manifest,
-    resolve_checkpoint_dir,
-    shard_file_name,
+    TIED_COPIES, CheckpointError, Manifest, ParamRecord, SavedLayout, ShardReader, iteration_dir_name,
+    named_parameters, read_manifest, resolve_checkpoint_dir, shard_file_name,
 )
 from megatron_lite.training.checkpoint.live import load_checkpoint, save_checkpoint
 from megatron_lite.training.checkpoint.offline import load_full_optimizer_state, load_full_state_dict, save_full_state_dict

@@ -18,20 +18,8 @@ from tqdm import tqdm
 from megatron_lite.parallel.layout import layout_of
 from megatron_lite.training.checkpoint import durable
 from megatron_lite.training.checkpoint.format import (
-    TIED_COPIES,
-    CheckpointError,
-    Manifest,
-    ParamRecord,
-    SavedLayout,
-    ShardReader,
-    fit_vocab_padding,
-    full_shape_of,
-    iteration_dir_name,
-    named_parameters,
-    partial_dir,
-    publish,
-    rng_file,
-    shard_file_name,
+    TIED_COPIES, CheckpointError, Manifest, ParamRecord, SavedLayout, ShardReader, fit_vocab_padding,
+    full_shape_of, iteration_dir_name, named_parameters, partial_dir, publish, rng_file, shard_file_name,
     shard_for_rank,
 )
 from megatron_lite.training.optim import load_optimizer_state_by_name, optimizer_state_by_name

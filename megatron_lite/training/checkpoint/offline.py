@@ -16,19 +16,8 @@ from megatron_lite.parallel.layout import layout_of
 from megatron_lite.parallel.pipeline import chunk_layers
 from megatron_lite.training.checkpoint import durable
 from megatron_lite.training.checkpoint.format import (
-    TIED_COPIES,
-    VOCAB_ROWS,
-    CheckpointError,
-    Manifest,
-    ParamRecord,
-    SavedLayout,
-    ShardReader,
-    fit_vocab_padding,
-    iteration_dir_name,
-    named_parameters,
-    partial_dir,
-    publish,
-    shard_file_name,
+    TIED_COPIES, VOCAB_ROWS, CheckpointError, Manifest, ParamRecord, SavedLayout, ShardReader,
+    fit_vocab_padding, iteration_dir_name, named_parameters, partial_dir, publish, shard_file_name,
     shard_for_rank,
 )
 
