@@ -66,11 +66,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         # d loss / d logit = (softmax - one_hot(label)) * grad_loss, with the softmax's division
-        # folded into the per-row factor. The gradient is a new tensor, not the exponentials
-        # overwritten, so a retained graph (benchmarks time backward repeatedly) stays correct.
+        # folded into the per-row factor. The exponentials become the gradient in place; a second
+        # backward through this graph is refused by autograd, which sees the saved tensor changed.
         exp, sum_exp, local_label, mine, ignored = ctx.saved_tensors
         grad_loss = grad_loss.masked_fill(ignored, 0.0)
-        grad = exp * (grad_loss / sum_exp).unsqueeze(-1)
+        grad = exp.mul_((grad_loss / sum_exp).unsqueeze(-1))
         grad.scatter_add_(-1, local_label.unsqueeze(-1), -(grad_loss * mine).unsqueeze(-1))
         return grad.to(ctx.logits_dtype), None, None, None, None
 
