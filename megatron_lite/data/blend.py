@@ -45,6 +45,7 @@ import yaml
 
 from megatron_lite.data.cache import IndexCache
 from megatron_lite.data.indexed import IndexedDataset
+from megatron_lite.errors import UserError
 
 
 def normalize_weights(weights) -> np.ndarray:
@@ -285,7 +286,7 @@ class BlendedDataset:
 # ----------------------------------------------------------------------------- planning a mixture
 
 
-class MixtureError(ValueError):
+class MixtureError(UserError, ValueError):
     """A mixture spec the user can fix; the message names the entry."""
 
 
