@@ -167,7 +167,7 @@ class GPTDataset:
         lengths = np.asarray(indexed.sequence_lengths, dtype=np.int64)
         tokens_per_epoch = int(lengths[start:end].sum())
         if tokens_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the {name} split of {indexed.prefix} (documents {start}..{end}) holds no tokens; "
                 f"give it a larger share in data.split or add data"
             )

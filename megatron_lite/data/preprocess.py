@@ -179,9 +179,8 @@ def preprocess(
     tokenizer = load_tokenizer(tokenizer_dir)
     job = _Job(tuple(json_keys), append_eod, token_dtype(tokenizer.vocab_size), allowed_special)
     prefixes = output_prefixes(str(output_prefix), job.json_keys)
-    Path(prefixes[0]).parent.mkdir(parents=True, exist_ok=True)
     temps = [f"{p}.tmp{os.getpid()}" for p in prefixes]
-    writers = [IndexedDatasetWriter(f"{t}.bin", job.dtype) for t in temps]
+    writers = _open_writers(temps, job.dtype, output_prefix)
     stats = PreprocessStats()
     start = last_shown = time.perf_counter()
     try:
@@ -225,6 +224,16 @@ def _check_inputs(inputs, text_unit: str, workers: int, allowed_special: str, on
         if not path.is_file():
             raise PreprocessError(f"input file {path} does not exist")
     return paths
+
+
+def _open_writers(temps: list[str], dtype: type, output_prefix) -> list[IndexedDatasetWriter]:
+    try:
+        Path(temps[0]).parent.mkdir(parents=True, exist_ok=True)
+        return [IndexedDatasetWriter(f"{t}.bin", dtype) for t in temps]
+    except OSError as exc:
+        raise PreprocessError(
+            f"cannot write {output_prefix}.bin ({exc.strerror}: {exc.filename}); pass an --output-prefix in a writable directory"
+        ) from None
 
 
 def _run_batches(batches, tokenizer_dir: str, job: _Job, workers: int):
