@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from megatron_lite.cli import run_reporting
-from megatron_lite.data.preprocess import BAD_UTF8_POLICIES, DEFAULT_ALLOWED_SPECIAL, inspect_dataset, preprocess
+from megatron_lite.data.preprocess import (BAD_UTF8_POLICIES, DEFAULT_ALLOWED_SPECIAL, PreprocessStats, inspect_dataset,
+                                           preprocess)
 from megatron_lite.data.tokenizer import SPECIAL_MODES
 from megatron_lite.data.tokenizer_dir import load_tokenizer
 
@@ -59,7 +60,7 @@ def tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bad_utf8_summary(stats) -> str:
+def _bad_utf8_summary(stats: PreprocessStats) -> str:
     if stats.bad_utf8_replaced:
         return f"{stats.bad_utf8_replaced} lines with non-UTF-8 bytes replaced (U+FFFD), "
     if stats.bad_utf8_skipped:

@@ -27,7 +27,7 @@ def read_texts(paths: list[str | Path], json_key: str = "text", max_bytes: int =
 
 def _texts_in(path: Path, json_key: str) -> Iterator[str]:
     if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
-        yield _decode(path.read_bytes(), path, 1)
+        yield _decode(path.read_bytes(), path, 1).replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
         return
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
