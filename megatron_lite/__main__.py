@@ -151,13 +151,10 @@ COMMANDS = {"pretrain": cmd_pretrain, "sft": cmd_stage, "rm": cmd_stage, "dpo": 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_lite.cli import report_user_error, user_errors
+    from megatron_lite.cli import run_reporting
 
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except user_errors() as exc:
-        return report_user_error(exc)
+    return run_reporting(lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

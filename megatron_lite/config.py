@@ -20,8 +20,10 @@ from typing import Any
 
 import yaml
 
+from megatron_lite.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user-caused configuration problem; the message says what to change."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_lite.cli import run_reporting
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.training.metrics import device_name
 from megatron_lite.training.trainer import Trainer
@@ -141,11 +142,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_threads > 0:
         torch.set_num_threads(args.cpu_threads)
-    try:
-        result = run(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_reporting(lambda: bench(args))
+
+
+def bench(args: argparse.Namespace) -> int:
+    result = run(args)
     if result is not None:
         row = table_row(result)
         print(TABLE_HEADER + row, end="")

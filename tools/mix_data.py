@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_lite.data.indexed import IndexedDatasetError
-from megatron_lite.data.blend import MixtureError, load_spec, plan_mixture
+from megatron_lite.cli import run_reporting
+from megatron_lite.data.blend import load_spec, plan_mixture
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,11 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="YAML with 'mixture' (prefix + weight or tokens) and 'total_tokens'")
     parser.add_argument("--seq-length", type=int, default=None, help="sample length (default: spec's seq_length or 2048)")
     args = parser.parse_args(argv)
-    try:
-        plan = plan_mixture(load_spec(args.spec), args.seq_length)
-    except (MixtureError, IndexedDatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_reporting(lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> int:
+    plan = plan_mixture(load_spec(args.spec), args.seq_length)
     print(f"{plan.total_tokens} tokens = {plan.num_samples} samples\n")
     print(plan.table())
     for warning in plan.warnings:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_lite.data.indexed import IndexedDatasetError
-from megatron_lite.data.preprocess import DEFAULT_ALLOWED_SPECIAL, PreprocessError, inspect_dataset, preprocess
-from megatron_lite.data.tokenizer import SPECIAL_MODES, TokenizerError
+from megatron_lite.cli import run_reporting
+from megatron_lite.data.preprocess import (BAD_UTF8_POLICIES, DEFAULT_ALLOWED_SPECIAL, PreprocessStats, inspect_dataset,
+                                           preprocess)
+from megatron_lite.data.tokenizer import SPECIAL_MODES
 from megatron_lite.data.tokenizer_dir import load_tokenizer
 
 
@@ -30,27 +31,41 @@ def main(argv: list[str] | None = None) -> int:
                              "them as plain text, so quoting one cannot inject a document boundary; 'all' encodes "
                              "them as the special tokens' ids, as Hugging Face tokenizers do (for text already "
                              "written in the tokenizer's markup, e.g. rendered chat transcripts)")
+    parser.add_argument("--on-bad-utf8", choices=BAD_UTF8_POLICIES, default="error",
+                        help="bytes that are not UTF-8: 'error' (default) names the file and line, 'replace' "
+                             "writes U+FFFD for them, 'skip' drops the line (a whole file with --text-unit file); "
+                             "the summary counts what was replaced or skipped")
     parser.add_argument("--inspect", metavar="PREFIX", help="print statistics and the first documents of PREFIX")
     parser.add_argument("--num-samples", type=int, default=3, help="documents to decode with --inspect")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        if args.inspect:
-            tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-            print(inspect_dataset(args.inspect, tokenizer, args.num_samples))
-            return 0
-        if not (args.input and args.tokenizer and args.output_prefix):
-            parser.error("--input, --tokenizer and --output-prefix are required (or use --inspect PREFIX)")
-        stats = preprocess(args.input, args.tokenizer, args.output_prefix, tuple(args.json_keys), args.workers,
-                           args.append_eod, args.skip_bad_lines, args.text_unit, progress=not args.quiet,
-                           allowed_special=args.allowed_special)
-    except (PreprocessError, TokenizerError, IndexedDatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if not args.inspect and not (args.input and args.tokenizer and args.output_prefix):
+        parser.error("--input, --tokenizer and --output-prefix are required (or use --inspect PREFIX)")
+    return run_reporting(lambda: inspect(args) if args.inspect else tokenize(args))
+
+
+def inspect(args: argparse.Namespace) -> int:
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    print(inspect_dataset(args.inspect, tokenizer, args.num_samples))
+    return 0
+
+
+def tokenize(args: argparse.Namespace) -> int:
+    stats = preprocess(args.input, args.tokenizer, args.output_prefix, tuple(args.json_keys), args.workers,
+                       args.append_eod, args.skip_bad_lines, args.text_unit, progress=not args.quiet,
+                       allowed_special=args.allowed_special, on_bad_utf8=args.on_bad_utf8)
     print(f"wrote {args.output_prefix}: {stats.documents} documents, {stats.tokens} tokens, "
           f"{stats.bad_lines} bad lines skipped, {stats.empty_documents} empty documents dropped, "
-          f"{stats.bytes_read / 1e6:.1f} MB in {stats.seconds:.1f}s")
+          f"{_bad_utf8_summary(stats)}{stats.bytes_read / 1e6:.1f} MB in {stats.seconds:.1f}s")
     return 0
+
+
+def _bad_utf8_summary(stats: PreprocessStats) -> str:
+    if stats.bad_utf8_replaced:
+        return f"{stats.bad_utf8_replaced} lines with non-UTF-8 bytes replaced (U+FFFD), "
+    if stats.bad_utf8_skipped:
+        return f"{stats.bad_utf8_skipped} lines with non-UTF-8 bytes skipped, "
+    return ""
 
 
 if __name__ == "__main__":

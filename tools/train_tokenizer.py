@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from megatron_lite.data.tokenizer import TokenizerError
+from megatron_lite.cli import run_reporting
 from megatron_lite.data.train_tokenizer import TOKENIZER_TYPES, parse_special_tokens, train_tokenizer
 
 
@@ -25,14 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-bytes", type=int, default=0, help="train on at most this many characters (0: all)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    return run_reporting(lambda: train(args))
+
+
+def train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    try:
-        special = parse_special_tokens(args.special_tokens)
-        tok = train_tokenizer(args.input, args.output, args.type, args.vocab_size, special, args.json_key,
-                              args.max_bytes, progress=not args.quiet)
-    except TokenizerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    special = parse_special_tokens(args.special_tokens)
+    tok = train_tokenizer(args.input, args.output, args.type, args.vocab_size, special, args.json_key,
+                          args.max_bytes, progress=not args.quiet)
     print(f"saved a {args.type} tokenizer with {tok.vocab_size} ids to {args.output} "
           f"({time.perf_counter() - start:.1f}s); special ids: {tok.special_ids}")
     return 0

@@ -17,12 +17,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_lite.errors import UserError
+
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """An input the conversion cannot use (wrong directory, unsupported model, mismatched files)."""
 
 

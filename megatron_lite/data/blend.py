@@ -35,6 +35,7 @@ A spec (YAML) looks like::
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ import yaml
 
 from megatron_lite.data.cache import IndexCache
 from megatron_lite.data.indexed import IndexedDataset
+from megatron_lite.errors import UserError
 
 
 def normalize_weights(weights) -> np.ndarray:
@@ -285,7 +287,7 @@ class BlendedDataset:
 # ----------------------------------------------------------------------------- planning a mixture
 
 
-class MixtureError(ValueError):
+class MixtureError(UserError, ValueError):
     """A mixture spec the user can fix; the message names the entry."""
 
 
@@ -334,21 +336,43 @@ def load_spec(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MixtureError(f"mixture spec {path} does not exist")
-    spec = yaml.safe_load(path.read_text())
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MixtureError(f"{path} is not valid YAML ({' '.join(str(exc).split())}); fix the file") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("mixture"), list) or not spec["mixture"]:
         raise MixtureError(f"{path} must hold a mapping with a non-empty 'mixture' list of {{prefix, weight | tokens}}")
+    check_entries(spec["mixture"], str(path))
     return spec
+
+
+def check_entries(entries: list, where: str = "the mixture spec") -> None:
+    """Each entry is ``{prefix, weight}`` or ``{prefix, tokens}`` with a positive number; ``where``
+    (the spec's file) goes into the message."""
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "prefix" not in entry:
+            raise MixtureError(f"{where}: mixture entry {index} must be a mapping with a 'prefix'")
+        for key in ("weight", "tokens"):
+            if key in entry and not _is_positive_number(entry[key]):
+                raise MixtureError(f"{where}: mixture entry {index} ({entry['prefix']}) has {key}={entry[key]!r}; "
+                                   f"it must be a positive number (drop the entry to leave the source out)")
+    has_tokens = ["tokens" in e for e in entries]
+    if any(has_tokens) and not all(has_tokens):
+        raise MixtureError(f"{where}: give every mixture entry either a 'weight' or a 'tokens' target, not a mix of both")
+
+
+def _is_positive_number(value) -> bool:
+    try:
+        return math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def plan_mixture(spec: dict, seq_length: int | None = None) -> MixturePlan:
     entries = spec["mixture"]
     seq_length = int(seq_length or spec.get("seq_length", 2048))
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "prefix" not in entry:
-            raise MixtureError(f"mixture entry {index} must be a mapping with a 'prefix'")
+    check_entries(entries)
     has_tokens = ["tokens" in e for e in entries]
-    if any(has_tokens) and not all(has_tokens):
-        raise MixtureError("give every mixture entry either a 'weight' or a 'tokens' target, not a mix of both")
     datasets = [IndexedDataset(e["prefix"]) for e in entries]
     if all(has_tokens):
         targets = np.array([float(e["tokens"]) for e in entries])

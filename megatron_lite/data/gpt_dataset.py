@@ -24,7 +24,7 @@ import numpy as np
 from megatron_lite.config import ConfigError, DataConfig, MixtureEntry
 from megatron_lite.data.blend import BlendedDataset
 from megatron_lite.data.cache import IndexCache
-from megatron_lite.data.indexed import IndexedDataset
+from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetError
 
 
 def parse_split(split: str) -> np.ndarray:
@@ -167,7 +167,7 @@ class GPTDataset:
         lengths = np.asarray(indexed.sequence_lengths, dtype=np.int64)
         tokens_per_epoch = int(lengths[start:end].sum())
         if tokens_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the {name} split of {indexed.prefix} (documents {start}..{end}) holds no tokens; "
                 f"give it a larger share in data.split or add data"
             )
@@ -225,18 +225,23 @@ def _open_sources(mixture: list[MixtureEntry]) -> list[IndexedDataset]:
     return [IndexedDataset(entry.prefix) for entry in mixture]
 
 
-def build_datasets(data_cfg: DataConfig, seq_length: int, seed: int, num_samples: tuple[int, int, int]):
+def build_datasets(data_cfg: DataConfig, seq_length: int, seed: int, num_samples: tuple[int, int, int],
+                   vocab_size: int | None = None):
     """(train, valid, test): a ``GPTDataset`` for a single-source mixture, a ``BlendedDataset``
     otherwise, and None for a split asked for 0 samples. Every dataset holds at least the number
     of samples asked for, repeating epochs when the data is smaller. ``data_cfg`` is read as it is:
     with ``data.demo``, resolve the config first (``training.setup.resolve``) so its mixture names
-    the demo build."""
+    the demo build. With ``vocab_size`` (the model's), a source holding a token id at or above it
+    is refused."""
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
         raise ValueError(f"num_samples must be three non-negative counts (train, valid, test), got {num_samples}")
     if seq_length <= 0:
         raise ValueError(f"seq_length must be positive, got {seq_length}")
     sources = _open_sources(data_cfg.mixture)
     cache = IndexCache(data_cfg.cache_dir or Path(data_cfg.mixture[0].prefix).parent / "index-cache")
+    if vocab_size is not None:
+        for source in sources:
+            check_token_ids(source, vocab_size, cache)
     ranges = [split_document_ranges(len(source), data_cfg.split) for source in sources]
     datasets = []
     for split_index, (name, count) in enumerate(zip(SPLIT_NAMES, num_samples)):
@@ -246,6 +251,24 @@ def build_datasets(data_cfg: DataConfig, seq_length: int, seed: int, num_samples
         split_ranges = [r[split_index] for r in ranges]
         datasets.append(_build_split(data_cfg, sources, split_ranges, seq_length, seed, count, cache, name))
     return tuple(datasets)
+
+
+def check_token_ids(source: IndexedDataset, vocab_size: int, cache: IndexCache | None = None) -> None:
+    """Refuse a source with a token id the model has no embedding row for: at tp=1 it would fail
+    mid-run, at tp>1 it would silently train on a padding row. The max id is cached per .bin
+    (keyed by its size and modification time), so only a new or changed file is read."""
+    bin_path = Path(f"{source.prefix}.bin")
+    stat = bin_path.stat()
+    description = {"kind": "max-token-id", "bin": str(bin_path.resolve()), "bytes": stat.st_size,
+                   "mtime_ns": stat.st_mtime_ns}
+    build = lambda: {"max": np.asarray([source.max_token_id()], dtype=np.int64)}  # noqa: E731
+    max_id = int((cache or IndexCache(None)).get_or_build(description, build, "max-token-id")["max"][0])
+    if max_id >= vocab_size:
+        raise IndexedDatasetError(
+            f"{bin_path} holds token id {max_id} but the model's vocabulary has {vocab_size} ids "
+            f"(model.vocab_size); it was tokenized with a larger tokenizer - rebuild it with tools/preprocess_data.py "
+            f"--tokenizer <data.tokenizer>, or train with model.vocab_size >= {max_id + 1}"
+        )
 
 
 def _build_split(data_cfg, sources, split_ranges, seq_length, seed, count, cache, name):

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_lite.errors import UserError
+
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES: dict[int, type] = {
@@ -31,7 +34,7 @@ _CODE_OF = {np.dtype(t): code for code, t in DTYPE_CODES.items()}
 _HEADER = struct.Struct("<9sQBQQ")
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(UserError, ValueError):
     """A missing or corrupt .bin/.idx pair; the message names the file."""
 
 
@@ -150,6 +153,11 @@ class IndexedDataset:
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
+
+    def max_token_id(self) -> int:
+        """The largest token id in the .bin (-1 when it holds none); reads the whole file once."""
+        chunk = 1 << 26
+        return max((int(self.tokens[i : i + chunk].max()) for i in range(0, len(self.tokens), chunk)), default=-1)
 
     @property
     def num_tokens(self) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetWriter, remove_dataset, token_dtype
 from megatron_lite.data.tokenizer import SPECIAL_MODES, Tokenizer
 from megatron_lite.data.tokenizer_dir import load_tokenizer
+from megatron_lite.errors import UserError
 
 _BATCH_DOCS = 64
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -28,9 +29,12 @@ _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # (or a chat-role token) that the author never wrote. Corpora already in a tokenizer's own markup
 # (chat transcripts rendered with <|user|> ...) opt in with allowed_special="all".
 DEFAULT_ALLOWED_SPECIAL = "none"
+# Bytes that are not UTF-8: "error" names the file and line (the default, as the fine-tuning
+# loaders do), "replace" writes U+FFFD for them, "skip" drops the line (or the text file).
+BAD_UTF8_POLICIES = ("error", "replace", "skip")
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError, ValueError):
     """Bad input (missing file, malformed line, missing key); the message names file and line."""
 
 
@@ -39,6 +43,8 @@ class PreprocessStats:
     documents: int = 0
     tokens: int = 0
     bad_lines: int = 0
+    bad_utf8_replaced: int = 0  # lines (or text files) whose undecodable bytes became U+FFFD
+    bad_utf8_skipped: int = 0
     empty_documents: int = 0
     bytes_read: int = 0
     seconds: float = 0.0
@@ -99,17 +105,40 @@ def _texts_of(raw: str, keys: tuple[str, ...]) -> list[str]:
     return texts
 
 
-def _read_items(paths: list[Path], text_unit: str) -> Iterator[tuple[str, int, str, bool]]:
+def _read_items(paths: list[Path], text_unit: str, on_bad_utf8: str,
+                stats: PreprocessStats) -> Iterator[tuple[str, int, str, bool]]:
     for path in paths:
         is_json = path.suffix.lower() in _JSON_SUFFIXES
-        with open(path, encoding="utf-8", errors="replace") as f:  # undecodable bytes become U+FFFD
+        with open(path, "rb") as f:
             if not is_json and text_unit == "file":
-                yield str(path), 1, f.read(), False
+                text = _decode(f.read(), path, 1, on_bad_utf8, stats)
+                if text is not None:
+                    yield str(path), 1, text.replace("\r\n", "\n").replace("\r", "\n"), False
                 continue
-            for number, line in enumerate(f, start=1):
-                line = line.rstrip("\n")
+            for number, raw in enumerate(f, start=1):
+                line = _decode(raw, path, number, on_bad_utf8, stats)
+                line = line.removesuffix("\n").removesuffix("\r") if line is not None else ""
                 if line.strip():
                     yield str(path), number, line, is_json
+
+
+def _decode(raw: bytes, path: Path, first_line: int, on_bad_utf8: str, stats: PreprocessStats) -> str | None:
+    """``raw`` as text under the bad-UTF-8 policy; None when the policy skips it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if on_bad_utf8 == "replace":
+            stats.bad_utf8_replaced += 1
+            return raw.decode("utf-8", errors="replace")
+        if on_bad_utf8 == "skip":
+            stats.bad_utf8_skipped += 1
+            return None
+        line = first_line + raw.count(b"\n", 0, exc.start)
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PreprocessError(
+            f"{path}:{line}: byte 0x{raw[exc.start]:02x} at column {column} is not UTF-8; fix the file, or pass "
+            f"--on-bad-utf8 replace (write U+FFFD for such bytes) or --on-bad-utf8 skip (drop such lines)"
+        ) from None
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:
@@ -139,22 +168,23 @@ def preprocess(
     text_unit: str = "file",
     progress: bool = True,
     allowed_special: str = DEFAULT_ALLOWED_SPECIAL,
+    on_bad_utf8: str = "error",
 ) -> PreprocessStats:
     """Tokenize ``inputs`` (jsonl: one document per line; plain text: one per file or per line).
 
     ``allowed_special``: "none" encodes special-token strings in the documents as plain text,
-    "all" as the special tokens' ids (see ``Tokenizer.encode``)."""
-    paths = _check_inputs(inputs, text_unit, workers, allowed_special)
+    "all" as the special tokens' ids (see ``Tokenizer.encode``). ``on_bad_utf8``: what bytes that
+    are not UTF-8 do, one of ``BAD_UTF8_POLICIES`` (the stats count what was replaced or skipped)."""
+    paths = _check_inputs(inputs, text_unit, workers, allowed_special, on_bad_utf8)
     tokenizer = load_tokenizer(tokenizer_dir)
     job = _Job(tuple(json_keys), append_eod, token_dtype(tokenizer.vocab_size), allowed_special)
     prefixes = output_prefixes(str(output_prefix), job.json_keys)
-    Path(prefixes[0]).parent.mkdir(parents=True, exist_ok=True)
     temps = [f"{p}.tmp{os.getpid()}" for p in prefixes]
-    writers = [IndexedDatasetWriter(f"{t}.bin", job.dtype) for t in temps]
+    writers = _open_writers(temps, job.dtype, output_prefix)
     stats = PreprocessStats()
     start = last_shown = time.perf_counter()
     try:
-        batches = _batches(_read_items(paths, text_unit), _BATCH_DOCS)
+        batches = _batches(_read_items(paths, text_unit, on_bad_utf8, stats), _BATCH_DOCS)
         for docs, errors, nbytes in _run_batches(batches, str(tokenizer_dir), job, workers):
             _note_errors(errors, skip_bad_lines, stats)
             _write_docs(docs, writers, stats)
@@ -175,7 +205,7 @@ def preprocess(
     return stats
 
 
-def _check_inputs(inputs, text_unit: str, workers: int, allowed_special: str) -> list[Path]:
+def _check_inputs(inputs, text_unit: str, workers: int, allowed_special: str, on_bad_utf8: str) -> list[Path]:
     if text_unit not in ("file", "line"):
         raise PreprocessError(f"text_unit={text_unit!r} must be 'file' (one document per text file) or 'line'")
     if allowed_special not in SPECIAL_MODES:
@@ -183,6 +213,8 @@ def _check_inputs(inputs, text_unit: str, workers: int, allowed_special: str) ->
             f"allowed_special={allowed_special!r} must be 'none' (special-token strings in documents stay plain "
             f"text) or 'all' (they become the special tokens' ids)"
         )
+    if on_bad_utf8 not in BAD_UTF8_POLICIES:
+        raise PreprocessError(f"on_bad_utf8={on_bad_utf8!r} is not one of {', '.join(BAD_UTF8_POLICIES)}")
     if workers < 1:
         raise PreprocessError(f"workers={workers} must be at least 1")
     if not inputs:
@@ -192,6 +224,16 @@ def _check_inputs(inputs, text_unit: str, workers: int, allowed_special: str) ->
         if not path.is_file():
             raise PreprocessError(f"input file {path} does not exist")
     return paths
+
+
+def _open_writers(temps: list[str], dtype: type, output_prefix) -> list[IndexedDatasetWriter]:
+    try:
+        Path(temps[0]).parent.mkdir(parents=True, exist_ok=True)
+        return [IndexedDatasetWriter(f"{t}.bin", dtype) for t in temps]
+    except OSError as exc:
+        raise PreprocessError(
+            f"cannot write {output_prefix}.bin ({exc.strerror}: {exc.filename}); pass an --output-prefix in a writable directory"
+        ) from None
 
 
 def _run_batches(batches, tokenizer_dir: str, job: _Job, workers: int):

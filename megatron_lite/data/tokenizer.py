@@ -14,6 +14,9 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from megatron_lite.errors import UserError
+
+
 CONFIG_FILE = "tokenizer_config.json"
 
 # role -> token text. "eod" separates documents in the packed stream; the chat roles mark turns.
@@ -30,7 +33,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 SPECIAL_MODES = ("all", "none")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer directory or argument the user can fix; the message says how."""
 
 

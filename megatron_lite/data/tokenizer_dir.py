@@ -32,5 +32,6 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise TokenizerError(f"{directory / CONFIG_FILE} names tokenizer type {kind!r}; expected bytelevel or sentencepiece")
     raise TokenizerError(
         f"{directory} holds no tokenizer: expected vocab.json + merges.txt (GPT-2 byte-level BPE), "
-        f"tokenizer.json (Hugging Face byte-level BPE) or tokenizer.model (SentencePiece)"
+        f"tokenizer.json (Hugging Face byte-level BPE) or tokenizer.model (SentencePiece); train one into it with "
+        f"tools/train_tokenizer.py --output {directory}"
     )

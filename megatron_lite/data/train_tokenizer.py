@@ -27,10 +27,11 @@ def read_texts(paths: list[str | Path], json_key: str = "text", max_bytes: int =
 
 def _texts_in(path: Path, json_key: str) -> Iterator[str]:
     if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield _decode(path.read_bytes(), path, 1).replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
         return
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = _decode(raw, path, number)
             if not line.strip():
                 continue
             try:
@@ -40,6 +41,17 @@ def _texts_in(path: Path, json_key: str) -> Iterator[str]:
             if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
                 raise TokenizerError(f"{path}:{number}: no string under key {json_key!r}; set --json-key")
             yield record[json_key]
+
+
+def _decode(raw: bytes, path: Path, first_line: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + raw.count(b"\n", 0, exc.start)
+        raise TokenizerError(
+            f"{path}:{line}: byte 0x{raw[exc.start]:02x} is not UTF-8; convert the file to UTF-8 "
+            f"(e.g. iconv -f latin1 -t utf-8) or leave it out of --input"
+        ) from None
 
 
 def parse_special_tokens(items: list[str] | None) -> dict[str, str]:

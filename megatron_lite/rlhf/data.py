@@ -26,6 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from megatron_lite.data.tokenizer import CHAT_ROLES, Tokenizer
+from megatron_lite.errors import UserError
 
 IGNORE_INDEX = -100  # label of a position that contributes no loss (torch's cross_entropy default)
 
@@ -36,7 +37,7 @@ _PREFERENCE_FORMS = (
 )
 
 
-class RLHFDataError(ValueError):
+class RLHFDataError(UserError, ValueError):
     """A data problem the user can fix; the message names the file and line and says how."""
 
 

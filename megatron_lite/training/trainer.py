@@ -129,7 +129,7 @@ def language_model_datasets(cfg: Config, steps: int) -> tuple:
     gb = cfg.train.global_batch_size
     eval_samples = gb * cfg.train.eval_steps if cfg.train.eval_interval > 0 else 0
     train_ds, valid_ds, _ = build_datasets(cfg.data, cfg.model.seq_length, cfg.train.seed,
-                                           num_samples=(steps * gb, eval_samples, 0))
+                                           num_samples=(steps * gb, eval_samples, 0), vocab_size=cfg.model.vocab_size)
     return train_ds, valid_ds
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from megatron_lite.config import ModelConfig, build_dataclass
+from megatron_lite.errors import UserError
 from megatron_lite.parallel.layout import ParamLayout, layout_of
 from megatron_lite.training.checkpoint import durable
 
@@ -42,7 +43,7 @@ TIED_COPIES = {"output.weight": "embedding.word.weight"}
 VOCAB_ROWS = set(TIED_COPIES) | set(TIED_COPIES.values())  # tensors whose dim 0 is the padded vocabulary
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete, or does not fit the model being loaded."""
 
 
