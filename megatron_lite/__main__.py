@@ -104,6 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"train.device={args.device}",
         f"log.dir={out}",
         f"checkpoint.save={out / 'checkpoint'}",
+        "checkpoint.overwrite=true",  # rerunning the demo replaces its own previous run
     ]
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
@@ -152,10 +153,12 @@ COMMANDS = {"pretrain": cmd_pretrain, "sft": cmd_stage, "rm": cmd_stage, "dpo": 
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_lite.cli import report_user_error, user_errors
+    from megatron_lite.parallel.session import process_group_session
 
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with process_group_session():
+            return COMMANDS[args.command](args)
     except user_errors() as exc:
         return report_user_error(exc)
 
