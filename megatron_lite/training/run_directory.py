@@ -55,10 +55,10 @@ def resolved_load(checkpoint: CheckpointConfig, is_logging_rank: bool) -> str:
 def check_run_directories(cfg: Config) -> None:
     """Refuse, before any work, a run whose checkpoints or logs could not be written or would
     replace another run's checkpoints. Every rank checks (every rank writes into ``checkpoint.save``)."""
-    _check_writable_directory("log.dir", cfg.log.dir)
     if cfg.checkpoint.save:
         _check_not_another_run(cfg.checkpoint)
         _check_writable_directory("checkpoint.save", cfg.checkpoint.save)
+    _check_writable_directory("log.dir", cfg.log.dir)
 
 
 def _check_not_another_run(checkpoint: CheckpointConfig) -> None:
