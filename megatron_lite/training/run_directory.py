@@ -31,20 +31,23 @@ def latest_checkpoint(save_dir: str | Path) -> str | None:
     return complete[-1] if complete else None
 
 
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    """Both set and naming one directory (however spelled)."""
+    return bool(str(a) and str(b)) and Path(a).resolve() == Path(b).resolve()
+
+
 def _resumes_save_dir(checkpoint: CheckpointConfig) -> bool:
     """``checkpoint.load`` is the save directory or one of its ``iter_*`` directories."""
-    if not checkpoint.load or not checkpoint.save:
+    if not checkpoint.load:
         return False
-    load, save = Path(checkpoint.load).resolve(), Path(checkpoint.save).resolve()
-    return load == save or save in load.parents
+    load = Path(checkpoint.load)
+    return _same_path(load, checkpoint.save) or _same_path(load.parent, checkpoint.save)
 
 
 def resolved_load(checkpoint: CheckpointConfig, is_logging_rank: bool) -> str:
     """``checkpoint.load``, or "" when it names the run's own save directory and that holds no
     checkpoint yet (the first submission of a job whose requeues resume)."""
-    same_directory = checkpoint.load and checkpoint.save and \
-        Path(checkpoint.load).resolve() == Path(checkpoint.save).resolve()
-    if not same_directory or latest_checkpoint(checkpoint.load) is not None:
+    if not _same_path(checkpoint.load, checkpoint.save) or latest_checkpoint(checkpoint.load) is not None:
         return checkpoint.load
     if is_logging_rank:
         print(f"checkpoint.load={checkpoint.load} holds no checkpoint yet: starting fresh "

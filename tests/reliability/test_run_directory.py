@@ -108,16 +108,18 @@ def _join_group_of_one() -> None:
                             timeout=timedelta(seconds=30))
 
 
-def test_process_group_session_leaves_on_every_exit_path():
+def test_process_group_session_leaves_on_every_exit_path(monkeypatch):
     handler = signal.getsignal(signal.SIGTERM)
+    barriers = []
+    monkeypatch.setattr(dist, "barrier", lambda: barriers.append("barrier"))
     with process_group_session():
         _join_group_of_one()
-    assert not dist.is_initialized()
+    assert not dist.is_initialized() and barriers == ["barrier"]  # peers finish before connections close
 
     with pytest.raises(ValueError, match="bad input"), process_group_session():
         _join_group_of_one()
         raise ValueError("bad input")
-    assert not dist.is_initialized()
+    assert not dist.is_initialized() and barriers == ["barrier"]  # a failing rank waits for nobody
 
     with pytest.raises(SystemExit) as stopped, process_group_session():
         _join_group_of_one()
