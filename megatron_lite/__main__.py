@@ -104,6 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"train.device={args.device}",
         f"log.dir={out}",
         f"checkpoint.save={out / 'checkpoint'}",
+        "checkpoint.overwrite=true",  # rerunning the demo replaces its own previous run
     ]
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
@@ -152,9 +153,15 @@ COMMANDS = {"pretrain": cmd_pretrain, "sft": cmd_stage, "rm": cmd_stage, "dpo": 
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_lite.cli import run_reporting
+    from megatron_lite.parallel.session import process_group_session
 
     args = build_parser().parse_args(argv)
-    return run_reporting(lambda: COMMANDS[args.command](args))
+
+    def run_command() -> int:
+        with process_group_session():  # torn down on every exit path, before an error is reported
+            return COMMANDS[args.command](args)
+
+    return run_reporting(run_command)
 
 
 if __name__ == "__main__":

@@ -265,6 +265,7 @@ class CheckpointConfig:
     load: str = ""  # directory to resume from; "" = start fresh
     interval: int = 0  # steps between saves; 0 = only at the end
     finetune: bool = False  # load weights only, not optimizer/scheduler/step
+    overwrite: bool = False  # a fresh run may save into a directory that holds another run's checkpoints
 
     def __post_init__(self) -> None:
         _require(self.interval >= 0, f"checkpoint.interval must be >= 0, got {self.interval}")

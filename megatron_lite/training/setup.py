@@ -21,6 +21,7 @@ from megatron_lite.config import Config, ConfigError, config_from_dict
 from megatron_lite.model.layout_check import check_layout, kv_replicas_for
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.pipeline import my_layer_ranges
+from megatron_lite.training.run_directory import resolved_load
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,6 +61,9 @@ def resolve(cfg: Config, is_logging_rank: bool = True, *, read_data: bool = True
     - with ``data.demo`` and ``read_data``: the demo corpus is built if missing (by the logging rank
       while the others wait) and its tokenizer and mixture replace ``data.tokenizer`` and ``data.mixture``;
     - with ``read_data``: ``model.vocab_size`` 0 becomes the tokenizer's (a smaller one is an error);
+    - ``checkpoint.load`` naming the run's own ``checkpoint.save`` directory while that holds no
+      checkpoint yet becomes "" (a fresh start, logged): the first submission of a job whose
+      requeues resume with the same command line;
     - ``short_run_warmup``: a warmup longer than half the run is cut to a tenth of it, so a short
       demo run still reaches its decay.
 
@@ -68,6 +72,7 @@ def resolve(cfg: Config, is_logging_rank: bool = True, *, read_data: bool = True
     """
     sections = cfg.to_dict()
     sections["parallel"]["backend"] = process_group_backend(cfg)
+    sections["checkpoint"]["load"] = resolved_load(cfg.checkpoint, is_logging_rank)
     if read_data and cfg.data.demo:
         sections["data"].update(_demo_data_paths(cfg, is_logging_rank))
     if read_data and sections["data"]["tokenizer"]:

@@ -25,6 +25,7 @@ from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.training.checkpoint import DataPosition
 from megatron_lite.training.metrics import Metrics
+from megatron_lite.training.run_directory import check_run_directories
 from megatron_lite.training.setup import (
     load_run_tokenizer,
     local_batch,
@@ -156,6 +157,7 @@ class Trainer:
         self.dims = dims if dims is not None else setup_dims(cfg)
         self.is_logging_rank = self.dims.rank == 0
         self.cfg = cfg = resolve(cfg, self.is_logging_rank, read_data=datasets is None)
+        check_run_directories(cfg)
         self.tokenizer = None
         if datasets is None:
             self.tokenizer = load_run_tokenizer(cfg)

@@ -96,7 +96,8 @@ def _finetune_starts_from(ckpt: Path, data, run_dir: Path) -> None:
         "model.make_vocab_size_divisible_by=16", "data.demo=false", f"data.tokenizer={data.tokenizer_dir}",
         f"data.mixture={mixture}", f"data.cache_dir={run_dir}/index-cache", "train.micro_batch_size=2",
         "train.global_batch_size=4", "train.max_steps=1", "optim.warmup_steps=0", "train.eval_interval=0",
-        "train.device=cpu", f"checkpoint.load={ckpt}", "checkpoint.finetune=true", f"log.dir={run_dir}/log",
+        "train.device=cpu", f"checkpoint.load={ckpt}", "checkpoint.finetune=true", f"checkpoint.save={run_dir}/ck",
+        f"log.dir={run_dir}/log",
         "log.tensorboard=false"])
     trainer = Trainer(cfg)
     converted, _ = load_full_state_dict(ckpt)
