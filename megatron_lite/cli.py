@@ -8,13 +8,15 @@ from typing import Callable
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that mean bad input (config, checkpoint, conversion, fine-tuning records), not a bug."""
+    """The exceptions that mean bad input (config, checkpoint, conversion, fine-tuning records) or a
+    diverged run, not a bug."""
     from megatron_lite.config import ConfigError
     from megatron_lite.convert.tensor_io import ConversionError
     from megatron_lite.rlhf.data import RLHFDataError
     from megatron_lite.training.checkpoint import CheckpointError
+    from megatron_lite.training.divergence import TrainingDivergedError
 
-    return ConfigError, CheckpointError, ConversionError, RLHFDataError
+    return ConfigError, CheckpointError, ConversionError, RLHFDataError, TrainingDivergedError
 
 
 def report_user_error(exc: Exception) -> int:
