@@ -240,6 +240,9 @@ class TrainConfig:
     eval_steps: int = 4
     initial_loss_scale: float = 2.0**16
     loss_scale_window: int = 1000
+    max_skipped_steps: int = 20  # fp16: stop the run after this many overflow-skipped steps in a row
+    min_loss_scale: float = 1.0  # fp16: stop the run when the loss scale is halved below this
+    loss_spike_factor: float = 0.0  # warn when a step's loss exceeds this x the recent mean; 0 = off
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
@@ -257,6 +260,12 @@ class TrainConfig:
         _require(self.eval_steps > 0, f"train.eval_steps must be positive, got {self.eval_steps}")
         _require(self.initial_loss_scale > 0, f"train.initial_loss_scale must be positive, got {self.initial_loss_scale}")
         _require(self.loss_scale_window > 0, f"train.loss_scale_window must be positive, got {self.loss_scale_window}")
+        _require(self.max_skipped_steps > 0, f"train.max_skipped_steps must be positive, got {self.max_skipped_steps}")
+        _require(0 < self.min_loss_scale <= self.initial_loss_scale,
+                 f"train.min_loss_scale must be in (0, train.initial_loss_scale={self.initial_loss_scale:g}], "
+                 f"got {self.min_loss_scale}")
+        _require(self.loss_spike_factor == 0 or self.loss_spike_factor > 1,
+                 f"train.loss_spike_factor must be 0 (off) or above 1, got {self.loss_spike_factor}")
 
 
 @dataclass

@@ -109,10 +109,11 @@ class Metrics:
         self._window_tokens = 0
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, **extra) -> dict | None:
-        """Record one finished step (1-based ``step``); returns the logged record on logging steps."""
+        """Record one finished step (1-based ``step``); returns the logged record on logging steps
+        and on a step with a ``loss_spike``, which is never left out of the log."""
         self._window_tokens += tokens
         self._steps_this_run += 1
-        if step % self.interval != 0 and step != self.max_steps:
+        if step % self.interval != 0 and step != self.max_steps and "loss_spike" not in extra:
             return None
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         tokens_per_s = self._window_tokens / elapsed

@@ -114,7 +114,9 @@ def _to_state_device(value, device: torch.device, scalars_on_device: bool):
 class LossScaler:
     """Dynamic loss scale for fp16: halve and skip on overflow, double after a clean window.
 
-    With ``dynamic=False`` the scale is a constant 1 and ``update`` never changes it (fp32, bf16).
+    A scale halved below ``min_scale`` is ``exhausted``: the overflows are not the scale's fault
+    and the trainer stops the run (``training.divergence``). With ``dynamic=False`` the scale is a
+    constant 1 and ``update`` never changes it (fp32, bf16).
     """
 
     def __init__(self, initial_scale: float = 2.0**16, window: int = 1000, dynamic: bool = True, min_scale: float = 1.0):
@@ -128,13 +130,17 @@ class LossScaler:
         if not self.dynamic:
             return
         if found_inf:
-            self.scale = max(self.min_scale, self.scale / 2.0)
+            self.scale /= 2.0
             self.clean_steps = 0
             return
         self.clean_steps += 1
         if self.clean_steps >= self.window:
             self.scale *= 2.0
             self.clean_steps = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.dynamic and self.scale < self.min_scale
 
     def state_dict(self) -> dict:
         return {"scale": self.scale, "clean_steps": self.clean_steps, "dynamic": self.dynamic}

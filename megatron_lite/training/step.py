@@ -11,7 +11,8 @@ Every rank runs the same collectives in the same order:
    share it; why each is right and counted once is written there and in ``parallel.layout``;
 3. the fp16 loss scale removed, the global gradient norm taken (each element counted once
    across tp, pp and, under ZeRO-1, dp) and clipped;
-4. the optimizer step, skipped when the norm is not finite.
+4. the optimizer step, skipped when the norm or the loss is not finite (the trainer then stops
+   the run unless fp16 loss scaling explains it: ``training.divergence``).
 
 The loss returned is the mean over the global batch, identical on every rank.
 """
@@ -171,14 +172,14 @@ class ParallelStep:
 
     # ------------------------------------------------------------------ the update
 
-    def optimizer_step(self, scaler: optim.LossScaler, grad_clip: float) -> tuple[float, bool]:
+    def optimizer_step(self, scaler: optim.LossScaler, grad_clip: float, loss_finite: bool = True) -> tuple[float, bool]:
         """Unscale, clip to the global norm, step; skip (and shrink the fp16 loss scale) when the
-        norm is not finite. Returns (norm before clipping, skipped)."""
+        norm or the global loss (``loss_finite``) is not finite. Returns (norm before clipping, skipped)."""
         grads = self.grad_sync.grads_for_optimizer()
         optim.unscale_grads(grads, scaler.scale)
         norm = clip_grad_norm(grads, grad_clip, self.dims.tp_group, self.dims.pp_group, self.grad_sync.norm_dp_group,
                               self.comm_stats)
-        skipped = not math.isfinite(norm)
+        skipped = not (math.isfinite(norm) and loss_finite)
         if not skipped:
             self.optimizer.step()
         scaler.update(found_inf=skipped)

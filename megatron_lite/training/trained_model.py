@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
@@ -20,6 +21,7 @@ import torch
 from megatron_lite.config import Config
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.training.checkpoint import Checkpointer, DataPosition, named_parameters
+from megatron_lite.training.divergence import require_finite_weights
 from megatron_lite.training.optim import LossScaler
 from megatron_lite.training.schedule import LRScheduler
 from megatron_lite.training.setup import autocast_context, build_model_chunks, total_steps
@@ -75,7 +77,7 @@ class TrainedModel:
         """One optimizer step on a global batch: (mean loss, grad norm before clipping, skipped).
         The learning-rate schedule is left to the caller, which steps it once per run step."""
         loss = self.parallel_step.forward_backward(micro_batches, self.autocast(), self.scaler.scale)
-        grad_norm, skipped = self.parallel_step.optimizer_step(self.scaler, self.grad_clip)
+        grad_norm, skipped = self.parallel_step.optimizer_step(self.scaler, self.grad_clip, math.isfinite(loss))
         return loss, grad_norm, skipped
 
     def forward_outputs(self, micro_batches: Sequence[MicroBatch], fn: LossFn | None = None) -> list[torch.Tensor]:
@@ -87,7 +89,9 @@ class TrainedModel:
 
     def save(self, save_dir: str | Path, step: int, consumed_samples: int, config: dict,
              tokenizer_dir: str | None) -> Path:
-        """Write this model's checkpoint for ``step`` (collective); returns its directory."""
+        """Write this model's checkpoint for ``step`` (collective); returns its directory. Weights
+        holding NaN or inf on any rank are refused (``TrainingDivergedError``), so ``latest`` stays."""
+        require_finite_weights(self.named_params, self.dims.device, step, save_dir)
         return self.checkpointer.save(save_dir, step, consumed_samples, config, tokenizer_dir)
 
     def load(self, load_dir: str | Path, weights_only: bool) -> DataPosition | None:
@@ -120,7 +124,7 @@ def build_trained_model(cfg: Config, dims: ParallelDims, head: str = "lm", loss_
                                                cfg.parallel.zero1, dims)
     parallel_step = ParallelStep(chunks, optimizer, dims, schedule, cfg.parallel.bucket_size_mb, loss_fn)
     scaler = LossScaler(cfg.train.initial_loss_scale, cfg.train.loss_scale_window,
-                        dynamic=cfg.train.precision == "fp16")
+                        dynamic=cfg.train.precision == "fp16", min_scale=cfg.train.min_loss_scale)
     return TrainedModel(chunks, dims, parallel_step, autocast, optimizer, kind,
                         LRScheduler(optimizer, optim_cfg, total_steps(cfg)), scaler, optim_cfg.grad_clip)
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.training.checkpoint import DataPosition
+from megatron_lite.training.divergence import DivergenceGuard
 from megatron_lite.training.metrics import Metrics
 from megatron_lite.training.run_directory import check_run_directories
 from megatron_lite.training.setup import (
@@ -44,7 +45,7 @@ from megatron_lite.training.trained_model import TrainedModel, build_trained_mod
 class StepResult(NamedTuple):
     loss: float  # the global-batch mean loss
     grad_norm: float  # before clipping
-    skipped: bool  # the optimizer step was skipped (a non-finite norm)
+    skipped: bool  # the optimizer step was skipped (a non-finite loss or norm)
     extra: dict  # the task's own per-step figures (PPO: reward, KL, critic loss, ...)
 
 
@@ -176,6 +177,7 @@ class Trainer:
         self.metrics = Metrics(cfg.log, self.is_logging_rank, self.dims.device, cfg.train.precision,
                                self._train_flops_per_token(), self.dims.world_size, self.total_steps)
         self.task.start(self.model)
+        self.divergence = DivergenceGuard(cfg.train, cfg.optim, cfg.checkpoint.save)
         self._stop_requested = threading.Event()
 
     def _resume_from(self, position: DataPosition | None) -> None:
@@ -195,6 +197,8 @@ class Trainer:
         with _sigterm_sets(self._stop_requested):
             while self.step < self.total_steps:
                 loss, grad_norm, skipped, extra = self.task.train_step(self.train_ds, self.consumed_samples, self.step)
+                self.divergence.check(self.step + 1, loss, grad_norm, skipped, self.model.scaler)
+                extra = {**extra, **self._loss_spike(self.step + 1, loss)}
                 lr = self.model.scheduler.lr
                 if not skipped:
                     self.model.scheduler.step()
@@ -253,6 +257,15 @@ class Trainer:
             self.metrics.validation_figures(self.step, {f"val_{k}": v for k, v in figures.items()})
         self.metrics.restart_window()
         return value
+
+    def _loss_spike(self, step: int, loss: float) -> dict:
+        """``{"loss_spike": loss / recent mean}`` when the loss jumped (``train.loss_spike_factor``), with a warning."""
+        ratio = self.divergence.loss_spike(loss)
+        if ratio is None:
+            return {}
+        self.metrics.print(f"warning: loss spike at step {step}: loss {loss:.4g} is {ratio:.1f}x the mean of the "
+                           f"recent losses (train.loss_spike_factor={self.cfg.train.loss_spike_factor:g})")
+        return {"loss_spike": ratio}
 
     def _stop_agreed(self) -> bool:
         """Every rank stops at the same step when any rank received SIGTERM."""
