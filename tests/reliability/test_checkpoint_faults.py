@@ -106,6 +106,10 @@ def test_reshard_writes_a_verified_checkpoint(run, tmp_path):
     manifest = read_manifest(tmp_path / "out")
     assert manifest.vocab_size == 100 and manifest.head == "lm" and len(manifest.file_checks) == 2
     assert manifest.tokenizer == read_manifest(run).tokenizer
+    # an offline rewrite has no RNG streams to carry: resuming from it is not a missing-file error
+    assert reshard.main(["--load", str(run), "--output", str(tmp_path / "tp1"), "--tp", "1", "--pp", "1",
+                         "--weights-only"]) == 0
+    resume(tmp_path / "tp1")
 
 
 def test_a_missing_rng_file_stops_an_exact_resume_and_warns_otherwise(damaged, capsys):

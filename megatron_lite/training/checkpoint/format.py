@@ -145,6 +145,17 @@ def _from_fields(cls: type, entry: dict, where: str):
     return cls(**entry)
 
 
+def _manifest_object(text: str, where: str) -> dict:
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}): the file is "
+                              f"truncated or damaged") from exc
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where} holds no manifest object: the file is damaged")
+    return entry
+
+
 @dataclass(frozen=True)
 class ParamRecord:
     """One parameter in the manifest: its full (tp = 1) shape, dtype, and how it is split over tp."""
@@ -249,14 +260,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST) -> Manifest:
-        try:
-            entry = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}): the file is "
-                                  f"truncated or damaged") from exc
-        if not isinstance(entry, dict):
-            raise CheckpointError(f"{where} holds no manifest object: the file is damaged")
-        return cls.from_dict(entry, where)
+        return cls.from_dict(_manifest_object(text, where), where)
 
     @property
     def tied_embeddings(self) -> bool:
@@ -309,10 +313,12 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
 
 def read_manifest(path: str | Path) -> Manifest:
     ckpt_dir = resolve_checkpoint_dir(path)
+    where = str(ckpt_dir / MANIFEST)
     try:
-        return Manifest.from_json((ckpt_dir / MANIFEST).read_text(), str(ckpt_dir / MANIFEST))
-    except CheckpointError as exc:
+        entry = _manifest_object((ckpt_dir / MANIFEST).read_text(), where)
+    except CheckpointError as exc:  # a torn file: another iteration may be whole
         raise CheckpointError(f"{exc}; {previous_iterations_hint(ckpt_dir)}") from exc
+    return Manifest.from_dict(entry, where)
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:

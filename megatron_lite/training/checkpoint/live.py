@@ -366,11 +366,19 @@ def load_checkpoint(
     }
 
 
+def _saved_rng(reader: ShardReader, manifest: Manifest) -> bool:
+    """Whether the save wrote RNG streams: a live save does, an offline rewrite (reshard, conversion)
+    has none to write. Manifests without file records tell by the rng/ directory."""
+    if manifest.file_checks:
+        return any(name.startswith("rng/") for name in manifest.file_checks)
+    return (reader.directory / "rng").is_dir()
+
+
 def _restore_rng(reader: ShardReader, manifest: Manifest, dims, rng_trackers, policy: LoadPolicy) -> bool:
     """RNG streams belong to ranks: they are restored only when the world is the one that saved them.
     Every rank checks every rank's file, so a missing one stops all ranks alike instead of one."""
     layout = manifest.layout
-    if (layout.tp, layout.pp, layout.dp) != (dims.tp, dims.pp, dims.dp):
+    if (layout.tp, layout.pp, layout.dp) != (dims.tp, dims.pp, dims.dp) or not _saved_rng(reader, manifest):
         return False
     missing = [path for path in (rng_file(reader.directory, rank) for rank in range(dims.world_size))
                if not path.is_file()]
