@@ -4,6 +4,7 @@ checked as one rank of the grid, which needs no process group."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ import torch
 from megatron_lite.config import ConfigError, ParallelConfig, load_config
 from megatron_lite.model.gpt import GPT
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.training.checkpoint import CheckpointError, LoadPolicy, load_checkpoint, read_manifest
+from megatron_lite.training.checkpoint import (
+    CheckpointError, LoadPolicy, load_checkpoint, load_full_state_dict, read_manifest,
+)
 from megatron_lite.training.trained_model import build_trained_model, load_frozen_model
 from tests.distributed import run_distributed
 from tools import reshard
@@ -19,6 +22,7 @@ from tools import reshard
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.seq_length=16",
         "model.make_vocab_size_divisible_by=8", "train.device=cpu", "model.dropout=0.1"]
 SHARD = "model_tp00_pp000.pt"
+LEGACY = Path(__file__).parents[1] / "training" / "fixtures" / "legacy_checkpoint" / "gpt2"
 
 
 def tiny_cfg(vocab_size=100, extra=()):
@@ -81,6 +85,15 @@ def test_a_damaged_shard_is_named_with_the_complete_iterations(damaged, fault):
     assert ("is missing" if fault == "delete" else "truncated or damaged") in message
 
 
+def test_a_truncated_shard_of_a_checkpoint_without_file_records_is_named(tmp_path):
+    legacy = tmp_path / "legacy"
+    shutil.copytree(LEGACY, legacy)
+    shard = legacy / "iter_0000002" / SHARD
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{SHARD} cannot be read .*truncated or damaged"):
+        load_full_state_dict(legacy)
+
+
 def test_a_truncated_manifest_is_named(damaged):
     manifest = damaged / "iter_0000004" / "manifest.json"
     manifest.write_text(manifest.read_text()[:200])
@@ -96,8 +109,9 @@ def test_flipped_bytes_pass_the_size_check_and_fail_the_checksum(damaged):
     resume(damaged)
     with pytest.raises(CheckpointError, match=f"{SHARD} fails its checksum.*load the previous iteration"):
         resume(damaged, extra=["checkpoint.verify=true"])
-    exit_code = reshard.main(["--load", str(damaged), "--output", str(damaged.parent / "out"), "--tp", "1", "--pp", "1"])
-    assert exit_code == 2 and not (damaged.parent / "out").exists()
+    output = damaged.parent / "out"
+    exit_code = reshard.main(["--load", str(damaged), "--output", str(output), "--tp", "1", "--pp", "1"])
+    assert exit_code == 2 and not output.exists()
 
 
 def test_reshard_writes_a_verified_checkpoint(run, tmp_path):

@@ -403,8 +403,9 @@ def load_torch_file(path: Path, ckpt_dir: Path, **kwargs) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False, **kwargs)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
-                              f"the file is truncated or damaged; {previous_iterations_hint(ckpt_dir)}") from exc
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {first_line}): the file is "
+                              f"truncated or damaged; {previous_iterations_hint(ckpt_dir)}") from exc
 
 
 # ----------------------------------------------------------------------------- the shard reader
