@@ -101,6 +101,12 @@ def test_a_truncated_manifest_is_named(damaged):
         resume(damaged)
 
 
+def test_a_deleted_manifest_is_named(damaged):
+    (damaged / "iter_0000004" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"iter_0000004, which has no manifest.json.*iter_0000002"):
+        resume(damaged)
+
+
 def test_flipped_bytes_pass_the_size_check_and_fail_the_checksum(damaged):
     shard = damaged / "iter_0000004" / SHARD
     data = bytearray(shard.read_bytes())

@@ -301,7 +301,8 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     if latest.is_file():
         target = path / latest.read_text().strip()
         if not (target / MANIFEST).is_file():
-            raise CheckpointError(f"{latest} points at {target.name}, which has no {MANIFEST}; the checkpoint is incomplete")
+            raise CheckpointError(f"{latest} points at {target.name}, which has no {MANIFEST}; the checkpoint is "
+                                  f"incomplete; {previous_iterations_hint(target)}")
         return target
     if not path.exists():
         raise CheckpointError(f"checkpoint directory {path} does not exist; check checkpoint.load / --load")
