@@ -275,9 +275,14 @@ class CheckpointConfig:
     interval: int = 0  # steps between saves; 0 = only at the end
     finetune: bool = False  # load weights only, not optimizer/scheduler/step
     overwrite: bool = False  # a fresh run may save into a directory that holds another run's checkpoints
+    resize_vocab: bool = False  # finetune onto another vocabulary: keep the shared rows, initialize new ones
+    verify: bool = False  # check every file's checksum on load (sizes are always checked)
+    exact_resume: bool = True  # a missing rng/ file is an error; false: warn and resume inexactly
 
     def __post_init__(self) -> None:
         _require(self.interval >= 0, f"checkpoint.interval must be >= 0, got {self.interval}")
+        _require(not self.resize_vocab or self.finetune,
+                 "checkpoint.resize_vocab=true loads weights only onto a new vocabulary: set checkpoint.finetune=true")
 
 
 @dataclass

@@ -7,7 +7,8 @@ Weights and the optimizer state (full per parameter, so any dp and ZeRO-1 on or 
 it) are merged to one tensor each and cut again for the new layout; the step, learning-rate
 schedule, loss scale and data position are kept, so training resumes where it stopped. The
 RNG streams belong to ranks of the old layout and are not carried over (dropout draws then
-differ from an uninterrupted run). Loading a checkpoint at another layout reshards on the
+differ from an uninterrupted run). Every source file's checksum is verified before anything
+is written. Loading a checkpoint at another layout reshards on the
 fly too; this tool does it once, ahead of a large run.
 """
 
@@ -39,7 +40,7 @@ def reshard(load: str, output: str, tp: int, pp: int, virtual_pp: int = 1, weigh
     )
 
     source = resolve_checkpoint_dir(load)
-    weights, manifest = load_full_state_dict(source)
+    weights, manifest = load_full_state_dict(source, verify=True)  # a damaged source must not be copied on
     config = dict(manifest.config)
     # stage_layers describes the old pipeline; the new one splits the layers evenly
     config["parallel"] = {**config.get("parallel", {}), "virtual_pp": virtual_pp, "stage_layers": None}

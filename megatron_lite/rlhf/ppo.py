@@ -101,8 +101,8 @@ class PPOTask:
         """The actor is the run's model; the reference, the reward model and the critic join it."""
         cfg, settings = self.cfg, self.settings
         self.actor = actor
-        self.reference = load_frozen_model(cfg, self.dims, settings.reference, "lm")
-        self.reward_model = load_frozen_model(cfg, self.dims, settings.reward_model, "value")
+        self.reference = load_frozen_model(cfg, self.dims, settings.reference, "lm", "rlhf.ppo.reference")
+        self.reward_model = load_frozen_model(cfg, self.dims, settings.reward_model, "value", "rlhf.ppo.reward_model")
         self.critic = self._load_critic()
         if settings.ptx_coef > 0:
             if not cfg.data.mixture:
@@ -121,9 +121,11 @@ class PPOTask:
             if not source.is_dir():
                 raise ConfigError(f"resuming ppo from {cfg.checkpoint.load} needs the critic saved with it in "
                                   f"{source}; to start a new run from these weights set checkpoint.finetune=true")
+            key = "checkpoint.load"
         else:
             source = settings.critic or settings.reward_model
-        critic.load(source, weights_only=not resuming)
+            key = "rlhf.ppo.critic" if settings.critic else "rlhf.ppo.reward_model"
+        critic.load(source, weights_only=not resuming, source_key=key)
         return critic
 
     def saved_beside(self) -> dict[str, TrainedModel]:

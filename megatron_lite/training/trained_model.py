@@ -20,7 +20,7 @@ import torch
 
 from megatron_lite.config import Config
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.training.checkpoint import Checkpointer, DataPosition, named_parameters
+from megatron_lite.training.checkpoint import Checkpointer, DataPosition, LoadPolicy, named_parameters
 from megatron_lite.training.divergence import require_finite_weights
 from megatron_lite.training.optim import LossScaler
 from megatron_lite.training.schedule import LRScheduler
@@ -48,12 +48,14 @@ class TrainedModel:
     scheduler: LRScheduler | None = None
     scaler: LossScaler | None = None
     grad_clip: float = 0.0
+    load_policy: LoadPolicy = LoadPolicy()
     named_params: list[tuple[str, torch.nn.Parameter]] = field(init=False)
     checkpointer: Checkpointer = field(init=False)
 
     def __post_init__(self) -> None:
         self.named_params = named_parameters(self.chunks)
-        self.checkpointer = Checkpointer(self.chunks, self.dims, self.optimizer, self.scheduler, self.scaler)
+        self.checkpointer = Checkpointer(self.chunks, self.dims, self.optimizer, self.scheduler, self.scaler,
+                                         self.load_policy)
 
     @property
     def frozen(self) -> bool:
@@ -94,11 +96,15 @@ class TrainedModel:
         require_finite_weights(self.named_params, self.dims.device, step, save_dir)
         return self.checkpointer.save(save_dir, step, consumed_samples, config, tokenizer_dir)
 
-    def load(self, load_dir: str | Path, weights_only: bool) -> DataPosition | None:
+    def load(self, load_dir: str | Path, weights_only: bool, source_key: str = "checkpoint.load",
+             value_head_from_lm: bool = True) -> DataPosition | None:
         """Read a checkpoint into this model (collective). Unless ``weights_only``, the optimizer,
-        schedule, loss scale and RNG streams resume too. Returns the saved run position, or None
-        when there is none to resume (always None for a frozen model)."""
-        position = self.checkpointer.load(load_dir, weights_only=weights_only)
+        schedule, loss scale and RNG streams resume too. ``source_key``: the config key naming
+        ``load_dir``, for messages; ``value_head_from_lm``: a language model may start a value head.
+        Returns the saved run position, or None when there is none to resume (always None for a
+        frozen model)."""
+        position = self.checkpointer.load(load_dir, weights_only=weights_only, source_key=source_key,
+                                          value_head_from_lm=value_head_from_lm)
         self.parallel_step.weights_loaded()
         return None if self.frozen else position
 
@@ -116,7 +122,8 @@ def build_trained_model(cfg: Config, dims: ParallelDims, head: str = "lm", loss_
     if frozen:
         for chunk in chunks:
             chunk.eval().requires_grad_(False)
-        return TrainedModel(chunks, dims, ParallelStep(chunks, None, dims, schedule), autocast)
+        return TrainedModel(chunks, dims, ParallelStep(chunks, None, dims, schedule), autocast,
+                            load_policy=LoadPolicy.of(cfg.checkpoint))
     optim_cfg = cfg.optim
     if lr is not None:
         optim_cfg = dataclasses.replace(optim_cfg, lr=lr, min_lr=min(optim_cfg.min_lr, lr))
@@ -126,12 +133,15 @@ def build_trained_model(cfg: Config, dims: ParallelDims, head: str = "lm", loss_
     scaler = LossScaler(cfg.train.initial_loss_scale, cfg.train.loss_scale_window,
                         dynamic=cfg.train.precision == "fp16", min_scale=cfg.train.min_loss_scale)
     return TrainedModel(chunks, dims, parallel_step, autocast, optimizer, kind,
-                        LRScheduler(optimizer, optim_cfg, total_steps(cfg)), scaler, optim_cfg.grad_clip)
+                        LRScheduler(optimizer, optim_cfg, total_steps(cfg)), scaler, optim_cfg.grad_clip,
+                        LoadPolicy.of(cfg.checkpoint))
 
 
-def load_frozen_model(cfg: Config, dims: ParallelDims, load_dir: str | Path, head: str) -> TrainedModel:
-    """A model that only scores (a reference policy, a reward model): the weights of ``load_dir``,
-    forward only."""
+def load_frozen_model(cfg: Config, dims: ParallelDims, load_dir: str | Path, head: str,
+                      source_key: str) -> TrainedModel:
+    """A model that only scores (a reference policy, a reward model): the weights of ``load_dir``
+    (named by the config key ``source_key``), forward only. Its checkpoint must have its head: a
+    frozen value head left at its random initialization would score noise."""
     model = build_trained_model(cfg, dims, head, frozen=True)
-    model.load(load_dir, weights_only=True)
+    model.load(load_dir, weights_only=True, source_key=source_key, value_head_from_lm=False)
     return model

@@ -12,6 +12,7 @@ the same tensors from either. One gloo launch on four ranks runs every parallel 
 from __future__ import annotations
 
 import contextlib
+import json
 import importlib.util
 import shutil
 from pathlib import Path
@@ -32,6 +33,7 @@ from megatron_lite.parallel.grad_sync import sum_replicated_rows
 from megatron_lite.parallel.layers import ColumnParallelLinear
 from megatron_lite.parallel.layout import ParamLayout, attach_layout, layout_of
 from megatron_lite.training.checkpoint import CheckpointError, ShardReader, iteration_dir_name, load_full_state_dict
+from megatron_lite.training.checkpoint.format import file_check
 from megatron_lite.training.setup import local_batch, split_micro_batches
 from megatron_lite.training.trainer import Trainer
 from megatron_lite.training.setup import setup_dims
@@ -267,8 +269,16 @@ def test_kv_heads_replicated_over_tp_train_like_one_process(tmp_path):
     shard = torch.load(shard_path, weights_only=False)
     shard["model"]["layers.1.attention.qkv.weight"][-1] += 1.0  # rank 1's copy of kv head 0's last v row
     torch.save(shard, shard_path)
+    _record_rewritten_file(broken, shard_path.name)  # the copies differ, the file itself is whole
     with pytest.raises(CheckpointError, match="layers.1.attention.qkv.weight: the replicated rows of group 0 differ"):
         load_full_state_dict(broken)
+
+
+def _record_rewritten_file(ckpt_dir, name):
+    manifest_path = ckpt_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["file_checks"][name] = file_check(ckpt_dir / name)
+    manifest_path.write_text(json.dumps(manifest))
 
 
 # ----------------------------------------------------------------------------- without launches

@@ -79,5 +79,5 @@ def test_save_and_load_resume_the_optimizer_schedule_and_position(tmp_path):
     assert fresh.train_on(micro_batches(cfg, 5)) == model.train_on(micro_batches(cfg, 5))  # the optimizer resumed too
 
     assert build_trained_model(cfg, dims).load(tmp_path / "ck", weights_only=True) is None
-    frozen = load_frozen_model(cfg, dims, tmp_path / "ck", "lm")
+    frozen = load_frozen_model(cfg, dims, tmp_path / "ck", "lm", "rlhf.ppo.reference")
     assert frozen.frozen and all(torch.equal(saved[name], p) for name, p in frozen.named_params)

@@ -12,11 +12,11 @@ from megatron_lite.training.checkpoint.format import (
     TIED_COPIES, CheckpointError, Manifest, ParamRecord, SavedLayout, ShardReader, iteration_dir_name,
     named_parameters, read_manifest, resolve_checkpoint_dir, shard_file_name,
 )
-from megatron_lite.training.checkpoint.live import load_checkpoint, save_checkpoint
+from megatron_lite.training.checkpoint.live import LoadPolicy, load_checkpoint, save_checkpoint
 from megatron_lite.training.checkpoint.offline import load_full_optimizer_state, load_full_state_dict, save_full_state_dict
 
 __all__ = [
-    "TIED_COPIES", "CheckpointError", "Checkpointer", "DataPosition", "Manifest", "ParamRecord", "SavedLayout",
+    "TIED_COPIES", "CheckpointError", "Checkpointer", "DataPosition", "LoadPolicy", "Manifest", "ParamRecord", "SavedLayout",
     "ShardReader", "iteration_dir_name", "load_checkpoint", "load_full_optimizer_state", "load_full_state_dict",
     "named_parameters", "read_manifest", "resolve_checkpoint_dir", "save_checkpoint", "save_full_state_dict",
     "shard_file_name",

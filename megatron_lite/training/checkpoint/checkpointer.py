@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.training.checkpoint.live import load_checkpoint, save_checkpoint
+from megatron_lite.training.checkpoint.live import LoadPolicy, load_checkpoint, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -23,15 +23,18 @@ class Checkpointer:
     optimizer, learning-rate scheduler and loss scaler. The caller keeps the data position and the
     run's config and passes them to ``save``; ``load`` hands the position back.
 
-    ``optimizer``, ``scheduler`` and ``scaler`` may be None for a model that is only loaded.
+    ``optimizer``, ``scheduler`` and ``scaler`` may be None for a model that is only loaded;
+    ``policy`` says how strictly loads check what they read.
     """
 
-    def __init__(self, model_chunks: list[torch.nn.Module], dims, optimizer=None, scheduler=None, scaler=None):
+    def __init__(self, model_chunks: list[torch.nn.Module], dims, optimizer=None, scheduler=None, scaler=None,
+                 policy: LoadPolicy = LoadPolicy()):
         self.model_chunks = model_chunks
         self.dims = dims
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.scaler = scaler
+        self.policy = policy
 
     @property
     def rng_trackers(self) -> list:
@@ -50,12 +53,16 @@ class Checkpointer:
             rng_trackers=self.rng_trackers, padded_vocab_size=self.padded_vocab_size,
         )
 
-    def load(self, load_dir: str | Path, weights_only: bool = False) -> DataPosition | None:
+    def load(self, load_dir: str | Path, weights_only: bool = False, source_key: str = "checkpoint.load",
+             value_head_from_lm: bool = True) -> DataPosition | None:
         """Restore what ``load_dir`` holds; with ``weights_only`` (fine-tuning) only the weights.
+        ``source_key`` names the config key that gave ``load_dir``; ``value_head_from_lm``: a
+        language model may start this model's value head (not for a frozen reward model).
         Returns where training continues, or None when the checkpoint has no training state."""
         loaded = load_checkpoint(
             load_dir, self.model_chunks, self.dims, self.optimizer, weights_only=weights_only,
-            rng_trackers=self.rng_trackers, padded_vocab_size=self.padded_vocab_size,
+            rng_trackers=self.rng_trackers, padded_vocab_size=self.padded_vocab_size, policy=self.policy,
+            source_key=source_key, value_head_from_lm=value_head_from_lm,
         )
         train_state = loaded["train_state"]
         if not train_state:

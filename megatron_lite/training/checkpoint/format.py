@@ -12,6 +12,10 @@ Layout of a save directory::
       rng/rank00000.pt              every rank's RNG streams (torch, cuda, numpy, python, tp tracker)
       tokenizer/                    a copy of the tokenizer directory
 
+The manifest also says what the weights mean: the real vocabulary size, the tokenizer's identity
+(a hash of its files), the head kind ("lm" or "value"), and each shard and rng file's size and
+CRC-32, so a truncated or damaged file is named on load instead of failing inside torch.
+
 A save is written into ``iter_N.partial/`` and renamed into place only when every file is
 on disk, then ``latest`` is rewritten through a temporary file, fsync and rename. A crash
 at any point leaves the previous checkpoint and ``latest`` untouched.
@@ -21,8 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
+import pickle
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +48,8 @@ TOKENIZER = "tokenizer"
 # its own name; layouts without that copy read it from (or drop it for) the embedding.
 TIED_COPIES = {"output.weight": "embedding.word.weight"}
 VOCAB_ROWS = set(TIED_COPIES) | set(TIED_COPIES.values())  # tensors whose dim 0 is the padded vocabulary
+VALUE_HEAD = "value_head."
+CHUNK_BYTES = 1 << 22
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -137,6 +146,17 @@ def _from_fields(cls: type, entry: dict, where: str):
     return cls(**entry)
 
 
+def _manifest_object(text: str, where: str) -> dict:
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}): the file is "
+                              f"truncated or damaged") from exc
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where} holds no manifest object: the file is damaged")
+    return entry
+
+
 @dataclass(frozen=True)
 class ParamRecord:
     """One parameter in the manifest: its full (tp = 1) shape, dtype, and how it is split over tp."""
@@ -201,6 +221,10 @@ class Manifest:
     train_state: dict = field(default_factory=dict)  # step, consumed samples, scheduler, loss scaler
     has_optimizer: bool = False
     config: dict  # the resolved config of the run, as a dict
+    vocab_size: int | None = None  # the real vocabulary (absent before it was recorded: read the config's)
+    tokenizer: dict | None = None  # {"sha256": hash of the tokenizer directory's files}
+    head: str | None = None  # "lm" or "value" (absent before it was recorded: derived from the parameters)
+    file_checks: dict[str, dict] = field(default_factory=dict)  # file -> {"size", "crc32"}; {} in old checkpoints
 
     def to_dict(self) -> dict:
         return {
@@ -213,7 +237,14 @@ class Manifest:
             "train_state": self.train_state,
             "has_optimizer": self.has_optimizer,
             "config": self.config,
+            **self._recorded_since_format_1(),
         }
+
+    def _recorded_since_format_1(self) -> dict:
+        """The fields added to format 1, only where known, so an older manifest is rewritten unchanged."""
+        added = {"vocab_size": self.vocab_size, "tokenizer": self.tokenizer, "head": self.head,
+                 "file_checks": self.file_checks}
+        return {key: value for key, value in added.items() if value}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, default=str)
@@ -230,11 +261,21 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST) -> Manifest:
-        return cls.from_dict(json.loads(text), where)
+        return cls.from_dict(_manifest_object(text, where), where)
 
     @property
     def tied_embeddings(self) -> bool:
         return bool(self.config["model"].get("tie_embeddings"))
+
+    @property
+    def real_vocab_size(self) -> int:
+        return self.vocab_size if self.vocab_size is not None else int(self.config["model"]["vocab_size"])
+
+    @property
+    def head_kind(self) -> str:
+        if self.head is not None:
+            return self.head
+        return "value" if any(name.startswith(VALUE_HEAD) for name in self.params) else "lm"
 
     def model_config(self) -> ModelConfig:
         """The ``ModelConfig`` the checkpoint was trained with (vocab size already resolved)."""
@@ -261,7 +302,8 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     if latest.is_file():
         target = path / latest.read_text().strip()
         if not (target / MANIFEST).is_file():
-            raise CheckpointError(f"{latest} points at {target.name}, which has no {MANIFEST}; the checkpoint is incomplete")
+            raise CheckpointError(f"{latest} points at {target.name}, which has no {MANIFEST}; the checkpoint is "
+                                  f"incomplete; {previous_iterations_hint(target)}")
         return target
     if not path.exists():
         raise CheckpointError(f"checkpoint directory {path} does not exist; check checkpoint.load / --load")
@@ -273,7 +315,12 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
 
 def read_manifest(path: str | Path) -> Manifest:
     ckpt_dir = resolve_checkpoint_dir(path)
-    return Manifest.from_json((ckpt_dir / MANIFEST).read_text(), str(ckpt_dir / MANIFEST))
+    where = str(ckpt_dir / MANIFEST)
+    try:
+        entry = _manifest_object((ckpt_dir / MANIFEST).read_text(), where)
+    except CheckpointError as exc:  # a torn file: another iteration may be whole
+        raise CheckpointError(f"{exc}; {previous_iterations_hint(ckpt_dir)}") from exc
+    return Manifest.from_dict(entry, where)
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
@@ -281,13 +328,86 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
 
 
 def publish(save_dir: Path, final: Path, manifest: Manifest, tokenizer_dir: str | Path | None) -> None:
-    """Finish the partial directory of ``final``, move it into place, then point ``latest`` at it."""
+    """Finish the partial directory of ``final``, move it into place, then point ``latest`` at it.
+    The manifest gets the head kind and the tokenizer's identity here, so every writer records them."""
     partial = partial_dir(final)
+    manifest.head = manifest.head_kind
     if tokenizer_dir:
         shutil.copytree(tokenizer_dir, partial / TOKENIZER)
+        manifest.tokenizer = {"sha256": tokenizer_hash(partial / TOKENIZER)}
     write_manifest(partial, manifest)
     durable.replace_directory(partial, final)
     durable.write_text(save_dir / LATEST, final.name + "\n")
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def tokenizer_hash(directory: Path) -> str:
+    """One hash over the tokenizer directory's file names and contents: equal hashes, same tokenizer."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def file_check(path: Path) -> dict:
+    """What the manifest records of a written file: its size and CRC-32 (fast, and enough to catch
+    truncation and flipped bytes; this is not a defence against tampering)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+    return {"size": path.stat().st_size, "crc32": crc}
+
+
+def check_file(ckpt_dir: Path, manifest: Manifest, name: str, checksum: bool) -> None:
+    """Refuse a recorded file that is missing, of the wrong size, or (with ``checksum``) altered."""
+    path = ckpt_dir / name
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete; {previous_iterations_hint(ckpt_dir)}")
+    recorded = manifest.file_checks.get(name)
+    if recorded is None:  # written before files were recorded
+        return
+    size = path.stat().st_size
+    if size != recorded["size"]:
+        raise CheckpointError(f"{path} has {size} bytes, the manifest records {recorded['size']}: the file is "
+                              f"truncated or damaged; {previous_iterations_hint(ckpt_dir)}")
+    if checksum and file_check(path)["crc32"] != recorded["crc32"]:
+        raise CheckpointError(f"{path} fails its checksum (CRC-32 differs from the manifest's): the file is "
+                              f"damaged; {previous_iterations_hint(ckpt_dir)}")
+
+
+def iteration_is_complete(ckpt_dir: Path) -> bool:
+    """Its manifest reads and every file it records is there at its recorded size."""
+    try:
+        manifest = Manifest.from_json((ckpt_dir / MANIFEST).read_text(), str(ckpt_dir / MANIFEST))
+        for name in [*manifest.files, *manifest.file_checks]:
+            check_file(ckpt_dir, manifest, name, checksum=False)
+    except (OSError, CheckpointError):
+        return False
+    return True
+
+
+def previous_iterations_hint(ckpt_dir: Path) -> str:
+    """What to load instead of the damaged ``ckpt_dir``: the complete iterations beside it."""
+    others = sorted(p for p in ckpt_dir.parent.glob("iter_*")
+                    if p.is_dir() and p != ckpt_dir and not p.name.endswith((".partial", ".old")))
+    complete = [p.name for p in others if iteration_is_complete(p)]
+    if not complete:
+        return f"no other complete iteration in {ckpt_dir.parent}: start again or restore the file"
+    return (f"load the previous iteration instead (checkpoint.load={ckpt_dir.parent / complete[-1]}); "
+            f"complete iterations in {ckpt_dir.parent}: {', '.join(complete)}")
+
+
+def load_torch_file(path: Path, ckpt_dir: Path, **kwargs) -> dict:
+    """``torch.load`` whose failure on a damaged file names the file and what to load instead."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, **kwargs)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {first_line}): the file is "
+                              f"truncated or damaged; {previous_iterations_hint(ckpt_dir)}") from exc
 
 
 # ----------------------------------------------------------------------------- the shard reader
@@ -298,11 +418,14 @@ class ShardReader:
 
     The shard files are memory-mapped: only the pages of the tensors actually read come into
     memory, so converting or resharding a model larger than memory works one tensor at a time.
+    Every shard file's size is checked on opening, and its checksum too with ``verify``.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = False):
         self.directory = resolve_checkpoint_dir(path)
         self.manifest = read_manifest(self.directory)
+        for name in sorted(self.manifest.files):
+            check_file(self.directory, self.manifest, name, checksum=verify)
         self.stage_of = self.manifest.stage_of_params()
         self._files: dict[tuple[int, int], dict] = {}
 
@@ -332,7 +455,7 @@ class ShardReader:
 
     def local_shard(self, tp_rank: int, pp_rank: int) -> dict:
         """One rank's file read whole, not mapped: its tensors become a model's and an optimizer's."""
-        return torch.load(self._path(tp_rank, pp_rank), map_location="cpu", weights_only=False)
+        return load_torch_file(self._path(tp_rank, pp_rank), self.directory)
 
     def _stage_shards(self, name: str) -> list[dict]:
         if name not in self.stage_of:
@@ -342,14 +465,14 @@ class ShardReader:
     def _shard_file(self, tp_rank: int, pp_rank: int) -> dict:
         key = (tp_rank, pp_rank)
         if key not in self._files:
-            self._files[key] = torch.load(self._path(tp_rank, pp_rank), map_location="cpu", mmap=True,
-                                          weights_only=False)
+            self._files[key] = load_torch_file(self._path(tp_rank, pp_rank), self.directory, mmap=True)
         return self._files[key]
 
     def _path(self, tp_rank: int, pp_rank: int) -> Path:
         path = self.directory / shard_file_name(tp_rank, pp_rank)
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+            raise CheckpointError(f"{path} is missing; the checkpoint is incomplete; "
+                                  f"{previous_iterations_hint(self.directory)}")
         return path
 
     def _merge(self, name: str, pieces: list[torch.Tensor]) -> torch.Tensor:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,29 @@ from tqdm import tqdm
 from megatron_lite.parallel.layout import layout_of
 from megatron_lite.training.checkpoint import durable
 from megatron_lite.training.checkpoint.format import (
-    TIED_COPIES, CheckpointError, Manifest, ParamRecord, SavedLayout, ShardReader, fit_vocab_padding,
-    full_shape_of, iteration_dir_name, named_parameters, partial_dir, publish, rng_file, shard_file_name,
-    shard_for_rank,
+    TIED_COPIES, VALUE_HEAD, VOCAB_ROWS, CheckpointError, Manifest, ParamRecord, SavedLayout, ShardReader,
+    check_file, file_check, fit_vocab_padding, full_shape_of, iteration_dir_name, load_torch_file,
+    named_parameters, partial_dir, previous_iterations_hint, publish, rng_file, shard_file_name, shard_for_rank,
 )
 from megatron_lite.training.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
 # A weights-only load may move a language model onto a value head (SFT -> reward model or critic).
-VALUE_HEAD = "value_head."
 LM_HEAD = "output."
+HEAD_KINDS = {"lm": "language model", "value": "value model (reward model or critic)"}
+
+
+@dataclass(frozen=True)
+class LoadPolicy:
+    """How strictly a load checks what it reads (the ``checkpoint`` section's switches)."""
+
+    verify: bool = False  # compare every file's checksum, not only its size
+    exact_resume: bool = True  # a missing rng file is an error, not a warning
+    resize_vocab: bool = False  # a weights-only load onto another vocabulary keeps the shared rows
+
+    @classmethod
+    def of(cls, checkpoint_cfg) -> LoadPolicy:
+        return cls(verify=checkpoint_cfg.verify, exact_resume=checkpoint_cfg.exact_resume,
+                   resize_vocab=checkpoint_cfg.resize_vocab)
 
 
 def _barrier() -> None:
@@ -124,22 +140,26 @@ def save_checkpoint(
     shard_name = shard_file_name(dims.tp_rank, dims.pp_rank)
     writes_shard = dims.dp_rank == 0
     optimizer_state = _optimizer_state(optimizer, named) if optimizer is not None else None  # collective under ZeRO
+    written = [rng_file(partial, _world_rank())]
     if writes_shard:
         shard = {"model": {n: p.detach().cpu() for n, p in named}}
         if optimizer_state is not None:
             shard["optimizer"] = optimizer_state
         durable.save_torch(shard, partial / shard_name)
-    durable.save_torch(capture_rng_state(rng_trackers), rng_file(partial, _world_rank()))
+        written.append(partial / shard_name)
+    durable.save_torch(capture_rng_state(rng_trackers), written[0])
+    checks = {path.relative_to(partial).as_posix(): file_check(path) for path in written}
 
     records = {n: ParamRecord.describe(full_shape_of(p, dims.tp), p.dtype, layout_of(p)) for n, p in named}
-    gathered = _gather_objects((shard_name, records) if writes_shard else None)
+    gathered = _gather_objects(((shard_name, records) if writes_shard else None, checks))
     _barrier()
     if _is_rank0():
-        files, params = _merge_records([g for g in gathered if g is not None])
+        files, params = _merge_records([held for held, _ in gathered if held is not None])
         manifest = Manifest(
             iteration=iteration, layout=SavedLayout.of(dims, config), padded_vocab_size=padded_vocab_size,
             files=files, params=params, train_state=train_state or {}, has_optimizer=optimizer is not None,
-            config=config,
+            config=config, vocab_size=model_chunks[0].config.vocab_size,
+            file_checks={name: check for _, rank_checks in gathered for name, check in sorted(rank_checks.items())},
         )
         publish(save_dir, final, manifest, tokenizer_dir)
     _barrier()
@@ -167,6 +187,46 @@ def _head_swap(manifest: Manifest, named, weights_only: bool) -> set[str]:
     if not weights_only or not model_value_head or any(n.startswith(VALUE_HEAD) for n in saved):
         return set()
     return model_value_head | {n for n in saved if n.startswith(LM_HEAD)}
+
+
+def _check_head(manifest: Manifest, model_head: str, weights_only: bool, value_head_from_lm: bool,
+                source: str) -> None:
+    """A checkpoint's head kind must be the model's, except that a fine-tuning start may put a
+    language model under a new value head (SFT -> reward model, a critic's start)."""
+    saved = manifest.head_kind
+    if saved == model_head or (saved == "lm" and weights_only and value_head_from_lm):
+        return
+    raise CheckpointError(
+        f"{source} holds a {HEAD_KINDS[saved]} (head '{saved}' in its manifest) but a {HEAD_KINDS[model_head]} "
+        f"is needed here; point it at a checkpoint with a '{model_head}' head"
+        + (" (a reward model from python -m megatron_lite rm)" if model_head == "value" else "")
+    )
+
+
+def _check_vocab(manifest: Manifest, model_vocab: int, weights_only: bool, policy: LoadPolicy, source: str) -> bool:
+    """True when the vocabulary rows are to be resized; a mismatch without ``resize_vocab`` is refused,
+    since trimming or padding them would silently re-map tokens."""
+    saved = manifest.real_vocab_size
+    if saved == model_vocab:
+        return False
+    if policy.resize_vocab and weights_only:
+        return True
+    raise CheckpointError(
+        f"{source} was trained with a vocabulary of {saved} tokens, this run's model has {model_vocab}: use the "
+        f"tokenizer the checkpoint was trained with (a copy is in its tokenizer/ directory), or to fine-tune onto "
+        f"the new vocabulary set checkpoint.finetune=true checkpoint.resize_vocab=true"
+    )
+
+
+def _resized_rows(saved_full: torch.Tensor, param: torch.Tensor, dims, shared_rows: int) -> torch.Tensor:
+    """This rank's vocabulary rows: the checkpoint's where both vocabularies have the token, the
+    model's fresh initialization elsewhere (the rows are split over tp in contiguous blocks)."""
+    local = param.detach().cpu().clone()
+    start = dims.tp_rank * local.shape[0]
+    stop = min(start + local.shape[0], shared_rows)
+    if stop > start:
+        local[: stop - start] = saved_full[start:stop]
+    return local
 
 
 def _shape_problems(manifest: Manifest, named, dims, model_padded_vocab: int | None, skip: set[str]) -> list[str]:
@@ -216,10 +276,14 @@ def _reshard(full: torch.Tensor, name: str, param: torch.Tensor, manifest: Manif
     return shard_for_rank(full, name, layout_of(param), dims.tp_rank, dims.tp).clone()
 
 
-def _local_state_from_reader(reader: ShardReader, named, dims, model_pad, with_optimizer: bool):
+def _local_state_from_reader(reader: ShardReader, named, dims, model_pad, with_optimizer: bool,
+                             resized: set[str] = frozenset(), shared_rows: int = 0):
     weights, per_param = {}, {}
     for name, param in tqdm(named, desc="resharding checkpoint", leave=False, disable=not _is_rank0() or len(named) < 100):
         saved = reader.saved_name(name)
+        if name in resized:
+            weights[name] = _resized_rows(reader[saved], param, dims, shared_rows)
+            continue
         weights[name] = _reshard(reader[saved], name, param, reader.manifest, dims, model_pad)
         if with_optimizer:
             state = reader.optimizer_state(saved)
@@ -251,25 +315,38 @@ def load_checkpoint(
     weights_only: bool = False,
     rng_trackers=(),
     padded_vocab_size: int | None = None,
+    policy: LoadPolicy = LoadPolicy(),
+    source_key: str = "checkpoint.load",
+    value_head_from_lm: bool = True,
 ) -> dict:
     """Load a checkpoint into this rank's model chunks.
 
-    Resharding happens automatically when the saved (tp, pp) layout differs. With
-    ``weights_only`` (fine-tuning) the optimizer, RNG and training state are ignored, and a
-    model with a value head may start from a language model's checkpoint (the value head
-    keeps its initialization; the vocabulary head is not read).
+    Every shard file's size is checked first (its checksum too with ``policy.verify``), then the
+    head kind and the vocabulary. Resharding happens automatically when the saved (tp, pp) layout
+    differs. With ``weights_only`` (fine-tuning) the optimizer, RNG and training state are ignored;
+    if ``value_head_from_lm``, a model with a value head may start from a language model's
+    checkpoint (the value head keeps its initialization; the vocabulary head is not read); with
+    ``policy.resize_vocab`` the vocabulary rows both sizes share are kept and the others keep the
+    model's initialization. ``source_key`` is the config key that named ``load_dir``, for messages.
     Returns ``{"iteration", "train_state", "manifest", "resharded", "rng_restored"}``.
     """
-    reader = ShardReader(load_dir)
+    reader = ShardReader(load_dir, verify=policy.verify)
     manifest = reader.manifest
+    source = f"{source_key}={reader.directory}"
+    _check_head(manifest, model_chunks[0].head, weights_only, value_head_from_lm, source)
+    model_vocab = model_chunks[0].config.vocab_size
+    resize = _check_vocab(manifest, model_vocab, weights_only, policy, source)
     named = named_parameters(model_chunks)
     skip = _head_swap(manifest, named, weights_only)
-    _check_fits(reader, named, dims, padded_vocab_size, skip)
+    resized = {n for n, _ in named if n in VOCAB_ROWS and n not in skip} if resize else set()
+    _check_fits(reader, named, dims, padded_vocab_size, skip | resized)
     with_optimizer = optimizer is not None and not weights_only and manifest.has_optimizer
     named = [(n, p) for n, p in named if n not in skip]
-    resharded = bool(skip) or not _same_layout(manifest, named, dims)
+    resharded = bool(skip) or bool(resized) or not _same_layout(manifest, named, dims)
     if resharded:
-        weights, optimizer_state = _local_state_from_reader(reader, named, dims, padded_vocab_size, with_optimizer)
+        weights, optimizer_state = _local_state_from_reader(
+            reader, named, dims, padded_vocab_size, with_optimizer, resized,
+            min(manifest.real_vocab_size, model_vocab))
     else:
         shard = reader.local_shard(dims.tp_rank, dims.pp_rank)
         weights, optimizer_state = shard["model"], shard.get("optimizer") if with_optimizer else None
@@ -278,7 +355,7 @@ def load_checkpoint(
             param.copy_(weights[name].to(dtype=param.dtype))
     if optimizer_state is not None:
         _load_optimizer_state(optimizer, named, optimizer_state)  # after the weights: ZeRO re-reads them
-    rng_restored = not weights_only and _restore_rng(reader, manifest, dims, rng_trackers)
+    rng_restored = not weights_only and _restore_rng(reader, manifest, dims, rng_trackers, policy)
     _barrier()
     return {
         "iteration": 0 if weights_only else manifest.iteration,
@@ -289,11 +366,34 @@ def load_checkpoint(
     }
 
 
-def _restore_rng(reader: ShardReader, manifest: Manifest, dims, rng_trackers) -> bool:
-    """RNG streams belong to ranks: they are restored only when the world is the one that saved them."""
-    saved = rng_file(reader.directory, _world_rank())
+def _saved_rng(reader: ShardReader, manifest: Manifest) -> bool:
+    """Whether the save wrote RNG streams: a live save does, an offline rewrite (reshard, conversion)
+    has none to write. Manifests without file records tell by the rng/ directory."""
+    if manifest.file_checks:
+        return any(name.startswith("rng/") for name in manifest.file_checks)
+    return (reader.directory / "rng").is_dir()
+
+
+def _restore_rng(reader: ShardReader, manifest: Manifest, dims, rng_trackers, policy: LoadPolicy) -> bool:
+    """RNG streams belong to ranks: they are restored only when the world is the one that saved them.
+    Every rank checks every rank's file, so a missing one stops all ranks alike instead of one."""
     layout = manifest.layout
-    if (layout.tp, layout.pp, layout.dp) != (dims.tp, dims.pp, dims.dp) or not saved.is_file():
+    if (layout.tp, layout.pp, layout.dp) != (dims.tp, dims.pp, dims.dp) or not _saved_rng(reader, manifest):
         return False
-    restore_rng_state(torch.load(saved, map_location="cpu", weights_only=False), rng_trackers)
+    missing = [path for path in (rng_file(reader.directory, rank) for rank in range(dims.world_size))
+               if not path.is_file()]
+    if missing:
+        if policy.exact_resume:
+            raise CheckpointError(
+                f"{missing[0]} is missing ({len(missing)} rng file(s) in all): the resume would not be exact "
+                f"(dropout and sampling draws would differ); {previous_iterations_hint(reader.directory)}, "
+                f"or set checkpoint.exact_resume=false to resume without them")
+        if _is_rank0():
+            print(f"warning: {missing[0]} is missing ({len(missing)} rng file(s)); resuming with fresh RNG streams "
+                  f"(checkpoint.exact_resume=false): dropout and sampling draws differ from the saved run",
+                  file=sys.stderr, flush=True)
+        return False
+    saved = rng_file(reader.directory, _world_rank())
+    check_file(reader.directory, manifest, saved.relative_to(reader.directory).as_posix(), checksum=policy.verify)
+    restore_rng_state(load_torch_file(saved, reader.directory), rng_trackers)
     return True

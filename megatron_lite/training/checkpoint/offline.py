@@ -17,16 +17,17 @@ from megatron_lite.parallel.pipeline import chunk_layers
 from megatron_lite.training.checkpoint import durable
 from megatron_lite.training.checkpoint.format import (
     TIED_COPIES, VOCAB_ROWS, CheckpointError, Manifest, ParamRecord, SavedLayout, ShardReader,
-    fit_vocab_padding, iteration_dir_name, named_parameters, partial_dir, publish, shard_file_name,
+    file_check, fit_vocab_padding, iteration_dir_name, named_parameters, partial_dir, publish, shard_file_name,
     shard_for_rank,
 )
 
 # ----------------------------------------------------------------------------- read
 
 
-def load_full_state_dict(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], Manifest]:
-    """All weights merged to the tp=1 layout (vocabulary padding trimmed for tp=1), and the manifest."""
-    reader = ShardReader(ckpt_dir)
+def load_full_state_dict(ckpt_dir: str | Path, verify: bool = False) -> tuple[dict[str, torch.Tensor], Manifest]:
+    """All weights merged to the tp=1 layout (vocabulary padding trimmed for tp=1), and the manifest;
+    ``verify`` checks every shard file's checksum first."""
+    reader = ShardReader(ckpt_dir, verify=verify)
     manifest = reader.manifest
     model_cfg = manifest.config["model"]
     saved_pad = manifest.padded_vocab_size
@@ -47,7 +48,7 @@ def load_full_state_dict(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor],
 def load_full_optimizer_state(ckpt_dir: str | Path) -> dict | None:
     """Every parameter's optimizer state merged to the tp=1 layout (vocabulary padding as saved),
     as ``{"per_param", "groups"}``; None when the checkpoint holds weights only."""
-    reader = ShardReader(ckpt_dir)
+    reader = ShardReader(ckpt_dir)  # sizes only: load_full_state_dict verified the same files
     if not reader.manifest.has_optimizer:
         return None
     per_param = {}
@@ -89,7 +90,7 @@ def save_full_state_dict(
     partial = partial_dir(final)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    files, params = {}, {}
+    files, params, checks = {}, {}, {}
     for pp_rank in range(pp):
         shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
         optimizer_shards: list[dict[str, dict]] = [{} for _ in range(tp)]
@@ -108,11 +109,14 @@ def save_full_state_dict(
             content = {"model": shard}
             if optimizer_state is not None:
                 content["optimizer"] = {"per_param": optimizer_shards[tp_rank], "groups": optimizer_state["groups"]}
-            durable.save_torch(content, partial / shard_file_name(tp_rank, pp_rank))
-            files[shard_file_name(tp_rank, pp_rank)] = sorted(shard)
+            file_name = shard_file_name(tp_rank, pp_rank)
+            durable.save_torch(content, partial / file_name)
+            files[file_name] = sorted(shard)
+            checks[file_name] = file_check(partial / file_name)
     manifest = Manifest(
         iteration=iteration, layout=SavedLayout.of(dims, config), padded_vocab_size=padded, files=files,
         params=params, train_state=train_state or {}, has_optimizer=optimizer_state is not None, config=config,
+        vocab_size=model_cfg.vocab_size, file_checks=checks,
     )
     publish(save_dir, final, manifest, tokenizer_dir)
     return final
