@@ -10,14 +10,11 @@ written by the run that resumes them (or with ``checkpoint.overwrite=true``).
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
 from megatron_lite.config import CheckpointConfig, Config, ConfigError
-from megatron_lite.training.checkpoint.format import LATEST, MANIFEST
-
-_ITERATION_DIR = re.compile(r"iter_\d+")  # not iter_N.partial: an unfinished save is no checkpoint
+from megatron_lite.training.checkpoint.format import LATEST, complete_iterations
 
 
 def latest_checkpoint(save_dir: str | Path) -> str | None:
@@ -26,9 +23,8 @@ def latest_checkpoint(save_dir: str | Path) -> str | None:
     save_dir = Path(save_dir)
     if (save_dir / LATEST).is_file():
         return (save_dir / LATEST).read_text().strip()
-    complete = sorted(p.name for p in save_dir.glob("iter_*")
-                      if _ITERATION_DIR.fullmatch(p.name) and (p / MANIFEST).is_file())
-    return complete[-1] if complete else None
+    complete = complete_iterations(save_dir)
+    return complete[-1].name if complete else None
 
 
 def _same_path(a: str | Path, b: str | Path) -> bool:

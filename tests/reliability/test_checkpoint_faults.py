@@ -243,3 +243,13 @@ def test_a_value_model_is_refused_as_a_policy(tmp_path):
 def test_a_language_model_is_refused_when_resuming_a_value_model(language_model):
     with pytest.raises(CheckpointError, match=r"checkpoint.load=.* holds a language model.*'value' head"):
         resume(language_model, head="value")
+
+
+def test_every_iteration_damaged_names_the_file_and_that_none_is_left(tmp_path):
+    # Listing the other complete iterations must not re-enter the damage report of each one.
+    legacy = Path(__file__).resolve().parents[1] / "training" / "fixtures" / "legacy_checkpoint" / "gpt2" / "iter_0000002"
+    for name in ("iter_0000002", "iter_0000004"):
+        shutil.copytree(legacy, tmp_path / name)
+        (tmp_path / name / "model_tp00_pp000.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"iter_0000004/model_tp00_pp000.pt is missing.*no other complete iteration"):
+        load_full_state_dict(tmp_path / "iter_0000004")

@@ -361,39 +361,50 @@ def file_check(path: Path) -> dict:
     return {"size": path.stat().st_size, "crc32": crc}
 
 
-def check_file(ckpt_dir: Path, manifest: Manifest, name: str, checksum: bool) -> None:
-    """Refuse a recorded file that is missing, of the wrong size, or (with ``checksum``) altered."""
+def file_problem(ckpt_dir: Path, manifest: Manifest, name: str, checksum: bool) -> str | None:
+    """What is wrong with a recorded file (missing, wrong size, or with ``checksum`` altered), or None."""
     path = ckpt_dir / name
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete; {previous_iterations_hint(ckpt_dir)}")
+        return f"{path} is missing; the checkpoint is incomplete"
     recorded = manifest.file_checks.get(name)
     if recorded is None:  # written before files were recorded
-        return
+        return None
     size = path.stat().st_size
     if size != recorded["size"]:
-        raise CheckpointError(f"{path} has {size} bytes, the manifest records {recorded['size']}: the file is "
-                              f"truncated or damaged; {previous_iterations_hint(ckpt_dir)}")
+        return f"{path} has {size} bytes, the manifest records {recorded['size']}: the file is truncated or damaged"
     if checksum and file_check(path)["crc32"] != recorded["crc32"]:
-        raise CheckpointError(f"{path} fails its checksum (CRC-32 differs from the manifest's): the file is "
-                              f"damaged; {previous_iterations_hint(ckpt_dir)}")
+        return f"{path} fails its checksum (CRC-32 differs from the manifest's): the file is damaged"
+    return None
+
+
+def check_file(ckpt_dir: Path, manifest: Manifest, name: str, checksum: bool) -> None:
+    """Refuse a recorded file that is missing, of the wrong size, or (with ``checksum``) altered."""
+    problem = file_problem(ckpt_dir, manifest, name, checksum)
+    if problem:
+        raise CheckpointError(f"{problem}; {previous_iterations_hint(ckpt_dir)}")
 
 
 def iteration_is_complete(ckpt_dir: Path) -> bool:
     """Its manifest reads and every file it records is there at its recorded size."""
     try:
         manifest = Manifest.from_json((ckpt_dir / MANIFEST).read_text(), str(ckpt_dir / MANIFEST))
-        for name in [*manifest.files, *manifest.file_checks]:
-            check_file(ckpt_dir, manifest, name, checksum=False)
     except (OSError, CheckpointError):
         return False
-    return True
+    return not any(file_problem(ckpt_dir, manifest, name, checksum=False)
+                   for name in [*manifest.files, *manifest.file_checks])
+
+
+def complete_iterations(save_dir: Path) -> list[Path]:
+    """The ``iter_*`` directories of ``save_dir`` that are complete, oldest first (an unfinished
+    ``.partial`` save or a replaced ``.old`` one is no checkpoint)."""
+    candidates = sorted(p for p in Path(save_dir).glob("iter_*")
+                        if p.is_dir() and not p.name.endswith((".partial", ".old")))
+    return [p for p in candidates if iteration_is_complete(p)]
 
 
 def previous_iterations_hint(ckpt_dir: Path) -> str:
     """What to load instead of the damaged ``ckpt_dir``: the complete iterations beside it."""
-    others = sorted(p for p in ckpt_dir.parent.glob("iter_*")
-                    if p.is_dir() and p != ckpt_dir and not p.name.endswith((".partial", ".old")))
-    complete = [p.name for p in others if iteration_is_complete(p)]
+    complete = [p.name for p in complete_iterations(ckpt_dir.parent) if p != ckpt_dir]
     if not complete:
         return f"no other complete iteration in {ckpt_dir.parent}: start again or restore the file"
     return (f"load the previous iteration instead (checkpoint.load={ckpt_dir.parent / complete[-1]}); "
