@@ -244,9 +244,17 @@ class TrainConfig:
     min_loss_scale: float = 1.0  # fp16: stop the run when the loss scale is halved below this
     loss_spike_factor: float = 0.0  # warn when a step's loss exceeds this x the recent mean; 0 = off
     device: str = "auto"  # auto | cpu | cuda
+    recompute: str = "none"  # none | selective (attention core, MLP activation) | full (whole layers)
+    recompute_layers: int | None = None  # full: recompute the first N layers of each pipeline chunk; None = all
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("train.recompute", self.recompute, ("none", "selective", "full"))
+        _require(self.recompute_layers is None or self.recompute == "full",
+                 f"train.recompute_layers={self.recompute_layers} applies only to train.recompute=full "
+                 f"(got train.recompute={self.recompute}); set train.recompute=full or drop train.recompute_layers")
+        _require(self.recompute_layers is None or self.recompute_layers > 0,
+                 f"train.recompute_layers must be a positive number of layers or null (all), got {self.recompute_layers}")
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         for name in ("micro_batch_size", "global_batch_size", "max_steps"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")

@@ -27,6 +27,7 @@ from megatron_lite.model import ops
 from megatron_lite.model.heads import HEADS, ValueHead
 from megatron_lite.model.init import init_parameters
 from megatron_lite.model.layout_check import check_layout
+from megatron_lite.model.recompute import RecomputePolicy, rebuilt_in_backward, recomputed
 from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size
 from megatron_lite.parallel.layers import (
     ColumnParallelLinear,
@@ -80,8 +81,11 @@ def local_kv_heads(cfg: ModelConfig, tp: int) -> int:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dims: ParallelDims, layer_index: int, rng_tracker: RNGStatesTracker):
+    def __init__(self, cfg: ModelConfig, dims: ParallelDims, layer_index: int, rng_tracker: RNGStatesTracker,
+                 recompute_core: bool = False):
+        """``recompute_core``: keep only q, k, v of the attention core and run it again in backward."""
         super().__init__()
+        self.recompute_core = recompute_core
         self.layer_index, self.head_dim = layer_index, cfg.head_dim
         self.kv_heads = local_kv_heads(cfg, dims.tp)  # on this rank
         self.q_per_kv = cfg.num_heads // dims.tp // self.kv_heads  # on this rank
@@ -108,15 +112,25 @@ class Attention(nn.Module):
             q, k = ops.apply_rope(q, rope, self.rope_backend), ops.apply_rope(k, rope, self.rope_backend)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, S, nkv, hd), S = cached + T
+        if self.recompute_core and torch.is_grad_enabled():
+            y = recomputed(self._core, q, k, v, attention_mask, rng_tracker=self.attention_dropout.tracker)
+        else:
+            y = self._core(q, k, v, attention_mask)  # (B, T, nh, hd)
+        return self.proj(y.reshape(B, T, -1))  # (B, T, H)
+
+    def _core(self, q, k, v, attention_mask):
+        """softmax(q k^T) v with attention dropout: (B, T, nh, hd)."""
         dropout = self.attention_dropout
         with dropout.random_stream():
-            y = ops.attention(q, k, v, True, self.attention_backend, dropout.rate, attention_mask)  # (B, T, nh, hd)
-        return self.proj(y.reshape(B, T, -1))  # (B, T, H)
+            return ops.attention(q, k, v, True, self.attention_backend, dropout.rate, attention_mask)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dims: ParallelDims):
+    def __init__(self, cfg: ModelConfig, dims: ParallelDims, recompute_activation: bool = False):
+        """``recompute_activation``: the output projection's backward rebuilds the activation's output
+        from its input instead of keeping it."""
         super().__init__()
+        self.recompute_activation = recompute_activation
         self.activation, self.backend = cfg.activation, cfg.elementwise_backend
         parallel = dict(bias=cfg.bias, group=dims.tp_group, sequence_parallel=dims.sequence_parallel,
                         device=dims.device)
@@ -129,12 +143,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)  # (B, T, ffn/tp), or (B, T, 2 ffn/tp) for swiglu
+        a = self._activation(h)  # (B, T, ffn/tp)
+        if not (self.recompute_activation and torch.is_grad_enabled()):
+            return self.proj(a)  # (B, T, H)
+        # The activation's own backward keeps h: a is rebuilt from it rather than kept beside it.
+        with rebuilt_in_backward(a, lambda: self._activation(h)):
+            return self.proj(a)
+
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)  # (B, T, ffn/tp) each
-            h = ops.swiglu(gate, up, self.backend)
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.proj(h)  # (B, T, H)
+            return ops.swiglu(gate, up, self.backend)
+        return F.gelu(h, approximate="tanh")
 
 
 def residual_dropout(cfg: ModelConfig, dims: ParallelDims, rng_tracker: RNGStatesTracker) -> ParallelDropout:
@@ -143,13 +163,15 @@ def residual_dropout(cfg: ModelConfig, dims: ParallelDims, rng_tracker: RNGState
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, dims: ParallelDims, layer_index: int, rng_tracker: RNGStatesTracker):
+    def __init__(self, cfg: ModelConfig, dims: ParallelDims, layer_index: int, rng_tracker: RNGStatesTracker,
+                 recompute: RecomputePolicy = RecomputePolicy()):
         super().__init__()
         sp = dims.sequence_parallel
         self.attention_norm = Norm(cfg, sp, dims.device, group=dims.tp_group)
-        self.attention = Attention(cfg, dims, layer_index, rng_tracker)
+        self.attention = Attention(cfg, dims, layer_index, rng_tracker,
+                                   recompute_core=recompute.recomputes_attention_core(cfg.attention_backend))
         self.mlp_norm = Norm(cfg, sp, dims.device, group=dims.tp_group)
-        self.mlp = MLP(cfg, dims)
+        self.mlp = MLP(cfg, dims, recompute_activation=recompute.selective)
         self.dropout = residual_dropout(cfg, dims, rng_tracker)
 
     def forward(self, x, rope=None, kv_cache: KVCache | None = None, attention_mask=None):
@@ -190,11 +212,13 @@ class GPT(nn.Module):
         seed: int = 1234,
         rng_tracker: RNGStatesTracker | None = None,
         head: str = "lm",
+        recompute: RecomputePolicy = RecomputePolicy(),
     ):
         """``rng_tracker``: the dropout streams, shared by the chunks of a rank (virtual pipeline); None
         builds a new one from ``seed``. Construction leaves torch's default generator untouched.
         ``head``: "lm" (next-token logits over the vocabulary) or "value" (one scalar per position:
-        the reward model's and the PPO critic's head, in place of the vocabulary head)."""
+        the reward model's and the PPO critic's head, in place of the vocabulary head).
+        ``recompute``: which activations backward rebuilds instead of keeping (``model/recompute.py``)."""
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head={head!r} is not one of {', '.join(HEADS)}")
@@ -210,9 +234,12 @@ class GPT(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, dims.tp)
         self.rng_tracker = rng_tracker or model_parallel_rng_tracker(seed, dims.tp_rank, dims.pp_rank, dims.device)
+        recompute.check_chunks([len(self.layer_range)])
+        self.recompute = recompute
 
         self.embedding = Embedding(cfg, dims, self.padded_vocab_size, self.rng_tracker) if pre_process else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg, dims, i, self.rng_tracker) for i in self.layer_range})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, dims, i, self.rng_tracker, recompute)
+                                     for i in self.layer_range})
         self.final_norm = Norm(cfg, dims.sequence_parallel, dims.device, group=dims.tp_group) if post_process else None
         self.output = self.value_head = None
         if post_process and head == "value":
@@ -249,8 +276,8 @@ class GPT(nn.Module):
         rope = None
         if self.config.position_embedding == "rope":
             rope = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
-        for block in self.layers.values():
-            x = block(x, rope, kv_cache, attention_mask)
+        for position, block in enumerate(self.layers.values()):
+            x = self._run_block(position, block, x, rope, kv_cache, attention_mask)
         if kv_cache is not None:  # one cache per chunk: this chunk's layers have stored these positions
             kv_cache.length += full_length
         if not self.post_process:
@@ -261,6 +288,13 @@ class GPT(nn.Module):
         if labels is None:
             return logits
         return ops.cross_entropy(logits, labels, self.config.vocab_size, self.dims.tp_group, self.config.loss_backend)
+
+    def _run_block(self, position: int, block: Block, x: torch.Tensor, *args) -> torch.Tensor:
+        """The chunk's ``position``-th block on x; under full recomputation only x (and the block's
+        other arguments) is kept for backward. Decoding with a cache runs without autograd."""
+        if self.recompute.recomputes_layer(position) and torch.is_grad_enabled():
+            return recomputed(block, x, *args, rng_tracker=self.rng_tracker)
+        return block(x, *args)
 
     def _full_length(self, inputs: torch.Tensor) -> int:
         """T of the whole sequence: a later stage under sequence parallelism receives its shard."""

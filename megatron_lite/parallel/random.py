@@ -10,6 +10,11 @@ Dropout never draws from the default generator. A tracker holds two named stream
 Both are offset per pipeline stage. ``tracker.fork(name)`` swaps a stream in for the duration of a
 block and leaves the default generator as it found it. A model builds one ``ParallelDropout`` per
 dropout site, which knows its stream, so ``forward`` passes no random state around.
+
+Activation recomputation runs a forward twice and must drop the same elements both times:
+``tracker.recompute_contexts()`` gives the pair of contexts that records the streams around the
+first run and replays them around the second (torch's checkpoint restores only the default and
+CUDA generators, not these streams).
 """
 
 from __future__ import annotations
@@ -52,6 +57,31 @@ class RNGStatesTracker:
         finally:
             self._states[name] = self._capture()
             self._restore(saved)
+
+    def recompute_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """(record, replay) for one recomputed region: ``record`` wraps the original forward and notes
+        every stream's state at its start; ``replay`` wraps the recomputed forward, starts the streams
+        from those states, and afterwards puts back the states they had before the replay, so the
+        streams go on as if nothing had been recomputed."""
+        recorded: dict[str, dict[str, torch.Tensor]] = {}
+
+        @contextlib.contextmanager
+        def record() -> Iterator[None]:
+            recorded.update(self.get_states())
+            yield
+
+        @contextlib.contextmanager
+        def replay() -> Iterator[None]:
+            if not recorded:
+                raise RuntimeError("replaying random streams that were never recorded: enter record() first")
+            current = self._states
+            self._states = {name: {k: v.clone() for k, v in state.items()} for name, state in recorded.items()}
+            try:
+                yield
+            finally:
+                self._states = current
+
+        return record(), replay()
 
     def get_states(self) -> dict[str, Any]:
         return {name: {k: v.clone() for k, v in state.items()} for name, state in self._states.items()}

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron_lite.config import Config, ConfigError, config_from_dict
 from megatron_lite.model.layout_check import check_layout, kv_replicas_for
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.parallel.pipeline import my_layer_ranges
+from megatron_lite.parallel.pipeline import my_layer_ranges, stage_layer_ranges
 from megatron_lite.training.run_directory import resolved_load
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -125,7 +125,11 @@ def build_model_chunks(cfg: Config, dims: ParallelDims, head: str = "lm") -> lis
     """This rank's model chunks, chunk 0 first, on ``dims.device``; they share one dropout RNG tracker.
     ``head``: the last chunk's head, "lm" or "value" (see ``GPT``)."""
     from megatron_lite.model.gpt import GPT
+    from megatron_lite.model.recompute import RecomputePolicy
 
+    recompute = RecomputePolicy.from_config(cfg.train)
+    # Every rank checks every chunk, so a bad setting stops all ranks alike.
+    recompute.check_chunks([len(r) for r in stage_layer_ranges(cfg.model.num_layers, dims)])
     ranges = my_layer_ranges(cfg.model.num_layers, dims)
     chunks = []
     for index, layer_range in enumerate(ranges):
@@ -133,7 +137,7 @@ def build_model_chunks(cfg: Config, dims: ParallelDims, head: str = "lm") -> lis
         post_process = dims.is_last_stage and index == len(ranges) - 1
         chunk = GPT(cfg.model, dims=dims, layer_range=layer_range, pre_process=pre_process,
                     post_process=post_process, seed=cfg.train.seed,
-                    rng_tracker=chunks[0].rng_tracker if chunks else None, head=head)
+                    rng_tracker=chunks[0].rng_tracker if chunks else None, head=head, recompute=recompute)
         chunks.append(chunk.to(dims.device))
     return chunks
 

@@ -1,0 +1,100 @@
+"""Activation recomputation: saved-activation bytes and forward + backward time per mode. Prints Markdown.
+
+    python tools/bench_recompute.py [--flavor gpt2] [--layers 4] [--hidden 256] [--heads 8] [--seq 256]
+                                    [--micro-batch 4] [--dropout 0.1] [--repeat 5]
+
+One process, fp32, on the model's device (CPU here). Rows: ``none``; ``selective`` split into its
+two parts (the attention core alone, the MLP activation alone) and both together (what
+``train.recompute=selective`` runs); ``full`` for every layer and for the first half of them
+(``train.recompute_layers``). Bytes are those autograd keeps for backward, counted as
+``training/activation_memory.py`` counts them; times are the best of ``--repeat`` forward +
+backward passes of one micro-batch, every mode in turn, so a slow spell of a shared machine
+falls on all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from megatron_lite.config import FLAVOR_PRESETS, ModelConfig
+from megatron_lite.model.gpt import GPT
+from megatron_lite.model.recompute import RecomputePolicy
+from megatron_lite.training.activation_memory import saved_tensor_bytes
+
+VOCAB = 512
+
+
+def variants(num_layers: int) -> dict[str, tuple[RecomputePolicy, bool, bool]]:
+    """name: (policy, recompute the attention core, recompute the MLP activation)."""
+    selective = RecomputePolicy("selective")
+    return {
+        "none": (RecomputePolicy(), False, False),
+        "selective: attention core only": (selective, True, False),
+        "selective: MLP activation only": (selective, False, True),
+        "selective (both, the shipped mode)": (selective, True, True),
+        f"full, first {num_layers // 2} of {num_layers} layers": (RecomputePolicy("full", max(1, num_layers // 2)),
+                                                                   False, False),
+        "full": (RecomputePolicy("full"), False, False),
+    }
+
+
+def build(cfg: ModelConfig, policy: RecomputePolicy, attention_core: bool, mlp_activation: bool) -> GPT:
+    model = GPT(cfg, seed=1, recompute=policy)
+    for block in model.layers.values():  # the split rows switch one half of selective off
+        block.attention.recompute_core = attention_core
+        block.mlp.recompute_activation = mlp_activation
+    return model.train()
+
+
+def step_seconds(model: GPT, tokens: torch.Tensor, labels: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(tokens, labels).mean().backward()
+    took = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flavor", choices=sorted(FLAVOR_PRESETS), default="gpt2")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    cfg = ModelConfig(flavor=args.flavor, num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
+                      seq_length=args.seq, vocab_size=VOCAB, dropout=args.dropout)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (args.micro_batch, args.seq), generator=generator)
+    labels = torch.randint(0, VOCAB, (args.micro_batch, args.seq), generator=generator)
+
+    models = {name: build(cfg, *variant) for name, variant in variants(args.layers).items()}
+    saved = {}
+    for name, model in models.items():
+        saved[name], loss = saved_tensor_bytes(lambda: model(tokens, labels), list(model.parameters()))
+        loss.mean().backward()  # also the untimed first pass
+        model.zero_grad(set_to_none=True)
+    best = {name: float("inf") for name in models}
+    for _ in range(args.repeat):
+        for name, model in models.items():
+            best[name] = min(best[name], step_seconds(model, tokens, labels))
+
+    print(f"{args.flavor}: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, seq {args.seq}, "
+          f"micro-batch {args.micro_batch}, dropout {args.dropout}, fp32; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
+    print("| mode | saved activations (MiB) | vs none | forward + backward (ms) | vs none |")
+    print("|---|---:|---:|---:|---:|")
+    for name in models:
+        print(f"| {name} | {saved[name] / 2**20:.2f} | {saved[name] / saved['none']:.2f}x | "
+              f"{best[name] * 1e3:.1f} | {best[name] / best['none']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
