@@ -1,15 +1,16 @@
 """Activation recomputation: saved-activation bytes and forward + backward time per mode. Prints Markdown.
 
     python tools/bench_recompute.py [--flavor gpt2] [--layers 4] [--hidden 256] [--heads 8] [--seq 256]
-                                    [--micro-batch 4] [--dropout 0.1] [--repeat 5]
+                                    [--micro-batch 4] [--dropout 0.1] [--repeat 5] [--threads 1]
 
 One process, fp32, on the model's device (CPU here). Rows: ``none``; ``selective`` split into its
 two parts (the attention core alone, the MLP activation alone) and both together (what
 ``train.recompute=selective`` runs); ``full`` for every layer and for the first half of them
 (``train.recompute_layers``). Bytes are those autograd keeps for backward, counted as
 ``training/activation_memory.py`` counts them; times are the best of ``--repeat`` forward +
-backward passes of one micro-batch, every mode in turn, so a slow spell of a shared machine
-falls on all of them.
+backward passes of one micro-batch, every mode in turn. Times are CPU seconds of the process
+on ``--threads`` threads (1 by default): on a shared machine the wall clock mostly measures the
+neighbours, the CPU time spent on the step does not.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def build(cfg: ModelConfig, policy: RecomputePolicy, attention_core: bool, mlp_a
 
 
 def step_seconds(model: GPT, tokens: torch.Tensor, labels: torch.Tensor) -> float:
-    start = time.perf_counter()
+    start = time.process_time()
     model(tokens, labels).mean().backward()
-    took = time.perf_counter() - start
+    took = time.process_time() - start
     model.zero_grad(set_to_none=True)
     return took
 
@@ -68,7 +69,9 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     cfg = ModelConfig(flavor=args.flavor, num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
                       seq_length=args.seq, vocab_size=VOCAB, dropout=args.dropout)
     generator = torch.Generator().manual_seed(0)
@@ -89,7 +92,7 @@ def main() -> None:
     print(f"{args.flavor}: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, seq {args.seq}, "
           f"micro-batch {args.micro_batch}, dropout {args.dropout}, fp32; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
-    print("| mode | saved activations (MiB) | vs none | forward + backward (ms) | vs none |")
+    print("| mode | saved activations (MiB) | vs none | forward + backward (CPU ms) | vs none |")
     print("|---|---:|---:|---:|---:|")
     for name in models:
         print(f"| {name} | {saved[name] / 2**20:.2f} | {saved[name] / saved['none']:.2f}x | "

@@ -169,7 +169,8 @@ class Block(nn.Module):
         sp = dims.sequence_parallel
         self.attention_norm = Norm(cfg, sp, dims.device, group=dims.tp_group)
         self.attention = Attention(cfg, dims, layer_index, rng_tracker,
-                                   recompute_core=recompute.recomputes_attention_core(cfg.attention_backend))
+                                   recompute_core=recompute.recomputes_attention_core(cfg.attention_backend,
+                                                                                      cfg.dropout, dims.device))
         self.mlp_norm = Norm(cfg, sp, dims.device, group=dims.tp_group)
         self.mlp = MLP(cfg, dims, recompute_activation=recompute.selective)
         self.dropout = residual_dropout(cfg, dims, rng_tracker)

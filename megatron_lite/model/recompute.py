@@ -14,9 +14,12 @@
 Recomputed forwards replay the dropout streams of ``RNGStatesTracker`` (and torch's default
 generator), so the gradients equal the ones without recomputation bit for bit.
 
-The fused attention kernels (``model.attention_backend`` triton or flash_attn) already keep only
-q, k, v, the output and the log-sum-exp: their attention is selective by construction, so
-``selective`` rebuilds only the MLP activation there.
+A fused attention kernel keeps only q, k, v, the output and the log-sum-exp: its attention is
+selective by construction, and running it again would cost a whole attention forward for the
+log-sum-exp alone. That is our Triton kernel and flash_attn, and torch's
+``scaled_dot_product_attention`` everywhere but on its math path, which it takes for attention
+dropout off a GPU (its CPU flash kernel has no dropout; on CUDA its fused kernels drop inside).
+There ``selective`` rebuilds the MLP activation only.
 """
 
 from __future__ import annotations
@@ -32,8 +35,12 @@ from megatron_lite.config import ConfigError
 from megatron_lite.parallel.random import RNGStatesTracker
 
 MODES = ("none", "selective", "full")
-# Attention backends whose forward keeps the (B, nh, T, S) probabilities for backward.
-SCORE_SAVING_ATTENTION = ("torch",)
+
+
+def attention_keeps_probabilities(attention_backend: str, dropout: float, device: torch.device | str) -> bool:
+    """Whether the attention forward keeps its (B, nh, T, S) probabilities for backward: only torch's
+    SDPA on its math path, which it takes for dropout off a GPU (see the module docstring)."""
+    return attention_backend == "torch" and dropout > 0 and torch.device(device).type != "cuda"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +70,8 @@ class RecomputePolicy:
         """Whether the chunk's ``position``-th layer (0 = its first) is recomputed whole."""
         return self.mode == "full" and (self.layers is None or position < self.layers)
 
-    def recomputes_attention_core(self, attention_backend: str) -> bool:
-        return self.selective and attention_backend in SCORE_SAVING_ATTENTION
+    def recomputes_attention_core(self, attention_backend: str, dropout: float, device: torch.device | str) -> bool:
+        return self.selective and attention_keeps_probabilities(attention_backend, dropout, device)
 
     def check_chunks(self, chunk_layer_counts: list[int]) -> None:
         """Refuse ``layers`` above the layers of the smallest pipeline chunk, with the reason."""

@@ -125,10 +125,12 @@ def test_saved_activation_bytes_scale_with_the_micro_batch():
     assert saved_activation_bytes(cfg, micro_batch_size=4) == 2 * saved_activation_bytes(cfg) - position_ids
 
 
-def test_selective_with_a_fused_attention_kernel_recomputes_only_the_mlp_activation():
-    """The Triton kernel keeps only q, k, v, out and the log-sum-exp: its attention is selective
-    already, so selective leaves it alone and rebuilds the MLP activation (B, T, ffn) alone."""
-    cfg = tiny("gpt2", attention_backend="triton", num_layers=2, seq_length=16)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_selective_leaves_fused_attention_alone_and_rebuilds_the_mlp_activation(backend):
+    """The Triton kernel, and SDPA without dropout on CPU (its flash kernel), keep only q, k, v, out
+    and the log-sum-exp: that attention is selective already, so selective leaves it alone and
+    rebuilds the MLP activation (B, T, ffn) alone."""
+    cfg = tiny("gpt2", attention_backend=backend, num_layers=2, seq_length=16)
     ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
     saved, grads = {}, {}
     for mode in ("none", "selective"):
@@ -142,6 +144,19 @@ def test_selective_with_a_fused_attention_kernel_recomputes_only_the_mlp_activat
     assert saved["none"] - saved["selective"] == cfg.num_layers * 2 * 16 * cfg.ffn_hidden_size * 4
     for name, grad in grads["none"].items():
         assert torch.equal(grads["selective"][name], grad), name
+
+
+def test_selective_recomputes_attention_only_where_it_keeps_probabilities():
+    """SDPA's math path (dropout on CPU) keeps the (B, nh, T, T) probabilities; selective drops them."""
+    policy = RecomputePolicy("selective")
+    assert policy.recomputes_attention_core("torch", 0.1, "cpu")
+    assert not policy.recomputes_attention_core("torch", 0.0, "cpu")
+    assert not policy.recomputes_attention_core("torch", 0.1, "cuda")
+    assert not RecomputePolicy("full").recomputes_attention_core("torch", 0.1, "cpu")
+    model = GPT(tiny("llama", dropout=0.1), recompute=policy)
+    assert all(b.attention.recompute_core for b in model.layers.values())
+    # Attention probabilities of a layer (B=2, nh=4, T=32, T) fp32, and their dropout mask, at least.
+    assert measured("llama", "none", 0.1) - measured("llama", "selective", 0.1) > 2 * 2 * 4 * 32 * 32 * 4
 
 
 def test_forward_without_autograd_recomputes_nothing_and_generation_is_unchanged():
