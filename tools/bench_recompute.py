@@ -4,8 +4,9 @@
                                     [--micro-batch 4] [--dropout 0.1] [--repeat 5] [--threads 1]
 
 One process, fp32, on the model's device (CPU here). Rows: ``none``; ``selective`` split into its
-two parts (the attention core alone, the MLP activation alone) and both together (what
-``train.recompute=selective`` runs); ``full`` for every layer and for the first half of them
+two parts (the attention core alone, the MLP activation alone, each forced on) and
+``selective`` as ``train.recompute=selective`` runs it (the attention core only where the
+attention keeps its probabilities, see ``model/recompute.py``); ``full`` for every layer and for the first half of them
 (``train.recompute_layers``). Bytes are those autograd keeps for backward, counted as
 ``training/activation_memory.py`` counts them; times are the best of ``--repeat`` forward +
 backward passes of one micro-batch, every mode in turn. Times are CPU seconds of the process
@@ -29,25 +30,23 @@ from megatron_lite.training.activation_memory import saved_tensor_bytes
 VOCAB = 512
 
 
-def variants(num_layers: int) -> dict[str, tuple[RecomputePolicy, bool, bool]]:
-    """name: (policy, recompute the attention core, recompute the MLP activation)."""
+def variants(num_layers: int) -> dict[str, tuple[RecomputePolicy, tuple[bool, bool] | None]]:
+    """name: (policy, None or forced (recompute the attention core, recompute the MLP activation))."""
     selective = RecomputePolicy("selective")
     return {
-        "none": (RecomputePolicy(), False, False),
-        "selective: attention core only": (selective, True, False),
-        "selective: MLP activation only": (selective, False, True),
-        "selective (both, the shipped mode)": (selective, True, True),
-        f"full, first {num_layers // 2} of {num_layers} layers": (RecomputePolicy("full", max(1, num_layers // 2)),
-                                                                   False, False),
-        "full": (RecomputePolicy("full"), False, False),
+        "none": (RecomputePolicy(), None),
+        "attention core only": (selective, (True, False)),
+        "MLP activation only": (selective, (False, True)),
+        "selective": (selective, None),
+        f"full, first {num_layers // 2} of {num_layers} layers": (RecomputePolicy("full", max(1, num_layers // 2)), None),
+        "full": (RecomputePolicy("full"), None),
     }
 
 
-def build(cfg: ModelConfig, policy: RecomputePolicy, attention_core: bool, mlp_activation: bool) -> GPT:
+def build(cfg: ModelConfig, policy: RecomputePolicy, forced: tuple[bool, bool] | None) -> GPT:
     model = GPT(cfg, seed=1, recompute=policy)
-    for block in model.layers.values():  # the split rows switch one half of selective off
-        block.attention.recompute_core = attention_core
-        block.mlp.recompute_activation = mlp_activation
+    for block in model.layers.values() if forced else ():  # the rows that measure one half of selective
+        block.attention.recompute_core, block.mlp.recompute_activation = forced
     return model.train()
 
 

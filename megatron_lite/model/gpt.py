@@ -82,7 +82,7 @@ def local_kv_heads(cfg: ModelConfig, tp: int) -> int:
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, dims: ParallelDims, layer_index: int, rng_tracker: RNGStatesTracker,
-                 recompute_core: bool = False):
+                 *, recompute_core: bool = False):
         """``recompute_core``: keep only q, k, v of the attention core and run it again in backward."""
         super().__init__()
         self.recompute_core = recompute_core
@@ -126,7 +126,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dims: ParallelDims, recompute_activation: bool = False):
+    def __init__(self, cfg: ModelConfig, dims: ParallelDims, *, recompute_activation: bool = False):
         """``recompute_activation``: the output projection's backward rebuilds the activation's output
         from its input instead of keeping it."""
         super().__init__()
@@ -164,7 +164,7 @@ def residual_dropout(cfg: ModelConfig, dims: ParallelDims, rng_tracker: RNGState
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, dims: ParallelDims, layer_index: int, rng_tracker: RNGStatesTracker,
-                 recompute: RecomputePolicy = RecomputePolicy()):
+                 *, recompute: RecomputePolicy = RecomputePolicy()):
         super().__init__()
         sp = dims.sequence_parallel
         self.attention_norm = Norm(cfg, sp, dims.device, group=dims.tp_group)
@@ -239,7 +239,7 @@ class GPT(nn.Module):
         self.recompute = recompute
 
         self.embedding = Embedding(cfg, dims, self.padded_vocab_size, self.rng_tracker) if pre_process else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg, dims, i, self.rng_tracker, recompute)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, dims, i, self.rng_tracker, recompute=recompute)
                                      for i in self.layer_range})
         self.final_norm = Norm(cfg, dims.sequence_parallel, dims.device, group=dims.tp_group) if post_process else None
         self.output = self.value_head = None

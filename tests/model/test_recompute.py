@@ -1,5 +1,9 @@
 """Activation recomputation: bitwise-equal gradients with dropout, fewer saved bytes, refused misuse."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,3 +193,21 @@ def test_recompute_settings_that_cannot_apply_are_refused():
         RecomputePolicy("full", 2).check_chunks([3, 1])
     with pytest.raises(ConfigError, match="train.recompute_layers=1 applies only to train.recompute=full"):
         RecomputePolicy("none", 1)
+
+
+def test_bench_recompute_prints_every_mode(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "bench_recompute", Path(__file__).resolve().parents[2] / "tools" / "bench_recompute.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["bench_recompute.py", "--layers", "2", "--hidden", "32", "--heads", "4",
+                                      "--seq", "16", "--micro-batch", "2", "--repeat", "1"])
+    threads = torch.get_num_threads()
+    bench.main()
+    torch.set_num_threads(threads)
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "MiB" not in line}
+    assert list(rows) == ["none", "attention core only", "MLP activation only", "selective",
+                          "full, first 1 of 2 layers", "full"]
+    mib = {name: float(cells[1]) for name, cells in rows.items()}
+    assert mib["none"] > mib["selective"] > mib["full"]
