@@ -29,6 +29,7 @@ import dataclasses
 from typing import Callable, Iterator
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.config import ConfigError
@@ -87,7 +88,14 @@ class RecomputePolicy:
 def recomputed(function: Callable[..., torch.Tensor], *args, rng_tracker: RNGStatesTracker) -> torch.Tensor:
     """``function(*args)``, keeping only ``args`` for backward and running ``function`` again there, with
     the dropout streams (and torch's default generator) replayed so that it draws the same masks."""
-    return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True,
+    # Tensors inside containers (rope's (cos, sin)) are passed loose, so that checkpoint keeps them
+    # as saved tensors, visible to saved-tensor hooks, rather than as hidden references.
+    leaves, structure = tree_flatten(args)
+
+    def run(*flat_args):
+        return function(*tree_unflatten(list(flat_args), structure))
+
+    return checkpoint(run, *leaves, use_reentrant=False, preserve_rng_state=True,
                       context_fn=rng_tracker.recompute_contexts)
 
 

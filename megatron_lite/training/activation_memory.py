@@ -53,8 +53,10 @@ def chunk_saved_bytes(chunk: nn.Module, inputs: torch.Tensor, labels: torch.Tens
 def saved_activation_bytes(cfg: Config, dims: ParallelDims | None = None, micro_batch_size: int | None = None) -> int:
     """Bytes of activations this rank keeps for backward per micro-batch, summed over its model chunks.
 
-    ``cfg``: a config with ``model.vocab_size`` set; ``dims``: this rank's place in the grid (every
-    tp rank of the stage must call it together, as their layers communicate); None: one process.
+    ``cfg``: a config with ``model.vocab_size`` set; ``dims``: this rank's place in the grid; None: one
+    process holding the whole model. At tp = 1 any pipeline rank can be measured in one process with
+    ``ParallelDims.for_world(cfg.parallel, world_size, rank)`` (no process groups needed); at tp > 1
+    the tp ranks of the stage call it together with their real ``dims``, as their layers communicate.
     ``micro_batch_size``: None takes ``train.micro_batch_size``. The sequence is ``model.seq_length``.
     """
     dims = dims or ParallelDims.single()

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.model.gpt import GPT
 from megatron_lite.model.recompute import RecomputePolicy, rebuilt_in_backward
+from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.random import TP_STREAM, model_parallel_rng_tracker
 from megatron_lite.training.activation_memory import saved_activation_bytes, saved_tensor_bytes
 from tests.model.test_gpt import tiny
@@ -119,6 +120,22 @@ def test_saved_activation_bytes_fall_with_each_mode(flavor, dropout):
     # Full recomputation keeps each layer's input (B, T, H) fp32 and little else per layer.
     layer_input = 2 * 32 * 32 * 4
     assert full - measured(flavor, "full", dropout, "model.num_layers=1") == layer_input
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_pipeline_ranks_measured_in_one_process_add_up_to_the_whole_model(flavor, mode):
+    overrides = [f"model.flavor={flavor}", "model.num_layers=4", "model.hidden_size=32", "model.num_heads=4",
+                 "model.seq_length=32", "model.vocab_size=50", "model.dropout=0.1", f"train.recompute={mode}",
+                 "train.micro_batch_size=2"] + (["model.num_kv_heads=2"] if flavor == "llama" else [])
+    whole = saved_activation_bytes(load_config(None, overrides))
+    cfg = load_config(None, overrides + ["parallel.pp=2", "parallel.virtual_pp=2"])
+    stages = [saved_activation_bytes(cfg, ParallelDims.for_world(cfg.parallel, 2, rank)) for rank in range(2)]
+    assert stages[0] < stages[1]  # the last stage also keeps the logits for the loss
+    # A chunk's input is what the previous chunk's last layer would have kept for the next one; only
+    # the rope tables (cos and sin, (B, T, 1, hd) fp32) are built once per chunk, four times here.
+    rope_tables = 3 * 2 * (2 * 32 * 8 * 4) if flavor == "llama" else 0
+    assert sum(stages) == whole + rope_tables
 
 
 def test_saved_activation_bytes_scale_with_the_micro_batch():
