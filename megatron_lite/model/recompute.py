@@ -78,10 +78,11 @@ class RecomputePolicy:
         """Refuse ``layers`` above the layers of the smallest pipeline chunk, with the reason."""
         if self.layers is None or not chunk_layer_counts or self.layers <= min(chunk_layer_counts):
             return
+        smallest = min(chunk_layer_counts)
         raise ConfigError(
-            f"train.recompute_layers={self.layers} exceeds the {min(chunk_layer_counts)} layers of the smallest "
-            f"pipeline chunk (layers per chunk: {chunk_layer_counts}); set it to at most {min(chunk_layer_counts)}, "
-            f"or null to recompute every layer"
+            f"train.recompute_layers={self.layers} is more than the smallest pipeline chunk holds ({smallest} "
+            f"layer{'s' if smallest != 1 else ''}; layers per chunk: {chunk_layer_counts}); set it to at most "
+            f"{smallest}, or null to recompute every layer"
         )
 
 

@@ -15,6 +15,7 @@ from megatron_lite.model.recompute import RecomputePolicy, rebuilt_in_backward
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.random import TP_STREAM, model_parallel_rng_tracker
 from megatron_lite.training.activation_memory import saved_activation_bytes, saved_tensor_bytes
+from megatron_lite.training.setup import build_model_chunks
 from tests.model.test_gpt import tiny
 
 POLICIES = {
@@ -50,6 +51,22 @@ def test_gradients_equal_no_recomputation_bitwise_with_dropout(flavor, policy):
         assert torch.equal(grads[name], grad), name
     # The streams go on as if nothing had been recomputed, and so does the default generator.
     assert torch.equal(torch.get_rng_state(), reference_rng)
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_gradients_equal_no_recomputation_bitwise_under_bf16_autocast(flavor):
+    """The recomputed forward runs under the autocast state of the original one."""
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for mode in ("none", "selective", "full"):
+        model = GPT(tiny(flavor, dropout=0.2), seed=3, recompute=RecomputePolicy(mode))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids)
+        loss.mean().backward()
+        grads[mode] = {name: p.grad for name, p in model.named_parameters()}
+    for mode in ("selective", "full"):
+        for name, grad in grads["none"].items():
+            assert torch.equal(grads[mode][name], grad), f"{mode}: {name}"
 
 
 def test_recomputed_dropout_needs_the_stream_replay():
@@ -203,11 +220,16 @@ def test_recompute_settings_that_cannot_apply_are_refused():
         load_config(None, ["train.recompute=selective", "train.recompute_layers=2"])
     with pytest.raises(ConfigError, match="train.recompute_layers must be a positive number of layers or null"):
         load_config(None, ["train.recompute=full", "train.recompute_layers=0"])
-    with pytest.raises(ConfigError, match="train.recompute_layers=3 exceeds the 2 layers of the smallest pipeline "
-                                          r"chunk \(layers per chunk: \[2\]\); set it to at most 2"):
+    with pytest.raises(ConfigError, match=r"train.recompute_layers=3 is more than the smallest pipeline chunk holds "
+                                          r"\(2 layers; layers per chunk: \[2\]\); set it to at most 2"):
         GPT(tiny("gpt2"), recompute=RecomputePolicy("full", 3))
-    with pytest.raises(ConfigError, match=r"layers per chunk: \[3, 1\]\); set it to at most 1, or null"):
-        RecomputePolicy("full", 2).check_chunks([3, 1])
+    # At start-up every pipeline rank refuses alike, even one whose own chunk is large enough.
+    cfg = load_config(None, ["model.num_layers=4", "model.hidden_size=32", "model.num_heads=4", "model.vocab_size=50",
+                             "parallel.pp=2", "parallel.stage_layers=[3, 1]", "train.recompute=full",
+                             "train.recompute_layers=2"])
+    with pytest.raises(ConfigError, match=r"train.recompute_layers=2 is more than the smallest pipeline chunk holds "
+                                          r"\(1 layer; layers per chunk: \[3, 1\]\); set it to at most 1, or null"):
+        build_model_chunks(cfg, ParallelDims.for_world(cfg.parallel, 2, rank=0))
     with pytest.raises(ConfigError, match="train.recompute_layers=1 applies only to train.recompute=full"):
         RecomputePolicy("none", 1)
 
