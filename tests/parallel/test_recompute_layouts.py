@@ -5,6 +5,8 @@ afab, 1F1B and interleaved schedules, dp=2) for two steps with the real ``Traine
 recompute mode. In each layout the losses, the gradient norms and every rank's parameters
 afterwards must equal the ``none`` run's bit for bit (fp32): a recomputed forward that drew other
 dropout masks, ran its collectives differently or lost a gradient would show in all three.
+The same launch measures the saved-activation bytes per rank at tp=2 with and without sequence
+parallelism, for the memory planner's comparison.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from megatron_lite.config import load_config
+from megatron_lite.training.activation_memory import saved_activation_bytes
 from megatron_lite.training.setup import setup_dims
 from megatron_lite.training.trainer import Trainer
 from tests.distributed import run_distributed
@@ -49,8 +52,13 @@ def _datasets() -> tuple[np.ndarray, np.ndarray]:
     return rows[: STEPS * 8], rows[STEPS * 8 :]
 
 
+def _measure_tp2(mode: str, sequence_parallel: bool) -> int:
+    cfg = load_config(None, BASE + MODES[mode] + ["parallel.tp=2", f"parallel.sequence_parallel={sequence_parallel}"])
+    return saved_activation_bytes(cfg, setup_dims(cfg))
+
+
 def _train_every_mode(rank: int, world_size: int, root: str) -> dict:
-    out = {}
+    out = {("saved bytes", mode, sp): _measure_tp2(mode, sp) for mode in MODES for sp in (False, True)}
     for layout, layout_overrides in LAYOUTS.items():
         for mode, mode_overrides in MODES.items():
             log_dir = Path(root) / f"rank{rank}" / layout.replace(" ", "_") / mode.replace(" ", "_")
@@ -81,3 +89,10 @@ def test_recompute_matches_none_bitwise_in_every_layout(tmp_path):
                 assert run["params"].keys() == reference["params"].keys(), where
                 for name, tensor in reference["params"].items():
                     assert torch.equal(run["params"][name], tensor), f"{where}: {name}"
+    # Saved activations per rank: tp=2 holds half the heads and ffn columns (less than one process
+    # holding all), sequence parallelism shards the residual stream too (less again); both ranks alike.
+    for mode in MODES:
+        single = saved_activation_bytes(load_config(None, BASE + MODES[mode]))
+        tp2, tp2_sequence_parallel = (per_rank[0][("saved bytes", mode, sp)] for sp in (False, True))
+        assert [r[("saved bytes", mode, sp)] for r in per_rank for sp in (False, True)] == [tp2, tp2_sequence_parallel] * 2
+        assert tp2_sequence_parallel < tp2 < single, mode
