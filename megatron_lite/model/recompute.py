@@ -32,7 +32,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
-from megatron_lite.config import ConfigError
+from megatron_lite.config import ConfigError, TrainConfig
 from megatron_lite.parallel.random import RNGStatesTracker
 
 MODES = ("none", "selective", "full")
@@ -60,7 +60,7 @@ class RecomputePolicy:
                               f"(got train.recompute={self.mode}); set train.recompute=full or drop train.recompute_layers")
 
     @classmethod
-    def from_config(cls, train_cfg) -> RecomputePolicy:
+    def from_config(cls, train_cfg: TrainConfig) -> RecomputePolicy:
         return cls(train_cfg.recompute, train_cfg.recompute_layers)
 
     @property

@@ -42,9 +42,10 @@ def saved_tensor_bytes(forward: Callable[[], torch.Tensor], exclude: list[torch.
     return sum(storages.values()), output
 
 
-def chunk_saved_bytes(chunk: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None, autocast) -> int:
-    """Saved bytes of one forward of ``chunk`` on ``inputs``; then backward, which must succeed."""
-    with autocast():
+def chunk_saved_bytes(chunk: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None, precision: str) -> int:
+    """Saved bytes of one forward of ``chunk`` on ``inputs`` under ``precision``'s autocast; then
+    backward, which must succeed."""
+    with autocast_context(precision, inputs.device):
         saved, output = saved_tensor_bytes(lambda: chunk(inputs, labels), list(chunk.parameters()))
     output.float().sum().backward()
     return saved
@@ -74,6 +75,5 @@ def saved_activation_bytes(cfg: Config, dims: ParallelDims | None = None, micro_
         if not chunk.pre_process:
             inputs = torch.randn(batch, hidden_length, cfg.model.hidden_size, generator=generator)
             inputs = inputs.to(dims.device).requires_grad_()
-        autocast = lambda: autocast_context(cfg.train.precision, dims.device)  # noqa: E731
-        total += chunk_saved_bytes(chunk, inputs, labels if chunk.post_process else None, autocast)
+        total += chunk_saved_bytes(chunk, inputs, labels if chunk.post_process else None, cfg.train.precision)
     return total
