@@ -3,15 +3,15 @@
     python tools/bench_recompute.py [--flavor gpt2] [--layers 4] [--hidden 256] [--heads 8] [--seq 256]
                                     [--micro-batch 4] [--dropout 0.1] [--repeat 5] [--threads 1]
 
-One process, fp32, on the model's device (CPU here). Rows: ``none``; ``selective`` split into its
-two parts (the attention core alone, the MLP activation alone, each forced on) and
-``selective`` as ``train.recompute=selective`` runs it (the attention core only where the
-attention keeps its probabilities, see ``model/recompute.py``); ``full`` for every layer and for the first half of them
-(``train.recompute_layers``). Bytes are those autograd keeps for backward, counted as
-``training/activation_memory.py`` counts them; times are the best of ``--repeat`` forward +
-backward passes of one micro-batch, every mode in turn. Times are CPU seconds of the process
-on ``--threads`` threads (1 by default): on a shared machine the wall clock mostly measures the
-neighbours, the CPU time spent on the step does not.
+One process, fp32, on CPU (GPU figures: ``tools/bench_train.py`` with ``train.recompute=...``).
+Rows: ``none``; the two parts of ``selective``, each forced on alone (the attention core, the
+MLP activation); ``selective`` as ``train.recompute=selective`` runs it (the attention core only
+where the attention keeps its probabilities, see ``model/recompute.py``); ``full`` for the first
+half of the layers (``train.recompute_layers``) and for all. Bytes are those autograd keeps for
+backward, counted as ``training/activation_memory.py`` counts them; times are the best of
+``--repeat`` forward + backward passes of one micro-batch, every mode in turn, in CPU seconds of
+the process on ``--threads`` threads (1 by default): on a shared machine the wall clock mostly
+measures the neighbours, the CPU time spent on the step does not.
 """
 
 from __future__ import annotations
