@@ -6,7 +6,8 @@
 - ``selective``: the attention core, softmax(QK^T)V with its dropout, is run again in backward
   from q, k, v (the (B, nh, T, S) scores, probabilities and dropout mask are never kept), and the
   MLP activation's output (gelu or swiglu, ffn wide) is rebuilt from its input when the output
-  projection's backward needs it. Both are cheap to redo next to the matmuls around them;
+  projection's backward needs it: an elementwise op, cheap to redo, while the unfused attention
+  core costs a second attention forward (figures in docs/benchmarks.md);
 - ``full``: a transformer layer keeps only its input and runs its whole forward again in
   backward; ``train.recompute_layers`` = N does this for the first N layers of each pipeline
   chunk (None: all of them), trading memory for speed a layer at a time.
@@ -75,10 +76,12 @@ class RecomputePolicy:
         return self.selective and attention_keeps_probabilities(attention_backend, dropout, device)
 
     def check_chunks(self, chunk_layer_counts: list[int]) -> None:
-        """Refuse ``layers`` above the layers of the smallest pipeline chunk, with the reason."""
-        if self.layers is None or not chunk_layer_counts or self.layers <= min(chunk_layer_counts):
+        """Refuse ``layers`` above the layers of the smallest pipeline chunk, with the reason. A chunk
+        without layers (an embedding-only stage) has nothing to recompute and is left out."""
+        counts = [count for count in chunk_layer_counts if count > 0]
+        if self.layers is None or not counts or self.layers <= min(counts):
             return
-        smallest = min(chunk_layer_counts)
+        smallest = min(counts)
         raise ConfigError(
             f"train.recompute_layers={self.layers} is more than the smallest pipeline chunk holds ({smallest} "
             f"layer{'s' if smallest != 1 else ''}; layers per chunk: {chunk_layer_counts}); set it to at most "

@@ -223,6 +223,7 @@ def test_recompute_settings_that_cannot_apply_are_refused():
     with pytest.raises(ConfigError, match=r"train.recompute_layers=3 is more than the smallest pipeline chunk holds "
                                           r"\(2 layers; layers per chunk: \[2\]\); set it to at most 2"):
         GPT(tiny("gpt2"), recompute=RecomputePolicy("full", 3))
+    RecomputePolicy("full", 2).check_chunks([2, 0, 3])  # a chunk without layers recomputes nothing
     # At start-up every pipeline rank refuses alike, even one whose own chunk is large enough.
     cfg = load_config(None, ["model.num_layers=4", "model.hidden_size=32", "model.num_heads=4", "model.vocab_size=50",
                              "parallel.pp=2", "parallel.stage_layers=[3, 1]", "train.recompute=full",
