@@ -289,8 +289,8 @@ def test_bad_inputs_stop_with_a_message(tmp_path, bytelevel_dir):
         convert_from_hf(hf_dir, tmp_path / "ckpt", tp=3)
 
     config = json.loads((hf_dir / "config.json").read_text())
-    (hf_dir / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
-    with pytest.raises(ConversionError, match=r"unsupported Hugging Face architecture \['MistralForCausalLM'\]"):
+    (hf_dir / "config.json").write_text(json.dumps({**config, "architectures": ["MixtralForCausalLM"]}))
+    with pytest.raises(ConversionError, match=r"unsupported Hugging Face architecture \['MixtralForCausalLM'\]"):
         convert_from_hf(hf_dir, tmp_path / "ckpt")
     (hf_dir / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     with pytest.raises(ConversionError, match="activation_function='relu'"):
