@@ -429,12 +429,14 @@ class RLHFConfig:
     demo: bool = False  # build instruction data from the standard library's docstrings into demo_dir
     demo_dir: str = "data/demo-rlhf"
     demo_examples: int = 4000
+    chat_template: str = "native"  # native (role tokens, eod after answers) | hf (the tokenizer's imported template)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.valid_fraction < 1, f"rlhf.valid_fraction must be in [0, 1), got {self.valid_fraction}")
         _require(self.demo_examples > 0, f"rlhf.demo_examples must be positive, got {self.demo_examples}")
+        _choice("rlhf.chat_template", self.chat_template, ("native", "hf"))
 
 
 @dataclass
