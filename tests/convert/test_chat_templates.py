@@ -128,3 +128,49 @@ def test_template_errors_say_what_to_change(tmp_path, bytelevel_dir):
     with pytest.raises(RLHFDataError, match=r"sft.jsonl:1: the chat template cannot render this conversation: "
                                             r"system messages are not supported"):
         SFTDataset(tmp_path / "sft.jsonl", tokenizer, 200, TemplateChat(tokenizer, refusing))
+
+
+def test_a_converted_model_fine_tunes_on_its_own_template_and_exports_it_again(tmp_path, bytelevel_dir):
+    """The user's path: a Qwen2 model with a ChatML-style template -> our checkpoint -> SFT rendered
+    with the template (rlhf.chat_template=hf) -> Hugging Face again, template included."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from megatron_lite.convert import convert_from_hf, convert_to_hf
+    from megatron_lite.rlhf.sft import SFTTask
+    from megatron_lite.training.checkpoint import resolve_checkpoint_dir
+    from megatron_lite.training.trainer import Trainer
+
+    hf, hf_dir = _hf_dir_with_template(tmp_path, bytelevel_dir, CHATML)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=True)).save_pretrained(hf_dir)
+    ckpt = convert_from_hf(hf_dir, tmp_path / "ckpt", make_vocab_size_divisible_by=16)
+    records = tmp_path / "sft.jsonl"
+    records.write_text("".join(json.dumps({"messages": CONVERSATION[:3 + i % 2 * 2]}) + "\n" for i in range(8)))
+    cfg = load_config(None, [
+        *(f"model.{k}={v}" for k, v in _converted_model(ckpt).items()), "model.seq_length=64",
+        f"data.tokenizer={ckpt / 'tokenizer'}", f"rlhf.data={records}", "rlhf.chat_template=hf",
+        "rlhf.valid_fraction=0", "train.eval_interval=0", "train.micro_batch_size=2", "train.global_batch_size=4",
+        "train.max_steps=2", "train.device=cpu", f"checkpoint.load={ckpt}", "checkpoint.finetune=true",
+        f"checkpoint.save={tmp_path / 'sft'}", f"log.dir={tmp_path / 'log'}", "log.tensorboard=false"])
+    trainer = Trainer(cfg, task=SFTTask)
+    sample = trainer.task.records[0]
+    expected = _ids(hf.apply_chat_template(CONVERSATION[:3], tokenize=True))
+    assert sample["tokens"][: len(expected) - 1].tolist() == expected[:-1]
+    assert trainer.train().steps == 2
+
+    out = convert_to_hf(resolve_checkpoint_dir(tmp_path / "sft"), tmp_path / "exported-again")
+    assert AutoTokenizer.from_pretrained(out).chat_template == CHATML
+
+
+def _converted_model(ckpt) -> dict:
+    """The converted model's fields as overrides (the stage config names the model it fine-tunes)."""
+    from megatron_lite.training.checkpoint import read_manifest
+
+    model = read_manifest(ckpt).model_config()
+    return {"flavor": model.flavor, "num_layers": model.num_layers, "hidden_size": model.hidden_size,
+            "num_heads": model.num_heads, "num_kv_heads": model.num_kv_heads, "ffn_hidden_size": model.ffn_hidden_size,
+            "vocab_size": model.vocab_size, "tie_embeddings": model.tie_embeddings, "norm_eps": model.norm_eps,
+            "rope_theta": model.rope_theta, "make_vocab_size_divisible_by": model.make_vocab_size_divisible_by}
