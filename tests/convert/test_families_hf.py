@@ -35,8 +35,7 @@ from megatron_lite.model.gpt import GPT
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.training.checkpoint import load_checkpoint, read_manifest
 from tests.convert.conftest import randomize_
-from tests.convert.workers import FAMILY_VARIANTS, save_variants_at_tp2_pp2
-from tests.distributed import run_distributed
+from tests.convert.workers import FAMILY_VARIANTS
 
 HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM"}
@@ -68,23 +67,15 @@ def _hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
 # ----------------------------------------------------------------------------- ours at (tp, pp) = (2, 2) -> HF
 
 
-@pytest.fixture(scope="module")
-def family_checkpoints(tmp_path_factory, sentencepiece_dir):
-    root = tmp_path_factory.mktemp("families-tp2pp2")
-    tokenizers = {flavor: str(sentencepiece_dir) for flavor in HF_CLASS}
-    run_distributed(save_variants_at_tp2_pp2, 4, str(root), tokenizers, FAMILY_VARIANTS)
-    return root
-
-
 @pytest.mark.parametrize("variant", list(FAMILY_VARIANTS))
-def test_tp2_pp2_family_checkpoint_gives_transformers_logits_and_tokens(variant, family_checkpoints, tmp_path):
-    manifest = read_manifest(family_checkpoints / variant)
+def test_tp2_pp2_family_checkpoint_gives_transformers_logits_and_tokens(variant, tp2_pp2_checkpoints, tmp_path):
+    manifest = read_manifest(tp2_pp2_checkpoints / variant)
     assert (manifest.layout.tp, manifest.layout.pp) == (2, 2)
     cfg = manifest.model_config()
     reference = GPT(cfg).eval()  # the same full weights at tp = pp = 1
     randomize_([reference], 1, 0, cfg.vocab_size, cfg.tie_embeddings)
 
-    out = convert_to_hf(family_checkpoints / variant, tmp_path / "hf")
+    out = convert_to_hf(tp2_pp2_checkpoints / variant, tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(model).__name__ == HF_CLASS[cfg.flavor]
     assert model.config.tie_word_embeddings == cfg.tie_embeddings
