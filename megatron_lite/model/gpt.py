@@ -25,10 +25,10 @@ from torch import nn
 
 from megatron_lite.config import ConfigError, ModelConfig, RopeScaling
 from megatron_lite.model import ops
-from megatron_lite.model.rope import inverse_frequencies
 from megatron_lite.model.heads import HEADS, ValueHead
 from megatron_lite.model.init import init_parameters
 from megatron_lite.model.layout_check import check_layout
+from megatron_lite.model.rope import inverse_frequencies
 from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size
 from megatron_lite.parallel.layers import (
     ColumnParallelLinear,
@@ -84,14 +84,14 @@ class HeadNorm(nn.Module):
     """RMSNorm over each head's hd features, one weight (hd,) shared by all heads (Qwen3's q/k norm).
     Every tp rank holds the whole weight but applies it to its own heads, so its gradient is partial."""
 
-    def __init__(self, cfg: ModelConfig, device):
+    def __init__(self, cfg: ModelConfig, dims: ParallelDims):
         super().__init__()
-        self.eps, self.backend = cfg.norm_eps, cfg.norm_backend
-        self.weight = attach_layout(nn.Parameter(torch.ones(cfg.head_dim, device=device)),
+        self.eps, self.backend, self.tp_group = cfg.norm_eps, cfg.norm_backend, dims.tp_group
+        self.weight = attach_layout(nn.Parameter(torch.ones(cfg.head_dim, device=dims.device)),
                                     ParamLayout(partial_over_tp=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, heads, hd)
-        return ops.rms_norm(x, self.weight, self.eps, self.backend)
+        return ops.rms_norm(x, self.weight, self.eps, self.backend, tuning_group=self.tp_group)
 
 
 def local_kv_heads(cfg: ModelConfig, tp: int) -> int:
@@ -114,8 +114,8 @@ class Attention(nn.Module):
         qkv_size = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, bias=cfg.bias or cfg.qkv_bias, **parallel,
                                         partition_groups=cfg.num_kv_heads, replicated_rows=2 * cfg.head_dim)
-        self.q_norm = HeadNorm(cfg, dims.device) if cfg.qk_norm else None
-        self.k_norm = HeadNorm(cfg, dims.device) if cfg.qk_norm else None
+        self.q_norm = HeadNorm(cfg, dims) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(cfg, dims) if cfg.qk_norm else None
         self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.bias, **parallel)
         # Each tp rank holds different heads: their attention probabilities drop different elements.
         self.attention_dropout = ParallelDropout(cfg.dropout, rng_tracker, sharded=True)
