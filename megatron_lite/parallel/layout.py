@@ -64,8 +64,8 @@ class ParamLayout:
             raise ValueError("grouped rows (partition_groups / replicated_rows) need partition_dim=0 and one chunk")
         if (self.sequence_parallel or self.partial_over_tp) and self.is_sharded:
             raise ValueError(
-                f"sequence_parallel marks a parameter every tp rank holds whole (its gradients are summed over "
-                f"tp); a parameter split along partition_dim={self.partition_dim} holds different pieces"
+                f"sequence_parallel and partial_over_tp mark a parameter every tp rank holds whole (its gradients "
+                f"are summed over tp); a parameter split along partition_dim={self.partition_dim} holds different pieces"
             )
 
     @property
