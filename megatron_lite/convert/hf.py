@@ -30,7 +30,16 @@ from typing import Callable
 
 import torch
 
-from megatron_lite.config import ROPE_SCALING_KEYS, ROPE_SCALING_TYPES, Config, ConfigError, ModelConfig, ParallelConfig, RopeScaling
+from megatron_lite.config import (
+    ROPE_SCALING_KEYS,
+    ROPE_SCALING_TYPES,
+    Config,
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    RopeScaling,
+    build_dataclass,
+)
 from megatron_lite.convert.hf_tokenizer import export_tokenizer, import_tokenizer
 from megatron_lite.convert.tensor_io import (
     ConversionError,
@@ -414,7 +423,7 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
         params["factor"] = _field(hf, "max_position_embeddings") / params["original_max_position_embeddings"]
     fields = {k: v for k, v in params.items() if v is not None}
     try:
-        return theta, RopeScaling(type=rope_type, **fields)
+        return theta, build_dataclass(RopeScaling, {"type": rope_type, **fields}, "model.rope_scaling")
     except ConfigError as exc:
         raise ConversionError(f"the Hugging Face RoPE parameters do not make a valid scaling: {exc}") from exc
 
