@@ -276,27 +276,29 @@ class LlamaAdapter(Adapter):
         return [f"model.layers.{layer}.self_attn.{p}_proj.{kind}" for p in "qkv"]
 
     def fused_hf_names(self, layer: int) -> list[str]:
-        names = self._qkv_names(layer, "weight") + [f"model.layers.{layer}.mlp.{p}_proj.weight" for p in ("gate", "up")]
-        return names + (self._qkv_names(layer, "bias") if self.qkv_bias else [])
+        qkv = [name for kind in self._qkv_kinds() for name in self._qkv_names(layer, kind)]
+        return qkv + [f"model.layers.{layer}.mlp.{p}_proj.weight" for p in ("gate", "up")]
+
+    def _qkv_kinds(self) -> tuple[str, ...]:
+        return ("weight", "bias") if self.qkv_bias else ("weight",)
 
     def fused_to_hf(self, layer: int, ours: Getter) -> dict[str, torch.Tensor]:
         heads = (self.cfg.num_kv_heads, self.q_per_kv, self.cfg.head_dim)
-        out = dict(zip(self._qkv_names(layer, "weight"), split_qkv(ours(f"layers.{layer}.attention.qkv.weight"), *heads)))
+        out = {}
+        for kind in self._qkv_kinds():
+            q, k, v = split_qkv(ours(f"layers.{layer}.attention.qkv.{kind}"), *heads)
+            out.update(zip(self._qkv_names(layer, kind), (q, k, v)))
         gate, up = ours(f"layers.{layer}.mlp.fc.weight").chunk(2)
-        out.update({f"model.layers.{layer}.mlp.gate_proj.weight": gate, f"model.layers.{layer}.mlp.up_proj.weight": up})
-        if self.qkv_bias:
-            out.update(zip(self._qkv_names(layer, "bias"), split_qkv(ours(f"layers.{layer}.attention.qkv.bias"), *heads)))
-        return out
+        mlp = f"model.layers.{layer}.mlp."
+        return {**out, mlp + "gate_proj.weight": gate, mlp + "up_proj.weight": up}
 
     def fused_from_hf(self, layer: int, hf: Getter) -> dict[str, torch.Tensor]:
         heads = (self.cfg.num_kv_heads, self.q_per_kv, self.cfg.head_dim)
-        p = f"model.layers.{layer}.mlp."
-        out = {
-            f"layers.{layer}.attention.qkv.weight": fuse_qkv(*(hf(n) for n in self._qkv_names(layer, "weight")), *heads),
-            f"layers.{layer}.mlp.fc.weight": torch.cat([hf(p + "gate_proj.weight"), hf(p + "up_proj.weight")]),
-        }
-        if self.qkv_bias:
-            out[f"layers.{layer}.attention.qkv.bias"] = fuse_qkv(*(hf(n) for n in self._qkv_names(layer, "bias")), *heads)
+        mlp = f"model.layers.{layer}.mlp."
+        out = {f"layers.{layer}.mlp.fc.weight": torch.cat([hf(mlp + "gate_proj.weight"), hf(mlp + "up_proj.weight")])}
+        for kind in self._qkv_kinds():
+            q, k, v = (hf(name) for name in self._qkv_names(layer, kind))
+            out[f"layers.{layer}.attention.qkv.{kind}"] = fuse_qkv(q, k, v, *heads)
         return out
 
     def hf_config(self, eos_id: int, pad_id: int, dtype: str) -> dict:
@@ -391,7 +393,8 @@ def _refuse_unimplemented_features(hf: dict) -> None:
         if key == "partial_rotary_factor" and value == 1.0:
             continue
         _supported(not value, f"{key}={value!r} ({feature} is not implemented)")
-    _supported(not hf.get("use_sliding_window"), "use_sliding_window=true (sliding-window attention is not implemented)")
+    _supported(not hf.get("use_sliding_window"),
+               "use_sliding_window=true (sliding-window attention is not implemented)")
     kinds = set(hf.get("layer_types") or ["full_attention"])
     _supported(kinds == {"full_attention"},
                f"layer_types with {sorted(kinds - {'full_attention'})} (only full attention is implemented)")

@@ -56,7 +56,8 @@ def test_exported_template_renders_our_sft_ids(kind, tmp_path, request):
     prompt = CONVERSATION[:4]
     assert _ids(hf.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)) == prompt_ids(ours, prompt)
     eod = hf.convert_ids_to_tokens(ours.eod_id)  # </s> for SentencePiece
-    assert hf.apply_chat_template(CONVERSATION[1:3], tokenize=False) == f"<|user|>def add(a, b):<|assistant|>return a + b{eod}"
+    rendered = hf.apply_chat_template(CONVERSATION[1:3], tokenize=False)
+    assert rendered == f"<|user|>def add(a, b):<|assistant|>return a + b{eod}"
 
 
 def _hf_dir_with_template(tmp_path, bytelevel_dir, template: str):
@@ -88,7 +89,8 @@ def test_imported_template_renders_sft_dpo_and_ppo_data_with_the_template_ids(tm
     (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": CONVERSATION}) + "\n")
     sft = SFTDataset(tmp_path / "sft.jsonl", tokenizer, 200, chat)
     assert sft[0]["tokens"][: len(ids) - 1].tolist() == ids[:-1]
-    (tmp_path / "pairs.jsonl").write_text(json.dumps({"messages": CONVERSATION[:4], "chosen": "yes", "rejected": "no"}) + "\n")
+    pair = {"messages": CONVERSATION[:4], "chosen": "yes", "rejected": "no"}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
     pairs = PreferenceDataset(tmp_path / "pairs.jsonl", tokenizer, 200, chat)
     prompt = _ids(hf.apply_chat_template(CONVERSATION[:4], tokenize=True, add_generation_prompt=True))
     chosen = _ids(hf.apply_chat_template(CONVERSATION[:4] + [{"role": "assistant", "content": "yes"}], tokenize=True))

@@ -102,7 +102,8 @@ def _hf_family(family: str, vocab_size: int):
     builders = {
         "llama2": lambda: LlamaForCausalLM(LlamaConfig(**common)),
         "llama3.1": lambda: LlamaForCausalLM(LlamaConfig(**common, rope_parameters=llama3)),
-        "llama3.2-tied": lambda: LlamaForCausalLM(LlamaConfig(**common, rope_parameters=llama3, tie_word_embeddings=True)),
+        "llama3.2-tied": lambda: LlamaForCausalLM(LlamaConfig(**common, rope_parameters=llama3,
+                                                              tie_word_embeddings=True)),
         "llama-linear": lambda: LlamaForCausalLM(LlamaConfig(
             **common, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
         "mistral-v0.3": lambda: MistralForCausalLM(MistralConfig(**common, sliding_window=None)),
@@ -119,7 +120,8 @@ def _hf_family(family: str, vocab_size: int):
     return model.eval()
 
 
-FAMILIES = ["llama2", "llama3.1", "llama3.2-tied", "llama-linear", "mistral-v0.3", "qwen2.5-tied", "qwen3", "qwen3-yarn"]
+FAMILIES = ["llama2", "llama3.1", "llama3.2-tied", "llama-linear", "mistral-v0.3", "qwen2.5-tied", "qwen3",
+            "qwen3-yarn"]
 # Not the model: the token ids come from the tokenizer, the rest is bookkeeping.
 CONFIG_BOOKKEEPING = {"bos_token_id", "eos_token_id", "pad_token_id", "dtype", "transformers_version", "_name_or_path"}
 
@@ -231,11 +233,12 @@ def test_a_refused_config_stops_the_conversion_before_writing(tmp_path, sentence
 
 def test_fields_outside_a_family_have_no_adapter():
     tiny = dict(num_layers=2, hidden_size=32, num_heads=4, vocab_size=64)
-    with pytest.raises(ConversionError, match=r"no Hugging Face adapter converts a llama model with model.qkv_bias=True"):
+    refused = r"no Hugging Face adapter converts a {} model with model.{}"
+    with pytest.raises(ConversionError, match=refused.format("llama", "qkv_bias=True")):
         adapter_for_model(ModelConfig(flavor="llama", qkv_bias=True, **tiny))
-    with pytest.raises(ConversionError, match=r"no Hugging Face adapter converts a qwen2 model with model.qk_norm=True"):
+    with pytest.raises(ConversionError, match=refused.format("qwen2", "qk_norm=True")):
         adapter_for_model(ModelConfig(flavor="qwen2", qk_norm=True, **tiny))
-    with pytest.raises(ConversionError, match=r"no Hugging Face adapter converts a gpt2 model with model.head_dim=16"):
+    with pytest.raises(ConversionError, match=refused.format("gpt2", "head_dim=16")):
         adapter_for_model(ModelConfig(flavor="gpt2", head_dim=16, **tiny))
     adapters = {flavor: type(adapter_for_model(ModelConfig(flavor=flavor, **tiny))) for flavor in HF_CLASS}
     assert all(issubclass(cls, Adapter) and cls.architecture == HF_CLASS[f] for f, cls in adapters.items())
