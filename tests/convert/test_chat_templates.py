@@ -165,6 +165,21 @@ def test_a_converted_model_fine_tunes_on_its_own_template_and_exports_it_again(t
 
     out = convert_to_hf(resolve_checkpoint_dir(tmp_path / "sft"), tmp_path / "exported-again")
     assert AutoTokenizer.from_pretrained(out).chat_template == CHATML
+    _generate_chat_renders_with_the_runs_template(tmp_path / "sft", hf)
+
+
+def _generate_chat_renders_with_the_runs_template(ckpt, hf) -> None:
+    """``generate --chat`` prompts the fine-tuned model as its run rendered the data."""
+    from megatron_lite.inference import generate_text, single_device_model
+    from megatron_lite.model.generation import generate
+    from megatron_lite.training.checkpoint import load_full_state_dict
+
+    state, manifest = load_full_state_dict(ckpt)
+    model = single_device_model(manifest.model_config(), state, "cpu")
+    prompt = _ids(hf.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=True,
+                                         add_generation_prompt=True))
+    expected = generate(model, [prompt], 4, temperature=0, eod_id=hf.eos_token_id)[0]
+    assert generate_text(ckpt, ["hello"], 4, temperature=0, device="cpu", chat=True) == [hf.decode(expected)]
 
 
 def _converted_model(ckpt) -> dict:
