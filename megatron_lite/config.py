@@ -38,9 +38,24 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
 
 # Structure fields a flavor preset fills when the user leaves them unset (None). A new model family is a
 # new preset; a new structural choice (qkv bias, qk-norm, RoPE scaling) is a new field here and in gpt.py.
+_LLAMA = dict(bias=False, norm="rmsnorm", activation="swiglu", position_embedding="rope", tie_embeddings=False)
 FLAVOR_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(bias=True, norm="layernorm", activation="gelu", position_embedding="learned", tie_embeddings=True),
-    "llama": dict(bias=False, norm="rmsnorm", activation="swiglu", position_embedding="rope", tie_embeddings=False),
+    "llama": _LLAMA,
+    # The llama structure plus fields; a preset of their own names the family for the Hugging Face export.
+    "mistral": _LLAMA,
+    "qwen2": dict(_LLAMA, qkv_bias=True),
+    "qwen3": dict(_LLAMA, qk_norm=True),
+}
+# Structure fields that are off unless a preset or the user turns them on.
+STRUCTURE_DEFAULTS: dict[str, Any] = dict(qkv_bias=False, qk_norm=False)
+ROPE_SCALING_TYPES = ("linear", "llama3", "yarn")
+# The parameters each scaling type reads (Hugging Face's names); any other key given is refused.
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+             "attention_factor"),
 }
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "swiglu")
@@ -48,8 +63,50 @@ POSITION_EMBEDDINGS = ("learned", "rope")
 
 
 @dataclass
+class RopeScaling:
+    """RoPE scaling for contexts longer than pretraining, with Hugging Face's parameters (null = unset).
+
+    linear: every inverse frequency / factor. llama3 (Llama 3.1): wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are divided by factor, shorter than
+    .. / high_freq_factor kept, those between interpolated. yarn: interpolation ramped between the
+    beta_fast and beta_slow rotation counts, and cos/sin scaled by attention_factor (default from
+    factor, mscale and mscale_all_dim)."""
+
+    type: str = "linear"  # linear | llama3 | yarn
+    factor: float = 1.0
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        _choice("model.rope_scaling.type", self.type, ROPE_SCALING_TYPES)
+        allowed = ROPE_SCALING_KEYS[self.type]
+        for f in dataclasses.fields(self):
+            if f.name != "type" and f.name not in allowed and getattr(self, f.name) != f.default:
+                raise ConfigError(f"model.rope_scaling.{f.name} does not apply to type={self.type}; "
+                                  f"{self.type} takes {', '.join(allowed)}")
+        _require(self.factor >= 1, f"model.rope_scaling.factor must be >= 1, got {self.factor}")
+        if self.type == "llama3":
+            for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                _require(getattr(self, name) is not None, f"model.rope_scaling.{name} is required for type=llama3")
+            _require(0 < self.low_freq_factor < self.high_freq_factor,
+                     f"model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                     f"{self.low_freq_factor} and {self.high_freq_factor}")
+        if self.type == "yarn":
+            _require(self.original_max_position_embeddings is not None,
+                     "model.rope_scaling.original_max_position_embeddings is required for type=yarn")
+        _require(self.original_max_position_embeddings is None or self.original_max_position_embeddings > 0,
+                 "model.rope_scaling.original_max_position_embeddings must be positive")
+
+
+@dataclass
 class ModelConfig:
-    flavor: str = "gpt2"  # gpt2 | llama: a preset for the structure fields left unset
+    flavor: str = "gpt2"  # gpt2 | llama | mistral | qwen2 | qwen3: a preset for the structure fields left unset
     num_layers: int = 4
     hidden_size: int = 256
     num_heads: int = 4
@@ -65,8 +122,12 @@ class ModelConfig:
     activation: str | None = None  # gelu (tanh approximation) | swiglu (fused gate and up projection)
     position_embedding: str | None = None  # learned (a table of seq_length rows) | rope
     tie_embeddings: bool | None = None  # the output head reuses the word embedding
+    qkv_bias: bool | None = None  # biases on the q, k, v projections only (Qwen2); bias=true implies them
+    qk_norm: bool | None = None  # RMSNorm over each q and k head (weights of head_dim) before RoPE (Qwen3)
+    head_dim: int | None = None  # None: hidden_size / num_heads
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # {type: linear | llama3 | yarn, factor, ...}; None: plain RoPE
     init_std: float = 0.02
     attention_backend: str = "torch"  # torch | triton | flash_attn
     norm_backend: str = "torch"  # torch | triton | apex
@@ -93,7 +154,7 @@ class ModelConfig:
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
 
     def _fill_from_preset(self) -> None:
-        for name, value in FLAVOR_PRESETS[self.flavor].items():
+        for name, value in {**STRUCTURE_DEFAULTS, **FLAVOR_PRESETS[self.flavor]}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
@@ -101,18 +162,30 @@ class ModelConfig:
         _choice("model.norm", self.norm, NORMS)
         _choice("model.activation", self.activation, ACTIVATIONS)
         _choice("model.position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
+        if isinstance(self.rope_scaling, dict):  # built in code rather than read from YAML
+            self.rope_scaling = build_dataclass(RopeScaling, self.rope_scaling, "model.rope_scaling")
+        _require(
+            self.rope_scaling is None or self.position_embedding == "rope",
+            "model.rope_scaling scales rotary embeddings, but model.position_embedding="
+            f"{self.position_embedding!r}; set position_embedding=rope or rope_scaling=null",
+        )
 
     def _validate_heads(self) -> None:
-        _require(
-            self.hidden_size % self.num_heads == 0,
-            f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
-            f"choose a head count that divides the hidden size",
-        )
+        if self.head_dim is None:
+            _require(
+                self.hidden_size % self.num_heads == 0,
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
+                f"choose a head count that divides the hidden size, or set model.head_dim",
+            )
+            self.head_dim = self.hidden_size // self.num_heads
+            head_dim_source = f"hidden_size / num_heads = {self.hidden_size} / {self.num_heads}"
+        else:
+            _require(self.head_dim > 0, f"model.head_dim must be positive (or null), got {self.head_dim}")
+            head_dim_source = f"model.head_dim = {self.head_dim}"
         _require(
             self.position_embedding != "rope" or self.head_dim % 2 == 0,
             f"model.position_embedding=rope rotates pairs of head dimensions, but the head dim "
-            f"(hidden_size / num_heads = {self.hidden_size} / {self.num_heads}) is odd; choose an even head dim "
-            f"or position_embedding=learned",
+            f"({head_dim_source}) is odd; choose an even head dim or position_embedding=learned",
         )
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
@@ -128,14 +201,10 @@ class ModelConfig:
                 "model.num_kv_heads must equal model.num_heads for the gpt2 flavor (no grouped-query attention)",
             )
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
     def differs_from_preset(self) -> list[str]:
-        """Structure fields whose value is not the flavor preset's (tie_embeddings aside: both families allow
+        """Structure fields whose value is not the flavor preset's (tie_embeddings aside: every family allows
         either), for code that supports a family only as its preset defines it (the Hugging Face adapters)."""
-        preset = FLAVOR_PRESETS[self.flavor]
+        preset = {**STRUCTURE_DEFAULTS, **FLAVOR_PRESETS[self.flavor]}
         return [name for name, value in preset.items() if name != "tie_embeddings" and getattr(self, name) != value]
 
 
@@ -368,12 +437,14 @@ class RLHFConfig:
     demo: bool = False  # build instruction data from the standard library's docstrings into demo_dir
     demo_dir: str = "data/demo-rlhf"
     demo_examples: int = 4000
+    chat_template: str = "native"  # native (role tokens, eod after answers) | hf (the tokenizer's imported template)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.valid_fraction < 1, f"rlhf.valid_fraction must be in [0, 1), got {self.valid_fraction}")
         _require(self.demo_examples > 0, f"rlhf.demo_examples must be positive, got {self.demo_examples}")
+        _choice("rlhf.chat_template", self.chat_template, ("native", "hf"))
 
 
 @dataclass
@@ -418,6 +489,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
                 return _coerce(path, value, arg)
             except ConfigError as exc:
                 errors.append(exc)
+        if len(errors) == 1:  # an optional section (X | None): its own message names the key
+            raise errors[0]
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)

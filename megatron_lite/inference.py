@@ -13,7 +13,8 @@ def generate_text(load: str | Path, prompts: list[str], max_new_tokens: int, tem
                   top_k: int = 0, top_p: float = 1.0, seed: int = 0, device: str = "auto",
                   chat: bool = False) -> list[str]:
     """Load a checkpoint at tp=1 on one device and return each prompt's continuation (with
-    ``chat``, each prompt is a user turn and the continuation the assistant's answer)."""
+    ``chat``, each prompt is a user turn rendered as the checkpoint's run rendered its data,
+    ``rlhf.chat_template``, and the continuation the assistant's answer)."""
     from megatron_lite.data import load_tokenizer
     from megatron_lite.model.generation import generate
     from megatron_lite.training.checkpoint import CheckpointError, load_full_state_dict, resolve_checkpoint_dir
@@ -28,9 +29,11 @@ def generate_text(load: str | Path, prompts: list[str], max_new_tokens: int, tem
                               f"answers and cannot generate; load an SFT, DPO or pretraining checkpoint")
     model = single_device_model(manifest.model_config(), state, device)
     if chat:
-        from megatron_lite.rlhf.data import prompt_ids
+        from megatron_lite.rlhf.data import chat_format
 
-        encoded = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        rendering = chat_format(manifest.config.get("rlhf", {}).get("chat_template", "native"), tokenizer,
+                                ckpt_dir / "tokenizer")
+        encoded = [rendering.prompt([{"role": "user", "content": p}]) for p in prompts]
     else:
         encoded = [tokenizer.encode(p) for p in prompts]
     if any(len(ids) == 0 for ids in encoded):

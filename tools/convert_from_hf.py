@@ -1,4 +1,4 @@
-"""Convert a Hugging Face GPT-2 or Llama model directory into a megatron-lite checkpoint at a layout.
+"""Convert a Hugging Face GPT-2, Llama, Mistral, Qwen2 or Qwen3 model directory into a megatron-lite checkpoint.
 
     python tools/convert_from_hf.py --hf hf/model --output ckpt/model --tp 2 --pp 2
 

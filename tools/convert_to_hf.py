@@ -4,8 +4,10 @@
     python tools/convert_to_hf.py --load CKPT/iter_0000300 --output hf/model --max-shard-size 2GB --dtype bfloat16
 
 The result opens with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``:
-``config.json`` (GPT2LMHeadModel or LlamaForCausalLM), safetensors weights (sharded with
-``model.safetensors.index.json`` above ``--max-shard-size``), ``generation_config.json`` and the tokenizer.
+``config.json`` (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM,
+by model.flavor), safetensors weights (sharded with
+``model.safetensors.index.json`` above ``--max-shard-size``), ``generation_config.json`` and the tokenizer
+with a ``chat_template``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Hugging Face <-> megatron-lite: one adapter per flavour, and the two streaming conversions.
 
 An adapter knows the name and layout of every tensor on both sides for one flavour
-(GPT-2 <-> ``GPT2LMHeadModel``, Llama <-> ``LlamaForCausalLM``) and converts one *group* at
+(GPT-2 <-> ``GPT2LMHeadModel``, Llama 2/3/3.1/3.2 <-> ``LlamaForCausalLM``, Mistral <->
+``MistralForCausalLM``, Qwen2/2.5 <-> ``Qwen2ForCausalLM``, Qwen3 dense <-> ``Qwen3ForCausalLM``;
+the last four differ from Llama only in declared tensors and config keys) and converts one *group* at
 a time: the embeddings, one transformer layer, or the final norm and head. The conversions
 walk the groups in order, reading source tensors lazily and writing each group out before
 the next is read, so only about one layer is ever held in memory twice.
@@ -10,7 +12,10 @@ Layout facts the adapters encode:
 - our fused qkv rows are grouped per kv head, ``[q heads of group g, k_g, v_g]`` for each g;
   Hugging Face keeps q, k and v apart (Llama) or concatenated whole (GPT-2 ``c_attn``);
 - GPT-2's ``Conv1D`` weights are stored (in, out), the transpose of a Linear;
-- our SwiGLU ``fc`` is ``[gate; up]``;
+- our SwiGLU ``fc`` is ``[gate; up]``; Qwen2's q/k/v biases fuse into ``qkv.bias`` like the weights;
+- RoPE scaling is Hugging Face's ``rope_parameters`` (or the older ``rope_scaling``) under the same
+  parameter names; features we do not implement (sliding windows, experts, vision towers, other RoPE
+  types) are refused naming the key;
 - both sides rotate (i, i + hd/2) pairs for RoPE (rotate-half), so q/k rows need no permutation;
 - our vocabulary rows are padded; Hugging Face holds exactly ``vocab_size`` rows.
 """
@@ -25,7 +30,16 @@ from typing import Callable
 
 import torch
 
-from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig
+from megatron_lite.config import (
+    ROPE_SCALING_KEYS,
+    ROPE_SCALING_TYPES,
+    Config,
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    RopeScaling,
+    build_dataclass,
+)
 from megatron_lite.convert.hf_tokenizer import export_tokenizer, import_tokenizer
 from megatron_lite.convert.tensor_io import (
     ConversionError,
@@ -238,6 +252,9 @@ class GPT2Adapter(Adapter):
 
 
 class LlamaAdapter(Adapter):
+    """Llama 2 / 3 / 3.1 / 3.2 (``LlamaForCausalLM``), and the base of the llama-structured families:
+    each subclass names its architecture and adds its tensors and config keys."""
+
     flavor, architecture, model_type = "llama", "LlamaForCausalLM", "llama"
     hf_embedding, hf_output, hf_layer_prefix = "model.embed_tokens.weight", "lm_head.weight", "model.layers."
     embedding_pairs = (("embedding.word.weight", "model.embed_tokens.weight", _same),)
@@ -248,65 +265,175 @@ class LlamaAdapter(Adapter):
         ("mlp.proj.weight", "mlp.down_proj.weight", _same),
     )
     final_pairs = (("final_norm.weight", "model.norm.weight", _same),)
+    qkv_bias = False  # q_proj / k_proj / v_proj carry biases (fused into our qkv.bias)
+    # Written into config.json besides the common keys; on import, keys whose values must be these.
+    family_hf_config: dict = {"attention_bias": False, "mlp_bias": False}
+    # What transformers assumes for those keys when a config.json leaves them out.
+    hf_defaults: dict = {"attention_bias": False, "mlp_bias": False}
+    config_has_head_dim = True  # the config class declares head_dim (Qwen2's reads it only when present)
+
+    def _qkv_names(self, layer: int, kind: str) -> list[str]:
+        return [f"model.layers.{layer}.self_attn.{p}_proj.{kind}" for p in "qkv"]
 
     def fused_hf_names(self, layer: int) -> list[str]:
-        p = f"model.layers.{layer}."
-        return [p + n for n in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                                "mlp.gate_proj.weight", "mlp.up_proj.weight")]
+        qkv = [name for kind in self._qkv_kinds() for name in self._qkv_names(layer, kind)]
+        return qkv + [f"model.layers.{layer}.mlp.{p}_proj.weight" for p in ("gate", "up")]
+
+    def _qkv_kinds(self) -> tuple[str, ...]:
+        return ("weight", "bias") if self.qkv_bias else ("weight",)
 
     def fused_to_hf(self, layer: int, ours: Getter) -> dict[str, torch.Tensor]:
-        q, k, v = split_qkv(ours(f"layers.{layer}.attention.qkv.weight"),
-                            self.cfg.num_kv_heads, self.q_per_kv, self.cfg.head_dim)
+        heads = (self.cfg.num_kv_heads, self.q_per_kv, self.cfg.head_dim)
+        out = {}
+        for kind in self._qkv_kinds():
+            q, k, v = split_qkv(ours(f"layers.{layer}.attention.qkv.{kind}"), *heads)
+            out.update(zip(self._qkv_names(layer, kind), (q, k, v)))
         gate, up = ours(f"layers.{layer}.mlp.fc.weight").chunk(2)
-        return dict(zip(self.fused_hf_names(layer), (q, k, v, gate, up)))
+        mlp = f"model.layers.{layer}.mlp."
+        return {**out, mlp + "gate_proj.weight": gate, mlp + "up_proj.weight": up}
 
     def fused_from_hf(self, layer: int, hf: Getter) -> dict[str, torch.Tensor]:
-        q, k, v, gate, up = (hf(n) for n in self.fused_hf_names(layer))
-        return {
-            f"layers.{layer}.attention.qkv.weight": fuse_qkv(q, k, v, self.cfg.num_kv_heads, self.q_per_kv,
-                                                             self.cfg.head_dim),
-            f"layers.{layer}.mlp.fc.weight": torch.cat([gate, up]),
-        }
+        heads = (self.cfg.num_kv_heads, self.q_per_kv, self.cfg.head_dim)
+        mlp = f"model.layers.{layer}.mlp."
+        out = {f"layers.{layer}.mlp.fc.weight": torch.cat([hf(mlp + "gate_proj.weight"), hf(mlp + "up_proj.weight")])}
+        for kind in self._qkv_kinds():
+            q, k, v = (hf(name) for name in self._qkv_names(layer, kind))
+            out[f"layers.{layer}.attention.qkv.{kind}"] = fuse_qkv(q, k, v, *heads)
+        return out
 
     def hf_config(self, eos_id: int, pad_id: int, dtype: str) -> dict:
         c = self.cfg
+        rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+        if c.rope_scaling is not None:
+            rope = {"rope_type": c.rope_scaling.type, "rope_theta": c.rope_theta, **_scaling_parameters(c.rope_scaling)}
+        head_dim = {"head_dim": c.head_dim}
+        if not self.config_has_head_dim and c.head_dim * c.num_heads == c.hidden_size:
+            head_dim = {}
         return {
             "architectures": [self.architecture], "model_type": self.model_type,
             "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.ffn_hidden_size,
             "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-            "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
+            "num_key_value_heads": c.num_kv_heads, **head_dim, "hidden_act": "silu",
             "max_position_embeddings": c.seq_length, "rms_norm_eps": c.norm_eps, "initializer_range": c.init_std,
-            "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-            "attention_bias": False, "mlp_bias": False, "attention_dropout": c.dropout,
-            "tie_word_embeddings": c.tie_embeddings, "use_cache": True,
+            "rope_theta": c.rope_theta, "rope_parameters": rope, **self.family_hf_config,
+            "attention_dropout": c.dropout, "tie_word_embeddings": c.tie_embeddings, "use_cache": True,
             "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "dtype": dtype,
         }
 
     @classmethod
     def model_config(cls, hf: dict, make_vocab_size_divisible_by: int) -> ModelConfig:
         activation = hf.get("hidden_act", "silu")
-        _supported(activation == "silu", f"hidden_act={activation!r} (the llama flavour uses SwiGLU with silu)")
-        _supported(not hf.get("attention_bias", False), "attention_bias=true (the llama flavour has no biases)")
-        _supported(not hf.get("mlp_bias", False), "mlp_bias=true (the llama flavour has no biases)")
-        rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        _supported(rope_type == "default", f"rope_type={rope_type!r} (only plain RoPE is implemented)")
+        _supported(activation == "silu", f"hidden_act={activation!r} (the {cls.flavor} flavour uses SwiGLU with silu)")
+        _refuse_unimplemented_features(hf)
+        for key, value in cls.family_hf_config.items():
+            given = hf.get(key, cls.hf_defaults[key])
+            _supported(given == value, f"{key}={given!r}{'' if key in hf else ' (left out: the default)'} "
+                                       f"(the {cls.flavor} flavour has {key}={value!r})")
+        theta, scaling = _rope_from_hf(hf)
         hidden, heads = _field(hf, "hidden_size"), _field(hf, "num_attention_heads")
-        head_dim = hf.get("head_dim") or hidden // heads
-        _supported(head_dim * heads == hidden, f"head_dim={head_dim} with {heads} heads != hidden_size={hidden}")
         return _model_config(
-            flavor="llama", num_layers=_field(hf, "num_hidden_layers"), hidden_size=hidden, num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden_size=_field(hf, "intermediate_size"),
-            seq_length=_field(hf, "max_position_embeddings"), vocab_size=_field(hf, "vocab_size"),
-            tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
-            init_std=hf.get("initializer_range", 0.02), make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+            flavor=cls.flavor, num_layers=_field(hf, "num_hidden_layers"), hidden_size=hidden, num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or hidden // heads,
+            ffn_hidden_size=_field(hf, "intermediate_size"), seq_length=_field(hf, "max_position_embeddings"),
+            vocab_size=_field(hf, "vocab_size"), tie_embeddings=hf.get("tie_word_embeddings", False),
+            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+            init_std=hf.get("initializer_range", 0.02),
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         )
 
 
-ADAPTERS: dict[str, type[Adapter]] = {"gpt2": GPT2Adapter, "llama": LlamaAdapter}
+class MistralAdapter(LlamaAdapter):
+    """Mistral v0.3-style (``MistralForCausalLM``): the llama structure, without a sliding window."""
+
+    flavor, architecture, model_type = "mistral", "MistralForCausalLM", "mistral"
+    # MistralConfig's own default window is 4096: null must be written to mean full attention.
+    family_hf_config, hf_defaults = {"sliding_window": None}, {"sliding_window": 4096}
+
+
+class Qwen2Adapter(LlamaAdapter):
+    """Qwen2 / Qwen2.5 (``Qwen2ForCausalLM``): biases on q, k and v only."""
+
+    flavor, architecture, model_type = "qwen2", "Qwen2ForCausalLM", "qwen2"
+    qkv_bias = True
+    family_hf_config = hf_defaults = {"use_sliding_window": False}
+    config_has_head_dim = False
+
+
+class Qwen3Adapter(LlamaAdapter):
+    """Qwen3 dense (``Qwen3ForCausalLM``): RMSNorm over each q and k head, head_dim set on its own."""
+
+    flavor, architecture, model_type = "qwen3", "Qwen3ForCausalLM", "qwen3"
+    layer_pairs = LlamaAdapter.layer_pairs + (
+        ("attention.q_norm.weight", "self_attn.q_norm.weight", _same),
+        ("attention.k_norm.weight", "self_attn.k_norm.weight", _same),
+    )
+    family_hf_config = hf_defaults = {"attention_bias": False, "use_sliding_window": False}
+
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    cls.flavor: cls for cls in (GPT2Adapter, LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter)
+}
 BY_ARCHITECTURE = {cls.architecture: cls for cls in ADAPTERS.values()}
+# Hugging Face keys of features we do not implement: any of them set (not null, false, 0 or empty) is refused.
+UNIMPLEMENTED_KEYS = {
+    "sliding_window": "sliding-window attention",
+    "num_experts": "mixture-of-experts layers", "num_local_experts": "mixture-of-experts layers",
+    "n_routed_experts": "mixture-of-experts layers", "num_experts_per_tok": "mixture-of-experts layers",
+    "moe_intermediate_size": "mixture-of-experts layers",
+    "vision_config": "a vision tower", "vision_tower": "a vision tower", "text_config": "a multimodal wrapper",
+    "partial_rotary_factor": "partial rotary embeddings",
+}
+
+
+def _refuse_unimplemented_features(hf: dict) -> None:
+    for key, feature in UNIMPLEMENTED_KEYS.items():
+        value = hf.get(key)
+        if key == "sliding_window" and hf.get("use_sliding_window") is False:
+            continue  # Qwen keeps a window size that only use_sliding_window=true switches on
+        if key == "partial_rotary_factor" and value == 1.0:
+            continue
+        _supported(not value, f"{key}={value!r} ({feature} is not implemented)")
+    _supported(not hf.get("use_sliding_window"),
+               "use_sliding_window=true (sliding-window attention is not implemented)")
+    kinds = set(hf.get("layer_types") or ["full_attention"])
+    _supported(kinds == {"full_attention"},
+               f"layer_types with {sorted(kinds - {'full_attention'})} (only full attention is implemented)")
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+    """rope_theta and our scaling from ``rope_parameters`` (transformers 5) or ``rope_scaling`` (older files;
+    it wins where both are present, as in transformers)."""
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0)
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    _supported(rope_type in ("default", *ROPE_SCALING_TYPES),
+               f"rope_type={rope_type!r} (implemented: default, {', '.join(ROPE_SCALING_TYPES)})")
+    if params.get("partial_rotary_factor", 1.0) == 1.0:
+        params.pop("partial_rotary_factor", None)
+    if params.get("truncate", True) is True:  # transformers' yarn default; false is not implemented
+        params.pop("truncate", None)
+    if rope_type == "default":
+        for key in params:
+            _supported(False, f"rope_parameters.{key} with rope_type='default'")
+        return theta, None
+    for key in params:
+        _supported(key in ROPE_SCALING_KEYS[rope_type], f"rope_parameters.{key}={params[key]!r} for rope_type="
+                   f"{rope_type!r} (implemented: {', '.join(ROPE_SCALING_KEYS[rope_type])})")
+    if rope_type in ("llama3", "yarn"):
+        params.setdefault("original_max_position_embeddings", _field(hf, "max_position_embeddings"))
+    if rope_type == "yarn" and params.get("factor") is None:  # transformers infers it from the two lengths
+        params["factor"] = _field(hf, "max_position_embeddings") / params["original_max_position_embeddings"]
+    fields = {k: v for k, v in params.items() if v is not None}
+    try:
+        return theta, build_dataclass(RopeScaling, {"type": rope_type, **fields}, "model.rope_scaling")
+    except ConfigError as exc:
+        raise ConversionError(f"the Hugging Face RoPE parameters do not make a valid scaling: {exc}") from exc
+
+
+def _scaling_parameters(scaling: RopeScaling) -> dict:
+    """Our scaling's set parameters under Hugging Face's names (the same names)."""
+    return {key: getattr(scaling, key) for key in ROPE_SCALING_KEYS[scaling.type] if getattr(scaling, key) is not None}
 
 
 def _supported(condition: bool, what: str) -> None:
@@ -330,9 +457,13 @@ def _model_config(**fields) -> ModelConfig:
 def adapter_for_model(cfg: ModelConfig) -> Adapter:
     """The adapter of the model's family; each converts its family only as the flavor preset defines it."""
     changed = cfg.differs_from_preset()
+    if cfg.flavor == "gpt2" and cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        changed.append("head_dim")  # GPT-2's config has no head size of its own
     if changed:
         fields = ", ".join(f"model.{name}={getattr(cfg, name)!r}" for name in changed)
-        raise ConversionError(f"no Hugging Face adapter converts a {cfg.flavor} model with {fields}")
+        raise ConversionError(f"no Hugging Face adapter converts a {cfg.flavor} model with {fields}; the "
+                              f"{', '.join(f for f in ADAPTERS if f != 'gpt2')} adapters take head_dim, "
+                              f"rope_scaling and tied embeddings, and each family only as its preset defines it")
     return ADAPTERS[cfg.flavor](cfg)
 
 
@@ -461,6 +592,7 @@ def convert_from_hf(hf_dir: str | Path, output: str | Path, tp: int = 1, pp: int
 
 
 __all__ = [
-    "ADAPTERS", "Adapter", "ConversionError", "GPT2Adapter", "HFStateView", "LlamaAdapter", "adapter_class_for_hf",
+    "ADAPTERS", "Adapter", "ConversionError", "GPT2Adapter", "HFStateView", "LlamaAdapter", "MistralAdapter",
+    "Qwen2Adapter", "Qwen3Adapter", "adapter_class_for_hf",
     "adapter_for_model", "convert_from_hf", "convert_to_hf", "fuse_qkv", "split_qkv",
 ]

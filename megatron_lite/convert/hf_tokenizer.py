@@ -5,6 +5,11 @@ Byte-level BPE already saves a ``tokenizer.json``. A SentencePiece model is expo
 (BPE merges ordered by piece score, byte fallback, no dummy prefix unless the model adds one,
 no BOS), so both sides give the same ids; ``transformers``' Llama tokenizer would instead
 impose its own prefix-space convention.
+
+Chat templates travel both ways: the export writes a ``chat_template`` into tokenizer_config.json
+(the one the tokenizer carries, imported earlier, else ours, which renders role tokens exactly as
+the SFT data does); the import keeps a model's template as ``chat_template.jinja`` beside our
+tokenizer files, where ``rlhf.chat_template: hf`` finds it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from megatron_lite.convert.tensor_io import ConversionError
 from megatron_lite.data import TokenizerError, load_tokenizer
 from megatron_lite.data.tokenizer import CONFIG_FILE, Tokenizer
+from megatron_lite.rlhf.chat_template import CHAT_TEMPLATE_FILE, native_chat_template, read_chat_template
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 SPACE = "\u2581"  # SentencePiece's visible space
@@ -45,13 +51,16 @@ def export_tokenizer(tokenizer_dir: Path, out_dir: Path, vocab_size: int) -> dic
     tokenizer = _load(tokenizer_dir)
     _check_vocab(tokenizer, vocab_size, tokenizer_dir)
     tokenizer.save(out_dir)
+    config_path = out_dir / CONFIG_FILE
+    config = json.loads(config_path.read_text())
     if tokenizer.kind == "sentencepiece":
         (out_dir / "tokenizer.json").write_text(json.dumps(sentencepiece_hf_json(tokenizer.model_proto), ensure_ascii=False))
-        config_path = out_dir / CONFIG_FILE
-        config = json.loads(config_path.read_text())
         # the generic fast class reads tokenizer.json as written; LlamaTokenizer would rebuild its own pipeline
         config.update(tokenizer_class="PreTrainedTokenizerFast", unk_token="<unk>")
-        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    template = read_chat_template(tokenizer_dir) or native_chat_template(tokenizer)
+    if template is not None:
+        config["chat_template"] = template
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return {"eos": tokenizer.eod_id, "pad": tokenizer.pad_id}
 
 
@@ -65,6 +74,9 @@ def import_tokenizer(hf_dir: Path, out_dir: Path, vocab_size: int) -> Path:
     tokenizer = _load(hf_dir)
     _check_vocab(tokenizer, vocab_size, hf_dir)
     tokenizer.save(out_dir)
+    template = read_chat_template(hf_dir)
+    if template is not None:
+        (out_dir / CHAT_TEMPLATE_FILE).write_text(template)
     return out_dir
 
 

@@ -1,7 +1,8 @@
 """The GPT model on tensor-parallel layers; the structure comes from config fields.
 
 ``bias`` (linear biases), ``norm`` (layernorm | rmsnorm), ``activation`` (gelu | swiglu),
-``position_embedding`` (learned | rope) and ``tie_embeddings``: the gpt2 and llama flavors are
+``position_embedding`` (learned | rope), ``tie_embeddings``, ``qkv_bias`` (Qwen2), ``qk_norm``
+(Qwen3), ``head_dim`` and ``rope_scaling``: the gpt2, llama, mistral, qwen2 and qwen3 flavors are
 presets of them (see ``config.FLAVOR_PRESETS``). Grouped-query attention: ``num_kv_heads``.
 
 At tp = pp = dp = 1 every parallel layer is a plain Linear / Embedding, every collective is the
@@ -22,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_lite.config import ConfigError, ModelConfig
+from megatron_lite.config import ConfigError, ModelConfig, RopeScaling
 from megatron_lite.model import ops
 from megatron_lite.model.heads import HEADS, ValueHead
 from megatron_lite.model.init import init_parameters
 from megatron_lite.model.layout_check import check_layout
 from megatron_lite.model.recompute import RecomputePolicy, rebuilt_in_backward, recomputed
+from megatron_lite.model.rope import inverse_frequencies
 from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size
 from megatron_lite.parallel.layers import (
     ColumnParallelLinear,
@@ -67,12 +69,30 @@ class Norm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, self.backend, tuning_group=self.tp_group)
 
 
-def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (B, T, 1, hd) for rotary embedding, computed once per forward for every layer."""
-    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
-    angles = position_ids.float().unsqueeze(-1) * theta**-exponents  # (B, T, hd/2)
+def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float,
+                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, T, 1, hd) for rotary embedding, computed once per forward for every layer.
+    ``scaling`` changes the inverse frequencies and (yarn) scales both tables by its attention factor."""
+    inv_freq, attention_factor = inverse_frequencies(head_dim, theta, scaling, position_ids.device)  # (hd/2,)
+    angles = position_ids.float().unsqueeze(-1) * inv_freq  # (B, T, hd/2)
     angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)  # (B, T, 1, hd)
-    return angles.cos(), angles.sin()
+    if attention_factor == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+class HeadNorm(nn.Module):
+    """RMSNorm over each head's hd features, one weight (hd,) shared by all heads (Qwen3's q/k norm).
+    Every tp rank holds the whole weight but applies it to its own heads, so its gradient is partial."""
+
+    def __init__(self, cfg: ModelConfig, dims: ParallelDims):
+        super().__init__()
+        self.eps, self.backend, self.tp_group = cfg.norm_eps, cfg.norm_backend, dims.tp_group
+        self.weight = attach_layout(nn.Parameter(torch.ones(cfg.head_dim, device=dims.device)),
+                                    ParamLayout(partial_over_tp=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, heads, hd)
+        return ops.rms_norm(x, self.weight, self.eps, self.backend, tuning_group=self.tp_group)
 
 
 def local_kv_heads(cfg: ModelConfig, tp: int) -> int:
@@ -90,15 +110,17 @@ class Attention(nn.Module):
         self.kv_heads = local_kv_heads(cfg, dims.tp)  # on this rank
         self.q_per_kv = cfg.num_heads // dims.tp // self.kv_heads  # on this rank
         self.attention_backend, self.rope_backend = cfg.attention_backend, cfg.elementwise_backend
-        parallel = dict(bias=cfg.bias, group=dims.tp_group, sequence_parallel=dims.sequence_parallel,
-                        device=dims.device)
+        parallel = dict(group=dims.tp_group, sequence_parallel=dims.sequence_parallel, device=dims.device)
         # Full layout grouped per kv head, [q heads of group g, k_g, v_g] for each g, so a
         # contiguous split over tp hands each rank whole groups. With tp > num_kv_heads the
         # tp / num_kv_heads ranks of group g split its q heads and each keeps a copy of k_g, v_g.
+        # The bias shares the weight's layout, so its k and v rows are copied the same way.
         qkv_size = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, **parallel, partition_groups=cfg.num_kv_heads,
-                                        replicated_rows=2 * cfg.head_dim)
-        self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, **parallel)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, bias=cfg.bias or cfg.qkv_bias, **parallel,
+                                        partition_groups=cfg.num_kv_heads, replicated_rows=2 * cfg.head_dim)
+        self.q_norm = HeadNorm(cfg, dims) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(cfg, dims) if cfg.qk_norm else None
+        self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.bias, **parallel)
         # Each tp rank holds different heads: their attention probabilities drop different elements.
         self.attention_dropout = ParallelDropout(cfg.dropout, rng_tracker, sharded=True)
 
@@ -108,6 +130,8 @@ class Attention(nn.Module):
         qkv = qkv.view(B, T, self.kv_heads, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_kv].reshape(B, T, self.kv_heads * self.q_per_kv, self.head_dim)  # (B, T, nh, hd)
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]  # (B, T, nkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = ops.apply_rope(q, rope, self.rope_backend), ops.apply_rope(k, rope, self.rope_backend)
         if kv_cache is not None:
@@ -276,7 +300,7 @@ class GPT(nn.Module):
         x = self.embedding(inputs, position_ids) if self.pre_process else inputs  # (B, T, H)
         rope = None
         if self.config.position_embedding == "rope":
-            rope = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
+            rope = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
         for position, block in enumerate(self.layers.values()):
             x = self._run_block(position, block, x, rope, kv_cache, attention_mask)
         if kv_cache is not None:  # one cache per chunk: this chunk's layers have stored these positions
@@ -325,7 +349,7 @@ def num_parameters(cfg: ModelConfig, padded_vocab: int) -> int:
     """Parameters of the full (tp = 1) model, each tied matrix counted once."""
     hidden, ffn, qkv_width = cfg.hidden_size, cfg.ffn_hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     norm = 2 * hidden if cfg.norm == "layernorm" else hidden
-    qkv = hidden * qkv_width + qkv_width * cfg.bias
+    qkv = hidden * qkv_width + qkv_width * (cfg.bias or cfg.qkv_bias) + 2 * cfg.head_dim * cfg.qk_norm
     proj = cfg.num_heads * cfg.head_dim * hidden + hidden * cfg.bias
     fc_width = 2 * ffn if cfg.activation == "swiglu" else ffn
     mlp = hidden * fc_width + fc_width * cfg.bias + ffn * hidden + hidden * cfg.bias

@@ -13,7 +13,8 @@ them in this order on every rank (collectives must be issued in one order by all
    on whole gradients, and afterwards only slices exist);
 2. **sequence parallel** (``layout.sequence_parallel``): norms, the row-parallel biases and the
    value head run on each tp rank's sequence shard, so each rank's gradient covers only its
-   tokens: summed over tp;
+   tokens: summed over tp. Per-head q/k norm weights (``layout.partial_over_tp``) are whole on
+   every tp rank but each rank applies them to its own heads only: summed over tp in the same call;
 3. **tied embedding** (``layout.tied_embedding``): at pp > 1 the first and last stage each hold
    a copy of the word embedding and each copy saw one of its two uses: summed over the
    embedding group, so both copies take the same step and stay equal;
@@ -81,8 +82,7 @@ class GradSync:
         for reducer in self.reducers:
             reducer.set_grad_sync(True)
             reducer.finish_grad_sync()
-        if dims.sequence_parallel:
-            sum_sequence_parallel(self.params, dims.tp_group, stats)
+        sum_sequence_parallel(self.params, dims.tp_group, stats)
         sum_tied_embedding_copies(self.params, dims.embedding_group, stats)
         sum_replicated_rows(self.params, dims.tp, dims.kv_replica_group, stats)
         if self.zero1_optimizer is not None:
@@ -111,8 +111,9 @@ class GradSync:
 
 
 def sum_sequence_parallel(params, tp_group, comm_stats: CommStats | None = None) -> None:
-    """Sum over tp the gradients of parameters used on sequence shards: each rank saw only its tokens."""
-    grads = [p.grad for p in params if p.grad is not None and layout_of(p).sequence_parallel]
+    """Sum over tp the gradients of parameters used on sequence shards (each rank saw only its tokens)
+    and of per-head norm weights (each rank saw only its heads)."""
+    grads = [p.grad for p in params if p.grad is not None and layout_of(p).summed_over_tp]
     all_reduce_flat(grads, tp_group, comm_stats, "tp")
 
 

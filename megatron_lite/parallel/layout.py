@@ -8,7 +8,8 @@ about a parameter is answered from this object, never from loose attributes:
   tensor into this rank's shard and join the shards again (``shard_tensor``, ``merge_shards``,
   ``full_shape``). The full layout is canonical: checkpoints store it, any tp can load it;
 - whether each tp rank's gradient covers only its own tokens (``sequence_parallel``: norms and
-  the value head on a sequence shard), so the gradients are summed over tp;
+  the value head on a sequence shard) or its own heads (``partial_over_tp``: the per-head q/k norm
+  weights every rank holds whole and applies to its heads), so the gradients are summed over tp;
 - whether the parameter is one of the two copies of a tied word embedding (first and last
   pipeline stage), whose gradients are summed and which is counted once;
 - which elements of the gradient this rank counts in the global grad norm, so that every
@@ -49,6 +50,7 @@ class ParamLayout:
     partition_groups: int = 1  # row groups (grouped-query attention's kv groups)
     replicated_rows: int = 0  # rows at the end of each group that stay whole (copies when tp > groups)
     sequence_parallel: bool = False  # gradient partial per tp rank: summed over tp
+    partial_over_tp: bool = False  # a whole tensor each tp rank applies to its own heads: summed over tp
     tied_embedding: bool = False  # one of two copies of the word embedding (pp > 1)
 
     def __post_init__(self) -> None:
@@ -60,11 +62,16 @@ class ParamLayout:
         if self.is_grouped and (self.partition_dim != 0 or self.partition_chunks != 1):
             # The replicated rows must be a contiguous tail of the flat gradient (ZeRO slices it flat).
             raise ValueError("grouped rows (partition_groups / replicated_rows) need partition_dim=0 and one chunk")
-        if self.sequence_parallel and self.is_sharded:
+        if (self.sequence_parallel or self.partial_over_tp) and self.is_sharded:
             raise ValueError(
-                f"sequence_parallel marks a parameter every tp rank holds whole (its gradients are summed over "
-                f"tp); a parameter split along partition_dim={self.partition_dim} holds different pieces"
+                f"sequence_parallel and partial_over_tp mark a parameter every tp rank holds whole (its gradients "
+                f"are summed over tp); a parameter split along partition_dim={self.partition_dim} holds different pieces"
             )
+
+    @property
+    def summed_over_tp(self) -> bool:
+        """Each tp rank's gradient is a part of the whole one (its tokens or its heads)."""
+        return self.sequence_parallel or self.partial_over_tp
 
     @property
     def is_sharded(self) -> bool:

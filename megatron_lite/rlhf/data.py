@@ -12,13 +12,16 @@ Records are JSONL, one object per line, in one of two shapes:
 A conversation is rendered as, per message, the role token then the content; every assistant
 message is closed by the end-of-document token, which is what teaches a model to stop. Only the
 assistant contents and their closing tokens are trained on: the model should learn to answer,
-not to imitate the user.
+not to imitate the user. With ``rlhf.chat_template: hf`` the tokenizer's imported Hugging Face
+template renders the conversation instead (``TemplateChat``); what is trained on is then what
+the template adds after each assistant prompt.
 
 The standard-library demo instruction set is built by ``rlhf.demo_data``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +30,7 @@ import numpy as np
 
 from megatron_lite.data.tokenizer import CHAT_ROLES, Tokenizer
 from megatron_lite.errors import UserError
+from megatron_lite.rlhf.chat_template import ChatTemplateError, compile_template, read_chat_template, render
 
 IGNORE_INDEX = -100  # label of a position that contributes no loss (torch's cross_entropy default)
 
@@ -72,6 +76,95 @@ def prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     """The messages followed by the assistant role token: what a model continues with an answer."""
     ids, _ = encode_chat(tokenizer, messages)
     return ids + [tokenizer.role_id("assistant")]
+
+
+# --------------------------------------------------------------------------- chat formats
+
+
+class NativeChat:
+    """Our own rendering (``encode_chat``): role tokens, contents as plain text, eod after answers."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def conversation(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
+        return encode_chat(self.tokenizer, messages)
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        return prompt_ids(self.tokenizer, messages)
+
+    def answered(self, messages: list[dict], answer: str) -> tuple[list[int], list[bool]]:
+        """The prompt then ``answer`` closed by eod; trainable exactly on the answer's ids."""
+        prompt = self.prompt(messages)
+        answer_ids = self.tokenizer.encode(answer, allowed_special="none") + [self.tokenizer.eod_id]
+        return prompt + answer_ids, [False] * len(prompt) + [True] * len(answer_ids)
+
+
+class TemplateChat:
+    """A Hugging Face chat template: the rendered text is encoded whole (special-token strings become
+    their ids, as ``apply_chat_template`` does). The ids an assistant turn adds after the template's
+    own prompt for it (``add_generation_prompt``) are what is trained on, so the template must
+    render a conversation's beginning as a prefix of the whole; one that does not is an error."""
+
+    def __init__(self, tokenizer: Tokenizer, template: str):
+        self.tokenizer, self.compiled = tokenizer, compile_template(template)
+        text = {token_id: token_text for token_text, token_id in tokenizer.added_tokens.items()}
+        self.special_texts = {f"{role}_token": text[token_id] for role, token_id in
+                              (("eos", tokenizer.eod_id), ("pad", tokenizer.pad_id)) if token_id in text}
+
+    def _ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        return self.tokenizer.encode(render(self.compiled, messages, add_generation_prompt, self.special_texts))
+
+    def conversation(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
+        ids = self._ids(messages, add_generation_prompt=False)
+        trainable = [False] * len(ids)
+        for number, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = len(self._prefix(self._ids(messages[:number], True), ids, number))
+                end = len(self._prefix(self._ids(messages[: number + 1], False), ids, number))
+                trainable[start:end] = [True] * (end - start)
+        return ids, trainable
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        return self._ids(messages, add_generation_prompt=True)
+
+    def answered(self, messages: list[dict], answer: str) -> tuple[list[int], list[bool]]:
+        ids = self._ids(messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+        prompt = self._prefix(self.prompt(messages), ids, len(messages))
+        return ids, [False] * len(prompt) + [True] * (len(ids) - len(prompt))
+
+    @staticmethod
+    def _prefix(part: list[int], whole: list[int], number: int) -> list[int]:
+        if whole[: len(part)] != part:
+            raise ChatTemplateError(
+                f"the chat template renders the conversation up to message {number} as something other than the "
+                f"beginning of the whole conversation, so the tokens to train on cannot be found; use "
+                f"rlhf.chat_template=native, or a template that renders turns in order"
+            )
+        return part
+
+
+def chat_format(kind: str, tokenizer: Tokenizer, tokenizer_dir: str | Path) -> NativeChat | TemplateChat:
+    """``rlhf.chat_template``: "native", or "hf" (the template the tokenizer directory carries)."""
+    if kind == "native":
+        return NativeChat(tokenizer)
+    template = read_chat_template(Path(tokenizer_dir))
+    if template is None:
+        raise ChatTemplateError(
+            f"rlhf.chat_template=hf renders with the tokenizer's Hugging Face chat template, but {tokenizer_dir} "
+            f"has none (no chat_template.jinja, no chat_template in tokenizer_config.json); use "
+            f"rlhf.chat_template=native or a tokenizer imported from a model that has a template"
+        )
+    return TemplateChat(tokenizer, template)
+
+
+@contextlib.contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """A template that cannot render a record says which record."""
+    try:
+        yield
+    except ChatTemplateError as exc:
+        raise RLHFDataError(f"{where}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- records
@@ -261,8 +354,10 @@ class SFTDataset:
     cut; ``num_dropped`` records with no trained token left; ``sources[i]`` is "path:line".
     """
 
-    def __init__(self, path: str | Path, tokenizer: Tokenizer, seq_length: int):
+    def __init__(self, path: str | Path, tokenizer: Tokenizer, seq_length: int,
+                 chat: NativeChat | TemplateChat | None = None):
         _check_seq_length(seq_length, minimum=1)
+        chat = chat or NativeChat(tokenizer)
         self.path, self.seq_length, self.pad_id = Path(path), seq_length, tokenizer.pad_id
         self.num_truncated = self.num_dropped = 0
         self.sources: list[str] = []
@@ -270,7 +365,8 @@ class SFTDataset:
         records = 0
         for where, record in _numbered_records(self.path):
             records += 1
-            ids, trainable = encode_chat(tokenizer, conversation(record, where))
+            with _naming(where):
+                ids, trainable = chat.conversation(conversation(record, where))
             truncated = len(ids) > seq_length + 1
             ids, trainable = ids[: seq_length + 1], trainable[: seq_length + 1]
             if not _has_label(trainable):
@@ -302,8 +398,10 @@ class PreferenceDataset:
     longer ones lose their end (and ``*_last`` points at the last token kept).
     """
 
-    def __init__(self, path: str | Path, tokenizer: Tokenizer, seq_length: int):
+    def __init__(self, path: str | Path, tokenizer: Tokenizer, seq_length: int,
+                 chat: NativeChat | TemplateChat | None = None):
         _check_seq_length(seq_length, minimum=2)
+        chat = chat or NativeChat(tokenizer)
         self.path, self.seq_length, self.pad_id = Path(path), seq_length, tokenizer.pad_id
         self.num_truncated = self.num_dropped = 0
         self.sources: list[str] = []
@@ -312,8 +410,8 @@ class PreferenceDataset:
         for where, record in _numbered_records(self.path):
             records += 1
             messages, chosen, rejected = preference_pair(record, where)
-            prompt = prompt_ids(tokenizer, messages)
-            sides = [self._answer(tokenizer, prompt, text) for text in (chosen, rejected)]
+            with _naming(where):
+                sides = [self._truncated(*chat.answered(messages, text)) for text in (chosen, rejected)]
             if not all(_has_label(trainable) for _, trainable, _ in sides):
                 self.num_dropped += 1
                 continue
@@ -323,10 +421,7 @@ class PreferenceDataset:
         if not self._pairs:
             raise _nothing_left(self.path, records, self.num_dropped, seq_length, "chosen or rejected answer")
 
-    def _answer(self, tokenizer: Tokenizer, prompt: list[int], text: str) -> tuple[list[int], list[bool], bool]:
-        answer = tokenizer.encode(text, allowed_special="none") + [tokenizer.eod_id]
-        ids = prompt + answer
-        trainable = [False] * len(prompt) + [True] * len(answer)
+    def _truncated(self, ids: list[int], trainable: list[bool]) -> tuple[list[int], list[bool], bool]:
         return ids[: self.seq_length], trainable[: self.seq_length], len(ids) > self.seq_length
 
     def __len__(self) -> int:
@@ -346,7 +441,9 @@ class PromptDataset:
     role token, ready for the model to answer. Prompts longer than ``max_prompt_length`` ids are
     dropped (``num_dropped``), since the rollout must fit the model's sequence length."""
 
-    def __init__(self, path: str | Path, tokenizer: Tokenizer, max_prompt_length: int):
+    def __init__(self, path: str | Path, tokenizer: Tokenizer, max_prompt_length: int,
+                 chat: NativeChat | TemplateChat | None = None):
+        chat = chat or NativeChat(tokenizer)
         if max_prompt_length < 1:
             raise RLHFDataError(
                 f"no room for a prompt: model.seq_length minus rlhf.ppo.max_new_tokens is {max_prompt_length}; "
@@ -358,7 +455,8 @@ class PromptDataset:
         records = 0
         for where, record in _numbered_records(self.path):
             records += 1
-            ids = prompt_ids(tokenizer, prompt_messages(record, where))
+            with _naming(where):
+                ids = chat.prompt(prompt_messages(record, where))
             if len(ids) > max_prompt_length:
                 self.num_dropped += 1
                 continue

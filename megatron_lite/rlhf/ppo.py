@@ -36,7 +36,7 @@ import torch
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.rlhf.data import PromptDataset
+from megatron_lite.rlhf.data import PromptDataset, chat_format
 from megatron_lite.rlhf.losses import clipped_value_loss, gae, ppo_policy_loss, whiten
 from megatron_lite.rlhf.rollout import (
     Sampling,
@@ -88,7 +88,8 @@ class PPOTask:
 
     def _open_prompts(self, path: Path) -> PromptDataset:
         room = self.cfg.model.seq_length - self.settings.max_new_tokens
-        records = PromptDataset(path, self.tokenizer, room)
+        chat = chat_format(self.cfg.rlhf.chat_template, self.tokenizer, self.cfg.data.tokenizer)
+        records = PromptDataset(path, self.tokenizer, room, chat)
         if self.dims.rank == 0 and records.num_dropped:
             print(f"{path}: {len(records)} prompts kept, {records.num_dropped} longer than {room} tokens dropped "
                   f"(model.seq_length - rlhf.ppo.max_new_tokens)", flush=True)

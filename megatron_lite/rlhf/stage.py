@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.collectives import sum_over_replicas
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.rlhf.data import PreferenceDataset, SFTDataset, split_indices
+from megatron_lite.rlhf.data import PreferenceDataset, SFTDataset, chat_format, split_indices
 from megatron_lite.rlhf.demo_data import build_demo_rlhf_data
 from megatron_lite.training.trained_model import TrainedModel
 from megatron_lite.training.trainer import StepResult
@@ -132,9 +132,10 @@ class RecordStage(abc.ABC):
     def datasets(self) -> tuple:
         dataset = SFTDataset if self.dataset_kind == "sft" else PreferenceDataset
         seq_length = self.cfg.model.seq_length
+        chat = chat_format(self.cfg.rlhf.chat_template, self.tokenizer, self.cfg.data.tokenizer)
 
         def open_records(path: Path):
-            records = dataset(path, self.tokenizer, seq_length)
+            records = dataset(path, self.tokenizer, seq_length, chat)
             report_truncation(records, path, seq_length, self.dims)
             return records
 

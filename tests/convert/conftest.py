@@ -37,6 +37,20 @@ def sentencepiece_dir(tmp_path_factory):
     return SentencePieceTokenizer.train(_CORPUS * 20, 400).save(tmp_path_factory.mktemp("sentencepiece"))
 
 
+@pytest.fixture(scope="session")
+def tp2_pp2_checkpoints(tmp_path_factory, bytelevel_dir, sentencepiece_dir):
+    """Every variant of workers.VARIANTS and workers.FAMILY_VARIANTS saved at (tp, pp) = (2, 2) by
+    the trainer's save path, in one gloo launch; one directory per variant under the returned root."""
+    from tests.convert.workers import FAMILY_VARIANTS, VARIANTS, save_variants_at_tp2_pp2
+    from tests.distributed import run_distributed
+
+    root = tmp_path_factory.mktemp("tp2pp2")
+    tokenizers = {flavor: str(sentencepiece_dir) for flavor in ("llama", "mistral", "qwen2", "qwen3")}
+    tokenizers["gpt2"] = str(bytelevel_dir)
+    run_distributed(save_variants_at_tp2_pp2, 4, str(root), tokenizers, {**VARIANTS, **FAMILY_VARIANTS})
+    return root
+
+
 def random_full(name: str, shape: list[int], vocab_size: int, seed: int = 7) -> torch.Tensor:
     """A full tensor for parameter ``name`` that is the same whatever the layout: norms near 1,
     everything else small noise; vocabulary padding rows zero."""

@@ -36,8 +36,7 @@ from megatron_lite.training.checkpoint import (
 )
 from tests.convert.conftest import _CORPUS, UNICODE_PROBE, randomize_
 from tests.data.test_tokenizer import special_positions, spliced_texts, train_sentencepiece
-from tests.convert.workers import TINY, VARIANTS, save_variants_at_tp2_pp2
-from tests.distributed import run_distributed
+from tests.convert.workers import TINY, VARIANTS
 
 HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
@@ -70,13 +69,6 @@ def test_qkv_split_and_fuse_follow_the_grouped_layout():
 
 
 # ----------------------------------------------------------------------------- ours at (tp, pp) = (2, 2) -> HF
-
-
-@pytest.fixture(scope="module")
-def tp2_pp2_checkpoints(tmp_path_factory, bytelevel_dir, sentencepiece_dir):
-    root = tmp_path_factory.mktemp("tp2pp2")
-    run_distributed(save_variants_at_tp2_pp2, 4, str(root), {"gpt2": str(bytelevel_dir), "llama": str(sentencepiece_dir)})
-    return root
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -289,8 +281,8 @@ def test_bad_inputs_stop_with_a_message(tmp_path, bytelevel_dir):
         convert_from_hf(hf_dir, tmp_path / "ckpt", tp=3)
 
     config = json.loads((hf_dir / "config.json").read_text())
-    (hf_dir / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
-    with pytest.raises(ConversionError, match=r"unsupported Hugging Face architecture \['MistralForCausalLM'\]"):
+    (hf_dir / "config.json").write_text(json.dumps({**config, "architectures": ["MixtralForCausalLM"]}))
+    with pytest.raises(ConversionError, match=r"unsupported Hugging Face architecture \['MixtralForCausalLM'\]"):
         convert_from_hf(hf_dir, tmp_path / "ckpt")
     (hf_dir / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     with pytest.raises(ConversionError, match="activation_function='relu'"):
