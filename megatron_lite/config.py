@@ -45,6 +45,7 @@ FLAVOR_PRESETS: dict[str, dict[str, Any]] = {
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITION_EMBEDDINGS = ("learned", "rope")
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclass
@@ -244,10 +245,15 @@ class TrainConfig:
     min_loss_scale: float = 1.0  # fp16: stop the run when the loss scale is halved below this
     loss_spike_factor: float = 0.0  # warn when a step's loss exceeds this x the recent mean; 0 = off
     device: str = "auto"  # auto | cpu | cuda
+    recompute: str = "none"  # none | selective (the attention core) | full (each layer from its input)
+    recompute_layers: int | None = None  # full: recompute only the first N layers of each stage; None = all
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.recompute", self.recompute, RECOMPUTE_MODES)
+        _require(self.recompute_layers is None or self.recompute_layers > 0,
+                 f"train.recompute_layers must be positive (or null for every layer), got {self.recompute_layers}")
         for name in ("micro_batch_size", "global_batch_size", "max_steps"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
         _require(
