@@ -15,6 +15,8 @@ slice, w the 16-bit or 32-bit weight size (2 for bf16/fp16, 4 for fp32):
     activations = per micro-batch x in flight (below) + one layer's full set under recompute=full
     communication = 2 * b * s_r * h * a        pp > 1: the activation and gradient receive buffers
                   + dp * S * 4                 ZeRO-1: the flat gradient vector reduce-scattered after backward
+                                               (plain dp: none; parallel.bucket_size_mb buckets are the
+                                               gradients themselves, all-reduced in place)
     total       = the sum (an upper bound: the ZeRO-1 vector lives only after backward)
 
 Activations per micro-batch (b micro-batch, s sequence, s_r = s / tp under sequence parallelism
