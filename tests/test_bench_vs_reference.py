@@ -30,16 +30,17 @@ def test_tiny_run_reports_every_model_and_call(capsys):
     assert set(results["gpt2"]["train_tokens_per_s"]) == {"ours", "hf", "nanogpt"}
     assert set(results["llama"]["train_tokens_per_s"]) == {"ours", "hf"}
     for flavor in results.values():
-        assert all(rate > 0 for rate in flavor["train_tokens_per_s"].values())
+        assert all(rate["wall"] > 0 and rate["cpu"] > 0 for rate in flavor["train_tokens_per_s"].values())
         assert len(flavor["decode_attention_us"]) == 3 and all(us > 0 for us in flavor["decode_attention_us"].values())
 
 
 def test_markdown_table():
     args = bench.parse_args(TINY + ["--flavor", "gpt2"])
-    results = {"gpt2": {"train_tokens_per_s": {"ours": 100.0, "hf": 50.0},
+    results = {"gpt2": {"train_tokens_per_s": {"ours": {"wall": 100.0, "cpu": 60.0},
+                                               "hf": {"wall": 50.0, "cpu": 40.0}},
                         "decode_attention_us": {"ours (bias built once per step)": 10.0}}}
     text = bench.markdown(args, results)
-    assert "| gpt2 | hf | 50 | 2.00x |" in text and "| gpt2 | ours (bias built once per step) | 10.0 |" in text
+    assert "| gpt2 | hf | 50 | 2.00x | 40 | 1.50x |" in text and "| gpt2 | ours (bias built once per step) | 10.0 |" in text
 
 
 def test_nanogpt_style_model_learns_its_tokens():
