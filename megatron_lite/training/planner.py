@@ -26,8 +26,8 @@ a = 2 bytes under bf16/fp16 else 4) are the tensors autograd keeps for backward,
     none       norm inputs 2 * b*s_r*h*a (+ their fp32 statistics), the linear inputs gathered over
                the sequence 2 * b*s*h*a, the qkv output b*s*(nh + 2 nkv)*hd*a, the rotated q and k
                b*s*(nh + nkv)*hd*a (RoPE), the attention output b*s*nh*hd*a and its fp32 log-sum-exp,
-               the MLP's first output b*s*f*a (2f for SwiGLU) and activation output b*s*f*a (twice for
-               SwiGLU: silu(gate) and the product); with dropout the score-sized tensors
+               the MLP's first output b*s*f*a (2f for SwiGLU) and activation output b*s*f*a (with
+               torch's SwiGLU also silu(gate), b*s*f*a); with dropout the score-sized tensors
                b*nh*s*s*(2a + 1) and the residual masks; torch's RMSNorm keeps its fp32 input and
                normalised output (b*s_r*h*(4 + a)) instead of the input and statistics
     selective  none without the attention core's score-sized tensors and log-sum-exp (recomputed)
@@ -35,7 +35,8 @@ a = 2 bytes under bf16/fp16 else 4) are the tensors autograd keeps for backward,
                only, when set
 
 plus the first chunk's token ids (and RoPE tables) and the last chunk's final norm, head input
-and the loss's fp32 exponentials b*s*V*4 (the logits themselves are not kept). In flight: the
+and the loss's fp32 exponentials b*s*V*4 (the torch loss; the fused loss keeps the logits b*s*V*a
+instead). In flight: the
 pipeline schedule is replayed op by op (``parallel.pipeline.build_schedule``) and the peak sum of
 the held micro-batch chunks taken; that is all micro-batches for afab, pp - pp_rank for 1F1B, and
 for the interleaved schedule on stage 0 Megatron's L * act * (1 + (pp - 1) / (pp * vpp)).
@@ -191,7 +192,9 @@ def layer_activation_bytes(cfg: Config, shape: Shape, mode: str) -> int:
         total += tokens * (q_width + kv_width) * a  # rotated q and k
     total += tokens * q_width * a  # attention output, the projection's input
     if model.activation == "swiglu":
-        total += tokens * 2 * ffn * a + 2 * tokens * ffn * a  # [gate; up], silu(gate), the product
+        # [gate; up] and the product; torch's SwiGLU keeps silu(gate) too, the fused kernel recomputes it
+        kept = 2 if model.elementwise_backend == "torch" else 1
+        total += tokens * 2 * ffn * a + kept * tokens * ffn * a
     else:
         total += 2 * tokens * ffn * a  # fc output, gelu output
     if model.dropout > 0:
@@ -215,11 +218,14 @@ def _first_chunk_bytes(cfg: Config, shape: Shape) -> int:
 
 
 def _last_chunk_bytes(cfg: Config, shape: Shape) -> int:
-    """Final norm, the head's gathered input, and the loss's fp32 exponentials (the logits themselves
-    are not kept), row sums, local labels and masks."""
+    """Final norm, the head's gathered input, and what the loss keeps: the torch loss its fp32
+    exponentials (not the logits), row sums, local labels and masks; the fused loss the logits,
+    labels and log-sum-exp."""
     vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, shape.tp) // shape.tp
     head = _norm_bytes(cfg, shape) + shape.tokens * cfg.model.hidden_size * shape.act
-    return head + shape.tokens * vocab * 4 + shape.tokens * (4 + 8 + 2)
+    if cfg.model.loss_backend == "torch":
+        return head + shape.tokens * vocab * 4 + shape.tokens * (4 + 8 + 2)
+    return head + shape.tokens * vocab * shape.act + shape.tokens * (8 + 4)
 
 
 def layer_modes(cfg: Config, num_layers: int, mode: str) -> list[str]:

@@ -91,6 +91,18 @@ def test_activations_match_saved_tensors(flavor, mode):
     assert planned == pytest.approx(measured, rel=0.15)
 
 
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_activations_match_saved_tensors_with_the_triton_kernels(flavor):
+    """The fused norms, SwiGLU, attention and loss keep other tensors than torch's (interpreted on CPU)."""
+    kernels = [f"model.{kind}_backend=triton" for kind in ("attention", "norm", "loss", "elementwise")]
+    cfg = tiny(flavor, "model.num_layers=2", "train.global_batch_size=2", *kernels)
+    measured = model_saved_bytes(GPT(cfg.model), cfg)
+    torch_cfg = tiny(flavor, "model.num_layers=2", "train.global_batch_size=2")
+    planned = planner.plan_memory(cfg, 1).ranks[0].activations_per_micro_batch
+    assert planned == pytest.approx(measured, rel=0.15)
+    assert planned != planner.plan_memory(torch_cfg, 1).ranks[0].activations_per_micro_batch
+
+
 def test_full_recompute_checkpoint_still_trains():
     """The test's checkpoint wrapper gives the plain model's gradients (so its measurement is of a real run)."""
     cfg = tiny("llama")
