@@ -6,6 +6,8 @@
                                                        direct preference optimization, PPO (torchrun too)
     demo [--steps N] [--out DIR] [--device D]          build the demo corpus, train, evaluate, sample
     generate --load DIR --prompt TEXT [--chat] [...]   continue prompts from a checkpoint
+    plan --config FILE [overrides] [--world-size N] [--gpu-memory 80GB] [--json]
+                                                       memory per rank before launching; layouts that fit
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true",
                      help="send each prompt as a user turn and let the model answer (after sft/dpo)")
     gen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    plan = commands.add_parser("plan", help="memory per rank of a config, and the layouts that fit a GPU")
+    plan.add_argument("--config", required=True, help="YAML file (see configs/)")
+    plan.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.tp=2")
+    plan.add_argument("--world-size", type=int, default=None, help="GPUs in the run (default: tp x pp, dp = 1)")
+    plan.add_argument("--gpu-memory", default=None, help="list the layouts that fit this much per GPU, e.g. 80GB")
+    plan.add_argument("--top", type=int, default=10, help="layouts to list with --gpu-memory")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return parser
 
 
@@ -147,8 +157,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from megatron_lite.training import planner
+
+    cfg = load_config(args.config, args.overrides)
+    world_size = args.world_size if args.world_size is not None else cfg.parallel.tp * cfg.parallel.pp
+    gpu_bytes = planner.parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
+    if args.top < 1:
+        raise ConfigError(f"--top must be positive, got {args.top}")
+    plan = planner.plan_memory(cfg, world_size)
+    cost = planner.CostModel()
+    fits = planner.fitting_layouts(cfg, world_size, gpu_bytes, cost) if gpu_bytes is not None else None
+    if args.json:
+        print(json.dumps(planner.plan_json(plan, fits, cost), indent=1))
+        return 0
+    print(planner.format_plan(plan))
+    if fits is not None:
+        print()
+        print(planner.format_fits(fits, gpu_bytes, world_size, cost, args.top))
+    return 0
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "sft": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "ppo": cmd_stage,
-            "demo": cmd_demo, "generate": cmd_generate}
+            "demo": cmd_demo, "generate": cmd_generate, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,7 @@ ROPE_SCALING_KEYS = {
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITION_EMBEDDINGS = ("learned", "rope")
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclass
@@ -318,7 +319,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
-        _choice("train.recompute", self.recompute, ("none", "selective", "full"))
+        _choice("train.recompute", self.recompute, RECOMPUTE_MODES)
         _require(self.recompute_layers is None or self.recompute == "full",
                  f"train.recompute_layers={self.recompute_layers} applies only to train.recompute=full "
                  f"(got train.recompute={self.recompute}); set train.recompute=full or drop train.recompute_layers")

@@ -12,8 +12,10 @@ section of docs/benchmarks.md (other sections of that file are left as they are)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -56,11 +58,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--docs", default="docs/benchmarks.md", help="markdown file to record the result in")
     parser.add_argument("--no-record", action="store_true", help="print only; leave the docs file alone")
     parser.add_argument("--cpu-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--fit-micro-batch", type=float, default=0.0, metavar="GIB",
+                        help="train with the largest power-of-two micro-batch (global batch = one micro-batch per "
+                             "dp rank) whose peak memory the planner puts under this many GiB (0: as configured)")
+    parser.add_argument("--jsonl", default="", help="append the result as one JSON line to this file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    if args.fit_micro_batch < 0:
+        parser.error(f"--fit-micro-batch must be a positive number of GiB (or 0: off), got {args.fit_micro_batch:g}")
     return args
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def largest_fitting_micro_batch(cfg, limit_gib: float, largest: int = 64):
+    """The config with the largest power-of-two micro-batch whose planned peak fits ``limit_gib``, one
+    micro-batch per dp rank per step; (config, planned peak bytes)."""
+    from megatron_lite.training.planner import plan_memory
+
+    best = None
+    micro_batch = 1
+    while micro_batch <= largest:
+        dp = world_size() // (cfg.parallel.tp * cfg.parallel.pp)
+        train = dataclasses.replace(cfg.train, micro_batch_size=micro_batch, global_batch_size=micro_batch * dp)
+        candidate = dataclasses.replace(cfg, train=train)
+        peak = plan_memory(candidate, world_size()).peak
+        if peak > limit_gib * 2**30:
+            break
+        best = (candidate, peak)
+        micro_batch *= 2
+    if best is None:
+        raise ConfigError(f"even micro-batch 1 needs more than {limit_gib:g} GiB by the planner; use recompute, "
+                          f"tensor or pipeline parallelism, or a larger --fit-micro-batch")
+    return best
 
 
 def run(args: argparse.Namespace) -> dict | None:
@@ -71,6 +105,9 @@ def run(args: argparse.Namespace) -> dict | None:
         "optim.warmup_steps=0", "optim.decay_steps=null",
     ]
     cfg = load_config(args.config, overrides)
+    if args.fit_micro_batch > 0:
+        cfg, _ = largest_fitting_micro_batch(cfg, args.fit_micro_batch)
+    planned = planned_peak_gib(cfg)
     datasets = None
     if args.synthetic:
         if cfg.model.vocab_size <= 0:
@@ -101,8 +138,18 @@ def run(args: argparse.Namespace) -> dict | None:
         "tflops": tflops,
         "mfu": tflops / peak if peak else None,
         "memory_gib": max(r["memory_gib"] for r in timed),
+        "planned_gib": planned,
         "synthetic": args.synthetic,
     }
+
+
+def planned_peak_gib(cfg) -> float | None:
+    """The memory planner's peak for this run, None where it cannot say (the vocabulary comes from data)."""
+    from megatron_lite.training.planner import plan_memory
+
+    if cfg.model.vocab_size <= 0:
+        return None
+    return plan_memory(cfg, world_size()).peak / 2**30
 
 
 def table_row(r: dict) -> str:
@@ -150,6 +197,11 @@ def bench(args: argparse.Namespace) -> int:
     if result is not None:
         row = table_row(result)
         print(TABLE_HEADER + row, end="")
+        if result["planned_gib"] is not None:
+            print(f"memory: planned peak {result['planned_gib']:.2f} GiB, measured {result['memory_gib']:.2f} GiB")
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(result) + "\n")
         if not args.no_record:
             record_result(Path(args.docs), row)
             print(f"recorded in {args.docs}")

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One GPU visit: check the kernels in bf16/fp16, then time kernels, training and data parallelism.
-# Usage: bash tools/gpu_benchmarks.sh OUT_DIR [kernels|norms|train|parallel ...]
-#   (default: all four; "kernels" checks and times attention, SwiGLU/RoPE and cross-entropy,
+# Usage: bash tools/gpu_benchmarks.sh OUT_DIR [kernels|norms|train|parallel|mfu ...]
+#   (default: the first four; "kernels" checks and times attention, SwiGLU/RoPE and cross-entropy,
 #   "norms" checks every launch setting of the norm kernels and times them, printing each
-#   candidate's time)
+#   candidate's time; "mfu" trains llama-1b and gpt2-1.3b at seq 2048 in bf16 on one GPU at the
+#   largest micro-batch the memory planner fits, across recompute, compile and kernel backends,
+#   in under 8 minutes)
 # Where one command may only run for minutes, run one part per command (the kernel sweep with
 # the norms took about 8 minutes on an H100).
 # Writes logs, Markdown and plots under OUT_DIR; copy the sections you want into docs/benchmarks.md.
@@ -41,3 +43,37 @@ wants train && for run in "configs/gpt2-124m.yaml train.micro_batch_size=16 trai
     done
 done
 wants parallel && python3 tools/bench_parallel.py --device cuda --micro-batches 4 2>&1 | tee "$out/parallel.log"
+
+# Issue 16: tokens/s, TFLOP/s, MFU and peak memory beside the planner's prediction, one GPU, seq 2048, bf16.
+# Each axis is varied against the same baseline (Triton kernels, recompute none, compile off); the whole
+# 2 x 3 x 2 x 2 matrix does not fit the 8 minutes. Runs go in order of interest; each gets at most
+# MFU_RUN_TIMEOUT_S seconds and no more than what is left of MFU_BUDGET_S for the whole part.
+if wants mfu; then
+    budget="${MFU_BUDGET_S:-450}"
+    run_timeout="${MFU_RUN_TIMEOUT_S:-150}"
+    # 90% of the GPU for the planner: the allocator's fragmentation and the CUDA context take the rest
+    fit_gib="$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{printf "%.0f", $1 / 1024 * 0.9}')"
+    seq2048="parallel.tp=1 parallel.pp=1 parallel.sequence_parallel=false train.precision=bf16 model.seq_length=2048"
+    triton="model.attention_backend=triton model.norm_backend=triton model.loss_backend=triton model.elementwise_backend=triton"
+    eager="model.attention_backend=torch model.norm_backend=torch model.loss_backend=torch model.elementwise_backend=torch"
+    variants=("$triton train.recompute=none train.compile=false"
+              "$eager train.recompute=none train.compile=false"
+              "$triton train.recompute=selective train.compile=false"
+              "$triton train.recompute=full train.compile=false"
+              "$triton train.recompute=none train.compile=true"
+              "$eager train.recompute=none train.compile=true")
+    start=$SECONDS
+    for variant in "${variants[@]}"; do
+        for model in "configs/llama-1b.yaml model.vocab_size=128256" "configs/gpt2-1.3b.yaml model.vocab_size=50257"; do
+            left=$(( budget - (SECONDS - start) ))
+            if (( left < 30 )); then
+                echo "mfu: the ${budget}s budget is spent; skipped: $model $variant" | tee -a "$out/mfu.log"
+                continue
+            fi
+            # shellcheck disable=SC2086
+            timeout "$(( left < run_timeout ? left : run_timeout ))" python3 tools/bench_train.py --synthetic \
+                --steps 5 --warmup 2 --fit-micro-batch "$fit_gib" --jsonl "$out/mfu.jsonl" --docs "$out/mfu.md" \
+                --config $model $seq2048 $variant 2>&1 | tee -a "$out/mfu.log"
+        done
+    done
+fi

@@ -27,6 +27,7 @@ class KVCache:
         self.keys = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layers}
         self.values = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layers}
         self.length = 0  # positions already stored
+        self.dtype = dtype
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[1]
@@ -35,11 +36,19 @@ class KVCache:
         return self.keys[layer][:, :end], self.values[layer][:, :end]
 
     def causal_mask(self, new_length: int, device) -> torch.Tensor:
-        """(1, 1, T, S) for T new queries after the cached keys: causal alignment is bottom-right,
-        query i sees the cached positions and the new ones up to itself."""
+        """(1, 1, T, S) additive bias for T new queries after the cached keys: causal alignment is
+        bottom-right, query i sees the cached positions and the new ones up to itself."""
         keys = torch.arange(self.length + new_length, device=device)
         queries = self.length + torch.arange(new_length, device=device).unsqueeze(1)
-        return (keys <= queries)[None, None]
+        return attention_bias((keys <= queries)[None, None], self.dtype)
+
+
+def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) as the additive bias attention takes as is: 0 where allowed,
+    -inf elsewhere, in the queries' dtype. Built once per decode step and shared by every layer;
+    a boolean mask would be converted to this again inside every layer's attention call."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill_(~allowed, float("-inf"))
 
 
 def _check(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int, top_p: float):
@@ -155,7 +164,9 @@ def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id,
     positions = (torch.arange(prompt_length, device=device).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
     causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device).tril()
     # Padding queries see themselves only, so no softmax row is empty; real queries never see padding.
-    mask = (causal & key_valid[:, None, None, :prompt_length]) | torch.eye(prompt_length, dtype=torch.bool, device=device)
+    allowed = (causal & key_valid[:, None, None, :prompt_length]) | torch.eye(prompt_length, dtype=torch.bool,
+                                                                              device=device)
+    mask = attention_bias(allowed, dtype)  # (B, 1, T, T)
     stage = _Stage(model)
     logits = stage.forward(tokens, position_ids=positions, kv_cache=cache, attention_mask=mask)  # (B, V/tp)
 
@@ -175,7 +186,7 @@ def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id,
             break
         length = cache.length + 1
         positions = (torch.full((batch, 1), length - 1, device=device) - pads.unsqueeze(1)).clamp(min=0)
-        mask = key_valid[:, None, None, :length]  # (B, 1, 1, S)
+        mask = attention_bias(key_valid[:, None, None, :length], dtype)  # (B, 1, 1, S), once for every layer
         logits = stage.forward(next_tokens.to(device).unsqueeze(1), position_ids=positions, kv_cache=cache,
                                attention_mask=mask)
     return outputs

@@ -39,8 +39,10 @@ def attention(
 ) -> torch.Tensor:
     """q (B, T, nh, hd), k/v (B, S, nkv, hd) -> (B, T, nh, hd); nh a multiple of nkv (grouped-query).
 
-    ``mask`` (B, 1, T, S) bool, True = may attend, replaces ``causal``; only the torch backend
-    takes it (generation with a cache and padded prompts), so a mask always runs there.
+    ``mask`` (B, 1, T, S) replaces ``causal``: bool (True = may attend) or an additive bias in q's
+    dtype (0 or -inf), the form attention uses as is, which generation builds once per decode step
+    for every layer; only the torch backend takes a mask (generation with a cache and padded
+    prompts), so a mask always runs there.
     """
     if mask is not None:
         return backends.function("attention", "torch")(q, k, v, causal=causal, dropout_p=dropout_p, mask=mask)

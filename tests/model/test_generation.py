@@ -119,3 +119,38 @@ def test_generation_through_a_pipeline_matches_one_model():
     """At pp=2 each token's hidden states go stage to stage through the pipeline's send and receive."""
     first, last = run_distributed(_pipelined_generation, 2)
     assert first == last and all(len(row) == 5 for row in first)
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_each_step_builds_one_attention_bias_for_every_layer(flavor, monkeypatch):
+    """The mask reaches attention as an additive bias in the queries' dtype, the same tensor in every
+    layer of a step: nothing converts a boolean mask per layer."""
+    from megatron_lite.model import ops
+
+    model = tiny_model(flavor).eval()
+    calls = []
+    attention = ops.attention
+
+    def recording(q, k, v, causal=True, backend="torch", dropout_p=0.0, mask=None):
+        calls.append((mask, q.dtype))
+        return attention(q, k, v, causal, backend, dropout_p, mask)
+
+    monkeypatch.setattr(ops, "attention", recording)
+    steps, layers = 5, model.config.num_layers
+    generate(model, [[1, 2, 3], [4]], max_new_tokens=steps, temperature=0)
+    assert len(calls) == steps * layers  # the prompt, then one forward per new token but the last
+    for step in range(steps):
+        masks = [mask for mask, _ in calls[step * layers : (step + 1) * layers]]
+        assert all(mask is masks[0] for mask in masks)
+        assert masks[0].dtype == calls[step * layers][1]
+    assert len({id(mask) for mask, _ in calls}) == steps
+    assert calls[0][0][0, 0].isneginf().any()  # the prompt's causal part and the short row's padding are hidden
+
+
+def test_kv_cache_causal_mask_is_an_additive_bias():
+    cache = KVCache(range(1), batch=1, max_length=8, kv_heads=1, head_dim=2, device="cpu", dtype=torch.float64)
+    cache.length = 2
+    bias = cache.causal_mask(3, "cpu")  # (1, 1, 3, 5)
+    assert bias.dtype == torch.float64 and bias.shape == (1, 1, 3, 5)
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(bias[0, 0] == 0, expected) and bias[0, 0][~expected].isneginf().all()

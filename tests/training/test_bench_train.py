@@ -2,6 +2,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_train.py"
 spec = importlib.util.spec_from_file_location("bench_train", TOOL)
@@ -42,3 +43,32 @@ def test_synthetic_needs_vocab_size(tmp_path, capsys):
     argv = ["--config", str(config), "--synthetic", "--no-record", "data.demo=false", "train.device=cpu"]
     assert bench_train.main(argv) == 2
     assert "--synthetic needs model.vocab_size=N" in capsys.readouterr().err
+
+
+def test_fit_micro_batch_takes_the_largest_that_the_planner_fits(tmp_path, capsys):
+    import json
+
+    from megatron_lite.config import load_config
+    from megatron_lite.training.planner import plan_memory
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    cfg = load_config(config, TINY)
+    peaks = {mb: plan_memory(bench_train.largest_fitting_micro_batch(cfg, 100.0, largest=mb)[0], 1).peak
+             for mb in (1, 2, 4)}
+    limit = (peaks[2] + peaks[4]) / 2 / 2**30  # room for 2 but not 4
+    chosen, peak = bench_train.largest_fitting_micro_batch(cfg, limit)
+    assert (chosen.train.micro_batch_size, chosen.train.global_batch_size, peak) == (2, 2, peaks[2])
+    out = tmp_path / "runs.jsonl"
+    argv = ["--config", str(config), "--synthetic", "--steps", "1", "--warmup", "0", "--no-record",
+            "--fit-micro-batch", str(limit), "--jsonl", str(out)] + TINY
+    assert bench_train.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["batch"] == "2 x 2" and result["planned_gib"] == pytest.approx(peaks[2] / 2**30)
+    assert "planned peak" in capsys.readouterr().out
+
+
+def test_fit_micro_batch_refuses_what_never_fits(capsys):
+    config = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    argv = ["--config", str(config), "--synthetic", "--no-record", "--fit-micro-batch", "0.000001"] + TINY
+    assert bench_train.main(argv) == 2
+    assert "even micro-batch 1 needs more than" in capsys.readouterr().err

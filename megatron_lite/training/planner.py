@@ -1,0 +1,539 @@
+"""Memory planner: what each (tp, pp) rank holds while training a config, before anything starts.
+
+``python -m megatron_lite plan --config FILE [overrides] [--world-size N] [--gpu-memory 80GB] [--json]``
+
+Parameters come from the model itself, built on the meta device for each (tp rank, pp rank), so
+the counts follow every structural field and every sharding rule exactly. Bytes follow from them.
+N is the rank's parameter count, P its number of parameter tensors, S = ceil(N / dp) its ZeRO-1
+slice, w the 16-bit or 32-bit weight size (2 for bf16/fp16, 4 for fp32):
+
+    weights     = N * w
+    gradients   = N * 4                        fp32 gradients (fp32) or fp32 main grads (bf16/fp16)
+    optimizer   = N * 8 + P * 4                fp32: Adam's two moments + a step counter per tensor
+                = N * (4 + 8) + P * 4          bf16/fp16: fp32 main params + the two moments
+                = S * (4 + 8 + 4)              ZeRO-1: fp32 main slice, the moments, the reduced-grad slice
+    activations = per micro-batch x in flight (below) + one layer's full set under recompute=full
+    communication = 2 * b * s_r * h * a        pp > 1: the activation and gradient receive buffers
+                  + dp * S * 4                 ZeRO-1: the flat gradient vector reduce-scattered after backward
+                                               (plain dp: none; parallel.bucket_size_mb buckets are the
+                                               gradients themselves, all-reduced in place)
+    total       = the sum (an upper bound: the ZeRO-1 vector lives only after backward)
+
+Activations per micro-batch (b micro-batch, s sequence, s_r = s / tp under sequence parallelism
+else s, h hidden, nh / nkv local query / kv heads, hd head dim, f = ffn / tp, V vocabulary / tp,
+a = 2 bytes under bf16/fp16 else 4) are the tensors autograd keeps for backward, per layer:
+
+    none       norm inputs 2 * b*s_r*h*a (+ their fp32 statistics), the linear inputs gathered over
+               the sequence 2 * b*s*h*a, the qkv output b*s*(nh + 2 nkv)*hd*a, the rotated q and k
+               b*s*(nh + nkv)*hd*a (RoPE), the attention output b*s*nh*hd*a and its fp32 log-sum-exp,
+               the MLP's first output b*s*f*a (2f for SwiGLU) and activation output b*s*f*a (with
+               torch's SwiGLU also silu(gate), b*s*f*a); with dropout the score-sized tensors
+               b*nh*s*s*(2a + 1) and the residual masks; torch's RMSNorm keeps its fp32 input and
+               normalised output (b*s_r*h*(4 + a)) instead of the input and statistics
+    selective  none without the attention core's score-sized tensors and log-sum-exp (recomputed)
+    full       the layer input b*s_r*h*a; the first ``train.recompute_layers`` layers of each chunk
+               only, when set
+
+plus the first chunk's token ids (and RoPE tables) and the last chunk's final norm, head input
+and the loss's fp32 exponentials b*s*V*4 (the torch loss; the fused loss keeps the logits b*s*V*a
+instead). In flight: the
+pipeline schedule is replayed op by op (``parallel.pipeline.build_schedule``) and the peak sum of
+the held micro-batch chunks taken; that is all micro-batches for afab, pp - pp_rank for 1F1B, and
+for the interleaved schedule on stage 0 Megatron's L * act * (1 + (pp - 1) / (pp * vpp)).
+Gradient accumulation at pp = 1 holds one micro-batch.
+
+A layout the training run would refuse is refused here with the training run's message: the
+grid and model checks of ``model.layout_check`` and the batch split of ``step.validate_batch_layout``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_lite.config import RECOMPUTE_MODES, Config, ConfigError
+from megatron_lite.model.gpt import flops_per_token, local_kv_heads
+from megatron_lite.model.layout_check import kv_replicas_for, validate_layout
+from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size, rank_of
+from megatron_lite.parallel.layout import layout_of
+from megatron_lite.parallel.pipeline import build_schedule, chunk_layers
+from megatron_lite.training.step import validate_batch_layout
+
+GIB = 2**30
+_UNITS = {"b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": GIB, "gib": GIB, "tb": 2**40,
+          "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """'80GB', '80GiB', '141 GB', '512MB' -> bytes; GB and GiB both mean 2**30 (as nvidia-smi counts)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"--gpu-memory {text!r} is not a memory size; write a number and a unit, such as 80GB, 141GiB or 512MB"
+        )
+    size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if size <= 0:
+        raise ConfigError(f"--gpu-memory {text!r} must be positive")
+    return int(size)
+
+
+def check_plannable(cfg: Config, world_size: int) -> ParallelDims:
+    """The grid as rank 0 sees it, after the checks a training run makes at start-up."""
+    if world_size < 1:
+        raise ConfigError(f"--world-size must be positive, got {world_size}")
+    if cfg.model.vocab_size <= 0:
+        raise ConfigError(
+            "the planner needs model.vocab_size (this config takes it from the tokenizer); pass "
+            "model.vocab_size=N, for example 50257 for GPT-2 or 128256 for Llama 3"
+        )
+    validate_layout(cfg.parallel, cfg.model, world_size)
+    dims = ParallelDims.for_world(cfg.parallel, world_size, kv_replicas=kv_replicas_for(cfg.model, cfg.parallel.tp))
+    validate_batch_layout(cfg, dims)
+    return dims
+
+
+# ----------------------------------------------------------------------------- parameters and state
+
+
+def stage_parameters(cfg: Config, dims: ParallelDims, pp_rank: int) -> list[tuple[int, int]]:
+    """(elements, tensors) of the parameters each tp rank of stage ``pp_rank`` holds, tp rank order.
+
+    The stage's chunks are built on the meta device without process groups, so every layer holds
+    its full (tp = 1) tensor with its layout attached; each rank's shard is cut from it by the same
+    ``ParamLayout.shard_tensor`` that training and checkpoints use."""
+    from megatron_lite.training.setup import build_model_chunks
+
+    # Shapes do not depend on the kernels; torch backends build anywhere.
+    model = dataclasses.replace(cfg.model, attention_backend="torch", norm_backend="torch", loss_backend="torch",
+                                elementwise_backend="torch")
+    rank = rank_of(0, 0, pp_rank, dims.tp, dims.dp)
+    stage_dims = dataclasses.replace(dims, rank=rank, device=torch.device("meta"))
+    chunks = build_model_chunks(dataclasses.replace(cfg, model=model), stage_dims)
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    return [(sum(layout_of(p).shard_tensor(p, tp_rank, dims.tp).numel() for p in params), len(params))
+            for tp_rank in range(dims.tp)]
+
+
+def weight_bytes_per_element(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def state_bytes(parameters: int, tensors: int, precision: str, zero1: bool, dp: int) -> dict[str, int]:
+    """Weights, gradients and optimizer state of one rank (formulas in the module docstring)."""
+    weights = parameters * weight_bytes_per_element(precision)
+    gradients = parameters * 4
+    if zero1:
+        optimizer = math.ceil(parameters / dp) * (4 + 8 + 4)
+    else:
+        main_params = 0 if precision == "fp32" else 4
+        optimizer = parameters * (main_params + 8) + tensors * 4
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer}
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a micro-batch's activations depend on, on one rank."""
+
+    batch: int
+    seq: int
+    tp: int
+    sequence_parallel: bool
+    act: int  # bytes per activation element
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def residual_tokens(self) -> int:
+        """Tokens of the residual stream this rank holds: a sequence shard under sequence parallelism."""
+        return self.tokens // self.tp if self.sequence_parallel else self.tokens
+
+
+def _norm_bytes(cfg: Config, shape: Shape) -> int:
+    """What one norm keeps for backward: torch's RMSNorm its fp32 input and normalised output, else
+    the input and fp32 statistics (mean and rstd for LayerNorm, rstd for RMSNorm)."""
+    model, local = cfg.model, shape.residual_tokens
+    if model.norm == "rmsnorm" and model.norm_backend == "torch":
+        return local * model.hidden_size * (4 + shape.act) + local * 4
+    stats = 2 if model.norm == "layernorm" else 1
+    return local * model.hidden_size * shape.act + local * 4 * stats
+
+
+def _attention_core_bytes(cfg: Config, shape: Shape) -> int:
+    """What the attention core keeps beyond its inputs and output: the fp32 log-sum-exp, and with
+    dropout the score-sized softmax, mask and dropped probabilities."""
+    heads = cfg.model.num_heads // shape.tp
+    core = shape.tokens * heads * 4
+    if cfg.model.dropout > 0:
+        core += shape.batch * heads * shape.seq * shape.seq * (2 * shape.act + 1)
+    return core
+
+
+def layer_activation_bytes(cfg: Config, shape: Shape, mode: str) -> int:
+    """Bytes one transformer layer keeps for backward per micro-batch under recompute ``mode``."""
+    model, a, tokens = cfg.model, shape.act, shape.tokens
+    hidden = model.hidden_size
+    if mode == "full":
+        return shape.residual_tokens * hidden * a
+    q_width = model.num_heads // shape.tp * model.head_dim
+    kv_width = local_kv_heads(model, shape.tp) * model.head_dim
+    ffn = model.ffn_hidden_size // shape.tp
+    total = 2 * _norm_bytes(cfg, shape) + 2 * tokens * hidden * a  # norms; qkv and fc inputs
+    total += tokens * (q_width + 2 * kv_width) * a  # qkv output (v is a view of it)
+    if model.position_embedding == "rope":
+        total += tokens * (q_width + kv_width) * a  # rotated q and k
+    total += tokens * q_width * a  # attention output, the projection's input
+    if model.activation == "swiglu":
+        # [gate; up] and the product; torch's SwiGLU keeps silu(gate) too, the fused kernel recomputes it
+        kept = 2 if model.elementwise_backend == "torch" else 1
+        total += tokens * 2 * ffn * a + kept * tokens * ffn * a
+    else:
+        total += 2 * tokens * ffn * a  # fc output, gelu output
+    if model.dropout > 0:
+        total += 2 * shape.residual_tokens * hidden  # the residual dropout masks (one byte each)
+    if mode == "none":
+        total += _attention_core_bytes(cfg, shape)
+    return total
+
+
+def _first_chunk_bytes(cfg: Config, shape: Shape) -> int:
+    """Token ids for the embedding's backward (and position ids for a learned table), RoPE's cos and
+    sin tables (fp32), the embedding dropout's mask."""
+    extra = shape.tokens * 8
+    if cfg.model.position_embedding == "learned":
+        extra += shape.seq * 8
+    else:
+        extra += 2 * shape.tokens * cfg.model.head_dim * 4
+    if cfg.model.dropout > 0:
+        extra += shape.residual_tokens * cfg.model.hidden_size
+    return extra
+
+
+def _last_chunk_bytes(cfg: Config, shape: Shape) -> int:
+    """Final norm, the head's gathered input, and what the loss keeps: the torch loss its fp32
+    exponentials (not the logits), row sums, local labels and masks; the fused loss the logits,
+    labels and log-sum-exp."""
+    vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, shape.tp) // shape.tp
+    head = _norm_bytes(cfg, shape) + shape.tokens * cfg.model.hidden_size * shape.act
+    if cfg.model.loss_backend == "torch":
+        return head + shape.tokens * vocab * 4 + shape.tokens * (4 + 8 + 2)
+    return head + shape.tokens * vocab * shape.act + shape.tokens * (8 + 4)
+
+
+def layer_modes(cfg: Config, num_layers: int, mode: str) -> list[str]:
+    """The recompute mode of each layer of a chunk: ``train.recompute_layers`` limits full to the first N."""
+    if mode != "full" or cfg.train.recompute_layers is None:
+        return [mode] * num_layers
+    limit = min(cfg.train.recompute_layers, num_layers)
+    return ["full"] * limit + ["none"] * (num_layers - limit)
+
+
+def chunk_activation_bytes(cfg: Config, dims: ParallelDims, shape: Shape, pp_rank: int, chunk: int,
+                           mode: str) -> int:
+    """Bytes one micro-batch leaves for backward in chunk ``chunk`` of stage ``pp_rank``."""
+    layers = len(chunk_layers(cfg.model.num_layers, dims, pp_rank, chunk))
+    total = sum(layer_activation_bytes(cfg, shape, m) for m in layer_modes(cfg, layers, mode))
+    if pp_rank == 0 and chunk == 0:
+        total += _first_chunk_bytes(cfg, shape)
+    if pp_rank == dims.pp - 1 and chunk == dims.virtual_pp - 1:
+        total += _last_chunk_bytes(cfg, shape)
+    return total
+
+
+def in_flight_peak(cfg: Config, dims: ParallelDims, pp_rank: int, num_micro_batches: int,
+                   per_chunk: list[int]) -> tuple[int, int]:
+    """(peak bytes, most micro-batch chunks held at once) replaying this stage's pipeline schedule."""
+    if dims.pp == 1:
+        return sum(per_chunk), 1
+    held: set[tuple[int, int]] = set()
+    peak = most = 0
+    for op, micro_batch, chunk in build_schedule(cfg.parallel.pipeline_schedule, num_micro_batches, dims.pp,
+                                                 pp_rank, dims.virtual_pp):
+        if op == "F":
+            held.add((micro_batch, chunk))
+        else:
+            held.discard((micro_batch, chunk))
+        most = max(most, len(held))
+        peak = max(peak, sum(per_chunk[c] for _, c in held))
+    return peak, most
+
+
+def activation_shape(cfg: Config, dims: ParallelDims, sequence_parallel: bool | None = None) -> Shape:
+    sp = dims.sequence_parallel if sequence_parallel is None else sequence_parallel and dims.tp > 1
+    return Shape(cfg.train.micro_batch_size, cfg.model.seq_length, dims.tp, sp,
+                 weight_bytes_per_element(cfg.train.precision))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class RankMemory:
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations_per_micro_batch: int  # all of this rank's chunks, one micro-batch each
+    in_flight: int  # micro-batch chunks held at the peak
+    activations: int  # peak, with the recompute working set
+    communication: int
+    by_mode: dict[str, int] = field(default_factory=dict)  # "<mode>, sp on|off" -> bytes per micro-batch
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.communication
+
+    def to_json(self) -> dict:
+        return {
+            "rank": self.rank, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "parameters": self.parameters,
+            "bytes": {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
+                      "activations": self.activations, "communication": self.communication, "total": self.total},
+            "activations_per_micro_batch": self.activations_per_micro_batch,
+            "in_flight_micro_batches": self.in_flight,
+            "activations_per_micro_batch_by_mode": self.by_mode,
+        }
+
+
+@dataclass
+class Plan:
+    config: Config
+    world_size: int
+    dp: int
+    num_micro_batches: int
+    ranks: list[RankMemory]
+
+    @property
+    def peak(self) -> int:
+        return max(r.total for r in self.ranks)
+
+
+def _rank_activations(cfg: Config, dims: ParallelDims, pp_rank: int, num_micro_batches: int,
+                      shape: Shape, mode: str) -> tuple[int, int, int]:
+    """(per micro-batch, peak with the recompute working set, chunks in flight) on stage ``pp_rank``."""
+    per_chunk = [chunk_activation_bytes(cfg, dims, shape, pp_rank, c, mode) for c in range(dims.virtual_pp)]
+    peak, most = in_flight_peak(cfg, dims, pp_rank, num_micro_batches, per_chunk)
+    if mode == "full":  # backward rebuilds one layer's whole set at a time
+        peak += layer_activation_bytes(cfg, shape, "none")
+    return sum(per_chunk), peak, most
+
+
+def _communication_bytes(cfg: Config, dims: ParallelDims, shape: Shape, parameters: int) -> int:
+    total = 0
+    if dims.pp > 1:
+        total += 2 * shape.residual_tokens * cfg.model.hidden_size * shape.act
+    if cfg.parallel.zero1:
+        total += dims.dp * math.ceil(parameters / dims.dp) * 4
+    return total
+
+
+def plan_memory(cfg: Config, world_size: int, parameter_cache: dict | None = None) -> Plan:
+    """Every (tp, pp) rank's memory for ``cfg`` on ``world_size`` ranks (ranks of one tp x pp
+    position hold the same on every dp replica). ``parameter_cache``: stage parameter counts kept
+    across calls that vary only the layout (the layout search)."""
+    dims = check_plannable(cfg, world_size)
+    num_micro_batches = validate_batch_layout(cfg, dims)
+    shape = activation_shape(cfg, dims)
+    ranks = []
+    for pp_rank in range(dims.pp):
+        key = (dims.tp, dims.pp, dims.virtual_pp, pp_rank)
+        if parameter_cache is None or key not in parameter_cache:
+            counts = stage_parameters(cfg, dims, pp_rank)
+            if parameter_cache is None:
+                parameter_cache = {}
+            parameter_cache[key] = counts
+        for tp_rank, (parameters, tensors) in enumerate(parameter_cache[key]):
+            state = state_bytes(parameters, tensors, cfg.train.precision, cfg.parallel.zero1, dims.dp)
+            per_mb, peak, most = _rank_activations(cfg, dims, pp_rank, num_micro_batches, shape, cfg.train.recompute)
+            by_mode = {}
+            for sp in ((False, True) if dims.tp > 1 else (False,)):
+                mode_shape = activation_shape(cfg, dims, sp)
+                for mode in RECOMPUTE_MODES:
+                    by_mode[f"{mode}, sp {'on' if sp else 'off'}"] = sum(
+                        chunk_activation_bytes(cfg, dims, mode_shape, pp_rank, c, mode) for c in range(dims.virtual_pp))
+            ranks.append(RankMemory(rank_of(tp_rank, 0, pp_rank, dims.tp, dims.dp), tp_rank, pp_rank, parameters,
+                                    state["weights"], state["gradients"], state["optimizer"], per_mb, most, peak,
+                                    _communication_bytes(cfg, dims, shape, parameters), by_mode))
+    return Plan(cfg, world_size, dims.dp, num_micro_batches, ranks)
+
+
+# ----------------------------------------------------------------------------- layouts that fit
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """A rough step time, enough to order layouts: compute at a fixed fraction of the peak, the
+    pipeline bubble, and tensor- and data-parallel traffic over their links, nothing overlapped."""
+
+    peak_tflops: float = 989.0  # dense bf16 of an H100/H200
+    efficiency: float = 0.5  # fraction of the peak the matmuls reach
+    tp_bandwidth_gbs: float = 450.0  # per direction, NVLink
+    dp_bandwidth_gbs: float = 50.0  # per GPU, between nodes
+
+    def describe(self) -> str:
+        return (
+            f"step time = FLOPs x recompute factor / (world x {self.peak_tflops:g} TFLOP/s x {self.efficiency:g})"
+            f" x (1 + (pp - 1) / (micro-batches x virtual_pp)) + tp traffic / {self.tp_bandwidth_gbs:g} GB/s"
+            f" + dp traffic / {self.dp_bandwidth_gbs:g} GB/s; recompute factor: full adds the recomputed layers'"
+            f" forward (a third of their FLOPs), selective the attention scores' forward; tp traffic: 4 all-reduce"
+            f" volumes of b*s*h per layer and micro-batch (6 under full recompute), 2(tp-1)/tp each; dp traffic:"
+            f" 2(dp-1)/dp x the fp32 gradients"
+        )
+
+    def step_seconds(self, cfg: Config, dims: ParallelDims, num_micro_batches: int, parameters: int) -> float:
+        model, shape = cfg.model, activation_shape(cfg, dims)
+        tokens = cfg.train.global_batch_size * model.seq_length
+        per_token = flops_per_token(model, model.seq_length)
+        layer_flops = per_token - 6.0 * padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, 1) \
+            * model.hidden_size
+        recomputed = _recomputed_fraction(cfg, dims)
+        extra = {"none": 0.0, "selective": 4.0 * model.num_layers * model.hidden_size * model.seq_length,
+                 "full": layer_flops / 3 * recomputed}[cfg.train.recompute]
+        compute = tokens * (per_token + extra) / (dims.world_size * self.peak_tflops * 1e12 * self.efficiency)
+        compute *= 1 + (dims.pp - 1) / (num_micro_batches * dims.virtual_pp)
+        collectives = 4 + (2 * recomputed if cfg.train.recompute == "full" else 0)
+        layers_here = model.num_layers / dims.pp
+        tp_bytes = layers_here * num_micro_batches * collectives * shape.tokens * model.hidden_size * shape.act
+        tp_time = tp_bytes * 2 * (dims.tp - 1) / dims.tp / (self.tp_bandwidth_gbs * 1e9)
+        dp_time = 2 * (dims.dp - 1) / dims.dp * parameters * 4 / (self.dp_bandwidth_gbs * 1e9)
+        return compute + tp_time + dp_time
+
+
+def _recomputed_fraction(cfg: Config, dims: ParallelDims) -> float:
+    if cfg.train.recompute != "full":
+        return 0.0
+    per_chunk = cfg.model.num_layers / (dims.pp * dims.virtual_pp)
+    if cfg.train.recompute_layers is None:
+        return 1.0
+    return min(cfg.train.recompute_layers, per_chunk) / per_chunk
+
+
+@dataclass
+class Candidate:
+    tp: int
+    pp: int
+    dp: int
+    micro_batch_size: int
+    recompute: str
+    sequence_parallel: bool
+    peak_bytes: int
+    step_seconds: float
+    tokens_per_s: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_configs(cfg: Config, world_size: int):
+    """Every (tp, pp, micro-batch, recompute) variation of ``cfg`` on ``world_size`` ranks, sequence
+    parallelism on wherever tp > 1 (it only removes memory); other settings as configured."""
+    for tp in _divisors(world_size):
+        for pp in _divisors(world_size // tp):
+            dp = world_size // (tp * pp)
+            per_replica = cfg.train.global_batch_size // dp if cfg.train.global_batch_size % dp == 0 else 0
+            for micro_batch in [m for m in _divisors(per_replica)] if per_replica else []:
+                for recompute in RECOMPUTE_MODES:
+                    parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, sequence_parallel=tp > 1,
+                                                   stage_layers=None)
+                    train = dataclasses.replace(cfg.train, micro_batch_size=micro_batch, recompute=recompute)
+                    yield dataclasses.replace(cfg, parallel=parallel, train=train)
+
+
+def fitting_layouts(cfg: Config, world_size: int, gpu_bytes: int, cost: CostModel) -> list[Candidate]:
+    """Layouts whose busiest rank fits ``gpu_bytes``, fastest first; layouts training would refuse are skipped."""
+    fits, parameter_cache = [], {}
+    for candidate in candidate_configs(cfg, world_size):
+        try:
+            plan = plan_memory(candidate, world_size, parameter_cache)
+        except ConfigError:
+            continue
+        if plan.peak > gpu_bytes:
+            continue
+        dims = check_plannable(candidate, world_size)
+        parameters = max(r.parameters for r in plan.ranks)
+        seconds = cost.step_seconds(candidate, dims, plan.num_micro_batches, parameters)
+        tokens = candidate.train.global_batch_size * candidate.model.seq_length
+        fits.append(Candidate(dims.tp, dims.pp, dims.dp, candidate.train.micro_batch_size, candidate.train.recompute,
+                              dims.sequence_parallel, plan.peak, seconds, tokens / seconds))
+    return sorted(fits, key=lambda c: (c.step_seconds, c.peak_bytes))
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+FORMULAS = __doc__[__doc__.index("Parameters come"):__doc__.index("A layout the training")].strip()
+
+
+def format_plan(plan: Plan) -> str:
+    cfg = plan.config
+    p, t = cfg.parallel, cfg.train
+    lines = [
+        f"layout: tp={p.tp} pp={p.pp} dp={plan.dp} virtual_pp={p.virtual_pp} schedule={p.pipeline_schedule} "
+        f"sequence_parallel={p.sequence_parallel and p.tp > 1} zero1={p.zero1} precision={t.precision} "
+        f"recompute={t.recompute}" + (f" (first {t.recompute_layers} layers)" if t.recompute_layers else ""),
+        f"micro-batch {t.micro_batch_size} x {plan.num_micro_batches} per step on each of {plan.dp} dp ranks, "
+        f"seq {cfg.model.seq_length}; bucket {p.bucket_size_mb:g} MB",
+        "",
+        "rank tp pp  parameters  weights  grads  optimizer  act/mb  in-flight  activations  comm  total  (GiB)",
+    ]
+    for r in plan.ranks:
+        lines.append(
+            f"{r.rank:4d} {r.tp_rank:2d} {r.pp_rank:2d} {r.parameters:11,d} {_gib(r.weights):>8} {_gib(r.gradients):>6} "
+            f"{_gib(r.optimizer):>10} {_gib(r.activations_per_micro_batch):>7} {r.in_flight:10d} "
+            f"{_gib(r.activations):>12} {_gib(r.communication):>5} {_gib(r.total):>6}"
+        )
+    lines += ["", "activations per micro-batch (GiB) by recompute mode and sequence parallelism:"]
+    for r in plan.ranks:
+        modes = "  ".join(f"{key}: {_gib(value)}" for key, value in r.by_mode.items())
+        lines.append(f"  rank {r.rank}: {modes}")
+    lines += ["", "formulas:", FORMULAS]
+    return "\n".join(lines)
+
+
+def format_fits(fits: list[Candidate], gpu_bytes: int, world_size: int, cost: CostModel, top: int) -> str:
+    lines = [f"layouts that fit {_gib(gpu_bytes)} GiB per GPU on {world_size} GPUs, fastest first "
+             f"({len(fits)} fit; cost model: {cost.describe()}):"]
+    if not fits:
+        lines.append("  none: use more GPUs, a smaller micro-batch or model, or recompute")
+    lines.append("   tp  pp  dp  micro-batch  recompute   sp   peak GiB  step s   tokens/s")
+    for c in fits[:top]:
+        lines.append(f"  {c.tp:3d} {c.pp:3d} {c.dp:3d} {c.micro_batch_size:12d}  {c.recompute:<10} "
+                     f"{'on' if c.sequence_parallel else 'off':>3} {_gib(c.peak_bytes):>10} {c.step_seconds:7.3f} "
+                     f"{c.tokens_per_s:10,.0f}")
+    return "\n".join(lines)
+
+
+def plan_json(plan: Plan, fits: list[Candidate] | None = None, cost: CostModel | None = None) -> dict:
+    cfg = plan.config
+    out = {
+        "per_rank": [r.to_json() for r in plan.ranks],
+        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": plan.dp, "virtual_pp": cfg.parallel.virtual_pp,
+                   "micro_batch_size": cfg.train.micro_batch_size, "num_micro_batches": plan.num_micro_batches,
+                   "recompute": cfg.train.recompute, "sequence_parallel": cfg.parallel.sequence_parallel and
+                   cfg.parallel.tp > 1, "zero1": cfg.parallel.zero1, "precision": cfg.train.precision},
+        "world_size": plan.world_size,
+        "peak_bytes": plan.peak,
+        "formulas": FORMULAS,
+    }
+    if fits is not None:
+        out["fits"] = [c.to_json() for c in fits]
+        out["cost_model"] = cost.describe()
+    return out

@@ -1,0 +1,400 @@
+"""The memory planner against real allocations, measured saved tensors and published model sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_lite.__main__ import main
+from megatron_lite.config import ConfigError, load_config
+from megatron_lite.model.gpt import GPT
+from megatron_lite.model.layout_check import validate_layout
+from megatron_lite.parallel.dims import ParallelDims, coords_of
+from megatron_lite.training import planner
+from megatron_lite.training.step import validate_batch_layout
+from tests.distributed import run_distributed
+
+TINY = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=32",
+        "model.vocab_size=300", "model.make_vocab_size_divisible_by=16", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.device=cpu"]
+FLAVORS = {"gpt2": ["model.flavor=gpt2"], "llama": ["model.flavor=llama", "model.num_kv_heads=2"]}
+
+
+def tiny(flavor: str, *extra: str):
+    return load_config(None, TINY + FLAVORS[flavor] + list(extra))
+
+
+# ----------------------------------------------------------------------------- measuring autograd's saved tensors
+
+
+def saved_bytes(run, params) -> int:
+    """Bytes of the distinct storages autograd keeps for backward of the forward ``run()``, parameters excluded
+    (measured over the forward only: a recomputing backward saves its own tensors, freed layer by layer)."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(kept.values())
+
+
+class _Checkpointed(torch.autograd.Function):
+    """Minimal full recomputation: keep the layer input, rerun the layer in backward."""
+
+    @staticmethod
+    def forward(ctx, layer, x):
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return layer(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_()
+        with torch.enable_grad():
+            torch.autograd.backward(ctx.layer(x), grad)
+        return None, x.grad
+
+
+def recompute_every_layer(model: GPT) -> None:
+    for block in model.layers.values():
+        forward = block.forward
+        block.forward = lambda x, rope=None, kv_cache=None, attention_mask=None, forward=forward: _Checkpointed.apply(
+            lambda inner: forward(inner, rope, kv_cache, attention_mask), x)
+
+
+def model_saved_bytes(model: GPT, cfg, inputs=None) -> int:
+    b, t = cfg.train.micro_batch_size, cfg.model.seq_length
+    ids = torch.randint(0, cfg.model.vocab_size, (b, t), generator=torch.Generator().manual_seed(0))
+    x = ids if inputs is None else inputs
+    return saved_bytes(lambda: model(x, labels=ids).mean(), list(model.parameters()))
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_activations_match_saved_tensors(flavor, mode):
+    cfg = tiny(flavor, f"train.recompute={mode}")
+    model = GPT(cfg.model)
+    if mode == "full":
+        recompute_every_layer(model)
+    measured = model_saved_bytes(model, cfg)
+    planned = planner.plan_memory(cfg, 1).ranks[0].activations_per_micro_batch
+    assert planned == pytest.approx(measured, rel=0.15)
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_activations_match_saved_tensors_with_the_triton_kernels(flavor):
+    """The fused norms, SwiGLU, attention and loss keep other tensors than torch's (interpreted on CPU)."""
+    kernels = [f"model.{kind}_backend=triton" for kind in ("attention", "norm", "loss", "elementwise")]
+    cfg = tiny(flavor, "model.num_layers=2", "train.global_batch_size=2", *kernels)
+    measured = model_saved_bytes(GPT(cfg.model), cfg)
+    torch_cfg = tiny(flavor, "model.num_layers=2", "train.global_batch_size=2")
+    planned = planner.plan_memory(cfg, 1).ranks[0].activations_per_micro_batch
+    assert planned == pytest.approx(measured, rel=0.15)
+    assert planned != planner.plan_memory(torch_cfg, 1).ranks[0].activations_per_micro_batch
+
+
+def test_full_recompute_checkpoint_still_trains():
+    """The test's checkpoint wrapper gives the plain model's gradients (so its measurement is of a real run)."""
+    cfg = tiny("llama")
+    plain, recomputed = GPT(cfg.model), GPT(cfg.model)
+    recompute_every_layer(recomputed)
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    for model in (plain, recomputed):
+        model(ids, labels=ids).mean().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_recompute_modes_order_and_recompute_layers():
+    cfg = tiny("gpt2", "model.dropout=0.1")
+    rank = planner.plan_memory(cfg, 1).ranks[0]
+    none, selective, full = (rank.by_mode[f"{m}, sp off"] for m in ("none", "selective", "full"))
+    assert full < selective < none
+    shape = planner.activation_shape(cfg, ParallelDims())
+    assert none - selective == cfg.model.num_layers * planner._attention_core_bytes(cfg, shape)
+    first_two = planner.plan_memory(tiny("gpt2", "train.recompute=full", "train.recompute_layers=2"), 1).ranks[0]
+    every = planner.plan_memory(tiny("gpt2", "train.recompute=full"), 1).ranks[0]
+    plain = tiny("gpt2")
+    saved_per_layer = planner.layer_activation_bytes(plain, shape, "none") - planner.layer_activation_bytes(
+        plain, shape, "full")
+    assert first_two.activations_per_micro_batch - every.activations_per_micro_batch == 2 * saved_per_layer
+    # backward rebuilds one layer at a time: the peak adds one layer's whole set
+    assert every.activations == every.activations_per_micro_batch + planner.layer_activation_bytes(plain, shape, "none")
+
+
+def test_sequence_parallel_shrinks_the_residual_stream():
+    rank = planner.plan_memory(tiny("llama", "parallel.tp=2", "parallel.sequence_parallel=true"), 2).ranks[0]
+    assert rank.by_mode["none, sp on"] < rank.by_mode["none, sp off"]
+    cfg = tiny("llama", "parallel.tp=2", "parallel.sequence_parallel=true")
+    dims = ParallelDims.for_world(cfg.parallel, 2, kv_replicas=1)
+    on, off = (planner.activation_shape(cfg, dims, sp) for sp in (True, False))
+    assert 2 * planner.layer_activation_bytes(cfg, on, "full") == planner.layer_activation_bytes(cfg, off, "full")
+
+
+# ----------------------------------------------------------------------------- the pipeline in flight
+
+
+def test_in_flight_follows_the_schedule():
+    cfg = tiny("gpt2", "parallel.pp=2", "train.global_batch_size=8")
+    plan_1f1b = planner.plan_memory(cfg, 2)
+    assert [r.in_flight for r in plan_1f1b.ranks] == [2, 1]  # pp - pp_rank
+    afab = planner.plan_memory(tiny("gpt2", "parallel.pp=2", "parallel.pipeline_schedule=afab",
+                                    "train.global_batch_size=8"), 2)
+    assert [r.in_flight for r in afab.ranks] == [4, 4]  # every micro-batch
+    assert afab.ranks[0].activations == 4 * afab.ranks[0].activations_per_micro_batch
+
+
+def test_interleaved_stage_zero_is_megatrons_formula():
+    pp, vpp, micro_batches = 4, 2, 8
+    cfg = tiny("gpt2", "model.num_layers=8", f"parallel.pp={pp}", f"parallel.virtual_pp={vpp}",
+               "train.micro_batch_size=1", f"train.global_batch_size={micro_batches}")
+    dims = ParallelDims.for_world(cfg.parallel, pp)
+    per_chunk = 1000  # equal chunks: the stage holds act x (pp + (pp - 1) / vpp) chunk-sets of its layers
+    peak, _ = planner.in_flight_peak(cfg, dims, 0, micro_batches, [per_chunk] * vpp)
+    stage = per_chunk * vpp  # one micro-batch through all of the stage's layers
+    assert peak == pytest.approx(stage * pp * (1 + (pp - 1) / (pp * vpp)))
+
+
+# ----------------------------------------------------------------------------- published sizes
+
+
+def _total_parameters(cfg) -> int:
+    plan = planner.plan_memory(cfg, cfg.parallel.tp)
+    return sum(r.parameters for r in plan.ranks)
+
+
+PUBLISHED = {
+    # GPT-2 small and medium as released (vocab 50257, 1024 positions)
+    "gpt2-124m": (["model.num_layers=12", "model.hidden_size=768", "model.num_heads=12", "model.seq_length=1024",
+                   "model.vocab_size=50257"], 124_439_808),
+    "gpt2-350m": (["model.num_layers=24", "model.hidden_size=1024", "model.num_heads=16", "model.seq_length=1024",
+                   "model.vocab_size=50257"], 354_823_168),
+    # GPT-3 XL sizing (configs/gpt2-1.3b.yaml): 12 L h^2 + 13 L h + V h + T h + 2 h
+    "gpt2-1.3b": (["model.num_layers=24", "model.hidden_size=2048", "model.num_heads=16", "model.seq_length=2048",
+                   "model.vocab_size=50257"], 12 * 24 * 2048**2 + 13 * 24 * 2048 + 50257 * 2048 + 2048 * 2048 + 2 * 2048),
+    "llama-3.2-1b": (["model.flavor=llama", "model.num_layers=16", "model.hidden_size=2048", "model.num_heads=32",
+                      "model.num_kv_heads=8", "model.ffn_hidden_size=8192", "model.vocab_size=128256",
+                      "model.tie_embeddings=true"], 1_235_814_400),
+    "llama-3-8b": (["model.flavor=llama", "model.num_layers=32", "model.hidden_size=4096", "model.num_heads=32",
+                    "model.num_kv_heads=8", "model.ffn_hidden_size=14336", "model.vocab_size=128256",
+                    "model.tie_embeddings=false"], 8_030_261_248),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_parameter_counts(name):
+    overrides, published = PUBLISHED[name]
+    cfg = load_config(None, overrides + ["model.make_vocab_size_divisible_by=1", "train.micro_batch_size=1",
+                                         "train.global_batch_size=1"])
+    assert _total_parameters(cfg) == published
+
+
+def test_tensor_parallel_shards_add_up():
+    """Split over tp=4, the shards hold the model once, plus a copy of each replicated norm per extra rank."""
+    overrides, published = PUBLISHED["llama-3.2-1b"]
+    cfg = load_config(None, overrides + ["model.make_vocab_size_divisible_by=1", "parallel.tp=4",
+                                         "train.micro_batch_size=1", "train.global_batch_size=1"])
+    norms = (2 * 16 + 1) * 2048
+    assert _total_parameters(cfg) == published + 3 * norms
+
+
+# ----------------------------------------------------------------------------- refusals: the training run's own messages
+
+
+def _message(fn) -> str:
+    with pytest.raises(ConfigError) as caught:
+        fn()
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("extra, world", [
+    (["parallel.tp=3"], 3),  # 4 heads over 3 ranks
+    (["parallel.pp=3"], 3),  # 4 layers over 3 stages
+    (["parallel.tp=2"], 3),  # the grid does not divide the world
+    (["parallel.tp=8"], 8),  # 2 kv heads at tp 8 ... and 4 query heads
+])
+def test_impossible_layouts_give_the_training_message(extra, world):
+    cfg = tiny("llama", *extra)
+    expected = _message(lambda: validate_layout(cfg.parallel, cfg.model, world))
+    assert _message(lambda: planner.plan_memory(cfg, world)) == expected
+
+
+def test_batch_split_gives_the_training_message():
+    cfg = tiny("gpt2", "train.global_batch_size=6")
+    dims = ParallelDims.for_world(cfg.parallel, 4)
+    expected = _message(lambda: validate_batch_layout(cfg, dims))
+    assert _message(lambda: planner.plan_memory(cfg, 4)) == expected
+    interleaved = tiny("gpt2", "parallel.pp=2", "parallel.virtual_pp=2", "train.global_batch_size=2")
+    dims = ParallelDims.for_world(interleaved.parallel, 2)
+    assert _message(lambda: planner.plan_memory(interleaved, 2)) == _message(
+        lambda: validate_batch_layout(interleaved, dims))
+
+
+def test_vocabulary_from_the_tokenizer_is_refused_with_the_fix():
+    message = _message(lambda: planner.plan_memory(tiny("gpt2", "model.vocab_size=0"), 1))
+    assert "model.vocab_size=N" in message and "50257" in message
+
+
+@pytest.mark.parametrize("text", ["80", "eighty GB", "80XB", "0GB", "-4GB", ""])
+def test_bad_gpu_memory_strings(text):
+    message = _message(lambda: planner.parse_memory(text))
+    assert repr(text) in message
+    assert "80GB" in message or "positive" in message
+
+
+def test_gpu_memory_units():
+    assert planner.parse_memory("80GB") == planner.parse_memory("80GiB") == 80 * 2**30
+    assert planner.parse_memory("141 GB") == 141 * 2**30
+    assert planner.parse_memory("512MB") == 512 * 2**20
+    assert planner.parse_memory("1.5TB") == int(1.5 * 2**40)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def _write_config(tmp_path, *overrides):
+    path = tmp_path / "tiny.yaml"
+    cfg = tiny("llama", *overrides)
+    from megatron_lite.config import save_config
+
+    save_config(cfg, path)
+    return str(path)
+
+
+def test_plan_json(tmp_path, capsys):
+    path = _write_config(tmp_path)
+    assert main(["plan", "--config", path, "parallel.tp=2", "parallel.pp=2", "--world-size", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["tp_rank"], r["pp_rank"]) for r in out["per_rank"]] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert [r["rank"] for r in out["per_rank"]] == [0, 1, 4, 5]  # tp fastest, then dp (2), then pp
+    for entry in out["per_rank"]:
+        b = entry["bytes"]
+        assert set(b) >= {"weights", "gradients", "optimizer", "activations", "total"}
+        assert b["total"] == b["weights"] + b["gradients"] + b["optimizer"] + b["activations"] + b["communication"]
+        assert b["weights"] == 4 * entry["parameters"] and b["gradients"] == 4 * entry["parameters"]
+    assert out["layout"]["dp"] == 2 and "weights" in out["formulas"]
+
+
+def test_plan_text_and_layout_search(tmp_path, capsys):
+    path = _write_config(tmp_path)
+    assert main(["plan", "--config", path, "train.global_batch_size=8", "--world-size", "4", "--gpu-memory", "1GB",
+                 "--top", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "rank tp pp" in text and "formulas:" in text and "fastest first" in text and "cost model" in text
+    cfg = tiny("llama", "train.global_batch_size=8")
+    fits = planner.fitting_layouts(cfg, 4, 2**30, planner.CostModel())
+    assert fits and all(c.peak_bytes <= 2**30 for c in fits)
+    assert [c.step_seconds for c in fits] == sorted(c.step_seconds for c in fits)
+    assert {c.tp * c.pp * c.dp for c in fits} == {4}
+    assert {c.recompute for c in fits} == {"none", "selective", "full"}
+    tight = min(c.peak_bytes for c in fits)
+    assert all(c.peak_bytes <= tight for c in planner.fitting_layouts(cfg, 4, tight, planner.CostModel()))
+
+
+def test_plan_refusals_on_the_command_line(tmp_path, capsys):
+    path = _write_config(tmp_path)
+    assert main(["plan", "--config", path, "--gpu-memory", "lots"]) == 2
+    assert "--gpu-memory 'lots' is not a memory size" in capsys.readouterr().err
+    assert main(["plan", "--config", path, "parallel.tp=3", "--world-size", "3"]) == 2
+    assert "not divisible by parallel.tp=3" in capsys.readouterr().err
+    assert main(["plan", "--config", path, "--world-size", "0"]) == 2
+    assert "--world-size must be positive" in capsys.readouterr().err
+    assert main(["plan", "--config", path, "--top", "0"]) == 2
+    assert "--top must be positive" in capsys.readouterr().err
+
+
+def test_fp16_and_bf16_use_16_bit_weights_and_fp32_main_state():
+    for precision in ("bf16", "fp16"):
+        rank = planner.plan_memory(tiny("gpt2", f"train.precision={precision}"), 1).ranks[0]
+        n = rank.parameters
+        assert (rank.weights, rank.gradients) == (2 * n, 4 * n)
+        tensors = 4 * 12 + 4  # 12 per layer; word and position embeddings, final norm weight and bias
+        assert rank.optimizer == 12 * n + 4 * tensors  # main params + 2 moments; a step counter per tensor
+    zero = planner.plan_memory(tiny("gpt2", "train.precision=bf16", "parallel.zero1=true",
+                                    "train.global_batch_size=8"), 4).ranks[0]
+    assert zero.optimizer == -(-zero.parameters // 4) * 16
+
+
+# ----------------------------------------------------------------------------- what a real run allocates
+
+
+REAL_LAYOUTS = {
+    "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    "pp2": ["parallel.pp=2"],
+    "dp2": [],
+    "dp2_zero1": ["parallel.zero1=true"],
+}
+
+
+def _storage_bytes(tensors) -> int:
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def _optimizer_bytes(optimizer) -> int:
+    if hasattr(optimizer, "master"):  # ZeRO-1
+        return sum(t.numel() * t.element_size() for t in (optimizer.master, optimizer.exp_avg,
+                                                           optimizer.exp_avg_sq, optimizer.grad))
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v))
+
+
+def _real_allocations(rank, world):
+    from megatron_lite.training.setup import setup_dims
+    from megatron_lite.training.trained_model import build_trained_model
+
+    torch.manual_seed(rank)
+    results = {}
+    for flavor in FLAVORS:
+        for name, extra in REAL_LAYOUTS.items():
+            cfg = tiny(flavor, *extra)
+            dims = setup_dims(cfg)
+            model = build_trained_model(cfg, dims)
+            params = [p for _, p in model.named_params]
+            b, t = cfg.train.micro_batch_size, cfg.model.seq_length
+            per_rank = cfg.train.global_batch_size // dims.dp
+            ids = torch.randint(0, cfg.model.vocab_size, (per_rank // b, b, t))
+            model.parallel_step.forward_backward([(x, x) for x in ids], model.autocast(), 1.0)
+            gradients = _storage_bytes([p.grad for p in params])
+            model.parallel_step.optimizer_step(model.scaler, 0.0, True)
+            entry = {"weights": _storage_bytes(params), "gradients": gradients,
+                     "optimizer": _optimizer_bytes(model.optimizer)}
+            if dims.pp == 1 or not dims.is_first_stage:
+                chunk = model.chunks[0]
+                inputs = None
+                if not chunk.pre_process:  # a later stage: its input is the previous stage's hidden states
+                    inputs = torch.randn(b, t, cfg.model.hidden_size, requires_grad=True)
+                entry["activations"] = model_saved_bytes(chunk, cfg, inputs)
+            else:
+                entry["activations"] = saved_bytes(lambda: chunk_forward_first_stage(model, cfg), params)
+            results[(flavor, name)] = entry
+    return results
+
+
+def chunk_forward_first_stage(model, cfg):
+    ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_length))
+    return model.chunks[0](ids).sum()
+
+
+def test_state_bytes_equal_a_real_run_and_activations_the_saved_tensors():
+    results = run_distributed(_real_allocations, 2)
+    for flavor in FLAVORS:
+        for name, extra in REAL_LAYOUTS.items():
+            plan = planner.plan_memory(tiny(flavor, *extra), 2)
+            for rank, measured in enumerate(results):
+                tp_rank, _, pp_rank = coords_of(rank, plan.config.parallel.tp, plan.dp)
+                planned = next(r for r in plan.ranks if (r.tp_rank, r.pp_rank) == (tp_rank, pp_rank))
+                real = measured[(flavor, name)]
+                where = f"{flavor} {name} rank {rank}"
+                assert (planned.weights, planned.gradients, planned.optimizer) == (
+                    real["weights"], real["gradients"], real["optimizer"]), where
+                assert planned.activations_per_micro_batch == pytest.approx(real["activations"], rel=0.15), where
