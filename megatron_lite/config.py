@@ -244,6 +244,7 @@ class TrainConfig:
     min_loss_scale: float = 1.0  # fp16: stop the run when the loss scale is halved below this
     loss_spike_factor: float = 0.0  # warn when a step's loss exceeds this x the recent mean; 0 = off
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile each transformer layer (regional compilation)
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
@@ -278,6 +279,7 @@ class CheckpointConfig:
     resize_vocab: bool = False  # finetune onto another vocabulary: keep the shared rows, initialize new ones
     verify: bool = False  # check every file's checksum on load (sizes are always checked)
     exact_resume: bool = True  # a missing rng/ file is an error; false: warn and resume inexactly
+    async_save: bool = False  # copy the state to host memory at the step, write it on a background thread
 
     def __post_init__(self) -> None:
         _require(self.interval >= 0, f"checkpoint.interval must be >= 0, got {self.interval}")
