@@ -184,7 +184,7 @@ class ParallelStep:
         optim.unscale_grads(grads, scaler.scale)
         norm = clip_grad_norm(grads, grad_clip, self.dims.tp_group, self.dims.pp_group, self.grad_sync.norm_dp_group,
                               self.comm_stats)
-        skipped = ~(torch.isfinite(norm) & torch.as_tensor(loss_finite, device=norm.device))
+        skipped = ~(torch.isfinite(norm) & loss_finite)
         if scaler.dynamic:
             # fp16: the loss scale is host state, so the overflow is read back here, every step.
             found_inf = bool(skipped)
@@ -192,7 +192,7 @@ class ParallelStep:
                 self.optimizer.step()
             scaler.update(found_inf=found_inf)
         else:
-            _step_unless(self.optimizer, skipped)
+            step_unless(self.optimizer, skipped)
         self.zero_grad()
         return norm, skipped
 
@@ -205,7 +205,7 @@ class ParallelStep:
             self.optimizer.reload_params()
 
 
-def _step_unless(optimizer, skipped: torch.Tensor) -> None:
+def step_unless(optimizer, skipped: torch.Tensor) -> None:
     """The optimizer step, left unapplied where ``skipped`` (a device bool) is set, without reading
     it back where the optimizer allows: torch's fused AdamW takes it as ``found_inf`` (its step
     counter does not advance either), ZeRO-1 masks its update. Apex FusedAdam and the unfused torch

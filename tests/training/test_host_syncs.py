@@ -99,16 +99,16 @@ def _adamw_pair(fused: bool):
 
 def test_a_skipped_step_leaves_fused_adamw_and_zero1_untouched_without_reading_the_flag():
     from megatron_lite.parallel.data_parallel import Zero1AdamW
-    from megatron_lite.training.step import _step_unless
+    from megatron_lite.training.step import step_unless
 
     params, adamw = _adamw_pair(fused=True)
     before = [p.detach().clone() for p in params]
     with pytest.MonkeyPatch.context() as patch, counting_host_reads(patch) as reads:
-        _step_unless(adamw, torch.tensor(True))
+        step_unless(adamw, torch.tensor(True))
         assert reads.count == 0
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert all(float(adamw.state[p]["step"]) == 0 for p in params)  # the step counter did not advance
-    _step_unless(adamw, torch.tensor(False))
+    step_unless(adamw, torch.tensor(False))
     reference, plain = _adamw_pair(fused=True)
     plain.step()
     assert all(torch.equal(p, r) for p, r in zip(params, reference))  # an applied step is the ordinary one
