@@ -316,6 +316,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     recompute: str = "none"  # none | selective (attention core, MLP activation) | full (whole layers)
     recompute_layers: int | None = None  # full: recompute the first N layers of each pipeline chunk; None = all
+    compile: bool = False  # torch.compile each transformer layer (regional compilation)
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
@@ -356,6 +357,7 @@ class CheckpointConfig:
     resize_vocab: bool = False  # finetune onto another vocabulary: keep the shared rows, initialize new ones
     verify: bool = False  # check every file's checksum on load (sizes are always checked)
     exact_resume: bool = True  # a missing rng/ file is an error; false: warn and resume inexactly
+    async_save: bool = False  # copy the state to host memory at the step, write it on a background thread
 
     def __post_init__(self) -> None:
         _require(self.interval >= 0, f"checkpoint.interval must be >= 0, got {self.interval}")

@@ -333,10 +333,14 @@ class Zero1AdamW:
         return (lo, hi) if lo < hi else None
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, found_inf: torch.Tensor | None = None) -> None:
+        """One AdamW step. ``found_inf`` (a device scalar, 1 = skip) keeps the master slice and the
+        moments as they were without reading the flag on the host; ``step_count`` still advances,
+        which only a run that stops at the skip (fp32, bf16 divergence) may allow."""
         if not self._grads_reduced:
             self.reduce_gradients()
         self.step_count += 1
+        before = [t.clone() for t in (self.master, self.exp_avg, self.exp_avg_sq)] if found_inf is not None else []
         for g, group in enumerate(self.param_groups):
             if not group["params"]:
                 continue
@@ -344,6 +348,8 @@ class Zero1AdamW:
             if local is not None:
                 sl = slice(*local)
                 self._adamw(group, self.master[sl], self.grad[sl], self.exp_avg[sl], self.exp_avg_sq[sl])
+        for kept, updated in zip(before, (self.master, self.exp_avg, self.exp_avg_sq)):
+            updated.copy_(torch.where(found_inf.bool(), kept, updated))
         self._gather_params()
         self._grads_reduced = False
 

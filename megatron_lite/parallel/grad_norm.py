@@ -19,7 +19,6 @@ every copy of an element holds the same gradient, so each rank asks the element'
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -91,8 +90,9 @@ def clip_grad_norm(
     pp_group: dist.ProcessGroup | None = None,
     dp_group_if_zero1: dist.ProcessGroup | None = None,
     comm_stats: CommStats | None = None,
-) -> float:
-    """Scale the gradients so their global norm is at most ``max_norm``; return the norm before.
+) -> torch.Tensor:
+    """Scale the gradients so their global norm is at most ``max_norm``; return the norm before
+    (an fp32 scalar tensor on the gradients' device: nothing here waits for the device).
 
     ``max_norm=0`` only measures. A non-finite norm leaves the gradients alone (the caller
     skips the step, as the fp16 loss scaler does on overflow).
@@ -100,9 +100,16 @@ def clip_grad_norm(
     if max_norm < 0:
         raise ValueError(f"max_norm must be >= 0 (0 = no clipping), got {max_norm}")
     items = [p for p in params if p.grad is not None]
-    norm = global_grad_norm(items, tp_group, pp_group, dp_group_if_zero1, comm_stats).item()
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for item in items:
-            item.grad.mul_(scale)
+    norm = global_grad_norm(items, tp_group, pp_group, dp_group_if_zero1, comm_stats)
+    if max_norm > 0 and items:
+        torch._foreach_mul_([item.grad for item in items], _clip_factor(norm, max_norm))
     return norm
+
+
+def _clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``max_norm / (norm + 1e-6)`` where that clips, else exactly 1 (non-finite norms included).
+    Computed in float64 and rounded once, as a Python float scale would be, so clipped gradients
+    keep their bits whether the factor lives on the host or the device."""
+    norm64 = norm.double()
+    clips = torch.isfinite(norm64) & (norm64 > max_norm)
+    return torch.where(clips, max_norm / (norm64 + 1e-6), torch.ones_like(norm64)).float()

@@ -176,7 +176,7 @@ class PPOTask:
         for _ in range(self.settings.epochs):
             loss, grad_norm, skipped = self.actor.train_on(actor_micro)
             critic_loss, _, critic_skipped = self.critic.train_on(critic_micro)
-        if not critic_skipped:
+        if not (self.critic.scaler.dynamic and critic_skipped.item()):  # as the trainer does for the actor
             self.critic.scheduler.step()
         return StepResult(loss, grad_norm, skipped, {**self._figures(batch), "critic_loss": critic_loss})
 

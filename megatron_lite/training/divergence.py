@@ -6,6 +6,13 @@ norm is the loss scaler's ordinary overflow signal: the step is skipped and the 
 the run stops only when the skips do not end (``train.max_skipped_steps`` in a row) or the scale
 falls below ``train.min_loss_scale``. A step's loss and grad norm are global (the same on every
 rank), so every rank reaches the same verdict at the same step without another collective.
+
+The trainer reads a step's figures back from the device only on logging and save steps
+(``log.interval``; fp16 every step), so in fp32 and bf16 a divergence is noticed at the next
+logging step, where the guard goes through every step since the previous one and names the first
+bad one. The non-finite step itself was skipped on the device regardless; the steps between it
+and the logging step trained on, and no checkpoint is written from them (a save step is a
+read-back step, checked before the save).
 """
 
 from __future__ import annotations
@@ -31,18 +38,20 @@ class TrainingDivergedError(UserError, RuntimeError):
 class DivergenceGuard:
     """Watches each step's loss, grad norm and skip; raises ``TrainingDivergedError`` when the run must stop."""
 
-    def __init__(self, train: TrainConfig, optim: OptimConfig, save_dir: str):
-        self.train, self.optim, self.save_dir = train, optim, save_dir
+    def __init__(self, train: TrainConfig, optim: OptimConfig, save_dir: str, log_interval: int = 1):
+        self.train, self.optim, self.save_dir, self.log_interval = train, optim, save_dir, log_interval
         self.skipped_in_a_row = 0
         self.last_finite_loss: tuple[int, float] | None = None  # (step, loss)
         self.recent_losses: deque[float] = deque(maxlen=SPIKE_WINDOW)
 
-    def check(self, step: int, loss: float, grad_norm: float, skipped: bool, scaler: LossScaler) -> None:
-        """Raise when step ``step`` (1-based, as logged) ends the run; else remember its loss."""
+    def check(self, step: int, loss: float, grad_norm: float, skipped: bool, scaler: LossScaler,
+              noticed_at: int | None = None) -> None:
+        """Raise when step ``step`` (1-based, as logged) ends the run; else remember its loss.
+        ``noticed_at``: the step whose read-back brought these figures, when later than ``step``."""
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if not finite and self.train.precision != "fp16":
             raise self._diverged(step, f"loss {loss:.4g}, grad norm {grad_norm:.4g}: not finite in {self.train.precision} "
-                                       f"(only fp16 loss scaling skips an overflowing step)")
+                                       f"(only fp16 loss scaling skips an overflowing step)", noticed_at)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
         if self.skipped_in_a_row >= self.train.max_skipped_steps:
             raise self._diverged(step, f"{self.skipped_in_a_row} fp16 steps in a row overflowed and were skipped "
@@ -66,11 +75,15 @@ class DivergenceGuard:
             recent.append(loss)
         return ratio
 
-    def _diverged(self, step: int, what: str) -> TrainingDivergedError:
+    def _diverged(self, step: int, what: str, noticed_at: int | None = None) -> TrainingDivergedError:
         last = (f"last finite loss {self.last_finite_loss[1]:.4g} at step {self.last_finite_loss[0]}"
                 if self.last_finite_loss else "no finite loss yet in this run")
+        noticed = ""
+        if noticed_at is not None and noticed_at > step:
+            noticed = (f" (noticed at step {noticed_at}, the next logging step: log.interval={self.log_interval}; "
+                       f"steps {step + 1}-{noticed_at} trained on)")
         return TrainingDivergedError(
-            f"training diverged at step {step}: {what}; {last}; this step did not update the weights and "
+            f"training diverged at step {step}{noticed}: {what}; {last}; this step did not update the weights and "
             f"{_kept_checkpoint(self.save_dir)}; {remedies(self.optim)}"
         )
 

@@ -110,10 +110,13 @@ class Metrics:
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, **extra) -> dict | None:
         """Record one finished step (1-based ``step``); returns the logged record on logging steps
-        and on a step with a ``loss_spike``, which is never left out of the log."""
+        and on a step with a ``loss_spike``, which is never left out of the log. The trainer calls
+        it for every step, in order, when it reads the figures back (on logging steps), so the
+        window's throughput is the wall time of its steps."""
         self._window_tokens += tokens
         self._steps_this_run += 1
-        if step % self.interval != 0 and step != self.max_steps and "loss_spike" not in extra:
+        logging_step = step % self.interval == 0 or step == self.max_steps
+        if not logging_step and "loss_spike" not in extra:
             return None
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         tokens_per_s = self._window_tokens / elapsed
@@ -130,7 +133,8 @@ class Metrics:
             **extra,
         }
         self._emit(record, self._console_line(record))
-        self.restart_window()
+        if logging_step:  # a spike's record between logging steps reports the window so far and keeps it
+            self.restart_window()
         return record
 
     def evaluation(self, step: int, val_loss: float, extra: dict | None = None) -> dict:

@@ -139,7 +139,33 @@ def build_model_chunks(cfg: Config, dims: ParallelDims, head: str = "lm") -> lis
                     post_process=post_process, seed=cfg.train.seed,
                     rng_tracker=chunks[0].rng_tracker if chunks else None, head=head, recompute=recompute)
         chunks.append(chunk.to(dims.device))
+    if cfg.train.compile:
+        compile_layers(chunks, cfg)
     return chunks
+
+
+def compile_refusal(cfg: Config) -> str | None:
+    """Why ``train.compile`` cannot apply to this configuration, or None."""
+    from megatron_lite.kernels._common import interpreting
+
+    model = cfg.model
+    triton = [f"model.{kind}_backend" for kind in ("attention", "norm", "loss", "elementwise")
+              if getattr(model, f"{kind}_backend") == "triton"]
+    if triton and interpreting():
+        return (f"{', '.join(triton)}=triton run in Triton's interpreter here (TRITON_INTERPRET=1), which "
+                f"torch.compile cannot trace; use the torch backends or train.compile=false")
+    return None
+
+
+def compile_layers(chunks: list[torch.nn.Module], cfg: Config) -> None:
+    """Regional compilation: each transformer layer is compiled on its own (``Module.compile``), so
+    the layers share one compiled graph and the embedding, the head and the parallel step stay eager."""
+    refusal = compile_refusal(cfg)
+    if refusal is not None:
+        raise ConfigError(f"train.compile=true cannot apply: {refusal}")
+    for chunk in chunks:
+        for block in chunk.layers.values():
+            block.compile(options={"fallback_random": True})
 
 
 def total_steps(cfg: Config) -> int:

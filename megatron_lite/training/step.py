@@ -14,13 +14,15 @@ Every rank runs the same collectives in the same order:
 4. the optimizer step, skipped when the norm or the loss is not finite (the trainer then stops
    the run unless fp16 loss scaling explains it: ``training.divergence``).
 
-The loss returned is the mean over the global batch, identical on every rank.
+The loss returned is the mean over the global batch, identical on every rank. The loss, the norm
+and the skip decision stay on the device: a step waits for the device only where fp16's loss
+scaler needs the overflow on the host, or where the optimizer cannot skip on the device (apex
+FusedAdam, ``optim.fused=none``); the trainer reads the figures back on logging steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -98,9 +100,9 @@ class ParallelStep:
 
     # ------------------------------------------------------------------ forward and backward
 
-    def forward_backward(self, micro_batches: Sequence[MicroBatch], autocast, loss_scale: float = 1.0) -> float:
+    def forward_backward(self, micro_batches: Sequence[MicroBatch], autocast, loss_scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of one global batch's local micro-batches, gradients reduced;
-        returns the global-batch mean loss."""
+        returns the global-batch mean loss (an fp32 scalar on the device)."""
         if self.dims.pp > 1:
             losses = self._pipelined(micro_batches, autocast, loss_scale, forward_only=False)
         else:
@@ -111,7 +113,7 @@ class ParallelStep:
     @torch.no_grad()
     def evaluate(self, micro_batches: Sequence[MicroBatch], autocast) -> float:
         """Forward only (through the pipeline at pp>1); the global-batch mean loss."""
-        return self._global_mean(self.forward_outputs(micro_batches, autocast))
+        return self._global_mean(self.forward_outputs(micro_batches, autocast)).item()
 
     @torch.no_grad()
     def forward_outputs(self, micro_batches: Sequence[MicroBatch], autocast, loss_fn: LossFn | None = None) -> list[torch.Tensor]:
@@ -163,26 +165,34 @@ class ParallelStep:
             comm_stats=self.comm_stats,
         )
 
-    def _global_mean(self, losses: list[torch.Tensor]) -> float:
-        """Sum of the last stage's micro-batch losses (already divided by their number), averaged over dp."""
+    def _global_mean(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """Sum of the last stage's micro-batch losses (already divided by their number), averaged
+        over dp; a scalar tensor, left on the device."""
         total = torch.zeros((), dtype=torch.float32, device=self.dims.device)
         if losses:
             total += torch.stack([loss.float() for loss in losses]).sum()
-        return (sum_over_replicas(total, self.dims) / self.dims.dp).item()
+        return sum_over_replicas(total, self.dims) / self.dims.dp
 
     # ------------------------------------------------------------------ the update
 
-    def optimizer_step(self, scaler: optim.LossScaler, grad_clip: float, loss_finite: bool = True) -> tuple[float, bool]:
+    def optimizer_step(self, scaler: optim.LossScaler, grad_clip: float,
+                       loss_finite: torch.Tensor | bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscale, clip to the global norm, step; skip (and shrink the fp16 loss scale) when the
-        norm or the global loss (``loss_finite``) is not finite. Returns (norm before clipping, skipped)."""
+        norm or the global loss (``loss_finite``, a device bool or a Python one) is not finite.
+        Returns (norm before clipping, skipped): scalar tensors on the device."""
         grads = self.grad_sync.grads_for_optimizer()
         optim.unscale_grads(grads, scaler.scale)
         norm = clip_grad_norm(grads, grad_clip, self.dims.tp_group, self.dims.pp_group, self.grad_sync.norm_dp_group,
                               self.comm_stats)
-        skipped = not (math.isfinite(norm) and loss_finite)
-        if not skipped:
-            self.optimizer.step()
-        scaler.update(found_inf=skipped)
+        skipped = ~(torch.isfinite(norm) & loss_finite)
+        if scaler.dynamic:
+            # fp16: the loss scale is host state, so the overflow is read back here, every step.
+            found_inf = bool(skipped)
+            if not found_inf:
+                self.optimizer.step()
+            scaler.update(found_inf=found_inf)
+        else:
+            step_unless(self.optimizer, skipped)
         self.zero_grad()
         return norm, skipped
 
@@ -193,3 +203,21 @@ class ParallelStep:
         """Call after parameters were overwritten (a checkpoint): ZeRO-1 re-reads its master slice."""
         if self.zero1:
             self.optimizer.reload_params()
+
+
+def step_unless(optimizer, skipped: torch.Tensor) -> None:
+    """The optimizer step, left unapplied where ``skipped`` (a device bool) is set, without reading
+    it back where the optimizer allows: torch's fused AdamW takes it as ``found_inf`` (its step
+    counter does not advance either), ZeRO-1 masks its update. Apex FusedAdam and the unfused torch
+    AdamW (``optim.fused=none``) cannot, so the flag is read on the host there: one wait per step."""
+    found_inf = skipped.float()
+    if isinstance(optimizer, Zero1AdamW):
+        optimizer.step(found_inf=found_inf)
+    elif isinstance(optimizer, torch.optim.Optimizer) and optimizer.defaults.get("fused"):
+        optimizer.found_inf = found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(skipped):
+        optimizer.step()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
@@ -20,7 +19,7 @@ import torch
 
 from megatron_lite.config import Config
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.training.checkpoint import Checkpointer, DataPosition, LoadPolicy, named_parameters
+from megatron_lite.training.checkpoint import BackgroundWriter, Checkpointer, DataPosition, LoadPolicy, named_parameters
 from megatron_lite.training.divergence import require_finite_weights
 from megatron_lite.training.optim import LossScaler
 from megatron_lite.training.schedule import LRScheduler
@@ -75,11 +74,12 @@ class TrainedModel:
 
     # ------------------------------------------------------------------ running it
 
-    def train_on(self, micro_batches: Sequence[MicroBatch]) -> tuple[float, float, bool]:
-        """One optimizer step on a global batch: (mean loss, grad norm before clipping, skipped).
-        The learning-rate schedule is left to the caller, which steps it once per run step."""
+    def train_on(self, micro_batches: Sequence[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step on a global batch: (mean loss, grad norm before clipping, skipped),
+        scalar tensors left on the device (read them back only when needed: each read waits for
+        the device). The learning-rate schedule is left to the caller, which steps it once per run step."""
         loss = self.parallel_step.forward_backward(micro_batches, self.autocast(), self.scaler.scale)
-        grad_norm, skipped = self.parallel_step.optimizer_step(self.scaler, self.grad_clip, math.isfinite(loss))
+        grad_norm, skipped = self.parallel_step.optimizer_step(self.scaler, self.grad_clip, torch.isfinite(loss))
         return loss, grad_norm, skipped
 
     def forward_outputs(self, micro_batches: Sequence[MicroBatch], fn: LossFn | None = None) -> list[torch.Tensor]:
@@ -90,11 +90,12 @@ class TrainedModel:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, save_dir: str | Path, step: int, consumed_samples: int, config: dict,
-             tokenizer_dir: str | None) -> Path:
+             tokenizer_dir: str | None, writer: BackgroundWriter | None = None) -> Path:
         """Write this model's checkpoint for ``step`` (collective); returns its directory. Weights
-        holding NaN or inf on any rank are refused (``TrainingDivergedError``), so ``latest`` stays."""
+        holding NaN or inf on any rank are refused (``TrainingDivergedError``), so ``latest`` stays.
+        With a ``writer`` the files are written in the background (``Checkpointer.save``)."""
         require_finite_weights(self.named_params, self.dims.device, step, save_dir)
-        return self.checkpointer.save(save_dir, step, consumed_samples, config, tokenizer_dir)
+        return self.checkpointer.save(save_dir, step, consumed_samples, config, tokenizer_dir, writer)
 
     def load(self, load_dir: str | Path, weights_only: bool, source_key: str = "checkpoint.load",
              value_head_from_lm: bool = True) -> DataPosition | None:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.training.checkpoint import DataPosition
+from megatron_lite.training.checkpoint import BackgroundWriter, DataPosition
 from megatron_lite.training.divergence import DivergenceGuard
 from megatron_lite.training.metrics import Metrics
 from megatron_lite.training.run_directory import check_run_directories
@@ -43,10 +43,13 @@ from megatron_lite.training.trained_model import TrainedModel, build_trained_mod
 
 
 class StepResult(NamedTuple):
-    loss: float  # the global-batch mean loss
-    grad_norm: float  # before clipping
-    skipped: bool  # the optimizer step was skipped (a non-finite loss or norm)
-    extra: dict  # the task's own per-step figures (PPO: reward, KL, critic loss, ...)
+    """One run step's figures. The tensors stay on the device until the trainer reads them back
+    (on logging and save steps), so a step does not wait for the device to report them."""
+
+    loss: torch.Tensor  # the global-batch mean loss, a scalar
+    grad_norm: torch.Tensor  # before clipping, a scalar
+    skipped: torch.Tensor  # a bool scalar: the optimizer step was skipped (a non-finite loss or norm)
+    extra: dict  # the task's own per-step figures (PPO: reward, KL, critic loss, ...): floats or scalars
 
 
 class Task(Protocol):
@@ -147,6 +150,17 @@ class TrainResult:
     interrupted: bool = False
 
 
+@dataclass
+class PendingStep:
+    """A finished step whose figures have not been read back from the device yet."""
+
+    step: int  # 1-based, as logged
+    outcome: StepResult
+    lr: float  # the learning rate it trained with
+    loss_scale: float | None  # fp16's scale when it ran
+    tokens: int
+
+
 class Trainer:
     """A run built from a ``Config``: the grid, one trained model and the task it trains on
     (pretraining unless told otherwise); ``train()`` runs it."""
@@ -177,8 +191,10 @@ class Trainer:
         self.metrics = Metrics(cfg.log, self.is_logging_rank, self.dims.device, cfg.train.precision,
                                self._train_flops_per_token(), self.dims.world_size, self.total_steps)
         self.task.start(self.model)
-        self.divergence = DivergenceGuard(cfg.train, cfg.optim, cfg.checkpoint.save)
+        self.divergence = DivergenceGuard(cfg.train, cfg.optim, cfg.checkpoint.save, cfg.log.interval)
         self._stop_requested = threading.Event()
+        self.pending: list[PendingStep] = []  # steps since the last read-back
+        self.writer: BackgroundWriter | None = None  # checkpoint.async_save's, from the first save on
 
     def _resume_from(self, position: DataPosition | None) -> None:
         if position is not None:
@@ -192,35 +208,76 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
-        cfg, result = self.cfg, TrainResult(steps=self.step)
+        """Run the steps left. A step's loss, grad norm and skip stay on the device; they are read
+        back (one wait for the device) on logging steps, save steps and the last step, where the
+        divergence guard and the metrics see every step since the previous read-back. fp16 reads
+        back every step: its loss scaler needs the overflow on the host anyway."""
+        result = TrainResult(steps=self.step)
         self._announce()
-        with _sigterm_sets(self._stop_requested):
-            while self.step < self.total_steps:
-                loss, grad_norm, skipped, extra = self.task.train_step(self.train_ds, self.consumed_samples, self.step)
-                self.divergence.check(self.step + 1, loss, grad_norm, skipped, self.model.scaler)
-                extra = {**extra, **self._loss_spike(self.step + 1, loss)}
-                lr = self.model.scheduler.lr
-                if not skipped:
-                    self.model.scheduler.step()
-                self.step += 1
-                self.consumed_samples += cfg.train.global_batch_size
-                result.losses.append(loss)
-                scaler = self.model.scaler
-                self.metrics.step(self.step, loss, lr, grad_norm, self.task.tokens_per_step(),
-                                  loss_scale=scaler.scale if scaler.dynamic else None, skipped=skipped, **extra)
-                if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == self.total_steps):
-                    result.val_losses.append((self.step, self.evaluate()))
-                stop = self._stop_agreed()
-                if self._save_due() or stop:
-                    result.checkpoint_dir = self.save()
-                if stop:
-                    saved = f"saved step {self.step} to {result.checkpoint_dir}" if result.checkpoint_dir else "nothing saved"
-                    self.metrics.print(f"SIGTERM received: {saved}; stopping")
-                    result.interrupted = True
-                    break
+        try:
+            with _sigterm_sets(self._stop_requested):
+                while self.step < self.total_steps and not self._run_step(result):
+                    pass
+        finally:
+            self.finish_checkpoints()
         result.steps = self.step
         self.metrics.close()
         return result
+
+    def _run_step(self, result: TrainResult) -> bool:
+        """One run step, with its evaluation and checkpoint when due; True when the run stops (SIGTERM)."""
+        cfg, step, scaler = self.cfg, self.step + 1, self.model.scaler
+        reads_back = self._reads_back(step)
+        outcome = self.task.train_step(self.train_ds, self.consumed_samples, self.step)
+        self.pending.append(PendingStep(step, outcome, self.model.scheduler.lr,
+                                        scaler.scale if scaler.dynamic else None, self.task.tokens_per_step()))
+        stop = self._read_back(result) if reads_back else False
+        # fp32/bf16 step the schedule unconditionally: a skipped step there is divergence, which
+        # stops the run at the read-back. fp16's skip was read on the host by the loss scaler.
+        if not (scaler.dynamic and outcome.skipped.item()):
+            self.model.scheduler.step()
+        self.step += 1
+        self.consumed_samples += cfg.train.global_batch_size
+        if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == self.total_steps):
+            result.val_losses.append((self.step, self.evaluate()))
+        if self._save_due(self.step) or stop:
+            result.checkpoint_dir = self.save()
+        if stop:
+            saved = f"saved step {self.step} to {result.checkpoint_dir}" if result.checkpoint_dir else "nothing saved"
+            self.metrics.print(f"SIGTERM received: {saved}; stopping")
+            result.interrupted = True
+        return stop
+
+    def _reads_back(self, step: int) -> bool:
+        return (self.model.scaler.dynamic or step % self.cfg.log.interval == 0 or step == self.total_steps
+                or self._save_due(step))
+
+    def _read_back(self, result: TrainResult) -> bool:
+        """Read the pending steps' figures from the device in one transfer; check and log each step
+        in order. Returns whether the ranks agreed to stop (SIGTERM)."""
+        pending, self.pending = self.pending, []
+        tensors = [t for p in pending for t in (p.outcome.loss, p.outcome.grad_norm, p.outcome.skipped)]
+        tensors += [v for p in pending for v in p.outcome.extra.values() if torch.is_tensor(v)]
+        values = torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
+        extras = iter(values[3 * len(pending) :])
+        noticed_at = pending[-1].step
+        for index, p in enumerate(pending):
+            loss, grad_norm, skipped = values[3 * index : 3 * index + 3]
+            extra = {k: next(extras) if torch.is_tensor(v) else v for k, v in p.outcome.extra.items()}
+            self.divergence.check(p.step, loss, grad_norm, bool(skipped), self.model.scaler, noticed_at)
+            extra = {**extra, **self._loss_spike(p.step, loss)}
+            result.losses.append(loss)
+            self.metrics.step(p.step, loss, p.lr, grad_norm, p.tokens, loss_scale=p.loss_scale, skipped=bool(skipped),
+                              **extra)
+        return self._stop_agreed()
+
+    def _stop_agreed(self) -> bool:
+        """Every rank stops at the same step when any rank received SIGTERM: one all-reduce of a flag,
+        on read-back steps only, after the figures were read, so it waits for nothing but the ranks."""
+        flag = torch.tensor(float(self._stop_requested.is_set()), device=self.dims.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ------------------------------------------------------------------ pieces the loop calls
 
@@ -267,18 +324,11 @@ class Trainer:
                            f"recent losses (train.loss_spike_factor={self.cfg.train.loss_spike_factor:g})")
         return {"loss_spike": ratio}
 
-    def _stop_agreed(self) -> bool:
-        """Every rank stops at the same step when any rank received SIGTERM."""
-        flag = torch.tensor(float(self._stop_requested.is_set()), device=self.dims.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def _save_due(self) -> bool:
+    def _save_due(self, step: int) -> bool:
         checkpoint_cfg = self.cfg.checkpoint
         if not checkpoint_cfg.save:
             return False
-        return self.step == self.total_steps or (checkpoint_cfg.interval > 0 and self.step % checkpoint_cfg.interval == 0)
+        return step == self.total_steps or (checkpoint_cfg.interval > 0 and step % checkpoint_cfg.interval == 0)
 
     def save(self) -> Path | None:
         """The trained model's checkpoint, and beside it those of the task's other trained models."""
@@ -287,12 +337,29 @@ class Trainer:
             self.metrics.print("checkpoint.save is empty: nothing saved")
             return None
         config, tokenizer_dir = self.cfg.to_dict(), self.cfg.data.tokenizer or None
-        path = self.model.save(save_dir, self.step, self.consumed_samples, config, tokenizer_dir)
+        writer = self._checkpoint_writer()
+        path = self.model.save(save_dir, self.step, self.consumed_samples, config, tokenizer_dir, writer)
         for name, model in self.task.saved_beside().items():
-            model.save(Path(save_dir) / name, self.step, self.consumed_samples, config, tokenizer_dir)
-        self.metrics.print(f"saved checkpoint {path}")
+            model.save(Path(save_dir) / name, self.step, self.consumed_samples, config, tokenizer_dir, writer)
+        self.metrics.print(f"saving checkpoint {path} in the background" if writer else f"saved checkpoint {path}")
         self.metrics.restart_window()
         return path
+
+    def _checkpoint_writer(self) -> BackgroundWriter | None:
+        """``checkpoint.async_save``'s writer, once the previous save is written (a failure of it raises here)."""
+        if not self.cfg.checkpoint.async_save:
+            return None
+        if self.writer is None:
+            self.writer = BackgroundWriter()
+        self.writer.wait()
+        return self.writer
+
+    def finish_checkpoints(self) -> None:
+        """Wait until the checkpoints being written in the background are published; raises a
+        failure of theirs (``CheckpointWriteError``, naming the checkpoint). ``train`` calls it last."""
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            writer.close()
 
 
 @contextlib.contextmanager

@@ -145,3 +145,16 @@ def test_every_rank_stops_at_the_same_step_and_refuses_the_same_save(tiny_data, 
     assert "(on another rank)" not in stopped_1["refused"] and "holds NaN or inf" in stopped_1["refused"]
     # the start-up check created the (writable) directory; no checkpoint went into it
     assert not any((tmp_path / "ck").iterdir())
+
+
+def test_a_divergence_between_logging_steps_is_noticed_at_the_next_one(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, DIVERGING + ["optim.lr=1000", "log.interval=4"])
+    trainer = Trainer(cfg)
+    with pytest.raises(TrainingDivergedError, match=r"at step 2 \(noticed at step 4, the next logging step: "
+                                                    r"log.interval=4; steps 3-4 trained on\): .*not finite in fp32"
+                                                    r".*last finite loss 5.7\d* at step 1"):
+        trainer.train()
+    assert trainer.step == 3  # stopped at step 4's read-back, before it counted
+    for name, param in trainer.model.named_params:  # the non-finite steps were skipped on the device
+        assert torch.isfinite(param).all(), name
+    assert not (tmp_path / "log" / "metrics.jsonl").exists()  # nothing logged: step 4's read-back stopped at step 2

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 RUN = ["train.max_steps=4", "checkpoint.interval=2", "train.eval_interval=0"]
 
 # Each stage is a function of the save path, patched in the child to SIGKILL the process when the
-# step-4 save calls it (step 2's save goes through): (module, function, name of the file it must be
+# step-4 save calls it (step 2's save goes through; under checkpoint.async_save the call comes from
+# the writer thread, so the step-4 save is told by the paths it writes): (module, function, name of the file it must be
 # writing, or "" for any call).
 STAGES = {
     "shard": ("megatron_lite.training.checkpoint.durable", "save_torch", ""),  # before the first shard
@@ -41,7 +42,8 @@ CHILD = textwrap.dedent("""
     trainer = Trainer(load_config(None, overrides))
 
     def killed_on_the_second_save(*args, **kwargs):
-        if trainer.step == 4 and (not target or Path(args[0]).name == target):
+        step_4 = any("iter_0000004" in str(arg) for arg in args if isinstance(arg, (str, Path)))
+        if step_4 and (not target or Path(args[0]).name == target):
             os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
 
@@ -75,10 +77,13 @@ def uninterrupted(tiny_data, tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(stage, tiny_data, tmp_path, uninterrupted):
+def test_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(stage, async_save, tiny_data, tmp_path,
+                                                                            uninterrupted):
     save = tmp_path / "ck"
-    overrides = tiny_overrides(tiny_data, tmp_path, RUN + [f"checkpoint.save={save}"])
+    mode = [f"checkpoint.async_save={str(async_save).lower()}"]
+    overrides = tiny_overrides(tiny_data, tmp_path, RUN + mode + [f"checkpoint.save={save}"])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     child = subprocess.run([sys.executable, "-c", CHILD, *STAGES[stage], *overrides], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
@@ -95,7 +100,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(stag
     assert written[stage], f"the kill did not land at stage {stage}: {sorted(p.name for p in save.iterdir())}"
     load_full_state_dict(save, verify=True)  # complete: every file there, its size and checksum as recorded
 
-    resumed = Trainer(tiny_config(tiny_data, tmp_path, RUN + [f"checkpoint.save={save}", f"checkpoint.load={save}"]))
+    resumed = Trainer(tiny_config(tiny_data, tmp_path, RUN + mode + [f"checkpoint.save={save}", f"checkpoint.load={save}"]))
     assert resumed.step == 2
     assert resumed.train().losses == uninterrupted[2:]  # bit for bit
     assert (save / "latest").read_text().strip() == "iter_0000004"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.training.checkpoint.live import LoadPolicy, load_checkpoint, save_checkpoint
+from megatron_lite.training.checkpoint.background import BackgroundWriter
+from megatron_lite.training.checkpoint.live import LoadPolicy, capture_checkpoint, load_checkpoint, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,23 @@ class Checkpointer:
         return self.model_chunks[0].padded_vocab_size
 
     def save(self, save_dir: str | Path, step: int, consumed_samples: int, config: dict,
-             tokenizer_dir: str | Path | None = None) -> Path:
-        """Write the checkpoint of ``step`` (collective: every rank calls it); returns its directory."""
-        return save_checkpoint(
+             tokenizer_dir: str | Path | None = None, writer: BackgroundWriter | None = None) -> Path:
+        """Write the checkpoint of ``step`` (collective: every rank calls it); returns its directory.
+        With a ``writer`` the state is copied to host memory now and written in the background:
+        the directory appears once ``writer.wait()`` returns."""
+        if writer is None:
+            return save_checkpoint(
+                save_dir, step, self.model_chunks, self.dims, config, optimizer=self.optimizer,
+                train_state=self._train_state(step, consumed_samples), tokenizer_dir=tokenizer_dir,
+                rng_trackers=self.rng_trackers, padded_vocab_size=self.padded_vocab_size,
+            )
+        snapshot = capture_checkpoint(
             save_dir, step, self.model_chunks, self.dims, config, optimizer=self.optimizer,
             train_state=self._train_state(step, consumed_samples), tokenizer_dir=tokenizer_dir,
-            rng_trackers=self.rng_trackers, padded_vocab_size=self.padded_vocab_size,
+            rng_trackers=self.rng_trackers, padded_vocab_size=self.padded_vocab_size, copy=True,
         )
+        writer.submit(snapshot)
+        return snapshot.final
 
     def load(self, load_dir: str | Path, weights_only: bool = False, source_key: str = "checkpoint.load",
              value_head_from_lm: bool = True) -> DataPosition | None:

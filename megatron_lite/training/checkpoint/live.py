@@ -5,6 +5,7 @@ Both are collective: every rank of the run calls them.
 
 from __future__ import annotations
 
+import copy as copy_module
 import random
 import shutil
 import sys
@@ -45,9 +46,9 @@ class LoadPolicy:
                    resize_vocab=checkpoint_cfg.resize_vocab)
 
 
-def _barrier() -> None:
+def _barrier(group: dist.ProcessGroup | None = None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _is_rank0() -> bool:
@@ -58,11 +59,11 @@ def _world_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _gather_objects(obj: Any) -> list[Any]:
+def _gather_objects(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     if not dist.is_initialized():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -110,6 +111,113 @@ def _load_optimizer_state(optimizer, named, state: dict) -> None:
 # ----------------------------------------------------------------------------- save
 
 
+@dataclass
+class CheckpointSnapshot:
+    """What one rank writes for one checkpoint, already taken from the live model: the files
+    need nothing else, so a background thread can write them while training goes on."""
+
+    save_dir: Path
+    iteration: int
+    world_rank: int
+    shard_name: str
+    shard: dict | None  # {"model", "optimizer"} when this rank writes its (tp, pp) shard (dp rank 0)
+    rng: dict
+    records: dict[str, ParamRecord]
+    layout: SavedLayout
+    train_state: dict
+    config: dict
+    has_optimizer: bool
+    vocab_size: int
+    padded_vocab_size: int | None
+    tokenizer_dir: str | Path | None
+
+    @property
+    def final(self) -> Path:
+        return self.save_dir / iteration_dir_name(self.iteration)
+
+
+def capture_checkpoint(
+    save_dir: str | Path,
+    iteration: int,
+    model_chunks: list[torch.nn.Module],
+    dims,
+    config: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_state: dict | None = None,
+    tokenizer_dir: str | Path | None = None,
+    rng_trackers=(),
+    padded_vocab_size: int | None = None,
+    copy: bool = False,
+) -> CheckpointSnapshot:
+    """This rank's part of the checkpoint of ``iteration`` (collective under ZeRO, which gathers its
+    optimizer state). With ``copy`` every tensor is a host copy that training cannot change, for
+    a write that runs while training continues; without, the weights may be the live CPU tensors."""
+    named = named_parameters(model_chunks)
+    writes_shard = dims.dp_rank == 0
+    optimizer_state = _optimizer_state(optimizer, named) if optimizer is not None else None
+    shard = None
+    if writes_shard:
+        shard = {"model": {n: p.detach().cpu() for n, p in named}}
+        if optimizer_state is not None:
+            shard["optimizer"] = optimizer_state
+    snapshot = CheckpointSnapshot(
+        save_dir=Path(save_dir), iteration=iteration, world_rank=_world_rank(),
+        shard_name=shard_file_name(dims.tp_rank, dims.pp_rank), shard=shard,
+        rng=capture_rng_state(rng_trackers),
+        records={n: ParamRecord.describe(full_shape_of(p, dims.tp), p.dtype, layout_of(p)) for n, p in named},
+        layout=SavedLayout.of(dims, config), train_state=copy_module.deepcopy(train_state or {}),
+        config=copy_module.deepcopy(config), has_optimizer=optimizer is not None,
+        vocab_size=model_chunks[0].config.vocab_size, padded_vocab_size=padded_vocab_size,
+        tokenizer_dir=tokenizer_dir,
+    )
+    if copy:
+        snapshot.shard, snapshot.rng = _host_copy(snapshot.shard), _host_copy(snapshot.rng)
+    return snapshot
+
+
+def _host_copy(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by a host copy of its own (containers rebuilt alike)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return copy_module.deepcopy(obj)
+
+
+def write_checkpoint(snapshot: CheckpointSnapshot, group: dist.ProcessGroup | None = None) -> Path:
+    """Write every rank's snapshot and publish the checkpoint (collective over ``group``, which
+    holds every rank: the default group, or the one a background writer owns). Returns its directory."""
+    final = snapshot.final
+    partial = partial_dir(final)
+    if _is_rank0():
+        snapshot.save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / "rng").mkdir(parents=True)
+    _barrier(group)
+    written = [rng_file(partial, snapshot.world_rank)]
+    if snapshot.shard is not None:
+        durable.save_torch(snapshot.shard, partial / snapshot.shard_name)
+        written.append(partial / snapshot.shard_name)
+    durable.save_torch(snapshot.rng, written[0])
+    checks = {path.relative_to(partial).as_posix(): file_check(path) for path in written}
+    held = (snapshot.shard_name, snapshot.records) if snapshot.shard is not None else None
+    gathered = _gather_objects((held, checks), group)
+    _barrier(group)
+    if _is_rank0():
+        files, params = _merge_records([held for held, _ in gathered if held is not None])
+        manifest = Manifest(
+            iteration=snapshot.iteration, layout=snapshot.layout, padded_vocab_size=snapshot.padded_vocab_size,
+            files=files, params=params, train_state=snapshot.train_state, has_optimizer=snapshot.has_optimizer,
+            config=snapshot.config, vocab_size=snapshot.vocab_size,
+            file_checks={name: check for _, rank_checks in gathered for name, check in sorted(rank_checks.items())},
+        )
+        publish(snapshot.save_dir, final, manifest, snapshot.tokenizer_dir)
+    _barrier(group)
+    return final
+
+
 def save_checkpoint(
     save_dir: str | Path,
     iteration: int,
@@ -127,43 +235,9 @@ def save_checkpoint(
     ``config`` is the resolved config as a dict; ``train_state`` holds JSON-able training
     progress (scheduler, loss scaler, consumed samples). ``Checkpointer.save`` fills these in.
     """
-    save_dir = Path(save_dir)
-    final = save_dir / iteration_dir_name(iteration)
-    partial = partial_dir(final)
-    if _is_rank0():
-        save_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        (partial / "rng").mkdir(parents=True)
-    _barrier()
-
-    named = named_parameters(model_chunks)
-    shard_name = shard_file_name(dims.tp_rank, dims.pp_rank)
-    writes_shard = dims.dp_rank == 0
-    optimizer_state = _optimizer_state(optimizer, named) if optimizer is not None else None  # collective under ZeRO
-    written = [rng_file(partial, _world_rank())]
-    if writes_shard:
-        shard = {"model": {n: p.detach().cpu() for n, p in named}}
-        if optimizer_state is not None:
-            shard["optimizer"] = optimizer_state
-        durable.save_torch(shard, partial / shard_name)
-        written.append(partial / shard_name)
-    durable.save_torch(capture_rng_state(rng_trackers), written[0])
-    checks = {path.relative_to(partial).as_posix(): file_check(path) for path in written}
-
-    records = {n: ParamRecord.describe(full_shape_of(p, dims.tp), p.dtype, layout_of(p)) for n, p in named}
-    gathered = _gather_objects(((shard_name, records) if writes_shard else None, checks))
-    _barrier()
-    if _is_rank0():
-        files, params = _merge_records([held for held, _ in gathered if held is not None])
-        manifest = Manifest(
-            iteration=iteration, layout=SavedLayout.of(dims, config), padded_vocab_size=padded_vocab_size,
-            files=files, params=params, train_state=train_state or {}, has_optimizer=optimizer is not None,
-            config=config, vocab_size=model_chunks[0].config.vocab_size,
-            file_checks={name: check for _, rank_checks in gathered for name, check in sorted(rank_checks.items())},
-        )
-        publish(save_dir, final, manifest, tokenizer_dir)
-    _barrier()
-    return final
+    snapshot = capture_checkpoint(save_dir, iteration, model_chunks, dims, config, optimizer, train_state,
+                                  tokenizer_dir, rng_trackers, padded_vocab_size)
+    return write_checkpoint(snapshot)
 
 
 def _merge_records(held: list[tuple[str, dict[str, ParamRecord]]]) -> tuple[dict, dict]:
