@@ -27,6 +27,7 @@ from megatron_lite.model import ops
 from megatron_lite.model.heads import HEADS, ValueHead
 from megatron_lite.model.init import init_parameters
 from megatron_lite.model.layout_check import check_layout
+from megatron_lite.parallel.context_parallel import ContextParallel, local_positions
 from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size
 from megatron_lite.parallel.layers import (
     ColumnParallelLinear,
@@ -97,6 +98,7 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, **parallel)
         # Each tp rank holds different heads: their attention probabilities drop different elements.
         self.attention_dropout = ParallelDropout(cfg.dropout, rng_tracker, sharded=True)
+        self.context_parallel = ContextParallel.of(dims)  # None at cp = 1
 
     def forward(self, x, rope=None, kv_cache: KVCache | None = None, attention_mask=None):
         qkv = self.qkv(x)  # (B, T, nkv * (q_per_kv + 2) * hd), full T even under sequence parallelism
@@ -110,7 +112,8 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, S, nkv, hd), S = cached + T
         dropout = self.attention_dropout
         with dropout.random_stream():
-            y = ops.attention(q, k, v, True, self.attention_backend, dropout.rate, attention_mask)  # (B, T, nh, hd)
+            y = ops.attention(q, k, v, True, self.attention_backend, dropout.rate, attention_mask,
+                              context_parallel=self.context_parallel)  # (B, T, nh, hd)
         return self.proj(y.reshape(B, T, -1))  # (B, T, H)
 
 
@@ -241,6 +244,11 @@ class GPT(nn.Module):
         value head's (B, T) values."""
         full_length = self._full_length(inputs)
         start = kv_cache.length if kv_cache is not None else 0
+        if self.dims.cp > 1 and kv_cache is not None:
+            raise ConfigError("generation (a KV cache) does not run under context parallelism; set parallel.cp=1")
+        if position_ids is None and self.dims.cp > 1:  # this cp rank's two chunks of the sequence
+            position_ids = local_positions(full_length, self.dims.cp_rank, self.dims.cp, inputs.device)
+            position_ids = position_ids.expand(inputs.shape[0], -1)
         if position_ids is None:
             position_ids = torch.arange(start, start + full_length, device=inputs.device).expand(inputs.shape[0], -1)
         if kv_cache is not None and attention_mask is None:

@@ -100,7 +100,8 @@ class LanguageModelTask:
     def micro_batches(self, dataset, first_sample: int) -> list:
         """This rank's micro-batches of the global batch starting at ``first_sample``."""
         batch = local_batch(dataset, first_sample, self.cfg.train.global_batch_size, self.dims)
-        return split_micro_batches(batch, self.cfg.train.micro_batch_size, self.dims.device)
+        return split_micro_batches(batch, self.cfg.train.micro_batch_size, self.dims.device,
+                                   cp_rank=self.dims.cp_rank, cp=self.dims.cp)
 
     def train_step(self, dataset, first_sample: int, step: int) -> StepResult:
         return StepResult(*self.model.train_on(self.micro_batches(dataset, first_sample)), {})

@@ -138,7 +138,7 @@ def save_checkpoint(
 
     named = named_parameters(model_chunks)
     shard_name = shard_file_name(dims.tp_rank, dims.pp_rank)
-    writes_shard = dims.dp_rank == 0
+    writes_shard = dims.dp_rank == 0 and dims.cp_rank == 0  # cp ranks hold the same parameters too
     optimizer_state = _optimizer_state(optimizer, named) if optimizer is not None else None  # collective under ZeRO
     written = [rng_file(partial, _world_rank())]
     if writes_shard:
