@@ -89,8 +89,8 @@ def _model(**kw) -> ModelConfig:
         (dict(cp=2), dict(seq_length=30), 2,
          r"parallel.cp=2 splits model.seq_length into 2 x cp = 4 chunks, but its length 30 is not a multiple of 4; "
          r"set model.seq_length to a multiple of 4 or change parallel.cp"),
-        (dict(cp=4, tp=2, sequence_parallel=True), dict(seq_length=24), 8,
-         r"parallel.cp=4 splits model.seq_length into 2 x cp = 8 chunks, but its length 24"),
+        (dict(cp=4, tp=2, sequence_parallel=True), dict(seq_length=20), 8,
+         r"parallel.cp=4 splits model.seq_length into 2 x cp = 8 chunks, but its length 20"),
         (dict(cp=2, tp=4, sequence_parallel=True), dict(seq_length=36, num_kv_heads=4), 8,
          r"splits each cp rank's model.seq_length / parallel.cp = 18 tokens over parallel.tp=4.*"
          r"multiple of 2 x cp x tp = 16"),
