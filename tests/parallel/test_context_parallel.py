@@ -20,7 +20,8 @@ from megatron_lite.parallel.context_parallel import (
     split_sequence,
 )
 from megatron_lite.parallel.dims import ParallelDims, group_ranks, validate_grid
-from megatron_lite.training.checkpoint import iteration_dir_name
+from megatron_lite.model.gpt import GPT
+from megatron_lite.training.checkpoint import iteration_dir_name, load_checkpoint
 from megatron_lite.training.setup import setup_dims, split_micro_batches
 from tests.distributed import run_distributed
 from tests.parallel.test_parity import (  # noqa: F401 - references is a fixture
@@ -119,7 +120,6 @@ def test_bad_cp_values_and_batches():
 
 def test_generation_refuses_context_parallelism():
     from megatron_lite.model.generation import KVCache
-    from megatron_lite.model.gpt import GPT
 
     model = GPT(_model(), ParallelDims(cp=2))
     cache = KVCache(model.layers, 1, 8, 2, 16, torch.device("cpu"), torch.float32)
@@ -229,5 +229,9 @@ def test_cp_with_tp_and_pp_on_eight_ranks_matches_single_process(references, tmp
 def _check_resumed_in_one_process(root: str, source: str, flavor: str, references: dict) -> None:
     name = f"{source} resumed at cp1"
     load = _checkpoint_dir(root, source) / iteration_dir_name(SAVED_STEP)
-    single = _train(_config(root, name, flavor, [f"checkpoint.load={load}"]), None)
+    cfg = _config(root, name, flavor, [f"checkpoint.load={load}"])
+    single = _train(cfg, None)
     _check_against_reference(name, flavor, [single], root, references, SAVED_STEP + 1)
+    # The RNG streams belong to the saving world's ranks: another cp degree starts fresh ones.
+    loaded = load_checkpoint(load, [GPT(cfg.model)], ParallelDims.single())
+    assert loaded["iteration"] == SAVED_STEP and not loaded["rng_restored"]

@@ -380,6 +380,9 @@ def _restore_rng(reader: ShardReader, manifest: Manifest, dims, rng_trackers, po
     layout = manifest.layout
     if (layout.tp, layout.pp, layout.dp) != (dims.tp, dims.pp, dims.dp) or not _saved_rng(reader, manifest):
         return False
+    saved_world = sum(name.startswith("rng/") for name in manifest.file_checks)
+    if saved_world and saved_world != dims.world_size:  # another cp degree: same (tp, pp, dp), other ranks
+        return False
     missing = [path for path in (rng_file(reader.directory, rank) for rank in range(dims.world_size))
                if not path.is_file()]
     if missing:
