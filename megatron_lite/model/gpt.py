@@ -212,7 +212,8 @@ class GPT(nn.Module):
             raise ValueError(f"layer_range {self.layer_range} is outside the model's {cfg.num_layers} layers")
         self.pre_process, self.post_process = pre_process, post_process
         self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, dims.tp)
-        self.rng_tracker = rng_tracker or model_parallel_rng_tracker(seed, dims.tp_rank, dims.pp_rank, dims.device)
+        self.rng_tracker = rng_tracker or model_parallel_rng_tracker(seed, dims.tp_rank, dims.pp_rank, dims.device,
+                                                                     cp_rank=dims.cp_rank)
 
         self.embedding = Embedding(cfg, dims, self.padded_vocab_size, self.rng_tracker) if pre_process else None
         self.layers = nn.ModuleDict({str(i): Block(cfg, dims, i, self.rng_tracker) for i in self.layer_range})

@@ -20,6 +20,7 @@ from megatron_lite.parallel.context_parallel import (
     split_sequence,
 )
 from megatron_lite.parallel.dims import ParallelDims, group_ranks, validate_grid
+from megatron_lite.parallel.random import REPLICATED_STREAM
 from megatron_lite.model.gpt import GPT
 from megatron_lite.training.checkpoint import iteration_dir_name, load_checkpoint
 from megatron_lite.training.setup import setup_dims, split_micro_batches
@@ -72,6 +73,15 @@ def test_grid_puts_cp_between_tp_and_dp():
     assert dims.world_size == 16 and dims.cp_ranks == [9, 11] and dims.dp_ranks == [11, 15]
     assert dims.dp_cp_ranks == [9, 11, 13, 15] and dims.pp_ranks == [3, 11] and dims.tp_ranks == [10, 11]
     assert validate_grid(ParallelConfig(tp=2, cp=2), 8) == 2
+
+
+def test_cp_ranks_draw_different_dropout_masks():
+    def drawn(dims: ParallelDims) -> torch.Tensor:
+        with GPT(_model(), dims).rng_tracker.fork(REPLICATED_STREAM):
+            return torch.rand(8)
+
+    assert not torch.equal(drawn(ParallelDims(cp=2, rank=0)), drawn(ParallelDims(cp=2, rank=1)))
+    assert torch.equal(drawn(ParallelDims(cp=2, rank=0)), drawn(ParallelDims()))  # cp rank 0: the streams without cp
 
 
 # ----------------------------------------------------------------------------- bad input
