@@ -157,6 +157,11 @@ class Trainer:
         """``datasets``: (train, valid) to use instead of the task's (benchmarks feed synthetic
         tokens this way; ``model.vocab_size`` must then be set)."""
         self.dims = dims if dims is not None else setup_dims(cfg)
+        if self.dims.cp > 1 and task is not LanguageModelTask:
+            raise ConfigError(
+                f"parallel.cp={self.dims.cp}: context parallelism runs pretraining only (the fine-tuning and RL "
+                f"stages score, mask and generate whole sequences); set parallel.cp=1"
+            )
         self.is_logging_rank = self.dims.rank == 0
         self.cfg = cfg = resolve(cfg, self.is_logging_rank, read_data=datasets is None)
         check_run_directories(cfg)

@@ -128,6 +128,17 @@ def test_bad_cp_values_and_batches():
         context_parallel_attention(q, q, q, context, "triton", document_ids=torch.zeros(1, 4, dtype=torch.long))
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo", "ppo"])
+def test_fine_tuning_and_rl_stages_refuse_context_parallelism(stage, tmp_path):
+    from megatron_lite.rlhf import STAGES
+    from megatron_lite.training.trainer import Trainer
+
+    cfg = _config(str(tmp_path), stage, "llama", ["parallel.cp=2"])
+    with pytest.raises(ConfigError, match="parallel.cp=2: context parallelism runs pretraining only .*; "
+                                          "set parallel.cp=1"):
+        Trainer(cfg, ParallelDims(cp=2), task=STAGES[stage])
+
+
 def test_generation_refuses_context_parallelism():
     from megatron_lite.model.generation import KVCache
 
