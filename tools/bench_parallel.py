@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import sys
 import time
@@ -293,23 +294,30 @@ def cp_step(rank, world_size, cp, hidden, layers, tokens, sequences, steps) -> d
         times.append(elapsed.item())
     cfg = real.cfg.model
     kv_bytes_per_layer = 2 * 2 * (cp - 1) / cp * tokens * cfg.num_kv_heads * cfg.head_dim * 4  # K, V; fwd + bwd
-    return {"ms": statistics.median(times) * 1e3, "kv_mb": kv_bytes_per_layer * layers * sequences / world_size * cp / 1e6}
+    return {"ms": statistics.median(times) * 1e3, "kv_mb": kv_bytes_per_layer * layers * sequences / world_size * cp / 1e6,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3}  # Linux: kilobytes
 
 
 def cp_table(results: list[dict], hidden: int, layers: int, tokens: int, sequences: int, steps: int) -> str:
     """The table of ``cp_step``'s rank-0 result for each of ``CP_LAYOUTS``, in that order."""
-    rows = [(name, r["ms"], sequences * tokens / r["ms"] * 1e3, r["kv_mb"]) for (name, _, _), r in zip(CP_LAYOUTS, results)]
+    rows = [(name, r["ms"], sequences * tokens / r["ms"] * 1e3, r["kv_mb"], r["peak_rss_mb"])
+            for (name, _, _), r in zip(CP_LAYOUTS, results)]
     base = rows[0][1]
     lines = [
         f"Context parallelism on gloo, fp32, one thread per rank: llama-style model ({layers} layers, hidden "
         f"{hidden}, grouped-query attention with nh/nkv = 4), {sequences} sequences of {tokens} tokens per step, "
         f"median of {steps} steps. K/V MB: what the step's all-gathers (forward) and reduce-scatters (backward) "
-        f"move per rank, (cp-1)/cp x K and V of every layer and of the rank's sequences:",
+        f"move per rank, (cp-1)/cp x K and V of every layer and of the rank's sequences. Peak RSS: the rank "
+        f"process's resident memory high-water mark (model, optimizer, activations, interpreter):",
         "",
-        "| layout | ms/step | tokens/s | speed-up vs 1 rank | K/V MB per rank |",
-        "|---|---|---|---|---|",
+        "| layout | ms/step | tokens/s | speed-up vs 1 rank | K/V MB per rank | peak RSS MB per rank |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {name} | {ms:.0f} | {tps:,.0f} | {base / ms:.2f}x | {kv:.3f} |" for name, ms, tps, kv in rows]
+    lines += [f"| {name} | {ms:.0f} | {tps:,.0f} | {base / ms:.2f}x | {kv:.3f} | {rss:,.0f} |"
+              for name, ms, tps, kv, rss in rows]
+    lines += ["", "At the same number of ranks cp=2 and dp=2 do the same arithmetic; cp adds the K/V exchange and "
+              "halves the activations a rank holds for one micro-batch (a sequence's tokens are split, not the batch), "
+              "which is what it is for: sequences whose activations one device cannot hold."]
     return "\n".join(lines)
 
 

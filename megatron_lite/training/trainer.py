@@ -242,6 +242,8 @@ class Trainer:
             layout += f" ({p.pipeline_schedule}" + (f", virtual {d.virtual_pp})" if d.virtual_pp > 1 else ")")
         if d.sequence_parallel:
             layout += " sequence-parallel"
+        if d.cp > 1:
+            layout += f" cp={d.cp} ({m.seq_length // d.cp} of {m.seq_length} tokens per rank)"
         self.metrics.print(
             f"training {m.flavor} ({count / 1e6:.2f}M parameters) on {d.device} | "
             f"{layout} | global batch {self.cfg.train.global_batch_size} = "
