@@ -111,10 +111,10 @@ def _gather_ids(ids: torch.Tensor, context: ContextParallel) -> torch.Tensor:
     return _to_sequence_order(torch.cat(parts, dim=SEQUENCE_DIM), context.size)
 
 
-def chunk_mask(chunk: int, chunk_length: int, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+def chunk_mask(chunk: int, chunk_length: int, document_ids: torch.Tensor | None = None,
+               device: torch.device | None = None) -> torch.Tensor:
     """Which of the keys [0, (chunk + 1) L) each query of ``chunk`` may attend to: (1, 1, L, S) bool,
     or (B, 1, L, S) with ``document_ids`` (B, T) in sequence order (causal AND same document)."""
-    device = document_ids.device if document_ids is not None else None
     keys = (chunk + 1) * chunk_length
     query_positions = torch.arange(chunk * chunk_length, keys, device=device)
     mask = query_positions[:, None] >= torch.arange(keys, device=device)[None, :]  # (L, S) bottom-right causal
@@ -148,8 +148,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         keys = (chunk + 1) * chunk_length
         k_prefix, v_prefix = k_all[:, :keys], v_all[:, :keys]  # (B, S, nkv, hd), S = (chunk + 1) L
         if backend == "torch":
-            outputs.append(_torch_chunk(q_chunk, k_prefix, v_prefix, chunk_mask(chunk, chunk_length, all_documents),
-                                        dropout_p))
+            mask = chunk_mask(chunk, chunk_length, all_documents, q.device)  # (1 or B, 1, L, S)
+            outputs.append(_torch_chunk(q_chunk, k_prefix, v_prefix, mask, dropout_p))
         elif backend == "triton":
             outputs.append(_triton_chunk(q_chunk, k_prefix, v_prefix, dropout_p))
         else:
