@@ -294,7 +294,8 @@ def cp_step(rank, world_size, cp, hidden, layers, tokens, sequences, steps) -> d
         times.append(elapsed.item())
     cfg = real.cfg.model
     kv_bytes_per_layer = 2 * 2 * (cp - 1) / cp * tokens * cfg.num_kv_heads * cfg.head_dim * 4  # K, V; fwd + bwd
-    return {"ms": statistics.median(times) * 1e3, "kv_mb": kv_bytes_per_layer * layers * sequences / world_size * cp / 1e6,
+    sequences_per_rank = sequences // (world_size // cp)
+    return {"ms": statistics.median(times) * 1e3, "kv_mb": kv_bytes_per_layer * layers * sequences_per_rank / 1e6,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3}  # Linux: kilobytes
 
 

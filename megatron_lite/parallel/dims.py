@@ -49,7 +49,8 @@ def group_ranks(tp: int, dp: int, pp: int, kv_replicas: int = 1, cp: int = 1) ->
     tp_groups = [[rank(t, d, p, c) for t in range(tp)] for p in range(pp) for d in range(dp) for c in range(cp)]
     cp_groups = [[rank(t, d, p, c) for c in range(cp)] for p in range(pp) for d in range(dp) for t in range(tp)]
     dp_groups = [[rank(t, d, p, c) for d in range(dp)] for p in range(pp) for c in range(cp) for t in range(tp)]
-    dp_cp_groups = [sorted(rank(t, d, p, c) for d in range(dp) for c in range(cp)) for p in range(pp) for t in range(tp)]
+    dp_cp_groups = [sorted(rank(t, d, p, c) for d in range(dp) for c in range(cp))
+                    for p in range(pp) for t in range(tp)]
     pp_groups = [[rank(t, d, p, c) for p in range(pp)] for d in range(dp) for c in range(cp) for t in range(tp)]
     embedding_groups = [sorted({g[0], g[-1]}) for g in pp_groups]
     kv_groups = [g[start : start + kv_replicas] for g in tp_groups for start in range(0, tp, kv_replicas)]

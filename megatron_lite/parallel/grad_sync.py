@@ -10,10 +10,10 @@ them in this order on every rank (collectives must be issued in one order by all
    micro-batches, so the average is the global-batch mean). Under context parallelism each cp
    rank's loss is the mean over its own tokens of the same samples (attention's K/V gradients
    already crossed ranks in the backward's reduce-scatter): the global loss is the mean of the
-   cp ranks' losses, so the average runs over the joint dp x cp group (``dims.dp_cp_group``). Plain AdamW keeps gradients in
-   ``GradReducer`` buckets whose all-reduces start during the final backward; ZeRO-1 instead
-   reduce-scatters them onto each rank's optimizer slice, last, after the sums below (they act
-   on whole gradients, and afterwards only slices exist);
+   cp ranks' losses, so the average runs over the joint dp x cp group (``dims.dp_cp_group``).
+   Plain AdamW keeps gradients in ``GradReducer`` buckets whose all-reduces start during the
+   final backward; ZeRO-1 instead reduce-scatters them onto each rank's optimizer slice, last,
+   after the sums below (they act on whole gradients, and afterwards only slices exist);
 2. **sequence parallel** (``layout.sequence_parallel``): norms, the row-parallel biases and the
    value head run on each tp rank's sequence shard, so each rank's gradient covers only its
    tokens: summed over tp;

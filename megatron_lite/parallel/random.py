@@ -8,8 +8,9 @@ Dropout never draws from the default generator. A tracker holds two named stream
   each rank drops different elements of its shard.
 
 Both are offset per pipeline stage and per context-parallel rank (cp ranks hold different tokens
-of a sequence: the same draws on each would drop the same offsets of different tokens). ``tracker.fork(name)`` swaps a stream in for the duration of a
-block and leaves the default generator as it found it. A model builds one ``ParallelDropout`` per
+of a sequence: the same draws on each would drop the same offsets of different tokens).
+``tracker.fork(name)`` swaps a stream in for the duration of a block and leaves the default
+generator as it found it. A model builds one ``ParallelDropout`` per
 dropout site, which knows its stream, so ``forward`` passes no random state around.
 """
 
