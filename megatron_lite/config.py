@@ -212,6 +212,7 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     tp: int = 1
+    cp: int = 1  # context parallel: each sample's sequence split over cp ranks (2 load-balanced chunks each)
     pp: int = 1
     virtual_pp: int = 1  # model chunks per pipeline stage (interleaved 1F1B when > 1)
     pipeline_schedule: str = "1f1b"  # 1f1b | afab (all-forward-all-backward, the reference)
@@ -223,7 +224,7 @@ class ParallelConfig:
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "virtual_pp"):
+        for name in ("tp", "cp", "pp", "virtual_pp"):
             _require(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         _choice("parallel.pipeline_schedule", self.pipeline_schedule, ("1f1b", "afab"))
         _require(

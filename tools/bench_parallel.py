@@ -3,6 +3,7 @@
     python tools/bench_parallel.py                          # CPU: 4 gloo ranks, bubble + bytes tables
     python tools/bench_parallel.py --write docs/benchmarks.md   # ... and update its "## Parallelism" section
     python tools/bench_parallel.py --device cuda            # GPU: tokens/s of a data-parallel step
+    python tools/bench_parallel.py --context-parallel --write docs/benchmarks.md   # CPU: cp=2 vs cp=1
     torchrun --nproc-per-node 8 tools/bench_parallel.py --device cuda   # the same at dp = 8
 
 Bubble: the pipeline's own ``forward_backward`` over chunks that "compute" by sleeping a fixed
@@ -20,6 +21,11 @@ crosses every virtual-stage boundary once forward and its gradient once backward
 the tied word embedding's gradient summed over the first and last stage; plus the grad-norm
 scalars), what the step recorded in ``CommStats``, and what the process really wrote to its
 sockets (``wchar`` in /proc/self/io, gloo headers and the loss's all-reduces included).
+
+Context parallelism (``--context-parallel``): ms per training step of a llama-style model on
+long sequences, one rank at cp=1 against two ranks at cp=2 (each holding half of every
+sequence) and two ranks at dp=2 (each holding whole sequences), the same global batch, plus
+the bytes one step's K/V all-gathers move per rank.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import sys
 import time
@@ -38,6 +45,7 @@ from torch import nn
 
 from megatron_lite.config import Config, load_config
 from megatron_lite.parallel.comm_stats import CommStats
+from megatron_lite.parallel.context_parallel import split_sequence
 from megatron_lite.parallel.launch import run_distributed
 from megatron_lite.parallel.pipeline import forward_backward
 from megatron_lite.training.checkpoint import named_parameters
@@ -132,16 +140,17 @@ def bubble_table(world_size: int, num_micro_batches: int, stage_ms: float, repea
 # ----------------------------------------------------------------------------- the real step
 
 
-def step_config(layout: tuple, hidden: int, layers: int, tokens: int, num_micro_batches: int, device: str) -> Config:
+def step_config(layout: tuple, hidden: int, layers: int, tokens: int, num_micro_batches: int, device: str,
+                extra: tuple[str, ...] = ()) -> Config:
     """A GPT-2 run at ``layout`` = (dp, pp, virtual_pp, zero1): micro-batches of one sequence
-    of ``tokens`` tokens, ``num_micro_batches`` of them per rank and step."""
+    of ``tokens`` tokens, ``num_micro_batches`` of them per rank and step; ``extra`` overrides."""
     dp, pp, virtual_pp, zero1 = layout
     return load_config(None, [
         "model.flavor=gpt2", f"model.num_layers={layers}", f"model.hidden_size={hidden}",
         f"model.num_heads={max(1, hidden // 64)}", f"model.seq_length={tokens}", "model.vocab_size=1024",
         f"parallel.pp={pp}", f"parallel.virtual_pp={virtual_pp}", f"parallel.zero1={str(zero1).lower()}",
         f"parallel.timeout_s={TIMEOUT_S}", "train.micro_batch_size=1", f"train.global_batch_size={dp * num_micro_batches}",
-        f"train.device={device}", "train.precision=" + ("bf16" if device == "cuda" else "fp32"),
+        f"train.device={device}", "train.precision=" + ("bf16" if device == "cuda" else "fp32"), *extra,
     ])
 
 
@@ -161,11 +170,13 @@ class RealStep:
         generator = torch.Generator().manual_seed(self.dims.dp_rank)
         shape = (cfg.train.micro_batch_size, cfg.model.seq_length)
         count = cfg.train.global_batch_size // cfg.train.micro_batch_size // self.dims.dp
-        self.micro_batches = [
-            (torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(self.dims.device),
-             torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(self.dims.device))
+        self.micro_batches = [  # the cp ranks of a replica draw the same sequences and keep their chunks
+            tuple(self._local(torch.randint(0, cfg.model.vocab_size, shape, generator=generator)) for _ in range(2))
             for _ in range(count)
         ]
+
+    def _local(self, tokens: torch.Tensor) -> torch.Tensor:
+        return split_sequence(tokens, self.dims.cp_rank, self.dims.cp).to(self.dims.device)
 
     def run(self) -> None:
         self.step.forward_backward(self.micro_batches, autocast_context(self.cfg.train.precision, self.dims.device))
@@ -255,6 +266,68 @@ def bytes_table(world_size: int, hidden: int, layers: int, tokens: int, num_micr
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- context parallelism
+
+CP_LAYOUTS = (("1 rank, cp=1", 1, 1), ("2 ranks, dp=2", 2, 1), ("2 ranks, cp=2", 2, 2))  # (name, ranks, cp)
+
+
+def _cp_config(ranks: int, cp: int, hidden: int, layers: int, tokens: int, sequences: int) -> Config:
+    """llama-style (rope, grouped-query) so the K/V all-gather moves nkv = nh / 4 heads."""
+    heads = max(4, hidden // 64)
+    dp = ranks // cp
+    return step_config((dp, 1, 1, False), hidden, layers, tokens, sequences // dp, "cpu",
+                       ("model.flavor=llama", f"model.num_heads={heads}", f"model.num_kv_heads={heads // 4}",
+                        f"parallel.cp={cp}"))
+
+
+def cp_step(rank, world_size, cp, hidden, layers, tokens, sequences, steps) -> dict:
+    """One rank's median ms per step at cp (dp = world_size / cp) and the K/V MB its step moves."""
+    real = RealStep(_cp_config(world_size, cp, hidden, layers, tokens, sequences))
+    real.run()  # warm-up
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        start = time.perf_counter()
+        real.run()
+        elapsed = torch.tensor([time.perf_counter() - start])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when the last rank ends
+        times.append(elapsed.item())
+    cfg = real.cfg.model
+    kv_bytes_per_layer = 2 * 2 * (cp - 1) / cp * tokens * cfg.num_kv_heads * cfg.head_dim * 4  # K, V; fwd + bwd
+    sequences_per_rank = sequences // (world_size // cp)
+    return {"ms": statistics.median(times) * 1e3, "kv_mb": kv_bytes_per_layer * layers * sequences_per_rank / 1e6,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3}  # Linux: kilobytes
+
+
+def cp_table(results: list[dict], hidden: int, layers: int, tokens: int, sequences: int, steps: int) -> str:
+    """The table of ``cp_step``'s rank-0 result for each of ``CP_LAYOUTS``, in that order."""
+    rows = [(name, r["ms"], sequences * tokens / r["ms"] * 1e3, r["kv_mb"], r["peak_rss_mb"])
+            for (name, _, _), r in zip(CP_LAYOUTS, results)]
+    base = rows[0][1]
+    lines = [
+        f"Context parallelism on gloo, fp32, one thread per rank: llama-style model ({layers} layers, hidden "
+        f"{hidden}, grouped-query attention with nh/nkv = 4), {sequences} sequences of {tokens} tokens per step, "
+        f"median of {steps} steps. K/V MB: what the step's all-gathers (forward) and reduce-scatters (backward) "
+        f"move per rank, (cp-1)/cp x K and V of every layer and of the rank's sequences. Peak RSS: the rank "
+        f"process's resident memory high-water mark (model, optimizer, activations, interpreter):",
+        "",
+        "| layout | ms/step | tokens/s | speed-up vs 1 rank | K/V MB per rank | peak RSS MB per rank |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {ms:.0f} | {tps:,.0f} | {base / ms:.2f}x | {kv:.3f} | {rss:,.0f} |"
+              for name, ms, tps, kv, rss in rows]
+    lines += ["", "At the same number of ranks cp=2 and dp=2 do the same arithmetic; cp adds the K/V exchange and "
+              "halves the activations a rank holds for one micro-batch (a sequence's tokens are split, not the batch), "
+              "which is what it is for: sequences whose activations one device cannot hold."]
+    return "\n".join(lines)
+
+
+def measure_cp(hidden: int, layers: int, tokens: int, sequences: int, steps: int) -> str:
+    results = [run_distributed(cp_step, ranks, cp, hidden, layers, tokens, sequences, steps, timeout_s=TIMEOUT_S)[0]
+               for _, ranks, cp in CP_LAYOUTS]
+    return cp_table(results, hidden, layers, tokens, sequences, steps)
+
+
 # ----------------------------------------------------------------------------- GPU throughput
 
 
@@ -342,8 +415,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="tokens per micro-batch; default 128 CPU, 2048 GPU")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (GPU)")
     parser.add_argument("--write", type=Path, default=None, help="update the Parallelism section of this Markdown file")
+    parser.add_argument("--context-parallel", action="store_true",
+                        help="CPU: ms/step at cp=2 vs cp=1 and dp=2 on long sequences (--tokens default 2048)")
     args = parser.parse_args(argv)
-    if args.device == "cuda":
+    if args.context_parallel:
+        report = measure_cp(args.hidden or 256, args.layers, args.tokens or 2048, 2, args.repeats)
+    elif args.device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("--device cuda needs a CUDA GPU; run without it for the CPU (gloo) benchmark")
         report = cuda_throughput(args.hidden or 2048, args.layers, args.tokens or 2048, args.micro_batches, args.steps)
@@ -361,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     report = f"`{command.strip()}`\n\n{report}"
     print(report)
     if args.write is not None and int(os.environ.get("RANK", "0")) == 0:
-        write_section(args.write, "GPU throughput" if args.device == "cuda" else "CPU, gloo", report)
+        subtitle = "GPU throughput" if args.device == "cuda" else "CPU, gloo"
+        write_section(args.write, "Context parallelism, CPU, gloo" if args.context_parallel else subtitle, report)
 
 
 if __name__ == "__main__":

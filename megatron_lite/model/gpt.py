@@ -30,6 +30,7 @@ from megatron_lite.model.init import init_parameters
 from megatron_lite.model.layout_check import check_layout
 from megatron_lite.model.recompute import RecomputePolicy, rebuilt_in_backward, recomputed
 from megatron_lite.model.rope import inverse_frequencies
+from megatron_lite.parallel.context_parallel import ContextParallel, local_positions
 from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size
 from megatron_lite.parallel.layers import (
     ColumnParallelLinear,
@@ -123,6 +124,7 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.bias, **parallel)
         # Each tp rank holds different heads: their attention probabilities drop different elements.
         self.attention_dropout = ParallelDropout(cfg.dropout, rng_tracker, sharded=True)
+        self.context_parallel = ContextParallel.of(dims)  # None at cp = 1
 
     def forward(self, x, rope=None, kv_cache: KVCache | None = None, attention_mask=None):
         qkv = self.qkv(x)  # (B, T, nkv * (q_per_kv + 2) * hd), full T even under sequence parallelism
@@ -146,7 +148,8 @@ class Attention(nn.Module):
         """softmax(q k^T) v with attention dropout: (B, T, nh, hd)."""
         dropout = self.attention_dropout
         with dropout.random_stream():
-            return ops.attention(q, k, v, True, self.attention_backend, dropout.rate, attention_mask)
+            return ops.attention(q, k, v, True, self.attention_backend, dropout.rate, attention_mask,
+                                 context_parallel=self.context_parallel)  # (B, T, nh, hd)
 
 
 class MLP(nn.Module):
@@ -258,7 +261,8 @@ class GPT(nn.Module):
             raise ValueError(f"layer_range {self.layer_range} is outside the model's {cfg.num_layers} layers")
         self.pre_process, self.post_process = pre_process, post_process
         self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, dims.tp)
-        self.rng_tracker = rng_tracker or model_parallel_rng_tracker(seed, dims.tp_rank, dims.pp_rank, dims.device)
+        self.rng_tracker = rng_tracker or model_parallel_rng_tracker(seed, dims.tp_rank, dims.pp_rank, dims.device,
+                                                                     cp_rank=dims.cp_rank)
         recompute.check_chunks([len(self.layer_range)])
         self.recompute = recompute
 
@@ -293,6 +297,11 @@ class GPT(nn.Module):
         value head's (B, T) values."""
         full_length = self._full_length(inputs)
         start = kv_cache.length if kv_cache is not None else 0
+        if self.dims.cp > 1 and kv_cache is not None:
+            raise ConfigError("generation (a KV cache) does not run under context parallelism; set parallel.cp=1")
+        if position_ids is None and self.dims.cp > 1:  # this cp rank's two chunks of the sequence
+            position_ids = local_positions(full_length, self.dims.cp_rank, self.dims.cp, inputs.device)
+            position_ids = position_ids.expand(inputs.shape[0], -1)
         if position_ids is None:
             position_ids = torch.arange(start, start + full_length, device=inputs.device).expand(inputs.shape[0], -1)
         if kv_cache is not None and attention_mask is None:

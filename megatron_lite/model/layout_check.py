@@ -8,6 +8,7 @@ the model's checks before any process starts (offline conversion, resharding, co
 from __future__ import annotations
 
 from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_lite.parallel.context_parallel import check_sequence_splits
 from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size
 from megatron_lite.parallel.pipeline import stage_layer_ranges
 
@@ -51,6 +52,7 @@ def check_layout(model: ModelConfig, dims: ParallelDims) -> None:
             f"parallel.sequence_parallel splits the sequence over parallel.tp={tp}, but model.seq_length="
             f"{model.seq_length} is not a multiple of it; change seq_length or turn sequence_parallel off"
         )
+    _check_context_split(model.seq_length, dims)
     _check_layer_split(model.num_layers, dims)
     _check_vocab_split(model, tp)
 
@@ -69,6 +71,21 @@ def _check_kv_heads(kv_heads: int, tp: int) -> None:
             f"parallel.tp={tp} is larger than model.num_kv_heads={kv_heads} but not a multiple of it; each kv head "
             f"is copied to tp / num_kv_heads ranks, so choose a tp that is a multiple of num_kv_heads "
             f"(or a divisor of it), or change num_kv_heads"
+        )
+
+
+def _check_context_split(seq_length: int, dims: ParallelDims) -> None:
+    """Each cp rank holds 2 of the 2 x cp chunks of a sequence; under sequence parallelism its tp
+    ranks then split those T / cp tokens again."""
+    if dims.cp == 1:
+        return
+    check_sequence_splits(seq_length, dims.cp, "model.seq_length")
+    local = seq_length // dims.cp
+    if dims.sequence_parallel and local % dims.tp != 0:
+        raise ConfigError(
+            f"parallel.sequence_parallel splits each cp rank's model.seq_length / parallel.cp = {local} tokens "
+            f"over parallel.tp={dims.tp}, but {local} is not a multiple of it; set model.seq_length to a "
+            f"multiple of 2 x cp x tp = {2 * dims.cp * dims.tp} or turn sequence_parallel off"
         )
 
 

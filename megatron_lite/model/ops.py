@@ -12,6 +12,7 @@ import torch
 
 from megatron_lite.config import ConfigError, ModelConfig
 from megatron_lite.kernels import backends
+from megatron_lite.parallel.context_parallel import ContextParallel, context_parallel_attention
 
 
 def check_backends(cfg: ModelConfig) -> None:
@@ -36,6 +37,7 @@ def attention(
     backend: str = "torch",
     dropout_p: float = 0.0,
     mask: torch.Tensor | None = None,
+    context_parallel: ContextParallel | None = None,
 ) -> torch.Tensor:
     """q (B, T, nh, hd), k/v (B, S, nkv, hd) -> (B, T, nh, hd); nh a multiple of nkv (grouped-query).
 
@@ -43,7 +45,11 @@ def attention(
     dtype (0 or -inf), the form attention uses as is, which generation builds once per decode step
     for every layer; only the torch backend takes a mask (generation with a cache and padded
     prompts), so a mask always runs there.
+    ``context_parallel``: q, k, v hold this cp rank's two chunks of the sequence; causal attention
+    then runs over the whole sequence (``parallel.context_parallel``).
     """
+    if context_parallel is not None:
+        return context_parallel_attention(q, k, v, context_parallel, backend, dropout_p)
     if mask is not None:
         return backends.function("attention", "torch")(q, k, v, causal=causal, dropout_p=dropout_p, mask=mask)
     return backends.function("attention", backend)(q, k, v, causal=causal, dropout_p=dropout_p)

@@ -1,8 +1,10 @@
-"""The tensor x data x pipeline grid of ranks and its process groups.
+"""The tensor x context x data x pipeline grid of ranks and its process groups.
 
-Rank order follows Megatron: tp varies fastest, then dp, then pp,
-``rank = tp_rank + tp * (dp_rank + dp * pp_rank)``, so the chattiest group (tp)
-sits on neighbouring ranks, which launchers place inside one node.
+Rank order follows Megatron: tp varies fastest, then cp, then dp, then pp,
+``rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))``, so the chattiest groups
+(tp, then cp with its K/V all-gathers in every layer) sit on neighbouring ranks, which
+launchers place inside one node. Every parameter's gradient is reduced over the joint dp x cp
+group (``dp_cp``): the cp ranks of a replica see different tokens of the same samples.
 Everything that needs a group receives this object; nothing reads a global.
 """
 
@@ -24,41 +26,58 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, tp: int, dp: int) -> int:
-    return tp_rank + tp * (dp_rank + dp * pp_rank)
+def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, tp: int, dp: int, cp_rank: int = 0, cp: int = 1) -> int:
+    return tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
 
 
-def coords_of(rank: int, tp: int, dp: int) -> tuple[int, int, int]:
-    """(tp_rank, dp_rank, pp_rank) of a global rank."""
-    return rank % tp, (rank // tp) % dp, rank // (tp * dp)
+def coords_of(rank: int, tp: int, dp: int, cp: int = 1) -> tuple[int, int, int]:
+    """(tp_rank, dp_rank, pp_rank) of a global rank; ``cp_rank_of`` gives the fourth coordinate."""
+    return rank % tp, (rank // (tp * cp)) % dp, rank // (tp * cp * dp)
 
 
-def group_ranks(tp: int, dp: int, pp: int, kv_replicas: int = 1) -> dict[str, list[list[int]]]:
+def cp_rank_of(rank: int, tp: int, cp: int) -> int:
+    return (rank // tp) % cp
+
+
+def group_ranks(tp: int, dp: int, pp: int, kv_replicas: int = 1, cp: int = 1) -> dict[str, list[list[int]]]:
     """Every group of each kind as lists of global ranks; every rank must create them in this order.
     ``kv_replica`` groups are runs of ``kv_replicas`` consecutive ranks inside each tp group: the
-    ranks holding copies of one kv head."""
-    tp_groups = [[rank_of(t, d, p, tp, dp) for t in range(tp)] for p in range(pp) for d in range(dp)]
-    dp_groups = [[rank_of(t, d, p, tp, dp) for d in range(dp)] for p in range(pp) for t in range(tp)]
-    pp_groups = [[rank_of(t, d, p, tp, dp) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    ranks holding copies of one kv head. ``dp_cp`` joins the dp and cp groups of a tp rank and stage."""
+    def rank(t, d, p, c):
+        return rank_of(t, d, p, tp, dp, c, cp)
+
+    tp_groups = [[rank(t, d, p, c) for t in range(tp)] for p in range(pp) for d in range(dp) for c in range(cp)]
+    cp_groups = [[rank(t, d, p, c) for c in range(cp)] for p in range(pp) for d in range(dp) for t in range(tp)]
+    dp_groups = [[rank(t, d, p, c) for d in range(dp)] for p in range(pp) for c in range(cp) for t in range(tp)]
+    dp_cp_groups = [sorted(rank(t, d, p, c) for d in range(dp) for c in range(cp))
+                    for p in range(pp) for t in range(tp)]
+    pp_groups = [[rank(t, d, p, c) for p in range(pp)] for d in range(dp) for c in range(cp) for t in range(tp)]
     embedding_groups = [sorted({g[0], g[-1]}) for g in pp_groups]
     kv_groups = [g[start : start + kv_replicas] for g in tp_groups for start in range(0, tp, kv_replicas)]
-    return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "embedding": embedding_groups, "kv_replica": kv_groups}
+    return {"tp": tp_groups, "cp": cp_groups, "dp": dp_groups, "dp_cp": dp_cp_groups, "pp": pp_groups,
+            "embedding": embedding_groups, "kv_replica": kv_groups}
 
 
 def validate_grid(parallel: ParallelConfig, world_size: int, kv_replicas: int = 1) -> int:
     """Check the grid against the world size; return dp. Errors say what to change."""
-    tp, pp = parallel.tp, parallel.pp
-    if world_size % (tp * pp) != 0:
+    degrees = {"tp": parallel.tp, "cp": parallel.cp, "pp": parallel.pp}
+    if parallel.cp == 1:
+        del degrees["cp"]  # the message names only the degrees in use
+    model_parallel = parallel.tp * parallel.cp * parallel.pp
+    if world_size % model_parallel != 0:
+        names = " x ".join(f"parallel.{name}" for name in degrees)
+        values = " x ".join(str(value) for value in degrees.values())
         raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {tp} x {pp} = {tp * pp}; "
-            f"launch a multiple of {tp * pp} processes or change tp/pp"
+            f"world size {world_size} is not divisible by {names} = {values} = {model_parallel}; "
+            f"launch a multiple of {model_parallel} processes or change {'/'.join(degrees)}"
         )
+    tp, pp = parallel.tp, parallel.pp
     if parallel.virtual_pp > 1 and pp == 1:
         raise ConfigError("parallel.virtual_pp > 1 needs parallel.pp > 1; set virtual_pp=1 or raise pp")
     if kv_replicas < 1 or tp % kv_replicas != 0:
         raise ValueError(f"kv_replicas={kv_replicas} must be a positive divisor of parallel.tp={tp}")
     _validate_stage_layers(parallel)
-    return world_size // (tp * pp)
+    return world_size // model_parallel
 
 
 def _validate_stage_layers(parallel: ParallelConfig) -> None:
@@ -82,6 +101,7 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    cp: int = 1
     virtual_pp: int = 1
     rank: int = 0
     sequence_parallel: bool = False
@@ -89,6 +109,8 @@ class ParallelDims:
     tp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
+    cp_group: dist.ProcessGroup | None = None
+    dp_cp_group: dist.ProcessGroup | None = None  # where every gradient is reduced: dp x cp
     embedding_group: dist.ProcessGroup | None = None
     kv_replicas: int = 1  # tp ranks holding copies of one kv head (tp > num_kv_heads)
     kv_replica_group: dist.ProcessGroup | None = None
@@ -96,32 +118,48 @@ class ParallelDims:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.dp * self.pp
 
     @property
     def tp_rank(self) -> int:
-        return coords_of(self.rank, self.tp, self.dp)[0]
+        return coords_of(self.rank, self.tp, self.dp, self.cp)[0]
+
+    @property
+    def cp_rank(self) -> int:
+        return cp_rank_of(self.rank, self.tp, self.cp)
 
     @property
     def dp_rank(self) -> int:
-        return coords_of(self.rank, self.tp, self.dp)[1]
+        return coords_of(self.rank, self.tp, self.dp, self.cp)[1]
 
     @property
     def pp_rank(self) -> int:
-        return coords_of(self.rank, self.tp, self.dp)[2]
+        return coords_of(self.rank, self.tp, self.dp, self.cp)[2]
+
+    def _rank(self, tp_rank: int, cp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        return rank_of(tp_rank, dp_rank, pp_rank, self.tp, self.dp, cp_rank, self.cp)
 
     @property
     def tp_ranks(self) -> list[int]:
-        return [rank_of(t, self.dp_rank, self.pp_rank, self.tp, self.dp) for t in range(self.tp)]
+        return [self._rank(t, self.cp_rank, self.dp_rank, self.pp_rank) for t in range(self.tp)]
+
+    @property
+    def cp_ranks(self) -> list[int]:
+        return [self._rank(self.tp_rank, c, self.dp_rank, self.pp_rank) for c in range(self.cp)]
 
     @property
     def dp_ranks(self) -> list[int]:
-        return [rank_of(self.tp_rank, d, self.pp_rank, self.tp, self.dp) for d in range(self.dp)]
+        return [self._rank(self.tp_rank, self.cp_rank, d, self.pp_rank) for d in range(self.dp)]
+
+    @property
+    def dp_cp_ranks(self) -> list[int]:
+        """The ranks over which every gradient is reduced, in rank order."""
+        return sorted(self._rank(self.tp_rank, c, d, self.pp_rank) for d in range(self.dp) for c in range(self.cp))
 
     @property
     def pp_ranks(self) -> list[int]:
         """Global ranks of my pipeline group, in stage order."""
-        return [rank_of(self.tp_rank, self.dp_rank, p, self.tp, self.dp) for p in range(self.pp)]
+        return [self._rank(self.tp_rank, self.cp_rank, self.dp_rank, p) for p in range(self.pp)]
 
     @property
     def is_first_stage(self) -> bool:
@@ -157,6 +195,7 @@ class ParallelDims:
             tp=parallel.tp,
             pp=parallel.pp,
             dp=dp,
+            cp=parallel.cp,
             virtual_pp=parallel.virtual_pp,
             rank=rank,
             sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
@@ -166,9 +205,11 @@ class ParallelDims:
         )
 
     def _build_groups(self, timeout: timedelta) -> None:
-        sizes = {"tp": self.tp, "dp": self.dp, "pp": self.pp, "embedding": min(self.pp, 2),
-                 "kv_replica": self.kv_replicas}
-        for kind, groups in group_ranks(self.tp, self.dp, self.pp, self.kv_replicas).items():
+        sizes = {"tp": self.tp, "cp": self.cp, "dp": self.dp, "pp": self.pp, "embedding": min(self.pp, 2),
+                 "kv_replica": self.kv_replicas,
+                 # with one of dp, cp at 1 the joint group is the other one: no second copy of it
+                 "dp_cp": self.dp * self.cp if self.dp > 1 and self.cp > 1 else 1}
+        for kind, groups in group_ranks(self.tp, self.dp, self.pp, self.kv_replicas, self.cp).items():
             if sizes[kind] == 1:
                 continue
             for ranks in groups:
@@ -176,6 +217,8 @@ class ParallelDims:
                 group = dist.new_group(ranks, timeout=timeout)
                 if self.rank in ranks:
                     setattr(self, f"{kind}_group", group)
+        if sizes["dp_cp"] == 1:
+            self.dp_cp_group = self.dp_group if self.cp == 1 else self.cp_group
 
 
 def _resolve_backend(parallel: ParallelConfig) -> str:

@@ -7,10 +7,13 @@ them in this order on every rank (collectives must be issued in one order by all
 
 1. **data parallel**: each dp rank saw a different part of the global batch, so the gradients
    are averaged over dp (the per-micro-batch losses are already divided by the number of
-   micro-batches, so the average is the global-batch mean). Plain AdamW keeps gradients in
-   ``GradReducer`` buckets whose all-reduces start during the final backward; ZeRO-1 instead
-   reduce-scatters them onto each rank's optimizer slice, last, after the sums below (they act
-   on whole gradients, and afterwards only slices exist);
+   micro-batches, so the average is the global-batch mean). Under context parallelism each cp
+   rank's loss is the mean over its own tokens of the same samples (attention's K/V gradients
+   already crossed ranks in the backward's reduce-scatter): the global loss is the mean of the
+   cp ranks' losses, so the average runs over the joint dp x cp group (``dims.dp_cp_group``).
+   Plain AdamW keeps gradients in ``GradReducer`` buckets whose all-reduces start during the
+   final backward; ZeRO-1 instead reduce-scatters them onto each rank's optimizer slice, last,
+   after the sums below (they act on whole gradients, and afterwards only slices exist);
 2. **sequence parallel** (``layout.sequence_parallel``): norms, the row-parallel biases and the
    value head run on each tp rank's sequence shard, so each rank's gradient covers only its
    tokens: summed over tp. Per-head q/k norm weights (``layout.partial_over_tp``) are whole on
@@ -56,7 +59,7 @@ class GradSync:
         self.params = [p for chunk in chunks for p in chunk.parameters()]
         self.zero1_optimizer = optimizer if isinstance(optimizer, Zero1AdamW) else None
         self.reducers = [] if self.zero1_optimizer is not None else [
-            GradReducer(chunk.parameters(), dims.dp_group, bucket_size_mb, comm_stats=comm_stats) for chunk in chunks
+            GradReducer(chunk.parameters(), dims.dp_cp_group, bucket_size_mb, comm_stats=comm_stats) for chunk in chunks
         ]
 
     # ---- during backward ----
@@ -99,7 +102,7 @@ class GradSync:
     def norm_dp_group(self):
         """The group over which the grad norm also sums: dp under ZeRO-1 (each rank holds a different
         slice), else None (every dp rank holds the same gradient)."""
-        return self.dims.dp_group if self.zero1_optimizer is not None else None
+        return self.dims.dp_cp_group if self.zero1_optimizer is not None else None
 
     def zero_grad(self) -> None:
         """Clear the gradients; bucketed ones stay views into their buffers."""

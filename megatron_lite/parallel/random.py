@@ -7,8 +7,10 @@ Dropout never draws from the default generator. A tracker holds two named stream
 - ``TP_STREAM`` for sharded activations (attention heads, sequence shards): seeded per tp rank, so
   each rank drops different elements of its shard.
 
-Both are offset per pipeline stage. ``tracker.fork(name)`` swaps a stream in for the duration of a
-block and leaves the default generator as it found it. A model builds one ``ParallelDropout`` per
+Both are offset per pipeline stage and per context-parallel rank (cp ranks hold different tokens
+of a sequence: the same draws on each would drop the same offsets of different tokens).
+``tracker.fork(name)`` swaps a stream in for the duration of a block and leaves the default
+generator as it found it. A model builds one ``ParallelDropout`` per
 dropout site, which knows its stream, so ``forward`` passes no random state around.
 
 Activation recomputation runs a forward twice and must drop the same elements both times:
@@ -29,6 +31,7 @@ from torch import nn
 # Offsets keep the sharded stream apart from the replicated one and stages apart from each other.
 TP_STREAM_OFFSET = 2718
 PP_STAGE_OFFSET = 100
+CP_RANK_OFFSET = 1_000_003
 TP_STREAM = "tensor-parallel"
 REPLICATED_STREAM = "replicated"
 
@@ -114,10 +117,11 @@ class RNGStatesTracker:
 
 
 def model_parallel_rng_tracker(
-    seed: int, tp_rank: int, pp_rank: int, device: torch.device | str = "cpu"
+    seed: int, tp_rank: int, pp_rank: int, device: torch.device | str = "cpu", cp_rank: int = 0
 ) -> RNGStatesTracker:
-    """The rank's dropout streams: replicated (seed + 100 x pp_rank on every tp rank) and per tp rank."""
-    stage_seed = seed + PP_STAGE_OFFSET * pp_rank
+    """The rank's dropout streams: replicated (seed + 100 x pp_rank + 1000003 x cp_rank on every tp
+    rank) and per tp rank."""
+    stage_seed = seed + PP_STAGE_OFFSET * pp_rank + CP_RANK_OFFSET * cp_rank
     tracker = RNGStatesTracker(device)
     tracker.add(REPLICATED_STREAM, stage_seed)
     tracker.add(TP_STREAM, stage_seed + TP_STREAM_OFFSET + tp_rank)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_lite.config import Config, ConfigError, config_from_dict
 from megatron_lite.model.layout_check import check_layout, kv_replicas_for
+from megatron_lite.parallel.context_parallel import split_sequence
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.pipeline import my_layer_ranges, stage_layer_ranges
 from megatron_lite.training.run_directory import resolved_load
@@ -188,7 +189,7 @@ def autocast_context(precision: str, device: torch.device):
 def local_batch(dataset, first_sample: int, global_batch_size: int, dims: ParallelDims) -> torch.Tensor:
     """This dp rank's contiguous slice of the global batch starting at ``first_sample``; (B_dp, T+1).
 
-    Every tp (and pp) rank of a data-parallel replica reads the same samples.
+    Every tp, cp (and pp) rank of a data-parallel replica reads the same samples.
     """
     per_rank = global_batch_size // dims.dp
     start = first_sample + dims.dp_rank * per_rank
@@ -196,9 +197,12 @@ def local_batch(dataset, first_sample: int, global_batch_size: int, dims: Parall
     return torch.from_numpy(samples)
 
 
-def split_micro_batches(batch: torch.Tensor, micro_batch_size: int, device: torch.device):
-    """(B_dp, T+1) -> list of (tokens, labels), each (micro_batch_size, T)."""
+def split_micro_batches(batch: torch.Tensor, micro_batch_size: int, device: torch.device, *,
+                        cp_rank: int = 0, cp: int = 1):
+    """(B_dp, T+1) -> list of (tokens, labels), each (micro_batch_size, T), or under context
+    parallelism (cp > 1) this cp rank's two load-balanced chunks of them, (micro_batch_size, T/cp)."""
     return [
-        (mb[:, :-1].to(device, non_blocking=True), mb[:, 1:].to(device, non_blocking=True))
+        (split_sequence(mb[:, :-1], cp_rank, cp).to(device, non_blocking=True),
+         split_sequence(mb[:, 1:], cp_rank, cp).to(device, non_blocking=True))
         for mb in batch.split(micro_batch_size)
     ]

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from megatron_lite.config import Config, ConfigError, OptimConfig
-from megatron_lite.parallel.collectives import sum_over_replicas
+from megatron_lite.parallel.collectives import all_reduce, sum_over_replicas
 from megatron_lite.parallel.comm_stats import CommStats
 from megatron_lite.parallel.data_parallel import Zero1AdamW
 from megatron_lite.parallel.dims import ParallelDims
@@ -57,10 +57,10 @@ def build_parallel_optimizer(named_params: optim.NamedParams, optim_cfg: OptimCo
     if not zero1:
         return optim.build_optimizer(named_params, optim_cfg, dims.device)
     zero = Zero1AdamW(
-        optim.param_groups(named_params, optim_cfg.weight_decay), dims.dp_group, lr=optim_cfg.lr,
+        optim.param_groups(named_params, optim_cfg.weight_decay), dims.dp_cp_group, lr=optim_cfg.lr,
         betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps, param_names={p: n for n, p in named_params},
     )
-    return zero, f"ZeRO-1 AdamW over dp={dims.dp}"
+    return zero, f"ZeRO-1 AdamW over dp={dims.dp}" + (f" x cp={dims.cp}" if dims.cp > 1 else "")
 
 
 def validate_batch_layout(cfg: Config, dims: ParallelDims) -> int:
@@ -166,12 +166,15 @@ class ParallelStep:
         )
 
     def _global_mean(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """Sum of the last stage's micro-batch losses (already divided by their number), averaged
-        over dp; a scalar tensor, left on the device."""
+        """Sum of the last stage's micro-batch losses (already divided by their number), averaged over
+        dp and cp: each cp rank's loss is the mean over its own tokens, T / cp of every sample, so the
+        mean of the cp ranks' means is the sum of their token losses over all tokens. A scalar tensor,
+        left on the device."""
         total = torch.zeros((), dtype=torch.float32, device=self.dims.device)
         if losses:
             total += torch.stack([loss.float() for loss in losses]).sum()
-        return sum_over_replicas(total, self.dims) / self.dims.dp
+        total = all_reduce(sum_over_replicas(total, self.dims), self.dims.cp_group)
+        return total / (self.dims.dp * self.dims.cp)
 
     # ------------------------------------------------------------------ the update
 

@@ -103,7 +103,8 @@ class LanguageModelTask:
     def micro_batches(self, dataset, first_sample: int) -> list:
         """This rank's micro-batches of the global batch starting at ``first_sample``."""
         batch = local_batch(dataset, first_sample, self.cfg.train.global_batch_size, self.dims)
-        return split_micro_batches(batch, self.cfg.train.micro_batch_size, self.dims.device)
+        return split_micro_batches(batch, self.cfg.train.micro_batch_size, self.dims.device,
+                                   cp_rank=self.dims.cp_rank, cp=self.dims.cp)
 
     def train_step(self, dataset, first_sample: int, step: int) -> StepResult:
         return StepResult(*self.model.train_on(self.micro_batches(dataset, first_sample)), {})
@@ -170,6 +171,11 @@ class Trainer:
         """``datasets``: (train, valid) to use instead of the task's (benchmarks feed synthetic
         tokens this way; ``model.vocab_size`` must then be set)."""
         self.dims = dims if dims is not None else setup_dims(cfg)
+        if self.dims.cp > 1 and task is not LanguageModelTask:
+            raise ConfigError(
+                f"parallel.cp={self.dims.cp}: context parallelism runs pretraining only (the fine-tuning and RL "
+                f"stages score, mask and generate whole sequences); set parallel.cp=1"
+            )
         self.is_logging_rank = self.dims.rank == 0
         self.cfg = cfg = resolve(cfg, self.is_logging_rank, read_data=datasets is None)
         check_run_directories(cfg)
@@ -293,6 +299,8 @@ class Trainer:
             layout += f" ({p.pipeline_schedule}" + (f", virtual {d.virtual_pp})" if d.virtual_pp > 1 else ")")
         if d.sequence_parallel:
             layout += " sequence-parallel"
+        if d.cp > 1:
+            layout += f" cp={d.cp} ({m.seq_length // d.cp} of {m.seq_length} tokens per rank)"
         self.metrics.print(
             f"training {m.flavor} ({count / 1e6:.2f}M parameters) on {d.device} | "
             f"{layout} | global batch {self.cfg.train.global_batch_size} = "

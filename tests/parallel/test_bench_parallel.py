@@ -37,3 +37,17 @@ def test_recorded_bytes_match_the_analytical_count():
             assert set(counted) == set(expected), (layout, counted, expected)
             for kind, sent in counted.items():
                 assert sent == pytest.approx(expected[kind]), (layout, kind)
+
+
+def _cp_step(rank: int, world_size: int, cp: int) -> dict:
+    return _tool().cp_step(rank, world_size, cp, 64, 2, 32, 2, 1)
+
+
+def test_context_parallel_table_runs_on_tiny_shapes():
+    tool = _tool()
+    results = [run_distributed(_cp_step, ranks, cp)[0] for _, ranks, cp in tool.CP_LAYOUTS]
+    rows = [line for line in tool.cp_table(results, 64, 2, 32, 2, 1).splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| 1 rank, cp=1", "| 2 ranks, dp=2", "| 2 ranks, cp=2"]
+    assert [r["kv_mb"] for r in results[:2]] == [0.0, 0.0]  # no K/V crosses ranks at cp=1
+    # 2 layers x 2 sequences x (K and V) x (forward and backward) x 1/2 x 32 tokens x 1 kv head x 16 dims x 4 bytes
+    assert results[2]["kv_mb"] == pytest.approx(2 * 2 * 2 * 2 * 0.5 * 32 * 16 * 4 / 1e6)

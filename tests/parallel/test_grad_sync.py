@@ -59,8 +59,8 @@ def _grad_sync_body(rank: int, world_size: int) -> str:
 
     # The whole sequence over one chunk: sequence-parallel and tied copies summed, sharded ones left alone.
     chunk = _Chunk(rank)
-    dims = SimpleNamespace(dp_group=None, tp=2, tp_group=group, sequence_parallel=True, embedding_group=group,
-                           kv_replica_group=None)
+    dims = SimpleNamespace(dp_group=None, dp_cp_group=None, tp=2, tp_group=group, sequence_parallel=True,
+                           embedding_group=group, kv_replica_group=None)
     sync = GradSync([chunk], dims, optimizer=None)
     assert sync.pipeline_hook() is not None and sync.norm_dp_group is None
     sync.finish()

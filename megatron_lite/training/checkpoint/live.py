@@ -153,7 +153,7 @@ def capture_checkpoint(
     optimizer state). With ``copy`` every tensor is a host copy that training cannot change, for
     a write that runs while training continues; without, the weights may be the live CPU tensors."""
     named = named_parameters(model_chunks)
-    writes_shard = dims.dp_rank == 0
+    writes_shard = dims.dp_rank == 0 and dims.cp_rank == 0  # cp ranks hold the same parameters too
     optimizer_state = _optimizer_state(optimizer, named) if optimizer is not None else None
     shard = None
     if writes_shard:
@@ -453,6 +453,9 @@ def _restore_rng(reader: ShardReader, manifest: Manifest, dims, rng_trackers, po
     Every rank checks every rank's file, so a missing one stops all ranks alike instead of one."""
     layout = manifest.layout
     if (layout.tp, layout.pp, layout.dp) != (dims.tp, dims.pp, dims.dp) or not _saved_rng(reader, manifest):
+        return False
+    saved_world = sum(name.startswith("rng/") for name in manifest.file_checks)
+    if saved_world and saved_world != dims.world_size:  # another cp degree: same (tp, pp, dp), other ranks
         return False
     missing = [path for path in (rng_file(reader.directory, rank) for rank in range(dims.world_size))
                if not path.is_file()]
