@@ -22,8 +22,9 @@ def _expand_kv(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    softmax_scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) v, with the softmax in float32 (or float64 for float64 inputs)."""
+                    softmax_scale: float | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v, with the softmax in float32 (or float64 for float64 inputs).
+    ``document_ids`` (B, S): a query sees only keys of its own document (packed samples)."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     num_heads = q.shape[2]
@@ -33,6 +34,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         seq_q, seq_k = scores.shape[-2:]
         future = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
+    if document_ids is not None:
+        other_document = document_ids[:, None, :, None] != document_ids[:, None, None, :]  # (B, 1, S, S)
+        scores = scores.masked_fill(other_document, float("-inf"))
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     probs = torch.softmax(scores.to(softmax_dtype), dim=-1).to(q.dtype)
     return torch.matmul(probs, v_).transpose(1, 2)  # (B, Sq, H, D)

@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import Config, ConfigError, config_from_dict
+from megatron_lite.data.gpt_dataset import document_layout
 from megatron_lite.model.layout_check import check_layout, kv_replicas_for
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.pipeline import my_layer_ranges
 from megatron_lite.training.run_directory import resolved_load
+from megatron_lite.training.step import PackedTarget
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -166,9 +168,17 @@ def local_batch(dataset, first_sample: int, global_batch_size: int, dims: Parall
     return torch.from_numpy(samples)
 
 
-def split_micro_batches(batch: torch.Tensor, micro_batch_size: int, device: torch.device):
-    """(B_dp, T+1) -> list of (tokens, labels), each (micro_batch_size, T)."""
-    return [
-        (mb[:, :-1].to(device, non_blocking=True), mb[:, 1:].to(device, non_blocking=True))
-        for mb in batch.split(micro_batch_size)
-    ]
+def split_micro_batches(batch: torch.Tensor, micro_batch_size: int, device: torch.device, eod_id: int | None = None):
+    """(B_dp, T+1) -> list of (tokens, labels), each (micro_batch_size, T). With ``eod_id``
+    (document masking) the target is a ``PackedTarget``: labels with the tokens' document and
+    position ids (``data.gpt_dataset.document_layout``)."""
+    micro_batches = []
+    for mb in batch.split(micro_batch_size):
+        tokens, labels = mb[:, :-1], mb[:, 1:].to(device, non_blocking=True)
+        target = labels
+        if eod_id is not None:
+            document_ids, position_ids = (torch.from_numpy(a).to(device, non_blocking=True)
+                                          for a in document_layout(tokens.numpy(), eod_id))
+            target = PackedTarget(labels, document_ids, position_ids)
+        micro_batches.append((tokens.to(device, non_blocking=True), target))
+    return micro_batches
