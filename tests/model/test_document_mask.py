@@ -113,3 +113,73 @@ def test_language_model_loss_reads_a_packed_target():
     torch.testing.assert_close(loss, want)
     unmasked = language_model_loss(model, tokens, target.labels, num_micro_batches=2)
     assert not torch.allclose(loss, unmasked)
+
+
+# ----------------------------------------------------------------------------- through the trainer
+
+VOCAB, SEQ, STEPS = 120, 32, 3
+BASE = [
+    "model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", f"model.seq_length={SEQ}",
+    f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=16", "train.micro_batch_size=2",
+    "train.global_batch_size=8", f"train.max_steps={STEPS}", f"train.eval_interval={STEPS}", "train.eval_steps=1",
+    "train.device=cpu", "train.seed=7", "optim.lr=1e-2", "optim.warmup_steps=1", "log.interval=1",
+    "log.tensorboard=false", "data.document_mask=true",
+]
+FLAVORS = {"gpt2": [], "llama": ["model.flavor=llama", "model.num_kv_heads=2"]}
+LAYOUTS = {  # world size 4
+    "llama tp2 pp2 sequence-parallel": ("llama", ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]),
+    "gpt2 pp2x2 interleaved dp2": ("gpt2", ["parallel.pp=2", "parallel.virtual_pp=2"]),
+}
+
+
+def _datasets() -> tuple[np.ndarray, np.ndarray]:
+    """Rows of T + 1 tokens counting up from random starts, cut into documents by EOD tokens."""
+    rng = np.random.default_rng(0)
+    rows = (rng.integers(4, VOCAB, size=(STEPS * 8 + 8, 1)) + np.arange(SEQ + 1)) % VOCAB
+    rows = np.where(rng.random(rows.shape) < 0.15, EOD, rows)
+    return rows[: STEPS * 8], rows[STEPS * 8 :]
+
+
+def _train(root: str, name: str, flavor: str, overrides: list[str], distributed: bool) -> dict:
+    import functools
+
+    from megatron_lite.config import load_config
+    from megatron_lite.training.setup import setup_dims
+    from megatron_lite.training.trainer import LanguageModelTask, Trainer
+
+    cfg = load_config(None, BASE + FLAVORS[flavor] + overrides + [f"log.dir={root}/{name.replace(' ', '_')}"])
+    trainer = Trainer(cfg, setup_dims(cfg) if distributed else None, datasets=_datasets(),
+                      task=functools.partial(LanguageModelTask, eod_id=EOD))
+    result = trainer.train()
+    return {"losses": result.losses, "val": result.val_losses[-1][1]}
+
+
+def _train_layouts(rank: int, world_size: int, root: str) -> dict:
+    return {name: _train(root, name, flavor, overrides, True) for name, (flavor, overrides) in LAYOUTS.items()}
+
+
+def test_parallel_layouts_train_like_one_process_with_document_masks(tmp_path):
+    from tests.distributed import run_distributed
+
+    results = run_distributed(_train_layouts, 4, str(tmp_path))
+    for name, (flavor, _) in LAYOUTS.items():
+        single = _train(str(tmp_path), f"{flavor} single", flavor, [], False)
+        for rank_result in results:
+            got = rank_result[name]
+            torch.testing.assert_close(got["losses"], single["losses"], rtol=1e-5, atol=0, msg=name)
+            assert abs(got["val"] - single["val"]) / single["val"] < 1e-5, name
+        unmasked = _train(str(tmp_path), f"{flavor} unmasked", flavor, ["data.document_mask=false"], False)
+        assert abs(unmasked["losses"][0] - single["losses"][0]) > 1e-3, "document masks must change the loss"
+
+
+def test_document_mask_needs_an_end_of_document_id_and_a_masking_backend(tmp_path):
+    from megatron_lite.config import load_config
+    from megatron_lite.parallel.dims import ParallelDims
+    from megatron_lite.training.trainer import LanguageModelTask
+
+    cfg = load_config(None, BASE)
+    with pytest.raises(ConfigError, match="data.document_mask=true needs the end-of-document token id"):
+        LanguageModelTask(cfg, ParallelDims.single())
+    cfg = load_config(None, BASE + ["model.attention_backend=flash_attn"])
+    with pytest.raises(ConfigError, match="model.attention_backend=flash_attn cannot mask packed documents"):
+        LanguageModelTask(cfg, ParallelDims.single(), eod_id=EOD)
