@@ -3,6 +3,8 @@
     python tools/bench_docmask.py train --config configs/demo.yaml model.seq_length=512   # CPU or GPU
     python tools/bench_docmask.py kernels --out-dir OUT                                    # GPU: S = 8k, 32k
     python tools/bench_docmask.py kernels --smoke --out-dir OUT                            # CPU: interpreter
+    python tools/bench_docmask.py kernels --torch-only --seqs 512,2048 --tokens 4096 --heads 4 --head-dim 32 \
+        --mean-document 128 --out-dir OUT                                                  # CPU: the torch paths
 
 ``train`` runs the real trainer twice on the same synthetic packed documents (random tokens, an
 EOD token ending documents of log-normal lengths around ``--mean-document``), with
@@ -74,18 +76,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--cpu-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
     kernels = modes.add_parser("kernels", help="document-masked attention kernels on ragged documents")
-    kernels.add_argument("--smoke", action="store_true", help="tiny shapes (the only mode without a GPU)")
+    kernels.add_argument("--smoke", action="store_true", help="tiny shapes (Triton through the interpreter on CPU)")
+    kernels.add_argument("--torch-only", action="store_true", help="only the torch paths (runs on a CPU at full size)")
     kernels.add_argument("--seqs", default="8192,32768")
     kernels.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens / S)")
     kernels.add_argument("--heads", type=int, default=16)
     kernels.add_argument("--head-dim", type=int, default=128)
     kernels.add_argument("--mean-document", type=int, default=2048, help="mean document length in tokens")
     kernels.add_argument("--out-dir", default="docs")
+    kernels.add_argument("--cpu-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.mode == "train" and (args.steps < 1 or args.warmup < 0):
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    if args.mode == "kernels" and not torch.cuda.is_available() and not args.smoke:
-        parser.error("no CUDA GPU: only kernels --smoke runs here (the kernels go through the Triton interpreter)")
+    if args.mode == "kernels" and not torch.cuda.is_available() and not (args.smoke or args.torch_only):
+        parser.error("no CUDA GPU: only kernels --smoke (Triton through the interpreter) or --torch-only runs here")
     return args
 
 
@@ -154,6 +158,8 @@ def record_row(docs: Path, row: str) -> None:
 
 
 def bench_kernels(args: argparse.Namespace) -> int:
+    if args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     seqs, tokens, heads, head_dim, mean = [int(s) for s in args.seqs.split(",")], args.tokens, args.heads, \
@@ -162,8 +168,8 @@ def bench_kernels(args: argparse.Namespace) -> int:
         seqs, tokens, heads, head_dim, mean = [48], 96, 2, 32, 16
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
-    results = run_docmask(seqs, tokens, heads, head_dim, mean, dtype, device)
-    name = torch.cuda.get_device_name(device) if cuda else "CPU (Triton interpreter)"
+    results = run_docmask(seqs, tokens, heads, head_dim, mean, dtype, device, with_triton=not args.torch_only)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "bench_docmask_smoke" if args.smoke else "bench_docmask"

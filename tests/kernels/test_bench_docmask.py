@@ -32,7 +32,8 @@ def test_kernel_smoke_run_writes_its_tables(tmp_path):
     assert bench_docmask.main(["kernels", "--smoke", "--out-dir", str(tmp_path)]) == 0
     raw = json.loads((tmp_path / "bench_docmask_smoke.json").read_text())
     providers = {r["provider"] for r in raw["results"]}
-    assert {"triton", "torch per-document sdpa", "sdpa block mask", "triton causal (no mask)"} <= providers
+    assert providers == {"triton", "torch per-document sdpa", "sdpa block mask", "sdpa causal (no mask)",
+                         "triton causal (no mask)"}
     assert all(r["fwd_tflops"] > 0 and r["fwd_bwd_tflops"] > 0 for r in raw["results"])
     assert all(0 < r["visible_fraction"] <= 1 for r in raw["results"])
     assert "| 48 | 2 x 2 x 32 |" in (tmp_path / "bench_docmask_smoke.md").read_text()
@@ -52,4 +53,14 @@ def test_record_appends_to_its_own_section(tmp_path):
 def test_full_kernel_run_without_gpu_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench_docmask.parse_args(["kernels"])
-    assert "no CUDA GPU: only kernels --smoke runs here" in capsys.readouterr().err
+    assert "no CUDA GPU: only kernels --smoke (Triton through the interpreter) or --torch-only runs here" in \
+        capsys.readouterr().err
+
+
+def test_torch_only_run_at_cpu_size(tmp_path):
+    assert bench_docmask.main(["kernels", "--torch-only", "--seqs", "256", "--tokens", "512", "--heads", "2",
+                               "--head-dim", "16", "--mean-document", "32", "--out-dir", str(tmp_path)]) == 0
+    raw = json.loads((tmp_path / "bench_docmask.json").read_text())
+    assert {r["provider"] for r in raw["results"]} == {"torch per-document sdpa", "sdpa block mask",
+                                                       "sdpa causal (no mask)"}
+    assert all(r["seq"] == 256 and r["batch"] == 2 and r["fwd_tflops"] > 0 for r in raw["results"])

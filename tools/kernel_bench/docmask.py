@@ -1,10 +1,11 @@
 """Document-masked attention: the Triton kernel with per-token document ids next to the torch
-backend (one SDPA call per document), SDPA with a (B, 1, S, S) block mask and flex-attention.
+backend (one SDPA call per document), SDPA with a (B, 1, S, S) block mask and flex-attention
+(GPU); without Triton, the torch paths alone (a CPU's choice between them).
 
 Packed rows of ragged documents (lengths drawn log-normally around ``mean_document``, seeded).
 TFLOP/s count only the pairs a document mask leaves visible: 4 * H * D per visible (query, key)
 pair forward, 2.5x that backward. The unmasked causal kernel is timed beside them, counted on
-its own (all causal) pairs, to show what skipping masked tiles saves.
+its own (all causal) pairs, to show what skipping masked pairs saves.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class DocmaskResult:
     visible_fraction: float  # visible pairs / causal pairs
     fwd_tflops: float | None = None
     fwd_bwd_tflops: float | None = None
+    fwd_bwd_ms: float | None = None
     peak_mb: float | None = None
     note: str = ""
 
@@ -56,19 +58,24 @@ def visible_pairs(batch_lengths: list[list[int]]) -> int:
     return sum(n * (n + 1) // 2 for lengths in batch_lengths for n in lengths)
 
 
-def providers(documents: torch.Tensor, cuda: bool) -> dict[str, Callable]:
-    """name -> fn(q, k, v) computing document-masked causal attention; "triton causal" without masks."""
-    triton_attention = backends.function("attention", "triton")
+UNMASKED = " (no mask)"  # a provider timing plain causal attention, counted on all causal pairs
+
+
+def providers(documents: torch.Tensor, cuda: bool, with_triton: bool = True) -> dict[str, Callable]:
+    """name -> fn(q, k, v) computing document-masked causal attention, and one unmasked causal baseline."""
     torch_attention = backends.function("attention", "torch")
     seq = documents.shape[1]
     block_mask = (documents[:, None, :, None] == documents[:, None, None, :]) & torch.ones(
         seq, seq, dtype=torch.bool, device=documents.device).tril()  # (B, 1, S, S)
     found = {
-        "triton": lambda q, k, v: triton_attention(q, k, v, causal=True, document_ids=documents),
         "torch per-document sdpa": lambda q, k, v: torch_attention(q, k, v, causal=True, document_ids=documents),
         "sdpa block mask": lambda q, k, v: torch_attention(q, k, v, causal=True, mask=block_mask),
-        "triton causal (no mask)": lambda q, k, v: triton_attention(q, k, v, causal=True),
+        "sdpa causal" + UNMASKED: lambda q, k, v: torch_attention(q, k, v, causal=True),
     }
+    if with_triton:
+        triton_attention = backends.function("attention", "triton")
+        found["triton"] = lambda q, k, v: triton_attention(q, k, v, causal=True, document_ids=documents)
+        found["triton causal" + UNMASKED] = lambda q, k, v: triton_attention(q, k, v, causal=True)
     if cuda:
         flex = _flex_attention(documents)
         if flex is not None:
@@ -107,15 +114,16 @@ def bench_case(name: str, fn: Callable, q, k, v, visible: int, result: DocmaskRe
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a backend may refuse a shape
         result.note = f"failed: {str(exc).splitlines()[0][:80]}"
         return result
-    pairs = visible if name != "triton causal (no mask)" else result.batch * result.seq * (result.seq + 1) // 2
+    pairs = result.batch * result.seq * (result.seq + 1) // 2 if name.endswith(UNMASKED) else visible
     flops = 4 * result.heads * result.head_dim * pairs
     result.fwd_tflops = flops / fwd_ms / 1e9
     result.fwd_bwd_tflops = 3.5 * flops / both_ms / 1e9
+    result.fwd_bwd_ms = both_ms
     return result
 
 
 def run_docmask(seqs: list[int], tokens: int, heads: int, head_dim: int, mean_document: int, dtype: torch.dtype,
-                device: torch.device) -> list[DocmaskResult]:
+                device: torch.device, with_triton: bool = True) -> list[DocmaskResult]:
     cuda = device.type == "cuda"
     rng = np.random.default_rng(0)
     results = []
@@ -127,15 +135,16 @@ def run_docmask(seqs: list[int], tokens: int, heads: int, head_dim: int, mean_do
         q, k, v = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
         row = []
-        for name, fn in providers(documents, cuda).items():
+        for name, fn in providers(documents, cuda, with_triton).items():
             base = DocmaskResult(name, seq, batch, heads, head_dim, sum(map(len, lengths)),
                                  visible / (batch * seq * (seq + 1) // 2))
             row.append(bench_case(name, fn, q, k, v, visible, base, cuda))
             if cuda:
                 torch.cuda.empty_cache()
         print(f"docmask S={seq} B={batch} documents={row[0].documents} visible={100 * row[0].visible_fraction:.1f}%: "
-              + ", ".join(f"{r.provider} {fmt(r.fwd_tflops)}/{fmt(r.fwd_bwd_tflops)}" for r in row)
-              + " (fwd/fwd+bwd TFLOP/s on visible pairs)", flush=True)
+              + ", ".join(f"{r.provider} {fmt(r.fwd_tflops, 3)}/{fmt(r.fwd_bwd_tflops, 3)} ({fmt(r.fwd_bwd_ms)} ms)"
+                          for r in row)
+              + " (fwd/fwd+bwd TFLOP/s on visible pairs, fwd+bwd ms)", flush=True)
         results += row
     return results
 
@@ -143,7 +152,7 @@ def run_docmask(seqs: list[int], tokens: int, heads: int, head_dim: int, mean_do
 def docmask_markdown(results: list[DocmaskResult], device_name: str, dtype: str) -> list[str]:
     names = list(dict.fromkeys(r.provider for r in results))
     lines = [f"### Document-masked attention on {device_name}, {dtype} (TFLOP/s on visible pairs: forward / "
-             "forward+backward; peak MiB)", "",
+             "forward+backward; forward+backward ms; peak MiB)", "",
              "| S | B x H x D | documents | visible pairs | " + " | ".join(names) + " |",
              "|---|---|---|---|" + "---|" * len(names)]
     for seq in dict.fromkeys(r.seq for r in results):
@@ -155,8 +164,8 @@ def docmask_markdown(results: list[DocmaskResult], device_name: str, dtype: str)
             if r is None or r.fwd_tflops is None:
                 cells.append("n/a" if r is None else r.note.split(":")[0])
             else:
-                memory = "" if r.peak_mb is None else f" ({r.peak_mb:.0f} MiB)"
-                cells.append(f"{fmt(r.fwd_tflops)} / {fmt(r.fwd_bwd_tflops)}{memory}")
+                memory = "" if r.peak_mb is None else f", {r.peak_mb:.0f} MiB"
+                cells.append(f"{fmt(r.fwd_tflops, 3)} / {fmt(r.fwd_bwd_tflops, 3)} ({fmt(r.fwd_bwd_ms)} ms{memory})")
         lines.append(f"| {seq} | {first.batch} x {first.heads} x {first.head_dim} | {first.documents} | "
                      f"{100 * first.visible_fraction:.1f}% | " + " | ".join(cells) + " |")
     return lines
