@@ -13,11 +13,12 @@ Backward, without atomics so gradients are bitwise reproducible:
 Scores are kept in base 2 (exp2 is one instruction; exp is exp2 plus a multiply): the
 softmax scale is folded together with log2(e) into one multiplier.
 
-Document masking (packed samples): with per-token document ids (B, S) int32, a query attends
-only to keys of its own document. Every program knows the smallest and largest document id of
-its own tile; a streamed tile whose id range does not meet it holds no visible pair and is
-skipped before any matrix multiply (exact for any ids; for packed documents, whose ids rise
-along the sequence, only the tiles near the block diagonal of each document remain).
+Document masking (packed samples): with per-token document ids (B, S), each run of equal
+consecutive ids is a document and a query attends only to keys of its own. The ids become
+(number, first position, end) per position (``document_runs``); every program reads the first
+position of its first row's document and the end of its last row's, and streams only the tiles
+between them: a tile holding none of its documents is never visited, so the work follows the
+documents' lengths, not the sequence's.
 
 Layout: q (B, S, H, D), k and v (B, S, KVH, D), any strides with a contiguous last dimension.
 """
@@ -89,31 +90,11 @@ def _store_rows(ptrs, value, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.const
 
 @triton.jit
 def _load_documents(doc_base, positions, seq, padding, MASK: tl.constexpr):
-    """Document ids of ``positions``; positions past the sequence read ``padding``."""
+    """Document numbers of ``positions``; positions past the sequence read ``padding``."""
     if MASK:
         return tl.load(doc_base + positions, mask=positions < seq, other=padding)
     else:
         return tl.load(doc_base + positions)
-
-
-@triton.jit
-def _ranges_meet(docs, lo, hi):
-    """Whether the id range of ``docs`` meets [lo, hi]: if not, no pair of the two tiles is visible."""
-    return (tl.max(docs, 0) >= lo) & (tl.min(docs, 0) <= hi)
-
-
-@triton.jit
-def _tile_documents(doc_base, positions, seq, MASK: tl.constexpr, DOCS: tl.constexpr):
-    """(ids (BLOCK,), smallest, largest) of the program's own tile; padded positions read -2,
-    matching no key (keys read -1), and do not widen the range."""
-    if DOCS:
-        docs = _load_documents(doc_base, positions, seq, -2, MASK)
-        inside = positions < seq
-        lo = tl.min(tl.where(inside, docs, 2147483647), 0)
-        hi = tl.max(tl.where(inside, docs, -2147483647), 0)
-        return docs, lo, hi
-    else:
-        return 0, 0, 0
 
 
 @triton.jit
@@ -141,68 +122,58 @@ def _query_tile(num_heads, group_size, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _key_range(doc_base, first, last, seq, BLOCK: tl.constexpr, DOCS: tl.constexpr):
+    """[lo, hi) of the positions the documents of rows first..last occupy, lo rounded down to a
+    tile: the only tiles a document-masked program visits. Without documents, [0, seq)."""
+    if DOCS:
+        lo = tl.load(doc_base + seq + first)  # the documents' first positions follow their numbers
+        hi = tl.load(doc_base + 2 * seq + last)  # and then their ends
+        return (lo // BLOCK) * BLOCK, hi
+    else:
+        return 0, seq
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs,
-    offs_m, offs_n, offs_d, lo, hi, seq_k, head_dim, qk_scale_log2,
-    doc_base, q_docs, q_doc_lo, q_doc_hi,
+    offs_m, offs_n, offs_d, lo, hi, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, DOCS: tl.constexpr,
 ):
     """k_src, v_src: tensor descriptors when TMA (the copy engine fills out-of-range rows with
-    zeros), else base pointers. With DOCS, q_docs (BLOCK_M,) are the query rows' document ids
-    and [q_doc_lo, q_doc_hi] their range."""
+    zeros), else base pointers. With DOCS, q_docs (BLOCK_M,) are the query rows' documents."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
+        if TMA:
+            k = k_src.load([start_n, 0])
+        else:
+            k = _load_rows(k_src + cols[:, None] * stride_ks + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
+        qk = _dot(q, tl.trans(k), UPCAST, IEEE)  # (BLOCK_M, BLOCK_N), unscaled
+        if MASKED:
+            keep = cols[None, :] < seq_k
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= cols[None, :])
+            qk = tl.where(keep, qk, float("-inf"))
         if DOCS:
             k_docs = _load_documents(doc_base, cols, seq_k, -1, MASKED)
-            if _ranges_meet(k_docs, q_doc_lo, q_doc_hi):
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, cols,
-                                          offs_d, start_n, seq_k, head_dim, qk_scale_log2, q_docs, k_docs,
-                                          MASKED, CAUSAL, EVEN_D, UPCAST, IEEE, TMA, DOCS)
+            qk = tl.where(q_docs[:, None] == k_docs[None, :], qk, float("-inf"))
+        # The scale is positive, so max(qk) * scale is the scaled max, and scaling folds into the
+        # subtraction as one fused multiply-add per score.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
+        if DOCS:
+            m_sub = _safe_max(m_new)
         else:
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, cols,
-                                      offs_d, start_n, seq_k, head_dim, qk_scale_log2, q_docs, q_docs,
-                                      MASKED, CAUSAL, EVEN_D, UPCAST, IEEE, TMA, DOCS)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _fwd_tile(
-    acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, cols, offs_d, start_n, seq_k, head_dim,
-    qk_scale_log2, q_docs, k_docs,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    TMA: tl.constexpr, DOCS: tl.constexpr,
-):
-    """One K/V tile folded into the running softmax of the query tile."""
-    if TMA:
-        k = k_src.load([start_n, 0])
-    else:
-        k = _load_rows(k_src + cols[:, None] * stride_ks + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
-    qk = _dot(q, tl.trans(k), UPCAST, IEEE)  # (BLOCK_M, BLOCK_N), unscaled
-    if MASKED:
-        keep = cols[None, :] < seq_k
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= cols[None, :])
-        qk = tl.where(keep, qk, float("-inf"))
-    if DOCS:
-        qk = tl.where(q_docs[:, None] == k_docs[None, :], qk, float("-inf"))
-    # The scale is positive, so max(qk) * scale is the scaled max, and scaling folds into the
-    # subtraction as one fused multiply-add per score.
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
-    if DOCS:
-        m_sub = _safe_max(m_new)
-    else:
-        m_sub = m_new
-    p = tl.math.exp2(qk * qk_scale_log2 - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if TMA:
-        v = v_src.load([start_n, 0])
-    else:
-        v = _load_rows(v_src + cols[:, None] * stride_vs + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
-    acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
-    m_i = m_new
+            m_sub = m_new
+        p = tl.math.exp2(qk * qk_scale_log2 - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if TMA:
+            v = v_src.load([start_n, 0])
+        else:
+            v = _load_rows(v_src + cols[:, None] * stride_vs + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
+        acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -240,30 +211,35 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     doc_base = DOC + batch * stride_docb
-    q_docs, q_doc_lo, q_doc_hi = _tile_documents(doc_base, offs_m, seq_q, not EVEN_M, DOCS)
+    q_docs = 0
+    if DOCS:
+        q_docs = _load_documents(doc_base, offs_m, seq_q, -2, not EVEN_M)
+    # Keys outside the documents of this tile's rows are never visited.
+    key_lo, key_hi = _key_range(doc_base, start_m * BLOCK_M, tl.minimum(start_m * BLOCK_M + BLOCK_M, seq_q) - 1,
+                                seq_k, BLOCK_N, DOCS)
     if CAUSAL:
         # Tiles left of the diagonal need no mask; tiles right of it are skipped entirely.
         diag_lo = start_m * BLOCK_M
         diag_hi = tl.minimum(diag_lo + BLOCK_M, seq_k)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
-                                   offs_m, offs_n, offs_d, 0, diag_lo, seq_k, head_dim, qk_scale_log2,
-                                   doc_base, q_docs, q_doc_lo, q_doc_hi,
-                                   False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
+                                   offs_m, offs_n, offs_d, key_lo, diag_lo, seq_k, head_dim, qk_scale_log2,
+                                   doc_base, q_docs, False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                    offs_m, offs_n, offs_d, diag_lo, diag_hi, seq_k, head_dim, qk_scale_log2,
-                                   doc_base, q_docs, q_doc_lo, q_doc_hi,
-                                   True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
+                                   doc_base, q_docs, True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
+    elif DOCS:  # the range ends inside a document, so its last tile may need the length mask
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                   offs_m, offs_n, offs_d, key_lo, key_hi, seq_k, head_dim, qk_scale_log2,
+                                   doc_base, q_docs, True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
     else:
         full_hi = (seq_k // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                    offs_m, offs_n, offs_d, 0, full_hi, seq_k, head_dim, qk_scale_log2,
-                                   doc_base, q_docs, q_doc_lo, q_doc_hi,
-                                   False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
+                                   doc_base, q_docs, False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
         if not EVEN_N:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                        offs_m, offs_n, offs_d, full_hi, seq_k, seq_k, head_dim, qk_scale_log2,
-                                       doc_base, q_docs, q_doc_lo, q_doc_hi,
-                                       True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
+                                       doc_base, q_docs, True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
 
     if DOCS:  # padded query rows match no document: keep their unstored sums away from 0 / 0
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -306,54 +282,33 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-    cols, offs_m, offs_d, lo, hi, seq_q, head_dim, qk_scale_log2,
-    doc_base, k_docs, k_doc_lo, k_doc_hi,
+    cols, offs_m, offs_d, lo, hi, seq_q, head_dim, qk_scale_log2, doc_base, k_docs,
     MASKED: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, DOCS: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
+        q = _load_rows(q_base + rows[:, None] * stride_qs + offs_d[None, :], rows, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
+        do = _load_rows(do_base + rows[:, None] * stride_dos + offs_d[None, :], rows, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
+        # Padded query rows load q = dO = 0, so whatever p they get adds nothing to dK or dV.
+        if EVEN_M:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        else:
+            lse = tl.load(lse_base + rows, mask=rows < seq_q, other=0.0)
+            delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
+        qk_t = _dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(qk_t - lse[None, :] * 1.4426950408889634)
+        if MASKED:
+            p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
         if DOCS:
             q_docs = _load_documents(doc_base, rows, seq_q, -2, not EVEN_M)
-            if _ranges_meet(q_docs, k_doc_lo, k_doc_hi):
-                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                                        cols, rows, offs_d, seq_q, head_dim, qk_scale_log2, q_docs, k_docs,
-                                        MASKED, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
-        else:
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                                    cols, rows, offs_d, seq_q, head_dim, qk_scale_log2, k_docs, k_docs,
-                                    MASKED, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
-    return dk, dv
-
-
-@triton.jit
-def _bwd_dkdv_tile(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-    cols, rows, offs_d, seq_q, head_dim, qk_scale_log2, q_docs, k_docs,
-    MASKED: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    DOCS: tl.constexpr,
-):
-    """One query tile's share of this K/V tile's dK and dV."""
-    q = _load_rows(q_base + rows[:, None] * stride_qs + offs_d[None, :], rows, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
-    do = _load_rows(do_base + rows[:, None] * stride_dos + offs_d[None, :], rows, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
-    # Padded query rows load q = dO = 0, so whatever p they get adds nothing to dK or dV.
-    if EVEN_M:
-        lse = tl.load(lse_base + rows)
-        delta = tl.load(delta_base + rows)
-    else:
-        lse = tl.load(lse_base + rows, mask=rows < seq_q, other=0.0)
-        delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
-    qk_t = _dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
-    p_t = tl.math.exp2(qk_t - lse[None, :] * 1.4426950408889634)
-    if MASKED:
-        p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
-    if DOCS:
-        p_t = tl.where(k_docs[:, None] == q_docs[None, :], p_t, 0.0)
-    dv = _dot_acc(p_t.to(do.dtype), do, dv, UPCAST, IEEE)
-    dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = _dot_acc(ds_t.to(q.dtype), q, dk, UPCAST, IEEE)
+            p_t = tl.where(k_docs[:, None] == q_docs[None, :], p_t, 0.0)
+        dv = _dot_acc(p_t.to(do.dtype), do, dv, UPCAST, IEEE)
+        dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot_acc(ds_t.to(q.dtype), q, dk, UPCAST, IEEE)
     return dk, dv
 
 
@@ -385,7 +340,11 @@ def _attn_bwd_dkdv_kernel(
     v = _load_rows(V + batch * stride_vb + kv_head * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
                    cols, seq_k, offs_d, head_dim, not EVEN_N, EVEN_D)
     doc_base = DOC + batch * stride_docb
-    k_docs, k_doc_lo, k_doc_hi = _tile_documents(doc_base, cols, seq_k, not EVEN_N, DOCS)
+    k_docs = 0
+    if DOCS:
+        k_docs = _load_documents(doc_base, cols, seq_k, -1, not EVEN_N)
+    # Queries outside the documents of this tile's keys are never visited.
+    query_lo, query_hi = _key_range(doc_base, start_n, tl.minimum(start_n + BLOCK_N, seq_k) - 1, seq_q, BLOCK_M, DOCS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(group_size):
@@ -398,17 +357,15 @@ def _attn_bwd_dkdv_kernel(
             diag_hi = tl.minimum(start_n + BLOCK_N, seq_q)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                                      stride_qs, stride_dos, cols, offs_m, offs_d, start_n, diag_hi, seq_q, head_dim,
-                                     qk_scale_log2, doc_base, k_docs, k_doc_lo, k_doc_hi,
-                                     True, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
+                                     qk_scale_log2, doc_base, k_docs, True, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                     stride_qs, stride_dos, cols, offs_m, offs_d, start_n + BLOCK_N, seq_q, seq_q,
-                                     head_dim, qk_scale_log2, doc_base, k_docs, k_doc_lo, k_doc_hi,
-                                     False, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
+                                     stride_qs, stride_dos, cols, offs_m, offs_d, start_n + BLOCK_N, query_hi, seq_q,
+                                     head_dim, qk_scale_log2, doc_base, k_docs, False, BLOCK_M, EVEN_M, EVEN_D,
+                                     UPCAST, IEEE, DOCS)
         else:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                     stride_qs, stride_dos, cols, offs_m, offs_d, 0, seq_q, seq_q, head_dim,
-                                     qk_scale_log2, doc_base, k_docs, k_doc_lo, k_doc_hi,
-                                     False, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
+                                     stride_qs, stride_dos, cols, offs_m, offs_d, query_lo, query_hi, seq_q, head_dim,
+                                     qk_scale_log2, doc_base, k_docs, False, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
     dk = dk * softmax_scale
     _store_rows(DK + batch * stride_dkb + kv_head * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), cols, seq_k, offs_d, head_dim, not EVEN_N, EVEN_D)
@@ -419,48 +376,28 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs,
-    rows, offs_n, offs_d, lo, hi, seq_k, head_dim, qk_scale_log2,
-    doc_base, q_docs, q_doc_lo, q_doc_hi,
+    rows, offs_n, offs_d, lo, hi, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, DOCS: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
+        # Padded key rows load k = v = 0, so their (finite) p adds nothing to dQ = dS K.
+        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
+        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
+        qk = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(qk - lse_log2[:, None])
+        if MASKED:
+            if CAUSAL:
+                p = tl.where(rows[:, None] >= cols[None, :], p, 0.0)
         if DOCS:
             k_docs = _load_documents(doc_base, cols, seq_k, -1, MASKED)
-            if _ranges_meet(k_docs, q_doc_lo, q_doc_hi):
-                dq = _bwd_dq_tile(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, cols,
-                                  offs_d, seq_k, head_dim, qk_scale_log2, q_docs, k_docs,
-                                  MASKED, CAUSAL, EVEN_D, UPCAST, IEEE, DOCS)
-        else:
-            dq = _bwd_dq_tile(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, cols,
-                              offs_d, seq_k, head_dim, qk_scale_log2, q_docs, q_docs,
-                              MASKED, CAUSAL, EVEN_D, UPCAST, IEEE, DOCS)
+            p = tl.where(q_docs[:, None] == k_docs[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq = _dot_acc(ds.to(k.dtype), k, dq, UPCAST, IEEE)
     return dq
-
-
-@triton.jit
-def _bwd_dq_tile(
-    dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, cols, offs_d, seq_k, head_dim,
-    qk_scale_log2, q_docs, k_docs,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    DOCS: tl.constexpr,
-):
-    """One K/V tile's share of this query tile's dQ."""
-    # Padded key rows load k = v = 0, so their (finite) p adds nothing to dQ = dS K.
-    k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
-    v = _load_rows(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, seq_k, offs_d, head_dim, MASKED, EVEN_D)
-    qk = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
-    p = tl.math.exp2(qk - lse_log2[:, None])
-    if MASKED:
-        if CAUSAL:
-            p = tl.where(rows[:, None] >= cols[None, :], p, 0.0)
-    if DOCS:
-        p = tl.where(q_docs[:, None] == k_docs[None, :], p, 0.0)
-    dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-    ds = p * (dp - delta[:, None])
-    return _dot_acc(ds.to(k.dtype), k, dq, UPCAST, IEEE)
 
 
 @triton.jit
@@ -496,26 +433,33 @@ def _attn_bwd_dq_kernel(
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
     doc_base = DOC + batch * stride_docb
-    q_docs, q_doc_lo, q_doc_hi = _tile_documents(doc_base, rows, seq_q, not EVEN_M, DOCS)
+    q_docs = 0
+    if DOCS:
+        q_docs = _load_documents(doc_base, rows, seq_q, -2, not EVEN_M)
+    key_lo, key_hi = _key_range(doc_base, start_m * BLOCK_M, tl.minimum(start_m * BLOCK_M + BLOCK_M, seq_q) - 1,
+                                seq_k, BLOCK_N, DOCS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
         diag_lo = start_m * BLOCK_M
         diag_hi = tl.minimum(diag_lo + BLOCK_M, seq_k)
         dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
-                           0, diag_lo, seq_k, head_dim, qk_scale_log2, doc_base, q_docs, q_doc_lo, q_doc_hi,
+                           key_lo, diag_lo, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
                            False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, DOCS)
         dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
-                           diag_lo, diag_hi, seq_k, head_dim, qk_scale_log2, doc_base, q_docs, q_doc_lo, q_doc_hi,
+                           diag_lo, diag_hi, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
+                           True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, DOCS)
+    elif DOCS:
+        dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
+                           key_lo, key_hi, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
                            True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, DOCS)
     else:
         full_hi = (seq_k // BLOCK_N) * BLOCK_N
         dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
-                           0, full_hi, seq_k, head_dim, qk_scale_log2, doc_base, q_docs, q_doc_lo, q_doc_hi,
+                           0, full_hi, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
                            False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, DOCS)
         if not EVEN_N:
             dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n,
-                               offs_d, full_hi, seq_k, seq_k, head_dim, qk_scale_log2,
-                               doc_base, q_docs, q_doc_lo, q_doc_hi,
+                               offs_d, full_hi, seq_k, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
                                True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, DOCS)
     dq = dq * softmax_scale
     _store_rows(DQ + batch * stride_dqb + head * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
@@ -641,22 +585,35 @@ def _ensure_allocator() -> None:
     triton.set_allocator(_scratch)
 
 
-def _document_args(document_ids: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
-    """(ids pointer, batch stride, DOCS) for the kernels; without ids any int32 tensor stands in,
-    never read."""
-    if document_ids is None:
+def document_runs(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) ids -> (B, 3, S) int32: each position's document number (runs of equal consecutive
+    ids, counted from 0), its document's first position and its document's end (exclusive)."""
+    batch, seq = document_ids.shape
+    positions = torch.arange(seq, device=document_ids.device).expand(batch, seq)
+    changes = document_ids[:, 1:] != document_ids[:, :-1]  # (B, S - 1): a new document starts after
+    edge = torch.ones(batch, 1, dtype=torch.bool, device=document_ids.device)
+    numbers = torch.cat([edge.logical_not(), changes], dim=1).cumsum(dim=1)
+    starts = torch.where(torch.cat([edge, changes], dim=1), positions, 0).cummax(dim=1).values
+    last = torch.cat([changes, edge], dim=1)  # the last position of each document
+    ends = torch.where(last, positions + 1, seq).flip(1).cummin(dim=1).values.flip(1)
+    return torch.stack([numbers, starts, ends], dim=1).to(torch.int32).contiguous()
+
+
+def _document_args(runs: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(pointer, batch stride, DOCS) for the kernels; without documents any tensor stands in, never read."""
+    if runs is None:
         return like, 0, False
-    return document_ids, document_ids.stride(0), True
+    return runs, runs.stride(0), True
 
 
-def attention_forward(q, k, v, causal: bool, softmax_scale: float, document_ids: torch.Tensor | None = None):
-    """Returns (out (B, S, H, D), lse (B, H, S) fp32, natural log). ``document_ids``: (B, S)
-    int32 with a contiguous last dimension, or None."""
+def attention_forward(q, k, v, causal: bool, softmax_scale: float, documents: torch.Tensor | None = None):
+    """Returns (out (B, S, H, D), lse (B, H, S) fp32, natural log). ``documents``: (B, 3, S) from
+    ``document_runs``, or None."""
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((batch, num_heads, seq_q), torch.float32, q.device)
-    doc, stride_docb, docs = _document_args(document_ids, torch.empty(1, dtype=torch.int32, device=q.device))
+    doc, stride_docb, docs = _document_args(documents, lse)
     tma_ready = 0
     if not interpreting():
         _ensure_allocator()
@@ -670,7 +627,7 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, document_ids:
 
 
 def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float,
-                       document_ids: torch.Tensor | None = None):
+                       documents: torch.Tensor | None = None):
     """Returns (dq, dk, dv), each shaped like its input."""
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
@@ -684,7 +641,7 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     qk_scale_log2 = softmax_scale * LOG2E
-    doc, stride_docb, docs = _document_args(document_ids, delta)
+    doc, stride_docb, docs = _document_args(documents, delta)
     _dkdv(seq_k, batch * num_kv_heads, "N",
           q, k, v, do, lse, delta, dk, dv, doc,
           *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), stride_docb,
@@ -704,19 +661,19 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, document_ids: torch.Tensor | None = None):
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, documents: torch.Tensor | None = None):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        out, lse = attention_forward(q, k, v, causal, softmax_scale, document_ids)
-        ctx.save_for_backward(q, k, v, out, lse, document_ids)
+        out, lse = attention_forward(q, k, v, causal, softmax_scale, documents)
+        ctx.save_for_backward(q, k, v, out, lse, documents)
         ctx.causal = causal
         ctx.softmax_scale = softmax_scale
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, document_ids = ctx.saved_tensors
+        q, k, v, out, lse, documents = ctx.saved_tensors
         dq, dk, dv = attention_backward(_last_dim_contiguous(do), q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
-                                        document_ids)
+                                        documents)
         return dq, dk, dv, None, None, None
 
 
@@ -776,8 +733,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     H must be a multiple of KVH (grouped-query attention: query head h reads k/v head
     h // (H // KVH)). ``softmax_scale`` defaults to 1/sqrt(D). Differentiable. ``dropout_p``
     completes the registry's attention signature: this kernel has no dropout, so it must be 0.
-    ``document_ids`` (B, S) integer: a query attends only to keys with its own id (packed
-    documents); tiles with no shared id are skipped.
+    ``document_ids`` (B, S) integer: each run of equal consecutive ids is a document (packed
+    samples) whose queries attend only to its own keys; no tile outside a program's documents
+    is visited.
     """
     if dropout_p != 0.0:
         raise ValueError(f"flash_attention has no attention dropout, got dropout_p={dropout_p}; use the torch backend")
@@ -791,8 +749,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     elif not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+    documents = None
     if document_ids is not None:
         check_document_ids(q, k, document_ids)
         check_device(q, document_ids)
-        document_ids = _last_dim_contiguous(document_ids.to(torch.int32))
-    return FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale), document_ids)
+        documents = document_runs(document_ids)
+    return FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale), documents)

@@ -240,8 +240,9 @@ class GPT(nn.Module):
                 document_ids=None):
         """Token ids (B, T) on the first stage, hidden states after. Returns hidden states (B, T, H) before
         the last stage; there, per-token losses (B, T) given ``labels``, else logits (B, T, V/tp), or the
-        value head's (B, T) values. ``document_ids`` (B, T), non-decreasing along T: a packed sample's
-        documents, each attending only within itself (pass ``position_ids`` restarting at each one)."""
+        value head's (B, T) values. ``document_ids`` (B, T): a packed sample's documents, each run of
+        equal consecutive ids one document attending only within itself (pass ``position_ids``
+        restarting at each one)."""
         full_length = self._full_length(inputs)
         if document_ids is not None:
             _check_document_ids(document_ids, inputs.shape[0], full_length, kv_cache, attention_mask)
@@ -298,9 +299,6 @@ def _check_document_ids(document_ids: torch.Tensor, batch: int, length: int, kv_
     if tuple(document_ids.shape) != (batch, length):
         raise ValueError(f"document_ids must be (batch, seq) = {(batch, length)}, one id per token, "
                          f"got shape {tuple(document_ids.shape)}")
-    if bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
-        raise ValueError("document_ids must not decrease along the sequence (each document one run of positions); "
-                         "number the documents of a packed sample 0, 1, 2, ... in order")
 
 
 def num_parameters(cfg: ModelConfig, padded_vocab: int) -> int:

@@ -265,3 +265,22 @@ def test_document_ids_of_the_wrong_shape_or_kind_are_rejected():
     long_k = torch.randn(2, 12, 2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="document_ids mask self-attention, but q has 8 positions and k 12"):
         flash_attention(q, long_k, long_k, causal=False, document_ids=torch.zeros(2, 8, dtype=torch.int32, device=DEVICE))
+
+
+def test_document_runs_number_each_run_and_bound_it():
+    ids = torch.tensor([[4, 4, 4, 9, 9, 4, 4, 1], [0, 0, 0, 0, 0, 0, 0, 0]], device=DEVICE)
+    runs = attention_module.document_runs(ids)
+    assert runs.dtype == torch.int32 and runs.shape == (2, 3, 8) and runs.is_contiguous()
+    numbers, starts, ends = runs.unbind(dim=1)
+    assert numbers.tolist() == [[0, 0, 0, 1, 1, 2, 2, 3], [0] * 8]
+    assert starts.tolist() == [[0, 0, 0, 3, 3, 5, 5, 7], [0] * 8]
+    assert ends.tolist() == [[3, 3, 3, 5, 5, 7, 7, 8], [8] * 8]
+
+
+def test_a_repeated_id_starts_a_new_document():
+    # Ids need not rise: [0]*20 + [1]*10 + [0]*15 is three documents, in the kernel and the reference.
+    documents = torch.tensor([[0] * 20 + [1] * 10 + [0] * 15], device=DEVICE)
+    numbered = _documents([[20, 10, 15]])
+    q, k, v = _qkv(1, 45, 2, 1, 32, torch.float32)
+    torch.testing.assert_close(flash_attention(q, k, v, document_ids=documents),
+                               reference.flash_attention(q, k, v, document_ids=numbered), rtol=1e-5, atol=1e-5)
