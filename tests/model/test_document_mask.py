@@ -57,6 +57,17 @@ def test_packed_sample_equals_each_document_alone(flavor, backend):
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_backend_matches_the_masked_reference(causal):
+    from megatron_lite.kernels import eager, reference
+
+    documents = torch.tensor([[0] * 3 + [1] * 9 + [2] * 1 + [3] * 7, [5] * 20])
+    q = torch.randn(2, 20, 4, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 20, 2, 8, dtype=torch.float64), torch.randn(2, 20, 2, 8, dtype=torch.float64)  # GQA
+    torch.testing.assert_close(eager.attention(q, k, v, causal, document_ids=documents),
+                               reference.flash_attention(q, k, v, causal, document_ids=documents))
+
+
 def test_without_document_ids_documents_see_each_other():
     # The check above is not vacuous: plain causal attention over the same sample differs.
     torch.manual_seed(0)
@@ -89,6 +100,9 @@ def test_document_ids_errors():
         model(tokens, document_ids=torch.zeros(2, 8, dtype=torch.int32),
               attention_mask=torch.ones(2, 1, 8, 8, dtype=torch.bool))
     q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="attention takes a mask or document_ids, not both"):
+        ops.attention(q, q, q, True, "torch", mask=torch.ones(1, 1, 8, 8, dtype=torch.bool),
+                      document_ids=torch.zeros(1, 8, dtype=torch.int32))
     with pytest.raises(ConfigError, match="model.attention_backend=flash_attn cannot mask packed documents; use one of "
                                           "torch, triton or set data.document_mask=false"):
         ops.attention(q, q, q, True, "flash_attn", document_ids=torch.zeros(1, 8, dtype=torch.int32))
