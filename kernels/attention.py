@@ -13,6 +13,13 @@ Backward, without atomics so gradients are bitwise reproducible:
 Scores are kept in base 2 (exp2 is one instruction; exp is exp2 plus a multiply): the
 softmax scale is folded together with log2(e) into one multiplier.
 
+Document masking (packed samples): with per-token document ids (B, S), each run of equal
+consecutive ids is a document and a query attends only to keys of its own. The ids become
+(number, first position, end) per position (``document_runs``); every program reads the first
+position of its first row's document and the end of its last row's, and streams only the tiles
+between them: a tile holding none of its documents is never visited, so the work follows the
+documents' lengths, not the sequence's.
+
 Layout: q (B, S, H, D), k and v (B, S, KVH, D), any strides with a contiguous last dimension.
 """
 
@@ -81,6 +88,22 @@ def _store_rows(ptrs, value, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.const
             tl.store(ptrs, value, mask=offs_d[None, :] < head_dim)
 
 
+@triton.jit
+def _load_documents(doc_base, positions, seq, padding, MASK: tl.constexpr):
+    """Document numbers of ``positions``; positions past the sequence read ``padding``."""
+    if MASK:
+        return tl.load(doc_base + positions, mask=positions < seq, other=padding)
+    else:
+        return tl.load(doc_base + positions)
+
+
+@triton.jit
+def _safe_max(m):
+    """A row that has seen no visible key yet keeps max -inf; subtracting 0 instead keeps its
+    probabilities exp2(-inf) = 0 rather than NaN (only document masks leave such rows)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -99,14 +122,26 @@ def _query_tile(num_heads, group_size, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _key_range(doc_base, first, last, seq, BLOCK: tl.constexpr, DOCS: tl.constexpr):
+    """[lo, hi) of the positions the documents of rows first..last occupy, lo rounded down to a
+    tile: the only tiles a document-masked program visits. Without documents, [0, seq)."""
+    if DOCS:
+        lo = tl.load(doc_base + seq + first)  # the documents' first positions follow their numbers
+        hi = tl.load(doc_base + 2 * seq + last)  # and then their ends
+        return (lo // BLOCK) * BLOCK, hi
+    else:
+        return 0, seq
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs,
-    offs_m, offs_n, offs_d, lo, hi, seq_k, head_dim, qk_scale_log2,
+    offs_m, offs_n, offs_d, lo, hi, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, DOCS: tl.constexpr,
 ):
     """k_src, v_src: tensor descriptors when TMA (the copy engine fills out-of-range rows with
-    zeros), else base pointers."""
+    zeros), else base pointers. With DOCS, q_docs (BLOCK_M,) are the query rows' documents."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -120,11 +155,18 @@ def _fwd_inner(
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= cols[None, :])
             qk = tl.where(keep, qk, float("-inf"))
+        if DOCS:
+            k_docs = _load_documents(doc_base, cols, seq_k, -1, MASKED)
+            qk = tl.where(q_docs[:, None] == k_docs[None, :], qk, float("-inf"))
         # The scale is positive, so max(qk) * scale is the scaled max, and scaling folds into the
         # subtraction as one fused multiply-add per score.
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
-        p = tl.math.exp2(qk * qk_scale_log2 - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        if DOCS:
+            m_sub = _safe_max(m_new)
+        else:
+            m_sub = m_new
+        p = tl.math.exp2(qk * qk_scale_log2 - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         if TMA:
             v = v_src.load([start_n, 0])
@@ -137,15 +179,16 @@ def _fwd_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, DOC,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
+    stride_docb,
     num_heads, group_size, seq_q, seq_k, head_dim, qk_scale_log2, seq_key, programs_key, tma_ready,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, DOCS: tl.constexpr,
 ):
     # tma_ready (1 when K/V allow bulk copies) is read only by the autotuner: it is part of the
     # tuning key, so a cached TMA pick is never reused for tensors that cannot take it.
@@ -167,26 +210,39 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    doc_base = DOC + batch * stride_docb
+    q_docs = 0
+    if DOCS:
+        q_docs = _load_documents(doc_base, offs_m, seq_q, -2, not EVEN_M)
+    # Keys outside the documents of this tile's rows are never visited.
+    key_lo, key_hi = _key_range(doc_base, start_m * BLOCK_M, tl.minimum(start_m * BLOCK_M + BLOCK_M, seq_q) - 1,
+                                seq_k, BLOCK_N, DOCS)
     if CAUSAL:
         # Tiles left of the diagonal need no mask; tiles right of it are skipped entirely.
         diag_lo = start_m * BLOCK_M
         diag_hi = tl.minimum(diag_lo + BLOCK_M, seq_k)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
-                                   offs_m, offs_n, offs_d, 0, diag_lo, seq_k, head_dim, qk_scale_log2,
-                                   False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA)
+                                   offs_m, offs_n, offs_d, key_lo, diag_lo, seq_k, head_dim, qk_scale_log2,
+                                   doc_base, q_docs, False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                    offs_m, offs_n, offs_d, diag_lo, diag_hi, seq_k, head_dim, qk_scale_log2,
-                                   True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA)
+                                   doc_base, q_docs, True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
+    elif DOCS:  # the range ends inside a document, so its last tile may need the length mask
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                   offs_m, offs_n, offs_d, key_lo, key_hi, seq_k, head_dim, qk_scale_log2,
+                                   doc_base, q_docs, True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
     else:
         full_hi = (seq_k // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                    offs_m, offs_n, offs_d, 0, full_hi, seq_k, head_dim, qk_scale_log2,
-                                   False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA)
+                                   doc_base, q_docs, False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
         if not EVEN_N:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                        offs_m, offs_n, offs_d, full_hi, seq_k, seq_k, head_dim, qk_scale_log2,
-                                       True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA)
+                                       doc_base, q_docs, True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
 
+    if DOCS:  # padded query rows match no document: keep their unstored sums away from 0 / 0
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_i[:, None]
     o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
     _store_rows(o_ptrs, acc.to(O.dtype.element_ty), offs_m, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
@@ -226,9 +282,9 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-    cols, offs_m, offs_d, lo, hi, seq_q, head_dim, qk_scale_log2,
+    cols, offs_m, offs_d, lo, hi, seq_q, head_dim, qk_scale_log2, doc_base, k_docs,
     MASKED: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, DOCS: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -246,6 +302,9 @@ def _bwd_dkdv_inner(
         p_t = tl.math.exp2(qk_t - lse[None, :] * 1.4426950408889634)
         if MASKED:
             p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+        if DOCS:
+            q_docs = _load_documents(doc_base, rows, seq_q, -2, not EVEN_M)
+            p_t = tl.where(k_docs[:, None] == q_docs[None, :], p_t, 0.0)
         dv = _dot_acc(p_t.to(do.dtype), do, dv, UPCAST, IEEE)
         dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -255,17 +314,18 @@ def _bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_docb,
     num_heads, num_kv_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2, seq_key, programs_key,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, DOCS: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     pid_bkv = tl.program_id(1)
@@ -279,6 +339,12 @@ def _attn_bwd_dkdv_kernel(
                    cols, seq_k, offs_d, head_dim, not EVEN_N, EVEN_D)
     v = _load_rows(V + batch * stride_vb + kv_head * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
                    cols, seq_k, offs_d, head_dim, not EVEN_N, EVEN_D)
+    doc_base = DOC + batch * stride_docb
+    k_docs = 0
+    if DOCS:
+        k_docs = _load_documents(doc_base, cols, seq_k, -1, not EVEN_N)
+    # Queries outside the documents of this tile's keys are never visited.
+    query_lo, query_hi = _key_range(doc_base, start_n, tl.minimum(start_n + BLOCK_N, seq_k) - 1, seq_q, BLOCK_M, DOCS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(group_size):
@@ -291,14 +357,15 @@ def _attn_bwd_dkdv_kernel(
             diag_hi = tl.minimum(start_n + BLOCK_N, seq_q)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                                      stride_qs, stride_dos, cols, offs_m, offs_d, start_n, diag_hi, seq_q, head_dim,
-                                     qk_scale_log2, True, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE)
+                                     qk_scale_log2, doc_base, k_docs, True, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                     stride_qs, stride_dos, cols, offs_m, offs_d, start_n + BLOCK_N, seq_q, seq_q,
-                                     head_dim, qk_scale_log2, False, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE)
+                                     stride_qs, stride_dos, cols, offs_m, offs_d, start_n + BLOCK_N, query_hi, seq_q,
+                                     head_dim, qk_scale_log2, doc_base, k_docs, False, BLOCK_M, EVEN_M, EVEN_D,
+                                     UPCAST, IEEE, DOCS)
         else:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                     stride_qs, stride_dos, cols, offs_m, offs_d, 0, seq_q, seq_q, head_dim,
-                                     qk_scale_log2, False, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE)
+                                     stride_qs, stride_dos, cols, offs_m, offs_d, query_lo, query_hi, seq_q, head_dim,
+                                     qk_scale_log2, doc_base, k_docs, False, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
     dk = dk * softmax_scale
     _store_rows(DK + batch * stride_dkb + kv_head * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), cols, seq_k, offs_d, head_dim, not EVEN_N, EVEN_D)
@@ -309,9 +376,9 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs,
-    rows, offs_n, offs_d, lo, hi, seq_k, head_dim, qk_scale_log2,
+    rows, offs_n, offs_d, lo, hi, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, DOCS: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -324,6 +391,9 @@ def _bwd_dq_inner(
         if MASKED:
             if CAUSAL:
                 p = tl.where(rows[:, None] >= cols[None, :], p, 0.0)
+        if DOCS:
+            k_docs = _load_documents(doc_base, cols, seq_k, -1, MASKED)
+            p = tl.where(q_docs[:, None] == k_docs[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), UPCAST, IEEE)
         ds = p * (dp - delta[:, None])
         dq = _dot_acc(ds.to(k.dtype), k, dq, UPCAST, IEEE)
@@ -332,16 +402,17 @@ def _bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, DOC,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
+    stride_docb,
     num_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2, seq_key, programs_key,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, DOCS: tl.constexpr,
 ):
     start_m, pid_bh, batch, head, kv_head = _query_tile(num_heads, group_size, CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -361,22 +432,35 @@ def _attn_bwd_dq_kernel(
         delta = tl.load(DELTA + row_ptr, mask=rows < seq_q, other=0.0)
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
+    doc_base = DOC + batch * stride_docb
+    q_docs = 0
+    if DOCS:
+        q_docs = _load_documents(doc_base, rows, seq_q, -2, not EVEN_M)
+    key_lo, key_hi = _key_range(doc_base, start_m * BLOCK_M, tl.minimum(start_m * BLOCK_M + BLOCK_M, seq_q) - 1,
+                                seq_k, BLOCK_N, DOCS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
         diag_lo = start_m * BLOCK_M
         diag_hi = tl.minimum(diag_lo + BLOCK_M, seq_k)
         dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
-                           0, diag_lo, seq_k, head_dim, qk_scale_log2, False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+                           key_lo, diag_lo, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
+                           False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, DOCS)
         dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
-                           diag_lo, diag_hi, seq_k, head_dim, qk_scale_log2, True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+                           diag_lo, diag_hi, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
+                           True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, DOCS)
+    elif DOCS:
+        dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
+                           key_lo, key_hi, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
+                           True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, DOCS)
     else:
         full_hi = (seq_k // BLOCK_N) * BLOCK_N
         dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
-                           0, full_hi, seq_k, head_dim, qk_scale_log2, False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE)
+                           0, full_hi, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
+                           False, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, DOCS)
         if not EVEN_N:
             dq = _bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n,
-                               offs_d, full_hi, seq_k, seq_k, head_dim, qk_scale_log2, True, CAUSAL, BLOCK_N,
-                               EVEN_D, UPCAST, IEEE)
+                               offs_d, full_hi, seq_k, seq_k, head_dim, qk_scale_log2, doc_base, q_docs,
+                               True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, DOCS)
     dq = dq * softmax_scale
     _store_rows(DQ + batch * stride_dqb + head * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), rows, seq_q, offs_d, head_dim, not EVEN_M, EVEN_D)
@@ -388,7 +472,7 @@ _EVEN = {
     "EVEN_M": lambda args: args["seq_q"] % args["BLOCK_M"] == 0,
     "EVEN_N": lambda args: args["seq_k"] % args["BLOCK_N"] == 0,
 }
-_TUNING_KEY = ["seq_key", "programs_key", "head_dim", "CAUSAL"]
+_TUNING_KEY = ["seq_key", "programs_key", "head_dim", "CAUSAL", "DOCS"]
 
 
 def _configs(shapes: list[tuple]) -> list[triton.Config]:
@@ -501,25 +585,49 @@ def _ensure_allocator() -> None:
     triton.set_allocator(_scratch)
 
 
-def attention_forward(q, k, v, causal: bool, softmax_scale: float):
-    """Returns (out (B, S, H, D), lse (B, H, S) fp32, natural log)."""
+def document_runs(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) ids -> (B, 3, S) int32: each position's document number (runs of equal consecutive
+    ids, counted from 0), its document's first position and its document's end (exclusive)."""
+    batch, seq = document_ids.shape
+    positions = torch.arange(seq, device=document_ids.device).expand(batch, seq)
+    changes = document_ids[:, 1:] != document_ids[:, :-1]  # (B, S - 1): a new document starts after
+    edge = torch.ones(batch, 1, dtype=torch.bool, device=document_ids.device)
+    numbers = torch.cat([edge.logical_not(), changes], dim=1).cumsum(dim=1)
+    starts = torch.where(torch.cat([edge, changes], dim=1), positions, 0).cummax(dim=1).values
+    last = torch.cat([changes, edge], dim=1)  # the last position of each document
+    ends = torch.where(last, positions + 1, seq).flip(1).cummin(dim=1).values.flip(1)
+    return torch.stack([numbers, starts, ends], dim=1).to(torch.int32).contiguous()
+
+
+def _document_args(runs: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(pointer, batch stride, DOCS) for the kernels; without documents any tensor stands in, never read."""
+    if runs is None:
+        return like, 0, False
+    return runs, runs.stride(0), True
+
+
+def attention_forward(q, k, v, causal: bool, softmax_scale: float, documents: torch.Tensor | None = None):
+    """Returns (out (B, S, H, D), lse (B, H, S) fp32, natural log). ``documents``: (B, 3, S) from
+    ``document_runs``, or None."""
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((batch, num_heads, seq_q), torch.float32, q.device)
+    doc, stride_docb, docs = _document_args(documents, lse)
     tma_ready = 0
     if not interpreting():
         _ensure_allocator()
         tma_ready = int(_tma_ready(k, v))
     _fwd(seq_q, batch * num_heads, "M",
-         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+         q, k, v, out, lse, doc, *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_docb,
          num_heads, num_heads // num_kv_heads, seq_q, seq_k, head_dim, softmax_scale * LOG2E,
          seq_bucket(seq_k), seq_bucket(batch * num_heads), tma_ready,
-         CAUSAL=causal, **_flags(q, head_dim))
+         CAUSAL=causal, DOCS=docs, **_flags(q, head_dim))
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float):
+def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float,
+                       documents: torch.Tensor | None = None):
     """Returns (dq, dk, dv), each shaped like its input."""
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
@@ -533,16 +641,17 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     qk_scale_log2 = softmax_scale * LOG2E
+    doc, stride_docb, docs = _document_args(documents, delta)
     _dkdv(seq_k, batch * num_kv_heads, "N",
-          q, k, v, do, lse, delta, dk, dv,
-          *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+          q, k, v, do, lse, delta, dk, dv, doc,
+          *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), stride_docb,
           num_heads, num_kv_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2,
-          seq_bucket(seq_q), seq_bucket(batch * num_kv_heads), CAUSAL=causal, **flags)
+          seq_bucket(seq_q), seq_bucket(batch * num_kv_heads), CAUSAL=causal, DOCS=docs, **flags)
     _dq(seq_q, batch * num_heads, "M",
-        q, k, v, do, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        q, k, v, do, lse, delta, dq, doc,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), stride_docb,
         num_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2,
-        seq_bucket(seq_k), seq_bucket(batch * num_heads), CAUSAL=causal, **flags)
+        seq_bucket(seq_k), seq_bucket(batch * num_heads), CAUSAL=causal, DOCS=docs, **flags)
     return dq, dk, dv
 
 
@@ -552,23 +661,40 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, softmax_scale: float):
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, documents: torch.Tensor | None = None):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        out, lse = attention_forward(q, k, v, causal, softmax_scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse = attention_forward(q, k, v, causal, softmax_scale, documents)
+        ctx.save_for_backward(q, k, v, out, lse, documents)
         ctx.causal = causal
         ctx.softmax_scale = softmax_scale
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(_last_dim_contiguous(do), q, k, v, out, lse, ctx.causal, ctx.softmax_scale)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse, documents = ctx.saved_tensors
+        dq, dk, dv = attention_backward(_last_dim_contiguous(do), q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
+                                        documents)
+        return dq, dk, dv, None, None, None
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # the tile configurations are sized (shared memory, registers) for head dims up to 128
+
+
+def check_document_ids(q: torch.Tensor, k: torch.Tensor, document_ids: torch.Tensor) -> None:
+    """Per-token document ids (B, S) of a self-attention: one id per position of q and of k."""
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"document_ids mask self-attention, but q has {q.shape[1]} positions and k {k.shape[1]}; "
+            f"pass document_ids only when q and k cover the same positions"
+        )
+    if document_ids.shape != q.shape[:2]:
+        raise ValueError(
+            f"document_ids must be (batch, seq) = {tuple(q.shape[:2])}, one id per token, "
+            f"got shape {tuple(document_ids.shape)}"
+        )
+    if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+        raise ValueError(f"document_ids must be an integer tensor, got {document_ids.dtype}")
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
@@ -600,12 +726,16 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    softmax_scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+                    softmax_scale: float | None = None, dropout_p: float = 0.0,
+                    document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v with q (B, S, H, D), k/v (B, S, KVH, D); returns (B, S, H, D).
 
     H must be a multiple of KVH (grouped-query attention: query head h reads k/v head
     h // (H // KVH)). ``softmax_scale`` defaults to 1/sqrt(D). Differentiable. ``dropout_p``
     completes the registry's attention signature: this kernel has no dropout, so it must be 0.
+    ``document_ids`` (B, S) integer: each run of equal consecutive ids is a document (packed
+    samples) whose queries attend only to its own keys; no tile outside a program's documents
+    is visited.
     """
     if dropout_p != 0.0:
         raise ValueError(f"flash_attention has no attention dropout, got dropout_p={dropout_p}; use the torch backend")
@@ -619,4 +749,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     elif not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
-    return FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale))
+    documents = None
+    if document_ids is not None:
+        check_document_ids(q, k, document_ids)
+        check_device(q, document_ids)
+        documents = document_runs(document_ids)
+    return FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale), documents)

@@ -10,6 +10,7 @@ by the fused norms this registry calls, not by the name.
 Every backend of an op takes the same arguments:
 
     attention(q, k, v, causal=, softmax_scale=, dropout_p=)  q (B, T, nh, hd), k/v (B, S, nkv, hd)
+              document_ids=  (B, T) ids of packed documents; torch and triton only
     layer_norm(x, weight, bias, eps, tuning_group=None)      tuning_group: ranks that must pick
     rms_norm(x, weight, eps, tuning_group=None)                one launch setting (see LaunchTuner)
     cross_entropy(logits, labels, vocab_size, group)         per-token loss from a vocabulary shard
@@ -34,6 +35,9 @@ OPS: dict[str, dict[str, str]] = {
     "swiglu": {"torch": ".reference.swiglu", "triton": ".elementwise.swiglu"},
     "rope": {"torch": ".reference.apply_rotary", "triton": ".elementwise.apply_rotary"},
 }
+
+# The attention backends that take per-token document ids (document-masked packed samples).
+DOCUMENT_MASK_BACKENDS = ("torch", "triton")
 
 # The model config chooses one backend per kind (model.<kind>_backend) for all of its ops.
 KINDS: dict[str, tuple[str, ...]] = {

@@ -16,12 +16,19 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               softmax_scale: float | None = None, dropout_p: float = 0.0,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, T, nh, hd), k/v (B, S, nkv, hd) -> (B, T, nh, hd) through ``scaled_dot_product_attention``.
 
     ``mask`` (B, 1, T, S) bool, True = may attend, replaces ``causal``: only this backend takes
-    one (generation with a cache and padded prompts).
+    one (generation with a cache and padded prompts). ``document_ids`` (B, T): each run of equal
+    consecutive ids is a document that attends only within itself (packed samples).
     """
+    if document_ids is not None:
+        return _attention_per_document(q, k, v, causal, softmax_scale, dropout_p, document_ids)
+    return _sdpa(q, k, v, causal, softmax_scale, dropout_p, mask)
+
+
+def _sdpa(q, k, v, causal, softmax_scale, dropout_p, mask=None):
     group_size = q.shape[2] // k.shape[2]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
     gqa = {}
@@ -34,6 +41,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None, scale=softmax_scale, **gqa
     )  # (B, nh, T, hd)
     return out.transpose(1, 2)
+
+
+def _attention_per_document(q, k, v, causal, softmax_scale, dropout_p, document_ids):
+    """One SDPA call per document (variable-length attention): only the pairs inside documents are
+    computed, where a (B, 1, T, T) block mask computes all and discards the rest. On one CPU thread
+    it tied with a block mask at 512 tokens and took a fifth of its time at 2048; many small
+    calls cost more with contended threads (docs/benchmarks.md, "Document-masked attention")."""
+    rows = []
+    for b in range(q.shape[0]):
+        lengths = torch.unique_consecutive(document_ids[b], return_counts=True)[1].tolist()
+        pieces = zip(q[b : b + 1].split(lengths, dim=1), k[b : b + 1].split(lengths, dim=1),
+                     v[b : b + 1].split(lengths, dim=1))
+        rows.append(torch.cat([_sdpa(qd, kd, vd, causal, softmax_scale, dropout_p) for qd, kd, vd in pieces], dim=1))
+    return torch.cat(rows)  # (B, T, nh, hd)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5,

@@ -255,6 +255,8 @@ class DataConfig:
     demo: bool = False  # build the standard-library demo corpus when the data is missing
     demo_dir: str = "data/demo"
     demo_vocab_size: int = 2048
+    # Packed samples attend only within each document (split at EOD tokens), positions restart per document.
+    document_mask: bool = False
 
     def __post_init__(self) -> None:
         self.mixture = [m if isinstance(m, MixtureEntry) else MixtureEntry(**m) for m in self.mixture]

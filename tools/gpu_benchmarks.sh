@@ -77,3 +77,7 @@ if wants mfu; then
         done
     done
 fi
+
+# docmask (run by naming it): the document-masked Triton attention next to the torch backend, SDPA with a
+# block mask and flex-attention, at S = 8k and 32k on ragged documents (TFLOP/s on visible pairs only).
+wants docmask && python3 tools/bench_docmask.py kernels --out-dir "$out/docmask" 2>&1 | tee "$out/docmask.log"

@@ -42,10 +42,11 @@ ce_kernels = importlib.import_module("megatron_lite.kernels.cross_entropy")  # n
 
 KERNELS = ("norms", "cross_entropy", "attention")
 _ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
-# Pointer arguments that are float32 whatever the inputs' dtype, and integer ones that are int64.
+# Pointer arguments that are float32 whatever the inputs' dtype, and integer ones that are int64 or int32.
 _FP32_POINTERS = {"MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL", "ROW_MAX", "SUM_EXP", "TARGET_LOGIT", "LSE", "DLOSS",
                   "DELTA"}
 _INT64_POINTERS = {"TARGETS"}
+_INT32_POINTERS = {"DOC"}
 _FLOAT_SCALARS = {"eps", "qk_scale_log2", "softmax_scale"}
 
 
@@ -81,7 +82,7 @@ def compile_kernel(fn, dtype: str, aligned_ints: set[str], constexprs: dict, num
             signature[name] = "constexpr"
         elif name.isupper():  # pointers
             signature[name] = ("*fp32" if name in _FP32_POINTERS else "*i64" if name in _INT64_POINTERS
-                               else f"*{dtype}")
+                               else "*i32" if name in _INT32_POINTERS else f"*{dtype}")
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_SCALARS:
             signature[name] = "fp32"
@@ -149,8 +150,10 @@ def cross_entropy_resources(direction: str, width: int, dtype: str, arch: int) -
     return results
 
 
-def attention_resources(direction: str, head_dim: int, causal: bool, dtype: str, arch: int) -> list[Resources]:
-    """Every autotuner configuration of the attention kernels (forward, or the two backward ones)."""
+def attention_resources(direction: str, head_dim: int, causal: bool, dtype: str, arch: int,
+                        documents: bool = False) -> list[Resources]:
+    """Every autotuner configuration of the attention kernels (forward, or the two backward ones);
+    ``documents``: their document-masked build."""
     kernels = ([("forward", attention._attn_fwd_kernel, attention._FWD_CONFIGS)] if direction == "forward" else
                [("backward dK/dV", attention._attn_bwd_dkdv_kernel, attention._DKDV_CONFIGS),
                 ("backward dQ", attention._attn_bwd_dq_kernel, attention._DQ_CONFIGS)])
@@ -165,13 +168,13 @@ def attention_resources(direction: str, head_dim: int, causal: bool, dtype: str,
             if config.kwargs.get("TMA") and arch < 90:  # pruned at run time before Hopper, as here
                 continue
             constexprs = dict(dict(CAUSAL=causal, BLOCK_D=block_d, EVEN_M=True, EVEN_N=True, EVEN_D=block_d == head_dim,
-                                   UPCAST=False, IEEE=dtype == "fp32", TMA=False), **config.kwargs)
+                                   UPCAST=False, IEEE=dtype == "fp32", TMA=False, DOCS=documents), **config.kwargs)
             compiled = compile_kernel(fn, dtype, aligned, constexprs, config.num_warps, arch, config.num_stages)
             tma = " TMA" if config.kwargs.get("TMA") else ""
             setting = (f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}, {config.num_warps} warps, "
                        f"{config.num_stages} stages{tma}")
-            results.append(_resources(f"attention {label}{' causal' if causal else ''}", head_dim, setting, "-",
-                                      compiled))
+            name = f"attention {label}{' causal' if causal else ''}{' documents' if documents else ''}"
+            results.append(_resources(name, head_dim, setting, "-", compiled))
     return results
 
 
@@ -198,6 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocabs", default="50304", help="cross-entropy row widths (a rank's vocabulary shard)")
     parser.add_argument("--head-dims", default="64,128", help="attention head dims")
     parser.add_argument("--non-causal", action="store_true", help="attention: also the non-causal kernels")
+    parser.add_argument("--documents", action="store_true",
+                        help="attention: the document-masked kernels (data.document_mask) instead")
     parser.add_argument("--dtype", default="bf16", choices=sorted(_ELEMENT_SIZE))
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10: 80 (A100), 90 (H100), ...")
     parser.add_argument("--variants", default=None,
@@ -236,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         if "attention" in wanted:
             for head_dim in _ints(args.head_dims):
                 for causal in (True, False) if args.non_causal else (True,):
-                    results += attention_resources(direction, head_dim, causal, args.dtype, args.arch)
+                    results += attention_resources(direction, head_dim, causal, args.dtype, args.arch,
+                                                   args.documents)
     print(f"sm_{args.arch}, {args.dtype}, triton {triton.__version__}")
     print("\n".join(markdown(results)))
     if args.json:

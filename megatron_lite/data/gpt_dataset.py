@@ -10,6 +10,10 @@ Three index arrays, built with numpy and cached (see ``cache.py``):
 Sample j holds stream tokens [j * seq_length, (j + 1) * seq_length], both ends included: the
 extra token is the last label, and consecutive samples share one token, as in Megatron-LM.
 
+With document masking (``data.document_mask``), ``document_layout`` reads the documents of a
+sample's input tokens off its end-of-document (EOD) tokens: per-token document ids and position
+ids that restart at each document (Megatron-LM's reset_attention_mask and reset_position_ids).
+
 ``build_datasets`` turns a (resolved) ``DataConfig`` into a run's train / valid / test datasets:
 one ``GPTDataset`` per source and split, blended (``blend.py``) when there are several sources.
 """
@@ -151,6 +155,35 @@ def _repeat_packed_pairs(last: np.ndarray, used: int, per_document: np.ndarray, 
     return starts.view(np.int32).reshape(num_samples + 1, 2)
 
 
+def document_layout(tokens: np.ndarray, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input tokens (..., T) -> (document ids int32, position ids int64), each (..., T).
+
+    An EOD token belongs to the document it ends; the next position starts a new one. Ids count
+    the documents of the row from 0; positions count from 0 in each document (a document cut
+    by the sample's start counts from the sample's first token)."""
+    is_eod = tokens == eod_id
+    ends_before = np.cumsum(is_eod, axis=-1) - is_eod  # EODs strictly before each position
+    positions = np.broadcast_to(np.arange(tokens.shape[-1], dtype=np.int64), tokens.shape)
+    starts = np.zeros(tokens.shape, dtype=np.int64)
+    starts[..., 1:] = np.where(is_eod[..., :-1], positions[..., 1:], 0)  # a document starts after each EOD
+    first_position = np.maximum.accumulate(starts, axis=-1)
+    return ends_before.astype(np.int32), positions - first_position
+
+
+def check_end_of_document_tokens(source: IndexedDataset, eod_id: int, sampled_documents: int = 256) -> None:
+    """Refuse to mask documents of a source whose documents cannot be told apart: none of up to
+    ``sampled_documents`` evenly spaced documents holds the EOD token."""
+    count = len(source)
+    picks = np.unique(np.linspace(0, count - 1, num=min(count, sampled_documents)).astype(np.int64))
+    if any(np.any(source[int(i)] == eod_id) for i in picks):
+        return
+    raise ConfigError(
+        f"data.document_mask=true but dataset {source.prefix} holds no end-of-document token (id {eod_id}) in "
+        f"{len(picks)} sampled documents, so its packed documents cannot be told apart; rebuild it with "
+        f"tools/preprocess_data.py --append-eod, or set data.document_mask=false"
+    )
+
+
 def epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
     """Fewest epochs whose stream holds ``num_samples`` windows (num_samples * seq_length + 1 tokens)."""
     return max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
@@ -226,13 +259,13 @@ def _open_sources(mixture: list[MixtureEntry]) -> list[IndexedDataset]:
 
 
 def build_datasets(data_cfg: DataConfig, seq_length: int, seed: int, num_samples: tuple[int, int, int],
-                   vocab_size: int | None = None):
+                   vocab_size: int | None = None, eod_id: int | None = None):
     """(train, valid, test): a ``GPTDataset`` for a single-source mixture, a ``BlendedDataset``
     otherwise, and None for a split asked for 0 samples. Every dataset holds at least the number
     of samples asked for, repeating epochs when the data is smaller. ``data_cfg`` is read as it is:
     with ``data.demo``, resolve the config first (``training.setup.resolve``) so its mixture names
     the demo build. With ``vocab_size`` (the model's), a source holding a token id at or above it
-    is refused."""
+    is refused. With ``eod_id`` (document masking), so is a source without end-of-document tokens."""
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
         raise ValueError(f"num_samples must be three non-negative counts (train, valid, test), got {num_samples}")
     if seq_length <= 0:
@@ -242,6 +275,9 @@ def build_datasets(data_cfg: DataConfig, seq_length: int, seed: int, num_samples
     if vocab_size is not None:
         for source in sources:
             check_token_ids(source, vocab_size, cache)
+    if eod_id is not None:
+        for source in sources:
+            check_end_of_document_tokens(source, eod_id)
     ranges = [split_document_ranges(len(source), data_cfg.split) for source in sources]
     datasets = []
     for split_index, (name, count) in enumerate(zip(SPLIT_NAMES, num_samples)):

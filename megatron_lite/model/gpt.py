@@ -126,7 +126,7 @@ class Attention(nn.Module):
         self.attention_dropout = ParallelDropout(cfg.dropout, rng_tracker, sharded=True)
         self.context_parallel = ContextParallel.of(dims)  # None at cp = 1
 
-    def forward(self, x, rope=None, kv_cache: KVCache | None = None, attention_mask=None):
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None, attention_mask=None, document_ids=None):
         qkv = self.qkv(x)  # (B, T, nkv * (q_per_kv + 2) * hd), full T even under sequence parallelism
         B, T, _ = qkv.shape
         qkv = qkv.view(B, T, self.kv_heads, self.q_per_kv + 2, self.head_dim)
@@ -139,17 +139,17 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, S, nkv, hd), S = cached + T
         if self.recompute_core and torch.is_grad_enabled():
-            y = recomputed(self._core, q, k, v, attention_mask, rng_tracker=self.attention_dropout.tracker)
+            y = recomputed(self._core, q, k, v, attention_mask, document_ids, rng_tracker=self.attention_dropout.tracker)
         else:
-            y = self._core(q, k, v, attention_mask)  # (B, T, nh, hd)
+            y = self._core(q, k, v, attention_mask, document_ids)  # (B, T, nh, hd)
         return self.proj(y.reshape(B, T, -1))  # (B, T, H)
 
-    def _core(self, q, k, v, attention_mask):
+    def _core(self, q, k, v, attention_mask, document_ids=None):
         """softmax(q k^T) v with attention dropout: (B, T, nh, hd)."""
         dropout = self.attention_dropout
         with dropout.random_stream():
             return ops.attention(q, k, v, True, self.attention_backend, dropout.rate, attention_mask,
-                                 context_parallel=self.context_parallel)  # (B, T, nh, hd)
+                                 context_parallel=self.context_parallel, document_ids=document_ids)  # (B, T, nh, hd)
 
 
 class MLP(nn.Module):
@@ -202,9 +202,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, dims, recompute_activation=recompute.selective)
         self.dropout = residual_dropout(cfg, dims, rng_tracker)
 
-    def forward(self, x, rope=None, kv_cache: KVCache | None = None, attention_mask=None):
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None, attention_mask=None, document_ids=None):
         # x: (B, T, H), or (B, T/tp, H) under sequence parallelism; rope: (cos, sin) or None
-        x = x + self.dropout(self.attention(self.attention_norm(x), rope, kv_cache, attention_mask))
+        x = x + self.dropout(self.attention(self.attention_norm(x), rope, kv_cache, attention_mask, document_ids))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -291,11 +291,16 @@ class GPT(nn.Module):
             return []
         return [self.embedding.word.weight] if self.pre_process else [self.output.weight]
 
-    def forward(self, inputs, labels=None, position_ids=None, *, kv_cache: KVCache | None = None, attention_mask=None):
+    def forward(self, inputs, labels=None, position_ids=None, *, kv_cache: KVCache | None = None, attention_mask=None,
+                document_ids=None):
         """Token ids (B, T) on the first stage, hidden states after. Returns hidden states (B, T, H) before
         the last stage; there, per-token losses (B, T) given ``labels``, else logits (B, T, V/tp), or the
-        value head's (B, T) values."""
+        value head's (B, T) values. ``document_ids`` (B, T): a packed sample's documents, each run of
+        equal consecutive ids one document attending only within itself (pass ``position_ids``
+        restarting at each one)."""
         full_length = self._full_length(inputs)
+        if document_ids is not None:
+            _check_document_ids(document_ids, inputs.shape[0], full_length, kv_cache, attention_mask)
         start = kv_cache.length if kv_cache is not None else 0
         if self.dims.cp > 1 and kv_cache is not None:
             raise ConfigError("generation (a KV cache) does not run under context parallelism; set parallel.cp=1")
@@ -311,7 +316,7 @@ class GPT(nn.Module):
         if self.config.position_embedding == "rope":
             rope = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
         for position, block in enumerate(self.layers.values()):
-            x = self._run_block(position, block, x, rope, kv_cache, attention_mask)
+            x = self._run_block(position, block, x, rope, kv_cache, attention_mask, document_ids)
         if kv_cache is not None:  # one cache per chunk: this chunk's layers have stored these positions
             kv_cache.length += full_length
         if not self.post_process:
@@ -352,6 +357,15 @@ class GPT(nn.Module):
         if self.output is not None:
             return self.output(x)
         return column_parallel_linear(x, self.embedding.word.weight, None, self.dims.tp_group, self.dims.sequence_parallel)
+
+
+def _check_document_ids(document_ids: torch.Tensor, batch: int, length: int, kv_cache, attention_mask) -> None:
+    if kv_cache is not None or attention_mask is not None:
+        raise ValueError("document_ids mask a packed training sample; they do not combine with a kv_cache or an "
+                         "attention_mask (generate one document at a time)")
+    if tuple(document_ids.shape) != (batch, length):
+        raise ValueError(f"document_ids must be (batch, seq) = {(batch, length)}, one id per token, "
+                         f"got shape {tuple(document_ids.shape)}")
 
 
 def num_parameters(cfg: ModelConfig, padded_vocab: int) -> int:

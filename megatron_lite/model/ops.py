@@ -38,6 +38,8 @@ def attention(
     dropout_p: float = 0.0,
     mask: torch.Tensor | None = None,
     context_parallel: ContextParallel | None = None,
+    *,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q (B, T, nh, hd), k/v (B, S, nkv, hd) -> (B, T, nh, hd); nh a multiple of nkv (grouped-query).
 
@@ -47,12 +49,27 @@ def attention(
     prompts), so a mask always runs there.
     ``context_parallel``: q, k, v hold this cp rank's two chunks of the sequence; causal attention
     then runs over the whole sequence (``parallel.context_parallel``).
+    ``document_ids`` (B, T) int: packed documents, each attending only within itself.
     """
     if context_parallel is not None:
-        return context_parallel_attention(q, k, v, context_parallel, backend, dropout_p)
+        return context_parallel_attention(q, k, v, context_parallel, backend, dropout_p, document_ids)
     if mask is not None:
+        if document_ids is not None:
+            raise ValueError("attention takes a mask or document_ids, not both; fold the documents into the mask")
         return backends.function("attention", "torch")(q, k, v, causal=causal, dropout_p=dropout_p, mask=mask)
-    return backends.function("attention", backend)(q, k, v, causal=causal, dropout_p=dropout_p)
+    if document_ids is None:
+        return backends.function("attention", backend)(q, k, v, causal=causal, dropout_p=dropout_p)
+    check_document_backend(backend)
+    return backends.function("attention", backend)(q, k, v, causal=causal, dropout_p=dropout_p,
+                                                   document_ids=document_ids)
+
+
+def check_document_backend(backend: str) -> None:
+    if backend not in backends.DOCUMENT_MASK_BACKENDS:
+        raise ConfigError(
+            f"model.attention_backend={backend} cannot mask packed documents; use one of "
+            f"{', '.join(backends.DOCUMENT_MASK_BACKENDS)} or set data.document_mask=false"
+        )
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, backend: str = "torch",

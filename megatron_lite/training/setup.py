@@ -18,11 +18,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import Config, ConfigError, config_from_dict
+from megatron_lite.data.gpt_dataset import document_layout
 from megatron_lite.model.layout_check import check_layout, kv_replicas_for
 from megatron_lite.parallel.context_parallel import split_sequence
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.pipeline import my_layer_ranges, stage_layer_ranges
 from megatron_lite.training.run_directory import resolved_load
+from megatron_lite.training.step import PackedTarget
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -197,12 +199,22 @@ def local_batch(dataset, first_sample: int, global_batch_size: int, dims: Parall
     return torch.from_numpy(samples)
 
 
-def split_micro_batches(batch: torch.Tensor, micro_batch_size: int, device: torch.device, *,
-                        cp_rank: int = 0, cp: int = 1):
+def split_micro_batches(batch: torch.Tensor, micro_batch_size: int, device: torch.device, eod_id: int | None = None,
+                        *, cp_rank: int = 0, cp: int = 1):
     """(B_dp, T+1) -> list of (tokens, labels), each (micro_batch_size, T), or under context
-    parallelism (cp > 1) this cp rank's two load-balanced chunks of them, (micro_batch_size, T/cp)."""
-    return [
-        (split_sequence(mb[:, :-1], cp_rank, cp).to(device, non_blocking=True),
-         split_sequence(mb[:, 1:], cp_rank, cp).to(device, non_blocking=True))
-        for mb in batch.split(micro_batch_size)
-    ]
+    parallelism (cp > 1) this cp rank's two load-balanced chunks of them, (micro_batch_size, T/cp).
+    With ``eod_id`` (document masking) the target is a ``PackedTarget``: labels with the tokens'
+    document and position ids (``data.gpt_dataset.document_layout``), taken over the whole sample
+    before the cp split."""
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return split_sequence(t, cp_rank, cp).to(device, non_blocking=True)
+
+    micro_batches = []
+    for mb in batch.split(micro_batch_size):
+        tokens, labels = mb[:, :-1], mb[:, 1:]
+        target = local(labels)
+        if eod_id is not None:
+            document_ids, position_ids = (local(torch.from_numpy(a)) for a in document_layout(tokens.numpy(), eod_id))
+            target = PackedTarget(target, document_ids, position_ids)
+        micro_batches.append((local(tokens), target))
+    return micro_batches

@@ -23,7 +23,7 @@ FusedAdam, ``optim.fused=none``); the trainer reads the figures back on logging 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -45,9 +45,28 @@ MicroBatch = tuple[torch.Tensor, Any]
 LossFn = Callable[[torch.nn.Module, torch.Tensor, Any, int], torch.Tensor]
 
 
-def language_model_loss(chunk, inputs: torch.Tensor, labels: torch.Tensor, num_micro_batches: int) -> torch.Tensor:
-    """Mean next-token cross entropy over every position of the micro-batch."""
-    return chunk(inputs, labels=labels).float().mean() / num_micro_batches
+class PackedTarget(NamedTuple):
+    """The target of a micro-batch of packed documents: every stage's attention reads the
+    documents and positions, the last stage's loss the labels."""
+
+    labels: torch.Tensor  # (B, T)
+    document_ids: torch.Tensor  # (B, T) int32, from 0 in each row
+    position_ids: torch.Tensor  # (B, T), from 0 in each document
+
+
+def chunk_inputs(target) -> dict:
+    """What every model chunk takes from a micro-batch's target besides the tokens or hidden states."""
+    if isinstance(target, PackedTarget):
+        return {"document_ids": target.document_ids, "position_ids": target.position_ids}
+    return {}
+
+
+def language_model_loss(chunk, inputs: torch.Tensor, target: torch.Tensor | PackedTarget,
+                        num_micro_batches: int) -> torch.Tensor:
+    """Mean next-token cross entropy over every position of the micro-batch; ``target`` is the
+    labels, or a ``PackedTarget`` holding them."""
+    labels = target.labels if isinstance(target, PackedTarget) else target
+    return chunk(inputs, labels=labels, **chunk_inputs(target)).float().mean() / num_micro_batches
 
 
 def build_parallel_optimizer(named_params: optim.NamedParams, optim_cfg: OptimConfig, zero1: bool,
@@ -151,7 +170,7 @@ class ParallelStep:
                 inputs = tokens if chunk.pre_process else hidden
                 return self._loss(chunk, inputs, target, count, autocast, loss_fn)
             with autocast:
-                return chunk(tokens if chunk.pre_process else hidden).float()
+                return chunk(tokens if chunk.pre_process else hidden, **chunk_inputs(target)).float()
 
         batch, length = micro_batches[0][0].shape
         if dims.sequence_parallel:

@@ -83,19 +83,25 @@ class Task(Protocol):
 
 
 class LanguageModelTask:
-    """Pretraining: the next-token loss on packed samples of ``data.mixture``."""
+    """Pretraining: the next-token loss on packed samples of ``data.mixture``. Under
+    ``data.document_mask`` each document of a sample attends only within itself."""
 
     head = "lm"
 
-    def __init__(self, cfg: Config, dims: ParallelDims, tokenizer=None):
+    def __init__(self, cfg: Config, dims: ParallelDims, tokenizer=None, *, eod_id: int | None = None):
+        """``eod_id``: the end-of-document token that splits packed samples under
+        ``data.document_mask``; the tokenizer's when not given."""
         self.cfg, self.dims = cfg, dims
         self.model: TrainedModel | None = None
+        self.eod_id = None
+        if cfg.data.document_mask:
+            self.eod_id = _end_of_document_id(cfg, tokenizer, eod_id)
 
-    def loss(self, chunk, inputs: torch.Tensor, labels: torch.Tensor, num_micro_batches: int) -> torch.Tensor:
-        return language_model_loss(chunk, inputs, labels, num_micro_batches)
+    def loss(self, chunk, inputs: torch.Tensor, target, num_micro_batches: int) -> torch.Tensor:
+        return language_model_loss(chunk, inputs, target, num_micro_batches)
 
     def datasets(self) -> tuple:
-        return language_model_datasets(self.cfg, total_steps(self.cfg))
+        return language_model_datasets(self.cfg, total_steps(self.cfg), self.eod_id)
 
     def start(self, model: TrainedModel) -> None:
         self.model = model
@@ -103,7 +109,7 @@ class LanguageModelTask:
     def micro_batches(self, dataset, first_sample: int) -> list:
         """This rank's micro-batches of the global batch starting at ``first_sample``."""
         batch = local_batch(dataset, first_sample, self.cfg.train.global_batch_size, self.dims)
-        return split_micro_batches(batch, self.cfg.train.micro_batch_size, self.dims.device,
+        return split_micro_batches(batch, self.cfg.train.micro_batch_size, self.dims.device, self.eod_id,
                                    cp_rank=self.dims.cp_rank, cp=self.dims.cp)
 
     def train_step(self, dataset, first_sample: int, step: int) -> StepResult:
@@ -128,14 +134,32 @@ class LanguageModelTask:
         return {}
 
 
-def language_model_datasets(cfg: Config, steps: int) -> tuple:
-    """(train, valid) packed samples of ``data.mixture`` for ``steps`` global batches and validation."""
+def _end_of_document_id(cfg: Config, tokenizer, eod_id: int | None) -> int:
+    """The EOD id document masking splits samples at; the attention backend must take document ids."""
+    from megatron_lite.model.ops import check_document_backend
+
+    check_document_backend(cfg.model.attention_backend)
+    if cfg.parallel.cp > 1 and cfg.model.attention_backend != "torch":
+        raise ConfigError(
+            f"document masks under context parallelism run on the torch attention backend; set "
+            f"model.attention_backend=torch (got {cfg.model.attention_backend}) or parallel.cp=1"
+        )
+    if eod_id is None and tokenizer is None:
+        raise ConfigError("data.document_mask=true needs the end-of-document token id: train with data.tokenizer "
+                          "set, or pass eod_id to LanguageModelTask")
+    return eod_id if eod_id is not None else tokenizer.eod_id
+
+
+def language_model_datasets(cfg: Config, steps: int, eod_id: int | None = None) -> tuple:
+    """(train, valid) packed samples of ``data.mixture`` for ``steps`` global batches and validation;
+    ``eod_id`` under document masking (sources without it are refused)."""
     from megatron_lite.data import build_datasets
 
     gb = cfg.train.global_batch_size
     eval_samples = gb * cfg.train.eval_steps if cfg.train.eval_interval > 0 else 0
     train_ds, valid_ds, _ = build_datasets(cfg.data, cfg.model.seq_length, cfg.train.seed,
-                                           num_samples=(steps * gb, eval_samples, 0), vocab_size=cfg.model.vocab_size)
+                                           num_samples=(steps * gb, eval_samples, 0), vocab_size=cfg.model.vocab_size,
+                                           eod_id=eod_id)
     return train_ds, valid_ds
 
 

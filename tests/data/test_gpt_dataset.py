@@ -5,7 +5,12 @@ from megatron_lite.config import ConfigError, DataConfig
 from megatron_lite.data import build_datasets
 from megatron_lite.data.blend import BlendedDataset
 from megatron_lite.data.cache import IndexCache
-from megatron_lite.data.gpt_dataset import GPTDataset, build_sample_starts, split_document_ranges
+from megatron_lite.data.gpt_dataset import (
+    GPTDataset,
+    build_sample_starts,
+    document_layout,
+    split_document_ranges,
+)
 from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetError, write_indexed_dataset
 from tests.distributed import run_distributed
 
@@ -159,3 +164,53 @@ def test_rank_zero_builds_other_ranks_load(tmp_path):
     assert results[0]["order"] == results[1]["order"] and results[0]["first"] == results[1]["first"]
     local = GPTDataset(IndexedDataset(tmp_path / "d"), (0, 60), 16, 40, seed=11)
     assert results[0]["order"] == np.asarray(local.sample_order).tolist()
+
+
+# ----------------------------------------------------------------------------- document masking
+
+EOD = 7
+
+
+def test_document_layout_splits_after_each_eod_and_restarts_positions():
+    tokens = np.array([[3, 4, EOD, 5, EOD, EOD, 6, 8],
+                       [EOD, 1, 2, 3, 4, 5, 6, EOD]])
+    document_ids, position_ids = document_layout(tokens, EOD)
+    assert document_ids.dtype == np.int32 and position_ids.dtype == np.int64
+    # The EOD token is the last token of the document it ends.
+    np.testing.assert_array_equal(document_ids, [[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(position_ids, [[0, 1, 2, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 5, 6]])
+    ids, positions = document_layout(np.array([1, 2, 3]), EOD)  # no EOD: one document
+    np.testing.assert_array_equal(ids, [0, 0, 0])
+    np.testing.assert_array_equal(positions, [0, 1, 2])
+
+
+def test_packed_samples_carry_their_documents(tmp_path):
+    # Hand-made documents 10.., 20.., 30.. each ending in EOD, packed into windows of 6 (+1) tokens.
+    docs = [np.array([10, 11, 12, EOD]), np.array([20, EOD]), np.array([30, 31, 32, 33, 34, EOD])]
+    write_indexed_dataset(tmp_path / "d", docs, np.int32)
+    ds = GPTDataset(IndexedDataset(tmp_path / "d"), (0, 3), seq_length=6, num_samples=2, seed=0)
+    stream = stream_of(ds)
+    for i in range(len(ds)):
+        sample = ds[i]
+        j = int(ds.sample_order[i])
+        document_ids, position_ids = document_layout(sample[:-1], EOD)
+        window = stream[j * 6 : j * 6 + 6]
+        # Within a sample, a document is the run of tokens up to and including its EOD.
+        starts = np.flatnonzero(np.r_[True, window[:-1] == EOD])
+        expected_ids = np.cumsum(np.isin(np.arange(6), starts)) - 1
+        expected_positions = np.arange(6) - starts[expected_ids]
+        np.testing.assert_array_equal(document_ids, expected_ids)
+        np.testing.assert_array_equal(position_ids, expected_positions)
+        # Every token of a document shares its hundreds digit: the ids follow the documents.
+        for d in np.unique(document_ids):
+            assert len({int(t) // 10 for t in window[document_ids == d] if t != EOD}) <= 1
+
+
+def test_document_mask_refuses_a_dataset_without_eod(tmp_path):
+    write_numbered(tmp_path / "a", num_docs=30)  # token values are multiples of 100 plus 0..39: never 7000
+    cfg = config(tmp_path, [tmp_path / "a"], [1.0])
+    with pytest.raises(ConfigError, match=rf"data.document_mask=true but dataset {tmp_path / 'a'} holds no "
+                                          r"end-of-document token \(id 7000\).*--append-eod.*document_mask=false"):
+        build_datasets(cfg, 16, 0, (5, 0, 0), eod_id=7000)
+    train, _, _ = build_datasets(cfg, 16, 0, (5, 0, 0), eod_id=0)  # document 0 starts with token 0
+    assert len(train) >= 5

@@ -180,3 +180,107 @@ def test_bulk_copy_settings_are_tuning_candidates_only_for_ready_tensors(ready):
     # Readiness is part of the forward's tuning key, so a pick made for aligned tensors is not
     # reused for tensors that cannot take bulk copies.
     assert attention_module._fwd.tuned.keys[-1] == "tma_ready"
+
+
+# ----------------------------------------------------------------------------- document masks
+
+
+def _documents(batch_lengths) -> torch.Tensor:
+    """(B, S) int32 ids from each row's document lengths."""
+    rows = [torch.cat([torch.full((n,), d, dtype=torch.int32) for d, n in enumerate(lengths)])
+            for lengths in batch_lengths]
+    return torch.stack(rows).to(DEVICE)
+
+
+# (seq, heads, kv_heads, head_dim, per-row document lengths, causal, dtype): documents shorter and
+# longer than the interpreter's tiles (16 / 32), single-token documents, one document per row,
+# an odd length that pads the last tile, and GQA.
+DOCUMENT_CASES = [
+    (45, 4, 2, 32, [[5, 17, 3, 20]], True, torch.float32),
+    (45, 4, 2, 32, [[5, 17, 3, 20]], False, torch.float16),
+    (37, 2, 1, 16, [[1, 36], [10, 1, 1, 10, 15]], True, torch.float16),
+    (37, 2, 1, 16, [[1, 36], [10, 1, 1, 10, 15]], False, torch.float32),
+    (64, 4, 1, 64, [[33, 31], [64]], True, torch.float32),
+    (70, 2, 2, 48, [[16, 16, 16, 16, 6]], True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("seq,heads,kv_heads,head_dim,lengths,causal,dtype", DOCUMENT_CASES)
+def test_document_mask_matches_float64_reference(seq, heads, kv_heads, head_dim, lengths, causal, dtype):
+    documents = _documents(lengths)
+    inputs = list(_qkv(len(lengths), seq, heads, kv_heads, head_dim, dtype))
+    assert_matches_reference(lambda q, k, v: flash_attention(q, k, v, causal, document_ids=documents),
+                             lambda q, k, v: reference.flash_attention(q, k, v, causal, document_ids=documents),
+                             inputs)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 accuracy is judged on GPU tensor cores")
+def test_document_mask_bfloat16_on_gpu():
+    lengths = [[700, 13, 1, 300, 1034], [2048]]
+    documents = _documents(lengths)
+    inputs = list(_qkv(2, 2048, 8, 2, 128, torch.bfloat16))
+    assert_matches_reference(lambda q, k, v: flash_attention(q, k, v, True, document_ids=documents),
+                             lambda q, k, v: reference.flash_attention(q, k, v, True, document_ids=documents),
+                             inputs)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_tiles_of_other_documents_are_skipped(causal):
+    # Two documents of 32 tokens: every tile pairing them is fully masked. NaN in the first
+    # document reaches the second one's outputs and gradients only through a tile that was not
+    # skipped (a masked NaN score still multiplies NaN values into the sums).
+    documents = _documents([[32, 32]])
+    q, k, v = _qkv(1, 64, 2, 1, 32, torch.float32)
+    for t in (q, k, v):
+        t[:, :32] = float("nan")
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    out = flash_attention(q, k, v, causal, document_ids=documents)
+    grad_out = torch.randn_like(out)
+    grad_out[:, :32] = float("nan")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    alone = [t[:, 32:].detach().clone().requires_grad_(True) for t in (q, k, v)]
+    want = flash_attention(*alone, causal)
+    want_grads = torch.autograd.grad(want, alone, grad_out[:, 32:])
+    torch.testing.assert_close(out[:, 32:], want)
+    for got, expected in zip((dq, dk, dv), want_grads):
+        torch.testing.assert_close(got[:, 32:], expected)
+
+
+def test_document_mask_backward_is_bitwise_deterministic():
+    documents = _documents([[3, 20, 14], [37]])
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 37, 8, 2, 64, torch.float16))
+    grad_out = torch.randn_like(q)
+    first = torch.autograd.grad(flash_attention(q, k, v, document_ids=documents), (q, k, v), grad_out)
+    second = torch.autograd.grad(flash_attention(q, k, v, document_ids=documents), (q, k, v), grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_document_ids_of_the_wrong_shape_or_kind_are_rejected():
+    q, k, v = _qkv(2, 8, 2, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"document_ids must be \(batch, seq\) = \(2, 8\), one id per token, got shape \(8,\)"):
+        flash_attention(q, k, v, document_ids=torch.zeros(8, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="document_ids must be an integer tensor, got torch.float32"):
+        flash_attention(q, k, v, document_ids=torch.zeros(2, 8, device=DEVICE))
+    long_k = torch.randn(2, 12, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="document_ids mask self-attention, but q has 8 positions and k 12"):
+        flash_attention(q, long_k, long_k, causal=False, document_ids=torch.zeros(2, 8, dtype=torch.int32, device=DEVICE))
+
+
+def test_document_runs_number_each_run_and_bound_it():
+    ids = torch.tensor([[4, 4, 4, 9, 9, 4, 4, 1], [0, 0, 0, 0, 0, 0, 0, 0]], device=DEVICE)
+    runs = attention_module.document_runs(ids)
+    assert runs.dtype == torch.int32 and runs.shape == (2, 3, 8) and runs.is_contiguous()
+    numbers, starts, ends = runs.unbind(dim=1)
+    assert numbers.tolist() == [[0, 0, 0, 1, 1, 2, 2, 3], [0] * 8]
+    assert starts.tolist() == [[0, 0, 0, 3, 3, 5, 5, 7], [0] * 8]
+    assert ends.tolist() == [[3, 3, 3, 5, 5, 7, 7, 8], [8] * 8]
+
+
+def test_a_repeated_id_starts_a_new_document():
+    # Ids need not rise: [0]*20 + [1]*10 + [0]*15 is three documents, in the kernel and the reference.
+    documents = torch.tensor([[0] * 20 + [1] * 10 + [0] * 15], device=DEVICE)
+    numbered = _documents([[20, 10, 15]])
+    q, k, v = _qkv(1, 45, 2, 1, 32, torch.float32)
+    torch.testing.assert_close(flash_attention(q, k, v, document_ids=documents),
+                               reference.flash_attention(q, k, v, document_ids=numbered), rtol=1e-5, atol=1e-5)

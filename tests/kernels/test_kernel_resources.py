@@ -90,3 +90,17 @@ def test_unknown_names_are_named():
     proc = _run("--kernels", "norms,softmax")
     assert proc.returncode == 2 and "unknown kernel(s) softmax in --kernels: choose from norms, cross_entropy, attention" \
         in proc.stderr
+
+
+def test_document_masked_attention_compiles_for_every_configuration(tmp_path):
+    out = tmp_path / "documents.json"
+    proc = _run("--kernels", "attention", "--direction", "backward", "--head-dims", "64", "--documents",
+                "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    from megatron_lite.kernels import attention
+
+    kernels = [r["kernel"] for r in rows]
+    assert kernels == (["attention backward dK/dV causal documents"] * len(attention._DKDV_CONFIGS)
+                       + ["attention backward dQ causal documents"] * len(attention._DQ_CONFIGS))
+    assert all(16 <= r["registers"] <= 255 and r["async_copies"] > 0 for r in rows)
