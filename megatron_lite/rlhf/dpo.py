@@ -7,9 +7,9 @@ prompt with its K answers, and its loss is the mean of DPO's loss over its ranke
 answers make no pair), so a pair is the case K = 2.
 
 The reference is the policy as loaded (usually the SFT checkpoint). Before the first step one
-forward-only pass over every record computes the reference's log-probabilities of both answers
+forward-only pass over every record computes the reference's log-probabilities of all its answers
 (each data-parallel replica a share, summed over dp and handed from the last pipeline stage to
-every rank) of every answer, so training holds one model, not two. The table is saved next to the run's
+every rank), so training holds one model, not two. The table is saved next to the run's
 checkpoints, and a resumed run reads it back instead of recomputing it from weights that have
 moved. The loss and its variants are in ``rlhf.losses.dpo_loss``; ``rlhf.dpo.nll_weight`` adds the
 best answer's next-token loss (as in RPO), which keeps DPO from lowering the likelihood of the

@@ -14,7 +14,14 @@ import torch
 
 from megatron_lite.data import load_tokenizer
 from megatron_lite.rlhf import DPOTask, RewardModelTask, SFTTask
-from megatron_lite.rlhf.data import IGNORE_INDEX, RankedDataset, RLHFDataError, prompt_ids, ranked_answers
+from megatron_lite.rlhf.data import (
+    IGNORE_INDEX,
+    PromptDataset,
+    RankedDataset,
+    RLHFDataError,
+    prompt_ids,
+    ranked_answers,
+)
 from megatron_lite.rlhf.losses import dpo_loss, mean_over_pairs, pairwise_reward_loss, ranked_reward_loss, sum_over_pairs
 from megatron_lite.training.trainer import Trainer
 from tests.distributed import run_distributed
@@ -127,6 +134,12 @@ def test_ranked_records_order_answers_best_first_and_ties_make_no_pair(tok, tmp_
         assert ranked["labels"][row, len(prompt) - 1 : len(ids) - 1].tolist() == ids[len(prompt):]
 
 
+def test_ppo_reads_the_prompts_of_ranked_records(tok, ranked_file):
+    prompts = PromptDataset(ranked_file, tok, 64)
+    assert len(prompts) == 2 * len(WORDS)
+    assert prompts[1] == prompt_ids(tok, [{"role": "user", "content": f"repeat {WORDS[1]}"}])
+
+
 def test_ranked_dataset_drops_a_record_whose_prompt_fills_the_sequence(tok, tmp_path):
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"prompt": "q", "responses": ["a", "b an answer far too long for eight tokens"]}) + "\n"
@@ -187,6 +200,16 @@ def direct_rewards(model, micro) -> list[tuple[torch.Tensor, torch.Tensor]]:
             rewards[prompt, answer] = model(tokens[row : row + 1])[0, target["last"][row]]
         out.append((rewards, target["better"]))
     return out
+
+
+def test_reward_model_on_pairs_keeps_the_pairwise_loss_exactly(tiny_stage_data, sft_checkpoint, tmp_path):
+    data, _, pairs = tiny_stage_data
+    trainer = Trainer(stage_config(data, pairs, tmp_path, finetune(sft_checkpoint)), task=RewardModelTask)
+    model = trainer.model.chunks[0]
+    tokens, target = trainer.task.micro_batches(trainer.train_ds, 0)[0]
+    with torch.no_grad():
+        chosen, rejected = model(tokens).gather(1, target["last"][:, None]).squeeze(1).chunk(2)  # chosen rows first
+        assert torch.equal(trainer.task.loss(model, tokens, target, 1), pairwise_reward_loss(chosen, rejected).mean())
 
 
 def test_reward_model_on_ranked_answers(tiny_stage_data, ranked_file, sft_checkpoint, tmp_path):
