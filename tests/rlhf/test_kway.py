@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_lite.config import ConfigError
 from megatron_lite.data import load_tokenizer
 from megatron_lite.rlhf import DPOTask, RewardModelTask, SFTTask
 from megatron_lite.rlhf.data import (
@@ -309,3 +310,12 @@ def test_ranked_stages_in_every_layout_match_one_process(tiny_stage_data, ranked
         assert results[1][(stage, name)] == run, (stage, name)  # every rank reports the same figures
         assert run["losses"] == pytest.approx(single[stage]["losses"], rel=1e-5), (stage, name)
         assert [v for _, v in run["val"]] == pytest.approx([v for _, v in single[stage]["val"]], rel=1e-5), (stage, name)
+
+
+def test_dpo_resumed_on_rankings_of_another_size_is_refused(tiny_stage_data, ranked_file, sft_checkpoint, tmp_path):
+    data, _, pairs = tiny_stage_data
+    saved = [f"checkpoint.save={tmp_path}/ck", "train.max_steps=1", "train.eval_interval=0"]
+    Trainer(stage_config(data, pairs, tmp_path, finetune(sft_checkpoint) + saved), task=DPOTask).train()
+    with pytest.raises(ConfigError, match=rf"holds reference log-probs for {2 * len(WORDS)} records of 2 answers, "
+                                          rf"but {ranked_file} has {2 * len(WORDS)} of 4; resume with the data"):
+        Trainer(stage_config(data, ranked_file, tmp_path / "resumed", [f"checkpoint.load={tmp_path}/ck"]), task=DPOTask)
