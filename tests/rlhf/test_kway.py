@@ -153,6 +153,10 @@ def test_ranked_dataset_drops_a_record_whose_prompt_fills_the_sequence(tok, tmp_
     with pytest.raises(RLHFDataError, match=r"only_long\.jsonl: all 1 of 1 records were dropped: with seq_length=8 "
                                             r"no token of the answers is left"):
         RankedDataset(only_long, tok, 8)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(RLHFDataError, match=r"empty\.jsonl holds no records; write one JSON object per line"):
+        RankedDataset(empty, tok, 8)
 
 
 BAD_RANKED = [
