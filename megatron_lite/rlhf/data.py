@@ -6,8 +6,14 @@ Records are JSONL, one object per line, in one of two shapes:
                 {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
     preference  {"prompt": str, "chosen": str, "rejected": str, "system": str (optional)}
                 {"messages": [... ending with a user message], "chosen": str, "rejected": str}
+    ranked      {"prompt": str, "responses": [best, ..., worst]}
+                {"prompt": str, "responses": [str, ...], "ranks": [int, ...]} (lower = better)
+                ("messages" ending with the user may replace "prompt", as for pairs)
     prompts     {"prompt": str} or {"messages": [... ending with a user message]}, or any record
                 above (PPO reads only its prompt)
+
+The reward model and DPO read preference and ranked records alike (``RankedDataset``); a file may
+mix them, a pair being a ranking of two answers.
 
 A conversation is rendered as, per message, the role token then the content; every assistant
 message is closed by the end-of-document token, which is what teaches a model to stop. Only the
@@ -38,6 +44,12 @@ _SFT_FORMS = '{"prompt": str, "response": str} or {"messages": [{"role": ..., "c
 _PREFERENCE_FORMS = (
     '{"prompt": str, "chosen": str, "rejected": str} or '
     '{"messages": [... ending with a user message], "chosen": str, "rejected": str}'
+)
+
+
+_RANKED_FORMS = (
+    '{"prompt": str, "responses": [best, ..., worst]} or '
+    '{"prompt": str, "responses": [str, ...], "ranks": [int, ...]} (lower rank = better)'
 )
 
 
@@ -290,6 +302,84 @@ def preference_pair(record: dict, where: str) -> tuple[list[dict], str, str]:
     return messages, chosen, rejected
 
 
+def _ranked_prompt(record: dict, where: str) -> list[dict]:
+    if "messages" in record:
+        if "prompt" in record:
+            raise RLHFDataError(f"{where}: holds both 'messages' and 'prompt'; use one form: {_RANKED_FORMS}")
+        return _checked_messages(record, where, last_role="user")
+    if "prompt" not in record:
+        raise RLHFDataError(f"{where}: no 'prompt' or 'messages' (keys: {_keys_of(record)}); expected {_RANKED_FORMS}")
+    prompt = _string_field(record, "prompt", where, _RANKED_FORMS)
+    return _system_then(record, where, [{"role": "user", "content": prompt}])
+
+
+def _checked_responses(record: dict, where: str) -> list[str]:
+    responses = record["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        count = f"{len(responses)} answer(s)" if isinstance(responses, list) else f"a {type(responses).__name__}"
+        raise RLHFDataError(
+            f"{where}: 'responses' holds {count}; a ranked record needs a list of at least two answers, best first "
+            f"(or with 'ranks')"
+        )
+    for number, response in enumerate(responses):
+        if not isinstance(response, str):
+            raise RLHFDataError(
+                f"{where}: 'responses' item {number} holds {type(response).__name__}, not a string; "
+                f"write every answer as a JSON string"
+            )
+    for number, response in enumerate(responses):
+        if response in responses[:number]:
+            raise RLHFDataError(
+                f"{where}: 'responses' items {responses.index(response)} and {number} are the same text, which "
+                f"teaches no preference; give each answer once"
+            )
+    return responses
+
+
+def _checked_ranks(record: dict, where: str, count: int) -> list[int]:
+    if "ranks" not in record:
+        return list(range(count))
+    ranks = record["ranks"]
+    if not isinstance(ranks, list) or len(ranks) != count:
+        length = f"{len(ranks)} entries" if isinstance(ranks, list) else f"a {type(ranks).__name__}"
+        raise RLHFDataError(
+            f"{where}: 'ranks' holds {length} but 'responses' holds {count} answers; give one integer rank per "
+            f"answer (lower = better), or leave 'ranks' out and list the answers best first"
+        )
+    for number, rank in enumerate(ranks):
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise RLHFDataError(
+                f"{where}: 'ranks' item {number} is {rank!r}, not an integer; write ranks as integers, lower = better"
+            )
+    if len(set(ranks)) == 1:
+        raise RLHFDataError(
+            f"{where}: every answer has rank {ranks[0]}, so no answer is preferred to another; rank at least two "
+            f"answers differently or remove the record"
+        )
+    return ranks
+
+
+def ranked_answers(record: dict, where: str) -> tuple[list[dict], list[str], list[int]]:
+    """A preference or ranked record as (prompt messages ending with the user, answers, ranks), the
+    answers ordered best first and ranks ascending (lower = better; equal ranks are ties, which
+    make no pair). A pair {"chosen", "rejected"} is the ranking [chosen, rejected]."""
+    if "responses" not in record:
+        if "ranks" in record:
+            raise RLHFDataError(f"{where}: 'ranks' without 'responses'; expected {_RANKED_FORMS}")
+        messages, chosen, rejected = preference_pair(record, where)
+        return messages, [chosen, rejected], [0, 1]
+    if "chosen" in record or "rejected" in record:
+        raise RLHFDataError(
+            f"{where}: holds both 'responses' and 'chosen'/'rejected'; use one form: {_RANKED_FORMS} or "
+            f"{_PREFERENCE_FORMS}"
+        )
+    messages = _ranked_prompt(record, where)
+    responses = _checked_responses(record, where)
+    ranks = _checked_ranks(record, where, len(responses))
+    order = sorted(range(len(responses)), key=lambda i: ranks[i])  # stable: tied answers keep their order
+    return messages, [responses[i] for i in order], [ranks[i] for i in order]
+
+
 def prompt_messages(record: dict, where: str) -> list[dict]:
     """The prompt of any record, as messages ending with the user: a prompt-only record
     ({"prompt"} or {"messages"} ending with the user), or the prompt of an SFT or preference
@@ -434,6 +524,61 @@ class PreferenceDataset:
             item[f"{side}_tokens"], item[f"{side}_labels"] = tokens, labels
             item[f"{side}_last"] = len(ids) - 1
         return item
+
+
+class RankedDataset:
+    """Ranked answers for the reward model and DPO: one item per prompt with all its answers,
+    K = the most answers of any record in the file (a file of pairs: K = 2).
+
+    ds[i] -> "tokens", "labels" np.int64 (K, seq_length), "last" np.int64 (K,) and "better" bool
+    (K, K), better[j, k] True when answer j is ranked above answer k. Answers are ordered best
+    first; a record with fewer than K answers is padded with empty rows (pad tokens, no labels,
+    last 0) that are in no pair. Sequences are laid out as in ``PreferenceDataset`` (the final
+    token kept, ``last`` its index). A record is dropped (``num_dropped``) when truncation leaves
+    one of its answers without a token.
+    """
+
+    def __init__(self, path: str | Path, tokenizer: Tokenizer, seq_length: int,
+                 chat: NativeChat | TemplateChat | None = None):
+        _check_seq_length(seq_length, minimum=2)
+        chat = chat or NativeChat(tokenizer)
+        self.path, self.seq_length, self.pad_id = Path(path), seq_length, tokenizer.pad_id
+        self.num_truncated = self.num_dropped = 0
+        self.sources: list[str] = []
+        self._rankings: list[tuple[list[tuple[list[int], list[bool]]], list[int]]] = []
+        records = 0
+        for where, record in _numbered_records(self.path):
+            records += 1
+            messages, answers, ranks = ranked_answers(record, where)
+            with _naming(where):
+                encoded = [chat.answered(messages, text) for text in answers]
+            if not all(_has_label(trainable[: seq_length]) for _, trainable in encoded):
+                self.num_dropped += 1
+                continue
+            self.num_truncated += any(len(ids) > seq_length for ids, _ in encoded)
+            self._rankings.append(([(ids[:seq_length], trainable[:seq_length]) for ids, trainable in encoded], ranks))
+            self.sources.append(where)
+        if not self._rankings:
+            raise _nothing_left(self.path, records, self.num_dropped, seq_length, "answers")
+        self.num_answers = max(len(ranks) for _, ranks in self._rankings)
+
+    def __len__(self) -> int:
+        return len(self._rankings)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        answers, ranks = self._rankings[index]
+        k, t = self.num_answers, self.seq_length
+        tokens = np.full((k, t), self.pad_id, dtype=np.int64)
+        labels = np.full((k, t), IGNORE_INDEX, dtype=np.int64)
+        last = np.zeros(k, dtype=np.int64)
+        for row, (ids, trainable) in enumerate(answers):
+            tokens[row], labels[row] = _tokens_and_labels(ids, trainable, len(ids), t, self.pad_id)
+            last[row] = len(ids) - 1
+        rank = np.full(k, np.inf)
+        rank[: len(ranks)] = ranks
+        better = rank[:, None] < rank[None, :]  # padding rows (rank inf) are below nothing and above nothing
+        better[:, len(ranks):] = False
+        return {"tokens": tokens, "labels": labels, "last": last, "better": better}
 
 
 class PromptDataset:

@@ -1,13 +1,18 @@
-"""Direct preference optimization: the policy learns from preference pairs against a frozen
-reference, with no reward model and no sampling.
+"""Direct preference optimization: the policy learns from preference pairs, or rankings of K
+answers, against a frozen reference, with no reward model and no sampling.
+
+A ranked record (see ``rlhf.data.RankedDataset``) gives all its K(K-1)/2 pairs, as the reward
+model takes them, not just the best answer against each other one: one batch element is one
+prompt with its K answers, and its loss is the mean of DPO's loss over its ranked pairs (tied
+answers make no pair), so a pair is the case K = 2.
 
 The reference is the policy as loaded (usually the SFT checkpoint). Before the first step one
-forward-only pass over every record computes the reference's log-probabilities of both answers
+forward-only pass over every record computes the reference's log-probabilities of all its answers
 (each data-parallel replica a share, summed over dp and handed from the last pipeline stage to
 every rank), so training holds one model, not two. The table is saved next to the run's
 checkpoints, and a resumed run reads it back instead of recomputing it from weights that have
 moved. The loss and its variants are in ``rlhf.losses.dpo_loss``; ``rlhf.dpo.nll_weight`` adds the
-chosen answers' next-token loss (as in RPO), which keeps DPO from lowering the likelihood of the
+best answer's next-token loss (as in RPO), which keeps DPO from lowering the likelihood of the
 answers it prefers along with the ones it rejects.
 """
 
@@ -22,7 +27,8 @@ from tqdm import tqdm
 from megatron_lite.config import ConfigError
 from megatron_lite.parallel.collectives import sum_over_replicas
 from megatron_lite.rlhf.data import IGNORE_INDEX
-from megatron_lite.rlhf.losses import dpo_loss, sequence_log_probs
+from megatron_lite.rlhf.losses import dpo_loss, mean_over_pairs, sequence_log_probs, sum_over_pairs
+from megatron_lite.rlhf.reward import answers_first, per_prompt
 from megatron_lite.rlhf.stage import Epochs, RecordStage
 from megatron_lite.training.checkpoint import durable, resolve_checkpoint_dir
 from megatron_lite.training.trained_model import TrainedModel
@@ -33,9 +39,12 @@ REFERENCE_FILE = "dpo_reference.pt"
 class DPOTask(RecordStage):
     name = "dpo"
     dataset_kind = "preference"
-    evaluation_names = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
-    sequences_per_record = 2
-    reference: torch.Tensor | None = None  # (records, 2): log pi_ref of the chosen and the rejected answer
+    evaluation_names = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "pairs")
+    reference: torch.Tensor | None = None  # (records, K): log pi_ref of every answer, best first
+
+    @property
+    def sequences_per_record(self) -> int:
+        return self.records.records.num_answers
 
     def start(self, model: TrainedModel) -> None:
         """The reference table: read back when resuming, else computed from the weights as loaded."""
@@ -52,24 +61,25 @@ class DPOTask(RecordStage):
     # ------------------------------------------------------------------ the reference
 
     def reference_log_probs(self) -> torch.Tensor:
-        """log pi(answer | prompt) of every record's two answers under the current weights, (records, 2),
-        the same on every rank."""
+        """log pi(answer | prompt) of every record's K answers under the current weights, (records, K),
+        the same on every rank (0 for a record's padding answers)."""
         count, gb, dims = len(self.records), self.cfg.train.global_batch_size, self.dims
         every = Epochs(np.arange(count), self.cfg.train.seed, shuffle=False)
-        table = torch.zeros(count, 2, dtype=torch.float64, device=dims.device)
+        num_answers = self.sequences_per_record
+        table = torch.zeros(count, num_answers, dtype=torch.float64, device=dims.device)
         seen = torch.zeros(count, dtype=torch.float64, device=dims.device)
         with self.model.evaluating():
             for first in tqdm(range(0, count, gb), desc="reference log-probs", leave=False,
                               disable=dims.rank != 0 or count < 20 * gb):
                 outputs = self.model.forward_outputs(self.micro_batches(every, first), self._answer_log_probs)
-                if outputs:  # the last pipeline stage: (2b,) per micro-batch, chosen then rejected
+                if outputs:  # the last pipeline stage: (K b,) per micro-batch, answer-major
                     rows = torch.tensor(self.records.local_indices(every, first), device=dims.device)
-                    pairs = torch.cat([o.view(2, -1).t() for o in outputs])  # (records of this rank, 2)
-                    table.index_add_(0, rows, pairs.double())
+                    answers = torch.cat([per_prompt(o, num_answers) for o in outputs])  # (records of this rank, K)
+                    table.index_add_(0, rows, answers.double())
                     seen.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float64))
         both = torch.cat([table, seen.unsqueeze(1)], dim=1)
         both = sum_over_replicas(both, dims)  # a record past the end of the data may repeat: averaged
-        return (both[:, :2] / both[:, 2:].clamp(min=1)).float()
+        return (both[:, :-1] / both[:, -1:].clamp(min=1)).float()
 
     def _answer_log_probs(self, chunk, inputs, target, num_micro_batches: int) -> torch.Tensor:
         return sequence_log_probs(chunk(inputs, labels=target["labels"]).float())
@@ -79,10 +89,11 @@ class DPOTask(RecordStage):
         for path in (ckpt_dir / REFERENCE_FILE, ckpt_dir.parent / REFERENCE_FILE):
             if path.is_file():
                 table = torch.load(path, map_location=self.dims.device, weights_only=True)
-                if table.shape != (len(self.records), 2):
+                if table.shape != (len(self.records), self.sequences_per_record):
                     raise ConfigError(
-                        f"{path} holds reference log-probs for {table.shape[0]} records, but {self.records.path} "
-                        f"has {len(self.records)}; resume with the data the run started with"
+                        f"{path} holds reference log-probs for {table.shape[0]} records of {table.shape[1]} answers, "
+                        f"but {self.records.path} has {len(self.records)} of {self.sequences_per_record}; resume "
+                        f"with the data the run started with"
                     )
                 return table
         raise ConfigError(
@@ -94,34 +105,52 @@ class DPOTask(RecordStage):
     # ------------------------------------------------------------------ batches and loss
 
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, dict]:
-        """Chosen answers first, then rejected: tokens and labels (2b, T), reference log-probs (2b,)."""
-        tokens, labels = self.records.pairs(indices, "tokens"), self.records.pairs(indices, "labels")
+        """tokens and labels (K b, T) answer-major (with pairs: chosen answers, then rejected), the
+        reference log-probs (K b,) alike, and which answer is ranked above which (b, K, K)."""
+        tokens, labels = self.records.stack(indices, "tokens"), self.records.stack(indices, "labels")
+        better = self.records.stack(indices, "better")
         if self.reference is None:  # computing the reference itself
-            reference = torch.zeros(2 * len(indices), device=self.dims.device)
+            reference = torch.zeros(tokens.shape[0] * tokens.shape[1], device=self.dims.device)
         else:
-            rows = self.reference[torch.tensor(indices, device=self.reference.device)]
-            reference = torch.cat([rows[:, 0], rows[:, 1]]).to(self.dims.device)
-        return tokens, {"labels": labels, "reference": reference}
+            rows = self.reference[torch.tensor(indices, device=self.reference.device)]  # (b, K)
+            reference = answers_first(rows).to(self.dims.device)
+        return answers_first(tokens), {"labels": answers_first(labels), "reference": reference, "better": better}
 
-    def pair_losses(self, chunk, inputs, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per pair: the loss (DPO's, plus ``rlhf.dpo.nll_weight`` x the chosen answer's mean
-        next-token loss) and the implicit rewards of both answers."""
-        token_loss = chunk(inputs, labels=target["labels"]).float()  # (2b, T), 0 off the answers
-        policy_chosen, policy_rejected = sequence_log_probs(token_loss).chunk(2)
-        reference_chosen, reference_rejected = target["reference"].chunk(2)
+    def prompt_losses(self, chunk, inputs, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per prompt (b,): the mean of DPO's loss over its ranked pairs, plus ``rlhf.dpo.nll_weight``
+        x its best answer's mean next-token loss; and per ordered pair of its answers (b, K, K) the
+        implicit rewards of the first and the second answer."""
+        num_answers = target["better"].shape[1]
+        token_loss = chunk(inputs, labels=target["labels"]).float()  # (K b, T), 0 off the answers
+        policy = per_prompt(sequence_log_probs(token_loss), num_answers)  # (b, K)
+        reference = per_prompt(target["reference"], num_answers)
         settings = self.cfg.rlhf.dpo
-        loss, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                                          settings.beta, settings.loss, settings.label_smoothing)
+        pair_loss, first, second = dpo_loss(policy[:, :, None], policy[:, None, :], reference[:, :, None],
+                                            reference[:, None, :], settings.beta, settings.loss,
+                                            settings.label_smoothing)
+        loss = mean_over_pairs(pair_loss, target["better"])
         if settings.nll_weight > 0:
-            chosen_tokens = (target["labels"] != IGNORE_INDEX).sum(dim=1).chunk(2)[0].clamp(min=1)
-            loss = loss - settings.nll_weight * policy_chosen / chosen_tokens
-        return loss, chosen, rejected
+            best_labels = target["labels"][: loss.shape[0]]  # answer-major: the first b rows are the best answers
+            best_tokens = (best_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+            loss = loss - settings.nll_weight * policy[:, 0] / best_tokens
+        return loss, first.expand_as(pair_loss), second.expand_as(pair_loss)
 
     def loss(self, chunk, inputs, target, num_micro_batches: int) -> torch.Tensor:
-        loss, _, _ = self.pair_losses(chunk, inputs, target)
+        loss, _, _ = self.prompt_losses(chunk, inputs, target)
         return loss.mean() / num_micro_batches
 
     def evaluation_terms(self, chunk, inputs, target, num_micro_batches) -> torch.Tensor:
-        loss, chosen, rejected = self.pair_losses(chunk, inputs, target)
-        margin = chosen - rejected
-        return torch.stack([loss, (margin > 0).float(), margin, chosen, rejected], dim=1)
+        """Per prompt: its loss, and over its ranked pairs the number the policy ranks right, the
+        summed margin, the summed implicit rewards of the better and the worse answer, the count."""
+        loss, first, second = self.prompt_losses(chunk, inputs, target)
+        better = target["better"]
+        margin = first - second
+        return torch.stack([loss, sum_over_pairs((margin > 0).float(), better), sum_over_pairs(margin, better),
+                            sum_over_pairs(first, better), sum_over_pairs(second, better),
+                            better.sum(dim=(1, 2)).float()], dim=1)
+
+    def summarize(self, sums: dict[str, float], samples: float) -> dict[str, float]:
+        """The loss per prompt; the rest per ranked pair."""
+        pairs = max(sums.pop("pairs"), 1.0)
+        loss = sums.pop("loss") / max(samples, 1.0)
+        return {"loss": loss, **{name: value / pairs for name, value in sums.items()}}

@@ -29,6 +29,24 @@ def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.
     return -F.logsigmoid(chosen - rejected)
 
 
+def sum_over_pairs(pair_values: torch.Tensor, better: torch.Tensor) -> torch.Tensor:
+    """(B, K, K) values of every ordered pair of a prompt's answers -> (B,) their sum over the
+    pairs where ``better[b, j, k]`` (answer j ranked above answer k)."""
+    return torch.where(better, pair_values, torch.zeros_like(pair_values)).sum(dim=(1, 2))
+
+
+def mean_over_pairs(pair_values: torch.Tensor, better: torch.Tensor) -> torch.Tensor:
+    """(B,) the mean over each prompt's ranked pairs; every prompt has at least one."""
+    return sum_over_pairs(pair_values, better) / better.sum(dim=(1, 2))
+
+
+def ranked_reward_loss(rewards: torch.Tensor, better: torch.Tensor) -> torch.Tensor:
+    """InstructGPT's K-way loss per prompt (B,): the mean of -log sigmoid(r_better - r_worse) over
+    the pairs of its (B, K) rewards that ``better`` (B, K, K) ranks. With K = 2 and one pair it is
+    ``pairwise_reward_loss`` of that pair, exactly."""
+    return mean_over_pairs(pairwise_reward_loss(rewards[:, :, None], rewards[:, None, :]), better)
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,

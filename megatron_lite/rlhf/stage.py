@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.collectives import sum_over_replicas
 from megatron_lite.parallel.dims import ParallelDims
-from megatron_lite.rlhf.data import PreferenceDataset, SFTDataset, chat_format, split_indices
+from megatron_lite.rlhf.data import RankedDataset, SFTDataset, chat_format, split_indices
 from megatron_lite.rlhf.demo_data import build_demo_rlhf_data
 from megatron_lite.training.trained_model import TrainedModel
 from megatron_lite.training.trainer import StepResult
@@ -100,10 +100,6 @@ class StageRecords:
     def stack(self, indices: list[int], key: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.records[i][key] for i in indices])).to(self.dims.device)
 
-    def pairs(self, indices: list[int], key: str) -> torch.Tensor:
-        """A preference field of both answers, chosen first then rejected: (2b, ...)."""
-        return torch.cat([self.stack(indices, f"chosen_{key}"), self.stack(indices, f"rejected_{key}")])
-
 
 def report_truncation(records, path: Path, seq_length: int, dims: ParallelDims) -> None:
     """Rank 0 says how many records the sequence length truncated or dropped."""
@@ -114,9 +110,9 @@ def report_truncation(records, path: Path, seq_length: int, dims: ParallelDims) 
 
 class RecordStage(abc.ABC):
     """A stage that trains one model on a loss over records: sft, rm and dpo. A stage class sets
-    ``name``, ``head``, ``dataset_kind`` ("sft" or "preference"), ``evaluation_names`` and
-    ``sequences_per_record`` (2 when a record is a chosen and a rejected answer), and implements
-    ``collate``, ``loss`` and ``evaluation_terms``."""
+    ``name``, ``head``, ``dataset_kind`` ("sft", or "preference" for ranked answers and pairs; also
+    the demo file it reads), ``evaluation_names`` and ``sequences_per_record`` (K when a record is
+    K ranked answers), and implements ``collate``, ``loss`` and ``evaluation_terms``."""
 
     name: str  # the command line's name of the stage
     head = "lm"
@@ -130,7 +126,7 @@ class RecordStage(abc.ABC):
         self.model: TrainedModel | None = None
 
     def datasets(self) -> tuple:
-        dataset = SFTDataset if self.dataset_kind == "sft" else PreferenceDataset
+        dataset = SFTDataset if self.dataset_kind == "sft" else RankedDataset
         seq_length = self.cfg.model.seq_length
         chat = chat_format(self.cfg.rlhf.chat_template, self.tokenizer, self.cfg.data.tokenizer)
 

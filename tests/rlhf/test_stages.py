@@ -102,7 +102,8 @@ def test_reward_model_starts_from_the_sft_checkpoint(tiny_stage_data, tmp_path, 
     for name, param in trainer.model.named_params:
         if not name.startswith("value_head."):
             assert torch.equal(param.detach(), saved[name]), name  # the transformer is the SFT model's
-    tokens, last = trainer.task.micro_batches(trainer.train_ds, 0)[0]
+    tokens, target = trainer.task.micro_batches(trainer.train_ds, 0)[0]
+    last = target["last"]
     with torch.no_grad():
         values = model(tokens)
         # the reward reads the answer's last real token: what follows it (padding) cannot change it
@@ -129,9 +130,9 @@ def test_dpo_reference_first_step_and_resume(tiny_stage_data, tmp_path, sft_chec
     model = trainer.model.chunks[0]
     record = trainer.task.records[1]
     with torch.no_grad():
-        for column, side in enumerate(("chosen", "rejected")):
-            tokens = torch.from_numpy(record[f"{side}_tokens"])[None]
-            labels = torch.from_numpy(record[f"{side}_labels"])[None]
+        for column in range(2):  # chosen, rejected
+            tokens = torch.from_numpy(record["tokens"][column])[None]
+            labels = torch.from_numpy(record["labels"][column])[None]
             direct = -model(tokens, labels=labels).sum().item()
             assert trainer.task.reference[1, column].item() == pytest.approx(direct, rel=1e-5)
     assert torch.equal(torch.load(tmp_path / "ck" / REFERENCE_FILE), trainer.task.reference)
@@ -161,9 +162,9 @@ def test_dpo_nll_weight_adds_the_chosen_answers_token_loss(tiny_stage_data, tmp_
     model = trainer.model.chunks[0]
     tokens, target = trainer.task.micro_batches(trainer.train_ds, 0)[0]
     with torch.no_grad():
-        with_nll, _, _ = trainer.task.pair_losses(model, tokens, target)
+        with_nll, _, _ = trainer.task.prompt_losses(model, tokens, target)
         trainer.cfg.rlhf.dpo.nll_weight = 0.0
-        plain, _, _ = trainer.task.pair_losses(model, tokens, target)
+        plain, _, _ = trainer.task.prompt_losses(model, tokens, target)
         pairs_in_batch = tokens.shape[0] // 2
         chosen_labels = target["labels"][:pairs_in_batch]
         logits = model(tokens[:pairs_in_batch])[..., : trainer.cfg.model.vocab_size]
