@@ -1,12 +1,25 @@
 """Sampling with a KV cache: greedy, temperature, top-k, top-p, batched prompts of any lengths.
 
-Prompts are left-padded to a common length; each row's positions count from its first
-real token (so learned positions and RoPE see the same positions as an unpadded run),
-and the attention mask hides the padding keys. Vocabulary padding is never sampled.
-Works at any tp: every tp rank gathers the full logits and samples with the same seeded
-generator, so all ranks pick the same tokens. At pp > 1 every rank of the pipeline calls
-``generate`` with its stage's chunk: each step's hidden states go stage to stage, the last
-stage samples, and the chosen tokens are broadcast back to every stage.
+Prompts are sorted by length (longest first) and generated in batches of ``batch_size`` rows,
+so a batch holds prompts of similar lengths; answers come back in the caller's order. Within a
+batch prompts are left-padded to a common length; each row's positions count from its first
+real token (so learned positions and RoPE see the same positions as an unpadded run), and the
+attention mask hides the padding keys. A row that emits ``eod_id`` leaves the batch: its rows
+of the KV cache, mask and positions are dropped, so later decode steps run on fewer rows.
+Vocabulary padding is never sampled.
+
+Every prompt samples from its own generator, seeded from ``seed`` and the prompt's index, so
+an answer does not depend on the batch size, on the order rows leave the batch, or on the
+other prompts' lengths. Works at any tp: every tp rank gathers the full logits and samples
+with the same generators, so all ranks pick the same tokens and drop the same rows. At pp > 1
+every rank of the pipeline calls ``generate`` with its stage's chunk: each step's hidden states
+go stage to stage, the last stage samples, and the chosen tokens are broadcast back to every
+stage; each stage derives the rows that finished from those tokens, so the stages drop the same
+rows without another message.
+
+Host synchronisation per decode step is what sampling needs and no more: the last stage's
+logits come to the host to be sampled (the finished rows are read from those host tokens), and
+at pp > 1 the other stages read the broadcast tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +46,12 @@ class KVCache:
         self.keys[layer][:, self.length : end] = k
         self.values[layer][:, self.length : end] = v
         return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (in that order): the rows of finished sequences leave."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer].index_select(0, rows)
+            self.values[layer] = self.values[layer].index_select(0, rows)
 
     def causal_mask(self, new_length: int, device) -> torch.Tensor:
         """(1, 1, T, S) for T new queries after the cached keys: causal alignment is bottom-right,
@@ -100,15 +119,50 @@ def generate(
     top_p: float = 1.0,
     eod_id: int | None = None,
     seed: int = 0,
+    batch_size: int | None = None,
+    compact: bool = True,
 ) -> list[list[int]]:
-    """New tokens for each prompt; a row stops after emitting ``eod_id`` (which it includes)."""
+    """New tokens for each prompt; a row stops after emitting ``eod_id`` (which it includes).
+
+    ``batch_size`` rows of length-sorted prompts are generated together (all of them when None);
+    ``compact=False`` keeps finished rows in the batch until it ends (the same answers, more
+    compute: kept to measure what compaction saves)."""
     _check(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 (or None for one batch of all prompts); got {batch_size}")
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id, seed)
+        generators = _row_generators(seed, len(prompts))
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for rows in _length_buckets(prompts, batch_size or len(prompts)):
+            answers = _generate_batch(model, [prompts[r] for r in rows], [generators[r] for r in rows],
+                                      max_new_tokens, (temperature, top_k, top_p), eod_id, compact)
+            for row, answer in zip(rows, answers):
+                outputs[row] = answer
+        return outputs
     finally:
         model.train(was_training)
+
+
+def _row_generators(seed: int, count: int) -> list[torch.Generator]:
+    """One generator per prompt, seeded from ``seed`` and the prompt's index."""
+    seeds = torch.randint(0, 2**62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _length_buckets(prompts: list[list[int]], size: int) -> list[list[int]]:
+    """Prompt indices sorted longest first, in consecutive groups of ``size``."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def _sample_rows(logits: torch.Tensor, sampling: tuple[float, int, float], generators: list[torch.Generator]):
+    """One token per row of logits (B, V), row i drawn with ``generators[i]``."""
+    temperature, top_k, top_p = sampling
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.cat([sample(logits[i : i + 1], temperature, top_k, top_p, g) for i, g in enumerate(generators)])
 
 
 class _Stage:
@@ -141,7 +195,7 @@ class _Stage:
         return buffer
 
 
-def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id, seed):
+def _generate_batch(model, prompts, generators, max_new_tokens, sampling, eod_id, compact):
     device = model.dims.device
     cfg = model.config
     batch, prompt_length = len(prompts), max(len(p) for p in prompts)
@@ -159,22 +213,28 @@ def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id,
     stage = _Stage(model)
     logits = stage.forward(tokens, position_ids=positions, kv_cache=cache, attention_mask=mask)  # (B, V/tp)
 
-    generator = torch.Generator().manual_seed(seed)
     outputs: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * batch
+    active = list(range(batch))  # the prompt of each cache row
+    finished = [False] * batch  # per cache row; stays all False when finished rows are dropped
     for step in range(max_new_tokens):
         next_tokens = None
         if logits is not None:
-            next_tokens = sample(_full_logits(model, logits), temperature, top_k, top_p, generator)  # (B,)
-        next_tokens = stage.share(next_tokens, batch, device)
-        for row, token in enumerate(next_tokens.tolist()):
-            if not finished[row]:
-                outputs[row].append(token)
-                finished[row] = token == eod_id
+            next_tokens = _sample_rows(_full_logits(model, logits), sampling, [generators[r] for r in active])  # (B,)
+        next_tokens = stage.share(next_tokens, len(active), device)
+        for i, token in enumerate(next_tokens.tolist()):
+            if not finished[i]:
+                outputs[active[i]].append(token)
+                finished[i] = token == eod_id
         if all(finished) or step == max_new_tokens - 1:
             break
+        if compact and any(finished):
+            kept = [i for i, done in enumerate(finished) if not done]
+            rows = torch.tensor(kept, device=device)
+            cache.keep_rows(rows)
+            pads, key_valid, next_tokens = pads[rows], key_valid[rows], next_tokens.to(device)[rows]
+            active, finished = [active[i] for i in kept], [False] * len(kept)
         length = cache.length + 1
-        positions = (torch.full((batch, 1), length - 1, device=device) - pads.unsqueeze(1)).clamp(min=0)
+        positions = (torch.full((len(active), 1), length - 1, device=device) - pads.unsqueeze(1)).clamp(min=0)
         mask = key_valid[:, None, None, :length]  # (B, 1, 1, S)
         logits = stage.forward(next_tokens.to(device).unsqueeze(1), position_ids=positions, kv_cache=cache,
                                attention_mask=mask)
