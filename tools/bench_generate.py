@@ -3,12 +3,13 @@
 
     python tools/bench_generate.py [--flavor llama] [--layers 4] [--hidden 256] [--heads 8] [--vocab 2048]
                                    [--batch 32] [--min-prompt 4] [--max-prompt 48] [--new-tokens 48]
-                                   [--bucket 8] [--repeat 3] [--threads 1]
+                                   [--fill 0.5] [--bucket 8] [--repeat 3] [--threads 1]
 
 A random transformers model (Llama or GPT-2) is saved with a small byte-level tokenizer, converted
 with ``convert_from_hf`` and loaded into our GPT. Prompts are random with lengths spread over
-[--min-prompt, --max-prompt]; the end-of-text id is the token the free-running greedy answers
-emit most often, so rows stop at many different steps, as sampled rollouts do. Every row runs
+[--min-prompt, --max-prompt]; the end-of-text id is the token that stops the free-running greedy
+answers after about --fill of the token limit in all, so rows stop at many different steps, as
+sampled rollouts do. Every row runs
 greedy, fp32, on CPU; the answers of every row of the table are checked identical before timing.
 Rows: transformers (left padding with an attention mask; its finished rows stay in the batch),
 ours with finished rows kept (``compact=False``: the path before compaction), ours compacting,
@@ -20,7 +21,6 @@ measures the neighbours. Tokens/s counts the answer tokens (up to and including 
 from __future__ import annotations
 
 import argparse
-import collections
 import platform
 import tempfile
 import time
@@ -78,10 +78,15 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int, eod: int) -> list
     return [row[: row.index(eod) + 1] if eod in row else row for row in out]
 
 
-def most_emitted(answers: list[list[int]]) -> int:
-    """The token the answers emit most often before their last two steps: an end-of-text that stops
-    rows at many different steps."""
-    return collections.Counter(t for a in answers for t in a[:-2]).most_common(1)[0][0]
+def stop_token(answers: list[list[int]], fill: float) -> int:
+    """The token that, as end-of-text, leaves the answers closest to ``fill`` of their free-running
+    length in all: rows then stop at many different steps, as sampled rollouts do."""
+    limit = sum(len(a) for a in answers)
+
+    def kept(token: int) -> int:
+        return sum(a.index(token) + 1 if token in a else len(a) for a in answers)
+
+    return min(sorted({t for a in answers for t in a}), key=lambda t: abs(kept(t) - fill * limit))
 
 
 def best_seconds(run, repeat: int) -> tuple[float, list[list[int]]]:
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-prompt", type=int, default=4)
     parser.add_argument("--max-prompt", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--fill", type=float, default=0.5)
     parser.add_argument("--bucket", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [torch.randint(0, args.vocab, (n,), generator=generator).tolist() for n in lengths]
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         ours = converted(hf, Path(tmp))
-        eod = most_emitted(generate(ours, prompts, args.new_tokens, temperature=0))
+        eod = stop_token(generate(ours, prompts, args.new_tokens, temperature=0), args.fill)
         runs = {
             "transformers generate": lambda: hf_generate(hf, prompts, args.new_tokens, eod),
             "ours, finished rows kept": lambda: generate(ours, prompts, args.new_tokens, 0, eod_id=eod, compact=False),

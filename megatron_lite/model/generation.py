@@ -53,6 +53,13 @@ class KVCache:
             self.keys[layer] = self.keys[layer].index_select(0, rows)
             self.values[layer] = self.values[layer].index_select(0, rows)
 
+    def drop_leading(self, count: int) -> None:
+        """Forget the first ``count`` positions of every row: left padding no remaining row attends to."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer][:, count:]
+            self.values[layer] = self.values[layer][:, count:]
+        self.length -= count
+
     def causal_mask(self, new_length: int, device) -> torch.Tensor:
         """(1, 1, T, S) for T new queries after the cached keys: causal alignment is bottom-right,
         query i sees the cached positions and the new ones up to itself."""
@@ -195,47 +202,70 @@ class _Stage:
         return buffer
 
 
+class _Rows:
+    """The rows a batch still generates, in KV-cache row order: their prompts' left padding and
+    which cached keys are real."""
+
+    def __init__(self, prompts: list[list[int]], max_new_tokens: int, device):
+        self.prompts = prompts
+        self.active = list(range(len(prompts)))  # the prompt of each cache row
+        self.width = max(len(p) for p in prompts)  # prompt columns held in the cache
+        self.pads = torch.tensor([self.width - len(p) for p in prompts], device=device)  # (B,)
+        total = self.width + max_new_tokens
+        self.key_valid = torch.arange(total, device=device).unsqueeze(0) >= self.pads.unsqueeze(1)  # (B, S_max)
+
+    def keep(self, kept: list[int], cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """Only the rows ``kept`` go on; returns their ``tokens``. Once the longest prompts are done,
+        the padding columns every remaining row has leave the cache too."""
+        self.active = [self.active[i] for i in kept]
+        rows = torch.tensor(kept, device=tokens.device)
+        cache.keep_rows(rows)
+        self.pads, self.key_valid = self.pads[rows], self.key_valid[rows]
+        shared_padding = self.width - max(len(self.prompts[r]) for r in self.active)
+        if shared_padding:
+            cache.drop_leading(shared_padding)
+            self.pads, self.key_valid = self.pads - shared_padding, self.key_valid[:, shared_padding:]
+            self.width -= shared_padding
+        return tokens[rows]
+
+
+def _prefill(stage: _Stage, model: GPT, rows: _Rows, max_new_tokens: int):
+    """Runs the left-padded prompts into a new cache; returns it and the last stage's logits (B, V/tp)."""
+    device, cfg, width, pads = model.dims.device, model.config, rows.width, rows.pads
+    tokens = torch.tensor([[0] * (width - len(p)) + p for p in rows.prompts], device=device)  # (B, T)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.layer_range, len(rows.prompts), width + max_new_tokens, local_kv_heads(cfg, model.dims.tp),
+                    cfg.head_dim, device, dtype)
+    positions = (torch.arange(width, device=device).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    # Padding queries see themselves only, so no softmax row is empty; real queries never see padding.
+    mask = (causal & rows.key_valid[:, None, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
+    return cache, stage.forward(tokens, position_ids=positions, kv_cache=cache, attention_mask=mask)
+
+
 def _generate_batch(model, prompts, generators, max_new_tokens, sampling, eod_id, compact):
     device = model.dims.device
-    cfg = model.config
-    batch, prompt_length = len(prompts), max(len(p) for p in prompts)
-    total = prompt_length + max_new_tokens
-    pads = torch.tensor([prompt_length - len(p) for p in prompts], device=device)
-    tokens = torch.tensor([[0] * (prompt_length - len(p)) + p for p in prompts], device=device)  # (B, T)
-    key_valid = torch.arange(total, device=device).unsqueeze(0) >= pads.unsqueeze(1)  # (B, S_max)
-
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.layer_range, batch, total, local_kv_heads(cfg, model.dims.tp), cfg.head_dim, device, dtype)
-    positions = (torch.arange(prompt_length, device=device).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
-    causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device).tril()
-    # Padding queries see themselves only, so no softmax row is empty; real queries never see padding.
-    mask = (causal & key_valid[:, None, None, :prompt_length]) | torch.eye(prompt_length, dtype=torch.bool, device=device)
-    stage = _Stage(model)
-    logits = stage.forward(tokens, position_ids=positions, kv_cache=cache, attention_mask=mask)  # (B, V/tp)
-
+    stage, rows = _Stage(model), _Rows(prompts, max_new_tokens, device)
+    cache, logits = _prefill(stage, model, rows, max_new_tokens)
     outputs: list[list[int]] = [[] for _ in prompts]
-    active = list(range(batch))  # the prompt of each cache row
-    finished = [False] * batch  # per cache row; stays all False when finished rows are dropped
+    finished = [False] * len(prompts)  # per cache row; stays all False when finished rows leave
     for step in range(max_new_tokens):
         next_tokens = None
         if logits is not None:
-            next_tokens = _sample_rows(_full_logits(model, logits), sampling, [generators[r] for r in active])  # (B,)
-        next_tokens = stage.share(next_tokens, len(active), device)
+            next_tokens = _sample_rows(_full_logits(model, logits), sampling, [generators[r] for r in rows.active])
+        next_tokens = stage.share(next_tokens, len(rows.active), device)  # (B,)
         for i, token in enumerate(next_tokens.tolist()):
             if not finished[i]:
-                outputs[active[i]].append(token)
+                outputs[rows.active[i]].append(token)
                 finished[i] = token == eod_id
         if all(finished) or step == max_new_tokens - 1:
             break
         if compact and any(finished):
             kept = [i for i, done in enumerate(finished) if not done]
-            rows = torch.tensor(kept, device=device)
-            cache.keep_rows(rows)
-            pads, key_valid, next_tokens = pads[rows], key_valid[rows], next_tokens.to(device)[rows]
-            active, finished = [active[i] for i in kept], [False] * len(kept)
+            next_tokens, finished = rows.keep(kept, cache, next_tokens.to(device)), [False] * len(kept)
         length = cache.length + 1
-        positions = (torch.full((len(active), 1), length - 1, device=device) - pads.unsqueeze(1)).clamp(min=0)
-        mask = key_valid[:, None, None, :length]  # (B, 1, 1, S)
+        positions = (torch.full((len(rows.active), 1), length - 1, device=device) - rows.pads.unsqueeze(1)).clamp(min=0)
+        mask = rows.key_valid[:, None, None, :length]  # (B, 1, 1, S)
         logits = stage.forward(next_tokens.to(device).unsqueeze(1), position_ids=positions, kv_cache=cache,
                                attention_mask=mask)
     return outputs

@@ -3,6 +3,9 @@ greedy answers identical, ragged prompts, rows that stop at end-of-text at diffe
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,3 +61,23 @@ def test_greedy_matches_transformers_generate_on_ragged_prompts_with_early_stops
     for batch_size in (None, 2):
         assert generate(ours, prompts, NEW_TOKENS, temperature=0, eod_id=eod, batch_size=batch_size) == expected
     assert _hf_greedy_batched(hf, prompts, eod) == expected
+
+
+def test_bench_generate_checks_the_answers_and_prints_every_row(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "bench_generate", Path(__file__).resolve().parents[2] / "tools" / "bench_generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    bench.main(["--layers", "2", "--hidden", "32", "--heads", "4", "--vocab", "400", "--batch", "6",
+                "--max-prompt", "10", "--new-tokens", "8", "--bucket", "2", "--repeat", "1"])
+    torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "greedy answers identical to transformers' on every row: yes" in out
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines()
+            if line.startswith("| ") and "CPU s" not in line}
+    assert list(rows) == ["transformers generate", "ours, finished rows kept", "ours, compacting",
+                          "ours, compacting, buckets of 2"]
+    assert all(float(cells[2]) > 0 for cells in rows.values())
+    generated = int(out.split(" generated (")[0].rsplit(", ", 1)[1])
+    assert 6 <= generated < 6 * 8  # some rows stopped early

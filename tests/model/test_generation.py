@@ -227,3 +227,21 @@ def test_compaction_at_tp2_pp2_matches_one_model():
     """Every stage drops the rows the last stage's tokens finish, and the tp ranks agree."""
     outputs = run_distributed(_compacting_tp_pp_generation, 4)
     assert all(o == outputs[0] for o in outputs)
+
+
+def test_padding_columns_leave_the_cache_with_the_longest_prompt():
+    model = tiny_model("gpt2").eval()
+    long, short = list(range(1, 11)), [11, 12]
+    answers = generate(model, [long, short], 8, temperature=0)
+    # An end-of-text the long prompt's answer emits early and the short one's never does.
+    eod = next(t for t in answers[0][:4] if t not in answers[1])
+    shapes, handle = _rows_per_forward(model)
+    out = generate(model, [long, short], 8, temperature=0, eod_id=eod)
+    handle.remove()
+    assert out == [answers[0][: answers[0].index(eod) + 1], answers[1]]
+    with torch.no_grad():
+        assert out[1] == greedy_without_cache(model, short, 8)
+    leaves = len(out[0])  # the decode step after the long row's last token
+    cached = [c for _, _, c in shapes]
+    assert cached[leaves] == cached[leaves - 1] + 1 - 8  # the 8 padding columns of the short row are gone
+    assert [rows for rows, _, _ in shapes[leaves:]] == [1] * (len(shapes) - leaves)
