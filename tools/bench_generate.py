@@ -3,13 +3,13 @@
 
     python tools/bench_generate.py [--flavor llama] [--layers 4] [--hidden 256] [--heads 8] [--vocab 2048]
                                    [--batch 32] [--min-prompt 4] [--max-prompt 48] [--new-tokens 48]
-                                   [--fill 0.5] [--bucket 8] [--repeat 3] [--threads 1]
+                                   [--fill 0.5] [--bucket 16] [--repeat 3] [--threads 1]
 
 A random transformers model (Llama or GPT-2) is saved with a small byte-level tokenizer, converted
 with ``convert_from_hf`` and loaded into our GPT. Prompts are random with lengths spread over
 [--min-prompt, --max-prompt]; the end-of-text id is the token that stops the free-running greedy
-answers after about --fill of the token limit in all, so rows stop at many different steps, as
-sampled rollouts do. Every row runs
+answers soonest, and its output row is scaled up in both models until the answers fill about
+--fill of the token limit, so rows stop at many different steps, as sampled rollouts do. Every row runs
 greedy, fp32, on CPU; the answers of every row of the table are checked identical before timing.
 Rows: transformers (left padding with an attention mask; its finished rows stay in the batch),
 ours with finished rows kept (``compact=False``: the path before compaction), ours compacting,
@@ -78,15 +78,33 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int, eod: int) -> list
     return [row[: row.index(eod) + 1] if eod in row else row for row in out]
 
 
-def stop_token(answers: list[list[int]], fill: float) -> int:
-    """The token that, as end-of-text, leaves the answers closest to ``fill`` of their free-running
-    length in all: rows then stop at many different steps, as sampled rollouts do."""
-    limit = sum(len(a) for a in answers)
+def stop_token(answers: list[list[int]]) -> int:
+    """The token that, as end-of-text, stops the free-running answers soonest in all."""
 
     def kept(token: int) -> int:
         return sum(a.index(token) + 1 if token in a else len(a) for a in answers)
 
-    return min(sorted({t for a in answers for t in a}), key=lambda t: abs(kept(t) - fill * limit))
+    return min(sorted({t for a in answers for t in a}), key=kept)
+
+
+def boost_until_filled(hf, ours, prompts, new_tokens: int, eod: int, fill: float) -> float:
+    """Scales ``eod``'s output row in both models (the same weights stay the same) until the greedy
+    answers fill about ``fill`` of the token limit: rows then stop at many different steps, as
+    sampled rollouts do. Returns the fill reached."""
+    from megatron_lite.model.generation import generate
+
+    ours_head = ours.output.weight if ours.output is not None else ours.embedding.word.weight
+    rows = (ours_head, hf.get_output_embeddings().weight)
+    reached, applied = 1.0, 1.0
+    for scale in (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0):
+        for row in rows:
+            row[eod] *= scale / applied
+        applied = scale
+        answers = generate(ours, prompts, new_tokens, temperature=0, eod_id=eod)
+        reached = sum(len(a) for a in answers) / (len(prompts) * new_tokens)
+        if reached <= fill:
+            break
+    return reached
 
 
 def best_seconds(run, repeat: int) -> tuple[float, list[list[int]]]:
@@ -112,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-prompt", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--fill", type=float, default=0.5)
-    parser.add_argument("--bucket", type=int, default=8)
+    parser.add_argument("--bucket", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -124,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [torch.randint(0, args.vocab, (n,), generator=generator).tolist() for n in lengths]
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         ours = converted(hf, Path(tmp))
-        eod = stop_token(generate(ours, prompts, args.new_tokens, temperature=0), args.fill)
+        eod = stop_token(generate(ours, prompts, args.new_tokens, temperature=0))
+        boost_until_filled(hf, ours, prompts, args.new_tokens, eod, args.fill)
         runs = {
             "transformers generate": lambda: hf_generate(hf, prompts, args.new_tokens, eod),
             "ours, finished rows kept": lambda: generate(ours, prompts, args.new_tokens, 0, eod_id=eod, compact=False),
