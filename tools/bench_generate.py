@@ -96,7 +96,7 @@ def boost_until_filled(hf, ours, prompts, new_tokens: int, eod: int, fill: float
     ours_head = ours.output.weight if ours.output is not None else ours.embedding.word.weight
     rows = (ours_head, hf.get_output_embeddings().weight)
     reached, applied = 1.0, 1.0
-    for scale in (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0):
+    for scale in (1.15**k for k in range(16)):  # up to about 8x, in steps that overshoot little
         for row in rows:
             row[eod] *= scale / applied
         applied = scale
