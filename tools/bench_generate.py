@@ -10,7 +10,7 @@ with ``convert_from_hf`` and loaded into our GPT. Prompts are random with length
 [--min-prompt, --max-prompt]; the end-of-text id is the token that stops the free-running greedy
 answers soonest, and its output row is scaled up in both models until the answers fill about
 --fill of the token limit, so rows stop at many different steps, as sampled rollouts do. Every row runs
-greedy, fp32, on CPU; the answers of every row of the table are checked identical before timing.
+greedy, fp32, on CPU; every row's answers are checked identical to transformers' before anything is printed.
 Rows: transformers (left padding with an attention mask; its finished rows stay in the batch),
 ours with finished rows kept (``compact=False``: the path before compaction), ours compacting,
 ours compacting in length buckets of ``--bucket`` prompts. Times are the best of ``--repeat`` runs
@@ -87,24 +87,22 @@ def stop_token(answers: list[list[int]]) -> int:
     return min(sorted({t for a in answers for t in a}), key=kept)
 
 
-def boost_until_filled(hf, ours, prompts, new_tokens: int, eod: int, fill: float) -> float:
-    """Scales ``eod``'s output row in both models (the same weights stay the same) until the greedy
+def boost_until_filled(hf, ours, prompts, new_tokens: int, eod: int, fill: float) -> None:
+    """Scales ``eod``'s output row in both models (so they keep the same weights) until the greedy
     answers fill about ``fill`` of the token limit: rows then stop at many different steps, as
-    sampled rollouts do. Returns the fill reached."""
+    sampled rollouts do (the fill reached is printed with the table)."""
     from megatron_lite.model.generation import generate
 
     ours_head = ours.output.weight if ours.output is not None else ours.embedding.word.weight
     rows = (ours_head, hf.get_output_embeddings().weight)
-    reached, applied = 1.0, 1.0
-    for scale in (1.15**k for k in range(16)):  # up to about 8x, in steps that overshoot little
+    applied = 1.0
+    for scale in (1.15**k for k in range(16)):  # up to about 8x, in small steps
         for row in rows:
             row[eod] *= scale / applied
         applied = scale
         answers = generate(ours, prompts, new_tokens, temperature=0, eod_id=eod)
-        reached = sum(len(a) for a in answers) / (len(prompts) * new_tokens)
-        if reached <= fill:
+        if sum(len(a) for a in answers) <= fill * len(prompts) * new_tokens:
             break
-    return reached
 
 
 def best_seconds(run, repeat: int) -> tuple[float, list[list[int]]]:
@@ -160,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.flavor}: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}; "
           f"{args.batch} prompts of {args.min_prompt}-{args.max_prompt} tokens, up to {args.new_tokens} new tokens, "
           f"{tokens} generated ({tokens / (args.batch * args.new_tokens):.0%} of the limit), greedy, fp32; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}\n")
     print("greedy answers identical to transformers' on every row: yes\n")
     print("| generation | CPU s | tokens/s | vs transformers |")
     print("|---|---:|---:|---:|")
