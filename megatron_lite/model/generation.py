@@ -1,12 +1,25 @@
 """Sampling with a KV cache: greedy, temperature, top-k, top-p, batched prompts of any lengths.
 
-Prompts are left-padded to a common length; each row's positions count from its first
-real token (so learned positions and RoPE see the same positions as an unpadded run),
-and the attention mask hides the padding keys. Vocabulary padding is never sampled.
-Works at any tp: every tp rank gathers the full logits and samples with the same seeded
-generator, so all ranks pick the same tokens. At pp > 1 every rank of the pipeline calls
-``generate`` with its stage's chunk: each step's hidden states go stage to stage, the last
-stage samples, and the chosen tokens are broadcast back to every stage.
+Prompts are sorted by length (longest first) and generated in batches of ``batch_size`` rows,
+so a batch holds prompts of similar lengths; answers come back in the caller's order. Within a
+batch prompts are left-padded to a common length; each row's positions count from its first
+real token (so learned positions and RoPE see the same positions as an unpadded run), and the
+attention mask hides the padding keys. A row that emits ``eod_id`` leaves the batch: its rows
+of the KV cache, mask and positions are dropped, so later decode steps run on fewer rows.
+Vocabulary padding is never sampled.
+
+Every prompt samples from its own generator, seeded from ``seed`` and the prompt's index, so
+an answer does not depend on the batch size, on the order rows leave the batch, or on the
+other prompts' lengths. Works at any tp: every tp rank gathers the full logits and samples
+with the same generators, so all ranks pick the same tokens and drop the same rows. At pp > 1
+every rank of the pipeline calls ``generate`` with its stage's chunk: each step's hidden states
+go stage to stage, the last stage samples, and the chosen tokens are broadcast back to every
+stage; each stage derives the rows that finished from those tokens, so the stages drop the same
+rows without another message.
+
+Host synchronisation per decode step is what sampling needs and no more: the last stage's
+logits come to the host to be sampled (the finished rows are read from those host tokens), and
+at pp > 1 the other stages read the broadcast tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +47,19 @@ class KVCache:
         self.keys[layer][:, self.length : end] = k
         self.values[layer][:, self.length : end] = v
         return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (in that order): the rows of finished sequences leave."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer].index_select(0, rows)
+            self.values[layer] = self.values[layer].index_select(0, rows)
+
+    def drop_leading(self, count: int) -> None:
+        """Forget the first ``count`` positions of every row: left padding no remaining row attends to."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer][:, count:]
+            self.values[layer] = self.values[layer][:, count:]
+        self.length -= count
 
     def causal_mask(self, new_length: int, device) -> torch.Tensor:
         """(1, 1, T, S) additive bias for T new queries after the cached keys: causal alignment is
@@ -109,15 +135,50 @@ def generate(
     top_p: float = 1.0,
     eod_id: int | None = None,
     seed: int = 0,
+    batch_size: int | None = None,
+    compact: bool = True,
 ) -> list[list[int]]:
-    """New tokens for each prompt; a row stops after emitting ``eod_id`` (which it includes)."""
+    """New tokens for each prompt; a row stops after emitting ``eod_id`` (which it includes).
+
+    ``batch_size`` rows of length-sorted prompts are generated together (all of them when None);
+    ``compact=False`` keeps finished rows in the batch until it ends (the same answers, more
+    compute: kept to measure what compaction saves)."""
     _check(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 (or None for one batch of all prompts); got {batch_size}")
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id, seed)
+        generators = _row_generators(seed, len(prompts))
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for rows in _length_buckets(prompts, batch_size or len(prompts)):
+            answers = _generate_batch(model, [prompts[r] for r in rows], [generators[r] for r in rows],
+                                      max_new_tokens, (temperature, top_k, top_p), eod_id, compact)
+            for row, answer in zip(rows, answers):
+                outputs[row] = answer
+        return outputs
     finally:
         model.train(was_training)
+
+
+def _row_generators(seed: int, count: int) -> list[torch.Generator]:
+    """One generator per prompt, seeded from ``seed`` and the prompt's index."""
+    seeds = torch.randint(0, 2**62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _length_buckets(prompts: list[list[int]], size: int) -> list[list[int]]:
+    """Prompt indices sorted longest first, in consecutive groups of ``size``."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def _sample_rows(logits: torch.Tensor, sampling: tuple[float, int, float], generators: list[torch.Generator]):
+    """One token per row of logits (B, V), row i drawn with ``generators[i]``."""
+    temperature, top_k, top_p = sampling
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.cat([sample(logits[i : i + 1], temperature, top_k, top_p, g) for i, g in enumerate(generators)])
 
 
 class _Stage:
@@ -150,43 +211,71 @@ class _Stage:
         return buffer
 
 
-def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eod_id, seed):
-    device = model.dims.device
-    cfg = model.config
-    batch, prompt_length = len(prompts), max(len(p) for p in prompts)
-    total = prompt_length + max_new_tokens
-    pads = torch.tensor([prompt_length - len(p) for p in prompts], device=device)
-    tokens = torch.tensor([[0] * (prompt_length - len(p)) + p for p in prompts], device=device)  # (B, T)
-    key_valid = torch.arange(total, device=device).unsqueeze(0) >= pads.unsqueeze(1)  # (B, S_max)
+class _Rows:
+    """The rows a batch still generates, in KV-cache row order: their prompts' left padding and
+    which cached keys are real."""
 
+    def __init__(self, prompts: list[list[int]], max_new_tokens: int, device):
+        self.prompts = prompts
+        self.active = list(range(len(prompts)))  # the prompt of each cache row
+        self.width = max(len(p) for p in prompts)  # prompt columns held in the cache
+        self.pads = torch.tensor([self.width - len(p) for p in prompts], device=device)  # (B,)
+        total = self.width + max_new_tokens
+        self.key_valid = torch.arange(total, device=device).unsqueeze(0) >= self.pads.unsqueeze(1)  # (B, S_max)
+
+    def keep(self, kept: list[int], cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """Only the rows ``kept`` go on; returns their ``tokens``. Once the longest prompts are done,
+        the padding columns every remaining row has leave the cache too."""
+        self.active = [self.active[i] for i in kept]
+        rows = torch.tensor(kept, device=tokens.device)
+        cache.keep_rows(rows)
+        self.pads, self.key_valid = self.pads[rows], self.key_valid[rows]
+        shared_padding = self.width - max(len(self.prompts[r]) for r in self.active)
+        if shared_padding:
+            cache.drop_leading(shared_padding)
+            self.pads, self.key_valid = self.pads - shared_padding, self.key_valid[:, shared_padding:]
+            self.width -= shared_padding
+        return tokens[rows]
+
+
+def _prefill(stage: _Stage, model: GPT, rows: _Rows, max_new_tokens: int):
+    """Runs the left-padded prompts into a new cache; returns it and the last stage's logits (B, V/tp)."""
+    device, cfg, width, pads = model.dims.device, model.config, rows.width, rows.pads
+    tokens = torch.tensor([[0] * (width - len(p)) + p for p in rows.prompts], device=device)  # (B, T)
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.layer_range, batch, total, local_kv_heads(cfg, model.dims.tp), cfg.head_dim, device, dtype)
-    positions = (torch.arange(prompt_length, device=device).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
-    causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device).tril()
+    cache = KVCache(model.layer_range, len(rows.prompts), width + max_new_tokens, local_kv_heads(cfg, model.dims.tp),
+                    cfg.head_dim, device, dtype)
+    positions = (torch.arange(width, device=device).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     # Padding queries see themselves only, so no softmax row is empty; real queries never see padding.
-    allowed = (causal & key_valid[:, None, None, :prompt_length]) | torch.eye(prompt_length, dtype=torch.bool,
-                                                                              device=device)
+    allowed = (causal & rows.key_valid[:, None, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
     mask = attention_bias(allowed, dtype)  # (B, 1, T, T)
-    stage = _Stage(model)
-    logits = stage.forward(tokens, position_ids=positions, kv_cache=cache, attention_mask=mask)  # (B, V/tp)
+    return cache, stage.forward(tokens, position_ids=positions, kv_cache=cache, attention_mask=mask)
 
-    generator = torch.Generator().manual_seed(seed)
+
+def _generate_batch(model, prompts, generators, max_new_tokens, sampling, eod_id, compact):
+    device = model.dims.device
+    stage, rows = _Stage(model), _Rows(prompts, max_new_tokens, device)
+    cache, logits = _prefill(stage, model, rows, max_new_tokens)
     outputs: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * batch
+    finished = [False] * len(prompts)  # per cache row; stays all False when finished rows leave
     for step in range(max_new_tokens):
         next_tokens = None
         if logits is not None:
-            next_tokens = sample(_full_logits(model, logits), temperature, top_k, top_p, generator)  # (B,)
-        next_tokens = stage.share(next_tokens, batch, device)
-        for row, token in enumerate(next_tokens.tolist()):
-            if not finished[row]:
-                outputs[row].append(token)
-                finished[row] = token == eod_id
+            next_tokens = _sample_rows(_full_logits(model, logits), sampling, [generators[r] for r in rows.active])
+        next_tokens = stage.share(next_tokens, len(rows.active), device)  # (B,)
+        for i, token in enumerate(next_tokens.tolist()):
+            if not finished[i]:
+                outputs[rows.active[i]].append(token)
+                finished[i] = token == eod_id
         if all(finished) or step == max_new_tokens - 1:
             break
+        if compact and any(finished):
+            kept = [i for i, done in enumerate(finished) if not done]
+            next_tokens, finished = rows.keep(kept, cache, next_tokens.to(device)), [False] * len(kept)
         length = cache.length + 1
-        positions = (torch.full((batch, 1), length - 1, device=device) - pads.unsqueeze(1)).clamp(min=0)
-        mask = attention_bias(key_valid[:, None, None, :length], dtype)  # (B, 1, 1, S), once for every layer
+        positions = (torch.full((len(rows.active), 1), length - 1, device=device) - rows.pads.unsqueeze(1)).clamp(min=0)
+        mask = attention_bias(rows.key_valid[:, None, None, :length], cache.dtype)  # (B, 1, 1, S), once for every layer
         logits = stage.forward(next_tokens.to(device).unsqueeze(1), position_ids=positions, kv_cache=cache,
                                attention_mask=mask)
     return outputs

@@ -1,7 +1,8 @@
 """The pieces of an RL rollout, for any algorithm that samples answers and scores them (PPO today;
 GRPO or RLOO would reuse them with their own advantages and loss).
 
-1. ``sample_answers``: the policy samples an answer to each prompt (KV cache; at pp > 1 each
+1. ``sample_answers``: the policy samples an answer to each prompt (KV cache; an answer that
+   reaches end-of-text leaves the batch, so the rest decode on fewer rows; at pp > 1 each
    token's hidden states go stage to stage and the last stage's choice is broadcast back; the tp
    ranks of a replica sample the same tokens);
 2. ``answer_batch``: prompt + answer rows padded to the sequence length, with the answer tokens
@@ -52,7 +53,8 @@ class AnswerBatch(NamedTuple):
 @torch.no_grad()
 def sample_answers(policy: TrainedModel, prompts: list[list[int]], sampling: Sampling, eod_id: int,
                    seed: int) -> list[list[int]]:
-    """The policy's answer to each prompt (ending at end-of-text, or at ``max_new_tokens``)."""
+    """The policy's answer to each prompt (ending at end-of-text, or at ``max_new_tokens``); each
+    prompt draws from its own stream of ``seed``, so an answer does not depend on when the others end."""
     return generate(policy.chunks[0], prompts, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
                     sampling.top_p, eod_id=eod_id, seed=seed)
 

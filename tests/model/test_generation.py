@@ -131,9 +131,9 @@ def test_each_step_builds_one_attention_bias_for_every_layer(flavor, monkeypatch
     calls = []
     attention = ops.attention
 
-    def recording(q, k, v, causal=True, backend="torch", dropout_p=0.0, mask=None):
+    def recording(q, k, v, causal=True, backend="torch", dropout_p=0.0, mask=None, *args, **kwargs):
         calls.append((mask, q.dtype))
-        return attention(q, k, v, causal, backend, dropout_p, mask)
+        return attention(q, k, v, causal, backend, dropout_p, mask, *args, **kwargs)
 
     monkeypatch.setattr(ops, "attention", recording)
     steps, layers = 5, model.config.num_layers
@@ -154,3 +154,127 @@ def test_kv_cache_causal_mask_is_an_additive_bias():
     assert bias.dtype == torch.float64 and bias.shape == (1, 1, 3, 5)
     expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(bias[0, 0] == 0, expected) and bias[0, 0][~expected].isneginf().all()
+# ----------------------------------------------------------------------------- compaction and length buckets
+
+RAGGED = [[3], [1, 2, 3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17], [18, 19, 20]]
+
+
+def _rows_per_forward(model: GPT) -> tuple[list[tuple[int, int, int]], object]:
+    """Records (rows, new tokens, cached positions) of every forward of ``model``; returns the list
+    and the hook handle."""
+    shapes: list[tuple[int, int, int]] = []
+
+    def record(module, args, kwargs):
+        shapes.append((*args[0].shape[:2], kwargs["kv_cache"].length))
+
+    return shapes, model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def _an_eod_that_stops_some_rows_early(model: GPT, prompts, steps: int) -> int:
+    """A token that some greedy answers emit before their last step and others never emit."""
+    answers = generate(model, prompts, steps, temperature=0)
+    for token in sorted({t for a in answers for t in a[:-2]}):
+        if any(token not in a for a in answers):
+            return token
+    raise AssertionError("no token stops only some rows")
+
+
+def test_finished_rows_leave_the_batch_and_answers_keep_the_callers_order():
+    model = tiny_model("llama").eval()
+    eod = _an_eod_that_stops_some_rows_early(model, RAGGED, 10)
+    with torch.no_grad():
+        expected = [greedy_without_cache(model, p, 10) for p in RAGGED]
+    expected = [a[: a.index(eod) + 1] if eod in a else a for a in expected]
+
+    shapes, handle = _rows_per_forward(model)
+    compacted = generate(model, RAGGED, 10, temperature=0, eod_id=eod)
+    handle.remove()
+    assert compacted == expected
+    decode_rows = [rows for rows, _, _ in shapes[1:]]
+    assert shapes[0] == (5, 8, 0) and all(tokens == 1 for _, tokens, _ in shapes[1:])
+    assert decode_rows == sorted(decode_rows, reverse=True) and decode_rows[-1] < 5  # rows only ever leave
+    # Every forward row is a row still generating: the steps run equal the tokens emitted.
+    assert sum(decode_rows) + 5 == sum(len(a) for a in expected)
+
+    shapes, handle = _rows_per_forward(model)
+    assert generate(model, RAGGED, 10, temperature=0, eod_id=eod, compact=False) == expected
+    handle.remove()
+    assert {rows for rows, _, _ in shapes} == {5} and sum(rows for rows, _, _ in shapes[1:]) > sum(decode_rows)
+
+
+def test_length_buckets_cut_the_padding_and_restore_the_order():
+    model = tiny_model("gpt2").eval()
+    shapes, handle = _rows_per_forward(model)
+    out = generate(model, RAGGED, 4, temperature=0, batch_size=2)
+    handle.remove()
+    prefills = [(rows, tokens) for rows, tokens, cached in shapes if cached == 0]
+    assert prefills == [(2, 8), (2, 3), (1, 1)]  # lengths 8, 7 | 3, 2 | 1: 3 padding tokens instead of 19
+    assert out == generate(model, RAGGED, 4, temperature=0)
+    assert out == [generate(model, [p], 4, temperature=0)[0] for p in RAGGED]
+
+
+def test_sampled_answers_do_not_depend_on_batching_or_compaction():
+    model = tiny_model("llama")
+    eod = _an_eod_that_stops_some_rows_early(model, RAGGED, 10)
+    reference = generate(model, RAGGED, 10, temperature=1.0, eod_id=eod, seed=5, compact=False)
+    for batch_size in (None, 1, 2, 3):
+        assert generate(model, RAGGED, 10, temperature=1.0, eod_id=eod, seed=5, batch_size=batch_size) == reference
+    assert generate(model, RAGGED, 10, temperature=1.0, eod_id=eod, seed=6) != reference
+    assert len({tuple(a) for a in generate(model, [[4, 5]] * 8, 6, temperature=1.0, seed=5)}) > 1  # rows draw apart
+
+
+def test_sampled_first_tokens_follow_the_softmax():
+    model = tiny_model("gpt2").eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([[7, 8]]))[0, -1, :40].float() / 1.5, -1)
+    draws = 4000
+    first = [a[0] for a in generate(model, [[7, 8]] * draws, 1, temperature=1.5, seed=2)]
+    counts = torch.bincount(torch.tensor(first), minlength=40).double()
+    expected = probs.double() * draws
+    seen = expected > 20  # a chi-square test on the tokens drawn often enough to count
+    chi2 = ((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum().item()
+    assert chi2 < 2 * int(seen.sum()) + 20, chi2  # far above the mean (degrees of freedom) only if skewed
+
+
+def test_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        generate(tiny_model("gpt2"), [[1]], 2, batch_size=0)
+
+
+def _compacting_tp_pp_generation(rank: int, world_size: int) -> list[list[int]]:
+    reference = tiny_model("llama")
+    eod = _an_eod_that_stops_some_rows_early(reference, RAGGED, 10)
+    dims = ParallelDims.initialize(ParallelConfig(tp=2, pp=2))
+    stage = GPT(reference.config, dims, my_layer_ranges(reference.config.num_layers, dims)[0],
+                pre_process=dims.is_first_stage, post_process=dims.is_last_stage, seed=3)
+    results = []
+    for temperature, batch_size in ((0.0, None), (1.0, 2)):
+        out = generate(stage, RAGGED, 10, temperature=temperature, eod_id=eod, seed=4, batch_size=batch_size)
+        assert out == generate(reference, RAGGED, 10, temperature=temperature, eod_id=eod, seed=4)
+        results.append(out)
+    assert any(len(a) < 10 for a in results[0])  # some rows really left early
+    return results
+
+
+def test_compaction_at_tp2_pp2_matches_one_model():
+    """Every stage drops the rows the last stage's tokens finish, and the tp ranks agree."""
+    outputs = run_distributed(_compacting_tp_pp_generation, 4)
+    assert all(o == outputs[0] for o in outputs)
+
+
+def test_padding_columns_leave_the_cache_with_the_longest_prompt():
+    model = tiny_model("gpt2").eval()
+    long, short = list(range(1, 11)), [11, 12]
+    answers = generate(model, [long, short], 8, temperature=0)
+    # An end-of-text the long prompt's answer emits early and the short one's never does.
+    eod = next(t for t in answers[0][:4] if t not in answers[1])
+    shapes, handle = _rows_per_forward(model)
+    out = generate(model, [long, short], 8, temperature=0, eod_id=eod)
+    handle.remove()
+    assert out == [answers[0][: answers[0].index(eod) + 1], answers[1]]
+    with torch.no_grad():
+        assert out[1] == greedy_without_cache(model, short, 8)
+    leaves = len(out[0])  # the decode step after the long row's last token
+    cached = [c for _, _, c in shapes]
+    assert cached[leaves] == cached[leaves - 1] + 1 - 8  # the 8 padding columns of the short row are gone
+    assert [rows for rows, _, _ in shapes[leaves:]] == [1] * (len(shapes) - leaves)
