@@ -154,7 +154,7 @@ class RealStep:
         self.cfg = cfg = resolve(cfg, read_data=False)  # random tokens: no tokenizer, no data
         seed_everything(cfg.train.seed)
         self.chunks = build_model_chunks(cfg, self.dims)
-        self.optimizer, _ = build_parallel_optimizer(named_parameters(self.chunks), cfg.optim, cfg.parallel.zero1, self.dims)
+        self.optimizer, _ = build_parallel_optimizer(self.chunks, cfg.optim, cfg.parallel, self.dims)
         self.step = ParallelStep(self.chunks, self.optimizer, self.dims, cfg.parallel.pipeline_schedule,
                                  cfg.parallel.bucket_size_mb, comm_stats=comm_stats)
         self.scaler = LossScaler(dynamic=False)
