@@ -367,20 +367,16 @@ class Zero1AdamW:
         group_of = self._group_of_each_param()
         names = param_names or {}
         self.names = {p: names.get(p, f"param{i}") for i, p in enumerate(group_of)}
-        chunks = param_chunks or [list(names) if names else list(group_of)]
+        chunks = [[p for p in chunk if p in group_of] for chunk in param_chunks or [list(names) or list(group_of)]]
+        self._check_covered(group_of, chunks)
         self.reducers = [
-            GradReducer([p for p in chunk if p in group_of], dp_group, bucket_size_mb, comm_stats=comm_stats,
-                        shard=True, late_params=late_params, bucket_order=group_of.get)
+            GradReducer(chunk, dp_group, bucket_size_mb, comm_stats=comm_stats, shard=True, late_params=late_params,
+                        bucket_order=group_of.get)
             for chunk in chunks
         ]
-        self._check_covered(group_of)
         self._comm_stats = comm_stats
         self._sharded = [self._shard(bucket, group_of) for reducer in self.reducers for bucket in reducer.buckets]
-        self._grad_shards = [
-            GradShard(sb.bucket.grad_shard[lo:hi], layout_of(p), p, sb.start + lo - sb.bucket.offsets[p])
-            for sb in self._sharded for p in sb.bucket.params
-            for lo, hi in [sb.local_piece(p) or (0, 0)] if lo < hi
-        ]
+        self._grad_shards = [shard for sb in self._sharded for shard in self._local_grad_shards(sb)]
         self._grads_reduced = False
 
     @property
@@ -409,8 +405,8 @@ class Zero1AdamW:
             raise ValueError("Zero1AdamW got no parameters")
         return group_of
 
-    def _check_covered(self, group_of: Mapping[torch.Tensor, int]) -> None:
-        bucketed = {p for reducer in self.reducers for p in reducer.params}
+    def _check_covered(self, group_of: Mapping[torch.Tensor, int], chunks: list[list[torch.Tensor]]) -> None:
+        bucketed = {p for chunk in chunks for p in chunk if p.requires_grad}
         missing = [self.names[p] for p in group_of if p not in bucketed]
         if missing:
             raise ValueError(
@@ -440,6 +436,17 @@ class Zero1AdamW:
             else:
                 ranges.append((group_of[p], *piece))
         return sharded
+
+    @staticmethod
+    def _local_grad_shards(sb: _ShardedBucket) -> list[GradShard]:
+        """The reduced gradient of each parameter's piece in this rank's slice of the bucket."""
+        shards = []
+        for p in sb.bucket.params:
+            piece = sb.local_piece(p)
+            if piece is not None:
+                lo, hi = piece
+                shards.append(GradShard(sb.bucket.grad_shard[lo:hi], layout_of(p), p, sb.start + lo - sb.bucket.offsets[p]))
+        return shards
 
     # ------------------------------------------------------------------ gradients
 
@@ -510,6 +517,11 @@ class Zero1AdamW:
     def wait_for_params(self) -> None:
         """Every bucket's all-gather done: the parameters hold the last step's weights."""
         self._wait_for(range(len(self._sharded)))
+
+    @property
+    def gathers_in_flight(self) -> int:
+        """Buckets whose updated weights no forward (or ``wait_for_params``) has waited for yet."""
+        return sum(sb.gather is not None for sb in self._sharded)
 
     def install_param_gather_hooks(self, modules: Iterable[torch.nn.Module]) -> None:
         """Leave each step's all-gathers in flight; a module's forward first waits for the buckets

@@ -219,6 +219,7 @@ class Trainer:
                     result.interrupted = True
                     break
         result.steps = self.step
+        self.model.parallel_step.wait_for_params()  # ZeRO-1 leaves the last step's weight all-gathers in flight
         self.metrics.close()
         return result
 
