@@ -277,8 +277,8 @@ def cuda_throughput(hidden: int, layers: int, tokens: int, num_micro_batches: in
         tflops_per_gpu = 6 * parameters * tokens_per_s / world_size / 1e12
         rows.append((zero1, tokens_per_s, tflops_per_gpu, elapsed * 1e3))
     lines = [
-        f"{torch.cuda.get_device_name()}, dp={world_size}: GPT-2, {layers} layers, hidden {hidden}, bf16 autocast, "
-        f"fp32 weights, {num_micro_batches} micro-batches of {tokens} tokens per rank per step, mean of {steps} steps:",
+        f"{torch.cuda.get_device_name()}, dp={world_size}: GPT-2, {layers} layers, hidden {hidden}, bf16 weights, "
+        f"fp32 main grads and main params, {num_micro_batches} micro-batches of {tokens} tokens per rank per step, mean of {steps} steps:",
         "",
         "| optimizer | tokens/s (all ranks) | TFLOP/s per GPU (6 x params x tokens/s) | ms/step |",
         "|---|---|---|---|",

@@ -1,15 +1,18 @@
-"""Data parallelism: bucketed gradient all-reduce overlapped with backward, and ZeRO-1.
+"""Data parallelism: gradient buckets reduced while backward runs, and ZeRO-1.
 
-``GradReducer`` keeps every gradient as a view into a few flat bucket buffers. A hook fires
-when a parameter's gradient is final for the step; when all of a bucket's parameters are
-final the bucket's all-reduce starts asynchronously, so communication of the last layers
-overlaps the backward pass of the first ones. Buckets are launched in index order on every
-rank, because collectives must be issued in the same order by all members of a group.
+``GradReducer`` keeps every gradient in a few flat fp32 main-grad buffers (``param.main_grad``
+is each parameter's view; fp32 weights accumulate into it directly, 16-bit weights through a
+hook that adds each micro-batch's gradient). A hook fires when a parameter's gradient is final
+for the step; when all of a bucket's parameters are final the bucket's reduction starts
+asynchronously, so communication of the last layers overlaps the backward pass of the first
+ones. Buckets are launched in index order on every rank, because collectives must be issued in
+the same order by all members of a group.
 
-``Zero1AdamW`` shards AdamW's state over the data-parallel group: the parameters are laid
-end to end in one flat fp32 vector, rank r owns the r-th contiguous slice, gradients are
-reduce-scattered onto the slices, each rank updates its slice, and the updated slices are
-all-gathered back into the parameters.
+``Zero1AdamW`` shards AdamW's state over the data-parallel group by bucket: each bucket is
+reduce-scattered as backward completes it, rank r owns the r-th slice of every bucket (its fp32
+master weights and moments), updates its slices bucket by bucket, and all-gathers each bucket's
+updated weights straight into the parameters; the next forward waits for a bucket only when a
+module that holds one of its parameters runs.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from megatron_lite.training.checkpoint.format import named_parameters
 # the target (the labels when pretraining; what an RLHF stage's loss needs otherwise).
 MicroBatch = tuple[torch.Tensor, Any]
 # loss_fn(chunk, inputs, target, num_micro_batches): the last stage's scalar loss for one
-# micro-batch, already divided by the number of micro-batches (run under autocast).
+# micro-batch, already divided by the number of micro-batches (run under the model's forward context).
 LossFn = Callable[[torch.nn.Module, torch.Tensor, Any, int], torch.Tensor]
 
 

@@ -42,7 +42,7 @@ class TrainedModel:
     chunks: list[torch.nn.Module]
     dims: ParallelDims
     parallel_step: ParallelStep
-    autocast: Callable[[], ContextManager]  # the precision every forward runs under
+    autocast: Callable[[], ContextManager]  # the context every forward runs under (``setup.autocast_context``)
     optimizer: object | None = None
     optimizer_kind: str = "frozen"  # which AdamW, for the start-up line
     scheduler: LRScheduler | None = None

@@ -3,6 +3,9 @@ params in the optimizer, fp32 checkpoints whichever precision wrote them."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -184,3 +187,18 @@ def test_bf16_under_tensor_pipeline_and_zero1_data_parallel_follows_fp32(tmp_pat
         for history in per_rank.values():
             for (loss, norm), (loss32, norm32) in zip(history, fp32_history):
                 assert loss == pytest.approx(loss32, rel=2e-2) and norm == pytest.approx(norm32, rel=1e-1)
+
+
+def test_precision_benchmark_runs_on_tiny_sizes(capsys):
+    """The benchmark end to end on tiny shapes, every contender reported (no timing checked)."""
+    tool = Path(__file__).resolve().parents[2] / "tools" / "bench_precision.py"
+    spec = importlib.util.spec_from_file_location("bench_precision", tool)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny = ["--layers", "1", "--hidden", "32", "--heads", "4", "--seq", "16", "--vocab", "64", "--steps", "1",
+            "--repeat", "1", "--micro-batch", "2"]
+    for extra in ([], ["--zero1"]):
+        assert bench.main(tiny + extra) == 0
+        out = capsys.readouterr().out
+        for name in ("| fp32 |", "| fp32 + bf16 autocast |", "| bf16 |", "| fp16 |"):
+            assert name in out
