@@ -124,12 +124,6 @@ class MainParamsAdamW:
     def load_state_dict_by_param_name(self, saved: dict) -> None:
         load_optimizer_state_by_name(self.inner, self.named_main_params, saved)
 
-    @torch.no_grad()
-    def reload_params(self) -> None:
-        """Take the main params from the weights again (after the weights were overwritten)."""
-        for weight, main in zip(self.weights, self.main_params):
-            main.copy_(weight)
-
     @contextlib.contextmanager
     def full_precision_weights(self) -> Iterator[None]:
         """Inside, each weight's storage is its fp32 main param, so a checkpoint saves the masters and

@@ -201,12 +201,6 @@ class ParallelStep:
     def zero_grad(self) -> None:
         self.grad_sync.zero_grad()
 
-    def weights_loaded(self) -> None:
-        """Call after parameters were overwritten outside ``full_precision_weights()``: the fp32
-        masters (ZeRO-1's slices, or the main params of 16-bit weights) are re-read from them."""
-        if hasattr(self.optimizer, "reload_params"):
-            self.optimizer.reload_params()
-
     def full_precision_weights(self) -> ContextManager:
         """A context in which the parameters hold the fp32 master weights, for a checkpoint's save or
         load; on leaving, the masters take what the parameters hold (a load) and 16-bit weights are
