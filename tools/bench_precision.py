@@ -2,6 +2,7 @@
 
     python tools/bench_precision.py [--layers 4] [--hidden 256] [--heads 8] [--seq 256] [--vocab 8192]
                                     [--micro-batch 4] [--micro-batches 2] [--steps 3] [--repeat 3] [--zero1]
+                                    [--only fp32,autocast,bf16,fp16]
 
 Each contender is a ``TrainedModel`` of the same shape stepping on the same tokens:
 - ``fp32``: fp32 weights, torch AdamW on them;
@@ -29,11 +30,11 @@ from megatron_lite.config import load_config
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.training.trained_model import TrainedModel, build_trained_model
 
-CONTENDERS = {  # name: (train.precision, forward context or None for the model's own)
-    "fp32": ("fp32", None),
-    "fp32 + bf16 autocast": ("fp32", lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
-    "bf16": ("bf16", None),
-    "fp16": ("fp16", None),
+CONTENDERS = {  # --only key: (row name, train.precision, forward context or None for the model's own)
+    "fp32": ("fp32", "fp32", None),
+    "autocast": ("fp32 + bf16 autocast", "fp32", lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    "bf16": ("bf16", "bf16", None),
+    "fp16": ("fp16", "fp16", None),
 }
 
 
@@ -120,26 +121,33 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--zero1", action="store_true", help="ZeRO-1 AdamW (dp=1) instead of plain AdamW")
+    parser.add_argument("--only", default=",".join(CONTENDERS),
+                        help="comma-separated contenders (fp32 always runs: the baseline); a CPU without fp16 "
+                             "arithmetic emulates fp16 matmuls, slowly")
     args = parser.parse_args(argv)
+    chosen = ["fp32"] + [key for key in args.only.split(",") if key != "fp32"]
+    unknown = [key for key in chosen if key not in CONTENDERS]
+    if unknown:
+        parser.error(f"unknown contender(s) {unknown} in --only; choose from {', '.join(CONTENDERS)}")
     batches = micro_batches(args)
-    models = {name: build(args, precision) for name, (precision, _) in CONTENDERS.items()}
+    models = {key: build(args, CONTENDERS[key][1]) for key in chosen}
     best: dict[str, float] = {}
-    for name, model in models.items():  # first-call set-up, allocator growth
-        step(model, batches, CONTENDERS[name][1])
+    for key, model in models.items():  # first-call set-up, allocator growth
+        step(model, batches, CONTENDERS[key][2])
     for _ in range(args.repeat):
-        for name, model in models.items():
-            took = timed_steps(model, batches, CONTENDERS[name][1], args.steps)
-            best[name] = min(best.get(name, took), took)
+        for key, model in models.items():
+            took = timed_steps(model, batches, CONTENDERS[key][2], args.steps)
+            best[key] = min(best.get(key, took), took)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"GPT-2 {args.layers} layers, hidden {args.hidden}, seq {args.seq}, vocab {args.vocab}, "
           f"{args.micro_batches} micro-batches of {args.micro_batch}, {'ZeRO-1' if args.zero1 else 'AdamW'}\n")
     print("| precision | step (ms) | vs fp32 | weights (MiB) | grad buffers (MiB) | optimizer (MiB) | "
           "saved for backward per micro-batch (MiB) |")
     print("|---|---|---|---|---|---|---|")
-    for name, model in models.items():
+    for key, model in models.items():
         sizes = memory(model)
-        saved = saved_for_backward(model, batches[0], CONTENDERS[name][1])
-        print(f"| {name} | {best[name] * 1e3:.1f} | {best['fp32'] / best[name]:.2f}x | {mib(sizes['weights'])} | "
+        saved = saved_for_backward(model, batches[0], CONTENDERS[key][2])
+        print(f"| {CONTENDERS[key][0]} | {best[key] * 1e3:.1f} | {best['fp32'] / best[key]:.2f}x | {mib(sizes['weights'])} | "
               f"{mib(sizes['gradients'])} | {mib(sizes['optimizer'])} | {mib(saved)} |")
     return 0
 
