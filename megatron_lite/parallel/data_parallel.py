@@ -207,7 +207,7 @@ class GradReducer:
             return
         if bucket.launched and self.sync_enabled:
             raise RuntimeError(
-                "a gradient was accumulated again after its bucket's all-reduce started: more than one "
+                "a gradient was accumulated again after its bucket's reduction started: more than one "
                 "backward ran with grad sync on; wrap all but the final micro-batch in no_sync() and call "
                 "finish_grad_sync() before the next step"
             )
