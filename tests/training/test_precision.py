@@ -160,13 +160,21 @@ def test_checkpoints_hold_fp32_masters_and_move_between_precisions(zero1, tmp_pa
 # ----------------------------------------------------------------------------- parallel layouts
 
 
+PARALLEL_BF16 = {  # name: (layout flags, model flags shared with the fp32 single-process reference)
+    "tp2 dp2 zero1 sequence-parallel": (["parallel.tp=2", "parallel.zero1=true", "parallel.sequence_parallel=true"], []),
+    "pp2 dp2": (["parallel.pp=2"], []),
+    "pp2x2 interleaved dp2 zero1": (["parallel.pp=2", "parallel.virtual_pp=2", "parallel.zero1=true"],
+                                    ["model.num_layers=4"]),
+}
+
+
 def _parallel_bf16_body(rank: int, world_size: int, tmp: str) -> dict:
-    """tp=2 (sequence parallel) x dp=2 with overlapped ZeRO-1, and pp=2 x dp=2 with plain AdamW and
-    the tied embedding's two copies: the bf16 losses and grad norms on every rank."""
+    """tp=2 (sequence parallel) x dp=2 with overlapped ZeRO-1; pp=2 x dp=2 with plain AdamW and the
+    tied embedding's two copies; the interleaved pipeline with ZeRO-1 over its two chunks: the bf16
+    losses and grad norms on every rank."""
     out = {}
-    for name, flags in {"tp2 dp2 zero1": ["parallel.tp=2", "parallel.zero1=true", "parallel.sequence_parallel=true"],
-                        "pp2 dp2": ["parallel.pp=2"]}.items():
-        cfg = _config(flags + ["train.precision=bf16", f"log.dir={tmp}/{name}"])
+    for name, (layout, model_flags) in PARALLEL_BF16.items():
+        cfg = _config(layout + model_flags + ["train.precision=bf16", f"log.dir={tmp}/{name}"])
         dims = setup_dims(cfg)
         model, history = _train(cfg, dims)
         assert {p.dtype for _, p in model.named_params} == {torch.bfloat16}
@@ -182,11 +190,17 @@ def _parallel_bf16_body(rank: int, world_size: int, tmp: str) -> dict:
 
 
 def test_bf16_under_tensor_pipeline_and_zero1_data_parallel_follows_fp32(tmp_path):
-    _, fp32_history = _train(_config(), ParallelDims.single())
+    references = {}
+    for name, (_, model_flags) in PARALLEL_BF16.items():
+        key = tuple(model_flags)
+        if key not in references:
+            references[key] = _train(_config(model_flags), ParallelDims.single())[1]
     for per_rank in run_distributed(_parallel_bf16_body, 4, str(tmp_path)):
-        for history in per_rank.values():
+        for name, history in per_rank.items():
+            fp32_history = references[tuple(PARALLEL_BF16[name][1])]
             for (loss, norm), (loss32, norm32) in zip(history, fp32_history):
-                assert loss == pytest.approx(loss32, rel=2e-2) and norm == pytest.approx(norm32, rel=1e-1)
+                assert loss == pytest.approx(loss32, rel=2e-2), name
+                assert norm == pytest.approx(norm32, rel=1e-1), name
 
 
 def test_precision_benchmark_runs_on_tiny_sizes(capsys):
