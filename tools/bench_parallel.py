@@ -163,7 +163,7 @@ class RealStep:
         self.cfg = cfg = resolve(cfg, read_data=False)  # random tokens: no tokenizer, no data
         seed_everything(cfg.train.seed)
         self.chunks = build_model_chunks(cfg, self.dims)
-        self.optimizer, _ = build_parallel_optimizer(named_parameters(self.chunks), cfg.optim, cfg.parallel.zero1, self.dims)
+        self.optimizer, _ = build_parallel_optimizer(self.chunks, cfg.optim, cfg.parallel, self.dims)
         self.step = ParallelStep(self.chunks, self.optimizer, self.dims, cfg.parallel.pipeline_schedule,
                                  cfg.parallel.bucket_size_mb, comm_stats=comm_stats)
         self.scaler = LossScaler(dynamic=False)
@@ -350,8 +350,8 @@ def cuda_throughput(hidden: int, layers: int, tokens: int, num_micro_batches: in
         tflops_per_gpu = 6 * parameters * tokens_per_s / world_size / 1e12
         rows.append((zero1, tokens_per_s, tflops_per_gpu, elapsed * 1e3))
     lines = [
-        f"{torch.cuda.get_device_name()}, dp={world_size}: GPT-2, {layers} layers, hidden {hidden}, bf16 autocast, "
-        f"fp32 weights, {num_micro_batches} micro-batches of {tokens} tokens per rank per step, mean of {steps} steps:",
+        f"{torch.cuda.get_device_name()}, dp={world_size}: GPT-2, {layers} layers, hidden {hidden}, bf16 weights, "
+        f"fp32 main grads and main params, {num_micro_batches} micro-batches of {tokens} tokens per rank per step, mean of {steps} steps:",
         "",
         "| optimizer | tokens/s (all ranks) | TFLOP/s per GPU (6 x params x tokens/s) | ms/step |",
         "|---|---|---|---|",

@@ -11,9 +11,12 @@ them in this order on every rank (collectives must be issued in one order by all
    rank's loss is the mean over its own tokens of the same samples (attention's K/V gradients
    already crossed ranks in the backward's reduce-scatter): the global loss is the mean of the
    cp ranks' losses, so the average runs over the joint dp x cp group (``dims.dp_cp_group``).
-   Plain AdamW keeps gradients in ``GradReducer`` buckets whose all-reduces start during the
-   final backward; ZeRO-1 instead reduce-scatters them onto each rank's optimizer slice, last,
-   after the sums below (they act on whole gradients, and afterwards only slices exist);
+   Gradients live in ``GradReducer`` buckets (fp32 main-grad buffers, also for 16-bit weights)
+   whose reductions start during the final backward: an all-reduce for plain AdamW, a
+   reduce-scatter onto each rank's optimizer slices under ZeRO-1. The sums below act on whole
+   gradients, and after a reduce-scatter only slices exist, so under ZeRO-1 the parameters they
+   touch (``summed_before_data_parallel``) sit in buckets of their own that are reduce-scattered
+   last, after the sums; every other bucket is on the wire while backward still runs;
 2. **sequence parallel** (``layout.sequence_parallel``): norms, the row-parallel biases and the
    value head run on each tp rank's sequence shard, so each rank's gradient covers only its
    tokens: summed over tp. Per-head q/k norm weights (``layout.partial_over_tp``) are whole on
@@ -25,7 +28,9 @@ them in this order on every rank (collectives must be issued in one order by all
    one kv group each hold a copy of its k and v rows, and each copy saw only its rank's query
    heads: those rows are summed over the replica group, so the copies stay identical.
 
-Every sum goes through one flat all-reduce (``collectives.all_reduce_flat``). Counting each
+Every sum goes through one flat all-reduce (``collectives.all_reduce_flat``) and acts on the
+gradient the optimizer reads: ``param.main_grad`` (the bucket view; for fp32 weights the same
+tensor as ``param.grad``), or ``param.grad`` for a parameter no reducer holds. Counting each
 element once in the global grad norm is the other half of the answer: ``grad_norm`` asks each
 parameter's ``ParamLayout`` whether this rank counts it (``parallel/layout.py``).
 """
@@ -40,17 +45,28 @@ from torch import nn
 
 from megatron_lite.parallel.collectives import all_reduce_flat, group_size
 from megatron_lite.parallel.comm_stats import CommStats
-from megatron_lite.parallel.data_parallel import GradReducer, Zero1AdamW, pipeline_grad_sync
+from megatron_lite.parallel.data_parallel import GradReducer, GradShard, Zero1AdamW, pipeline_grad_sync
 from megatron_lite.parallel.layout import layout_of
 from megatron_lite.parallel.pipeline import GradSyncHook
+
+
+def summed_before_data_parallel(params, dims) -> list:
+    """The parameters whose gradients take a sum over tp or the embedding group (steps 2-4) before
+    the dp reduction; ZeRO-1 reduce-scatters their buckets last."""
+    return [
+        p for p in params
+        if (dims.tp > 1 and layout_of(p).summed_over_tp)
+        or (dims.embedding_group is not None and layout_of(p).tied_embedding)
+        or layout_of(p).tp_replicas(dims.tp) > 1
+    ]
 
 
 class GradSync:
     """The post-backward gradient sequence of one rank's model chunks (see the module docstring).
 
     ``dims`` is the rank's ``ParallelDims`` (its groups and sizes). With a ``Zero1AdamW``
-    optimizer the dp step is its reduce-scatter; otherwise one ``GradReducer`` per chunk
-    overlaps the dp all-reduce with backward.
+    optimizer the dp step is its reduce-scatter, through the optimizer's own reducers (one per
+    chunk, built over ``param_chunks``); otherwise one ``GradReducer`` per chunk all-reduces.
     """
 
     def __init__(self, chunks: Sequence[nn.Module], dims, optimizer, bucket_size_mb: float = 25.0,
@@ -58,9 +74,11 @@ class GradSync:
         self.dims, self.comm_stats = dims, comm_stats
         self.params = [p for chunk in chunks for p in chunk.parameters()]
         self.zero1_optimizer = optimizer if isinstance(optimizer, Zero1AdamW) else None
-        self.reducers = [] if self.zero1_optimizer is not None else [
-            GradReducer(chunk.parameters(), dims.dp_cp_group, bucket_size_mb, comm_stats=comm_stats) for chunk in chunks
-        ]
+        if self.zero1_optimizer is not None:
+            self.reducers = self.zero1_optimizer.reducers
+        else:
+            self.reducers = [GradReducer(chunk.parameters(), dims.dp_cp_group, bucket_size_mb, comm_stats=comm_stats)
+                             for chunk in chunks]
 
     # ---- during backward ----
 
@@ -82,9 +100,10 @@ class GradSync:
     def finish(self) -> None:
         """Run the whole sequence; afterwards ``grads_for_optimizer`` are the global-batch gradients."""
         dims, stats = self.dims, self.comm_stats
-        for reducer in self.reducers:
-            reducer.set_grad_sync(True)
-            reducer.finish_grad_sync()
+        if self.zero1_optimizer is None:
+            for reducer in self.reducers:
+                reducer.set_grad_sync(True)
+                reducer.finish_grad_sync()
         sum_sequence_parallel(self.params, dims.tp_group, stats)
         sum_tied_embedding_copies(self.params, dims.embedding_group, stats)
         sum_replicated_rows(self.params, dims.tp, dims.kv_replica_group, stats)
@@ -92,11 +111,13 @@ class GradSync:
             self.zero1_optimizer.reduce_gradients()
 
     def grads_for_optimizer(self) -> list:
-        """What the norm, clipping and unscaling act on: the parameters, or under ZeRO-1 this rank's
+        """What the norm, clipping and unscaling act on: the parameters (fp32 weights), the
+        ``GradShard`` of each 16-bit weight's fp32 main grad, or under ZeRO-1 this rank's
         ``GradShard`` slices of the dp-reduced gradient."""
         if self.zero1_optimizer is not None:
             return self.zero1_optimizer.grad_shards()
-        return [p for p in self.params if p.grad is not None]
+        grads = (_optimizer_grad(p) for p in self.params)
+        return [g for g in grads if g is not None]
 
     @property
     def norm_dp_group(self):
@@ -105,18 +126,33 @@ class GradSync:
         return self.dims.dp_cp_group if self.zero1_optimizer is not None else None
 
     def zero_grad(self) -> None:
-        """Clear the gradients; bucketed ones stay views into their buffers."""
-        if self.reducers:
+        """Clear the gradient buffers; fp32 gradients stay views into them."""
+        if self.zero1_optimizer is not None:
+            self.zero1_optimizer.zero_grad()
+        else:
             for reducer in self.reducers:
                 reducer.zero_grad()
-        else:
-            self.zero1_optimizer.zero_grad(set_to_none=True)
+
+
+def _optimizer_grad(param):
+    """The parameter itself when ``param.grad`` is what the optimizer reads (fp32), the fp32 main
+    grad of a 16-bit weight as a ``GradShard``, or None without a gradient."""
+    main_grad = getattr(param, "main_grad", None)
+    if main_grad is not None and main_grad.dtype != param.dtype:
+        return GradShard(main_grad, layout_of(param), param)
+    return param if param.grad is not None else None
+
+
+def _grad_of(param) -> torch.Tensor | None:
+    """The gradient the optimizer reads: the main-grad view when a reducer holds the parameter."""
+    main_grad = getattr(param, "main_grad", None)
+    return param.grad if main_grad is None else main_grad
 
 
 def sum_sequence_parallel(params, tp_group, comm_stats: CommStats | None = None) -> None:
     """Sum over tp the gradients of parameters used on sequence shards (each rank saw only its tokens)
     and of per-head norm weights (each rank saw only its heads)."""
-    grads = [p.grad for p in params if p.grad is not None and layout_of(p).summed_over_tp]
+    grads = [_grad_of(p) for p in params if _grad_of(p) is not None and layout_of(p).summed_over_tp]
     all_reduce_flat(grads, tp_group, comm_stats, "tp")
 
 
@@ -127,15 +163,15 @@ def sum_tied_embedding_copies(params, embedding_group, comm_stats: CommStats | N
         return
     copies = [p for p in params if layout_of(p).tied_embedding]
     for param in copies:
-        if param.grad is None:  # this copy took no part in the loss: it contributes zeros
+        if _grad_of(param) is None:  # this copy took no part in the loss: it contributes zeros
             param.grad = torch.zeros_like(param)
-    all_reduce_flat([p.grad for p in copies], embedding_group, comm_stats, "embedding")
+    all_reduce_flat([_grad_of(p) for p in copies], embedding_group, comm_stats, "embedding")
 
 
 def sum_replicated_rows(params, tp: int, replica_group, comm_stats: CommStats | None = None) -> None:
     """Sum the gradients of the replicated rows over the tp ranks sharing them (``replica_group``,
     one set of consecutive tp ranks): each rank's copy only saw its own query heads' use of the rows."""
-    params = [p for p in params if p.grad is not None and layout_of(p).tp_replicas(tp) > 1]
+    params = [p for p in params if _grad_of(p) is not None and layout_of(p).tp_replicas(tp) > 1]
     if not params:
         return
     counts = {layout_of(p).tp_replicas(tp) for p in params}
@@ -148,4 +184,4 @@ def sum_replicated_rows(params, tp: int, replica_group, comm_stats: CommStats | 
             f"{group_size(replica_group)}; build the dims with ParallelDims.initialize, which creates the "
             f"replica groups"
         )
-    all_reduce_flat([layout_of(p).replicated_part(p.grad) for p in params], replica_group, comm_stats, "tp")
+    all_reduce_flat([layout_of(p).replicated_part(_grad_of(p)) for p in params], replica_group, comm_stats, "tp")

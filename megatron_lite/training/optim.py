@@ -1,17 +1,23 @@
 """AdamW construction, the fp16 loss scaler, and unscaling.
 
-Parameters stay in fp32 (they are the master weights); bf16/fp16 come from autocast.
+fp32 runs: the parameters are the master weights and torch's AdamW updates them in place.
+bf16/fp16 runs (Megatron mixed precision): the model's weights are 16-bit for forward and
+backward; the optimizer owns fp32 main copies (``MainParamsAdamW``, or the sharded slices of
+``parallel.data_parallel.Zero1AdamW``), reads the fp32 main grads the gradient buckets
+accumulate, and casts the updated masters back into the 16-bit weights after each step.
 The global gradient norm and clipping live in ``parallel.grad_norm``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Iterator
 
 import torch
 
 from megatron_lite.config import ConfigError, OptimConfig
-from megatron_lite.parallel.layout import layout_of
+from megatron_lite.parallel.layout import attach_layout, layout_of
 
 NamedParams = list[tuple[str, torch.nn.Parameter]]
 
@@ -78,6 +84,79 @@ def build_optimizer(named_params: NamedParams, optim: OptimConfig, device: torch
     if optim.fused in ("torch", "auto") and torch_fused:
         return torch.optim.AdamW(groups, fused=True, **common), "torch AdamW (fused)"
     return torch.optim.AdamW(groups, foreach=False, **common), "torch AdamW"
+
+
+class MainParamsAdamW:
+    """AdamW for 16-bit weights over fp32 main copies of them (not sharded; ZeRO-1 shards its own).
+
+    Each step reads the fp32 main grads the gradient buckets accumulated (``weight.main_grad``),
+    updates the main params with the AdamW ``build_optimizer`` picks for fp32, and casts them into
+    the 16-bit weights. The LR schedule sees ``param_groups``; checkpoints see the main params'
+    state by name and, through ``full_precision_weights()``, the main params as the weights.
+    """
+
+    def __init__(self, named_params: NamedParams, optim: OptimConfig, device: torch.device):
+        self.weights = [p for _, p in named_params]
+        # The main params carry their weight's layout: weight decay, clipping and the norm ask it.
+        self.main_params = [
+            attach_layout(torch.nn.Parameter(p.detach().to(torch.float32, copy=True)), layout_of(p))
+            for p in self.weights
+        ]
+        self.named_main_params = [(n, m) for (n, _), m in zip(named_params, self.main_params)]
+        self.inner, kind = build_optimizer(self.named_main_params, optim, device)
+        self.kind = f"{kind} over fp32 main params"
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    @torch.no_grad()
+    def step(self, found_inf: torch.Tensor | None = None) -> None:
+        """``found_inf`` (a device scalar, 1 = skip): see ``step_unless_found_inf``."""
+        for weight, main in zip(self.weights, self.main_params):
+            main.grad = weight.main_grad
+        if found_inf is None:
+            self.inner.step()
+        else:
+            step_unless_found_inf(self.inner, found_inf)
+        for weight, main in zip(self.weights, self.main_params):
+            weight.copy_(main)
+
+    def state_dict_by_param_name(self) -> dict:
+        return optimizer_state_by_name(self.inner, self.named_main_params)
+
+    def load_state_dict_by_param_name(self, saved: dict) -> None:
+        load_optimizer_state_by_name(self.inner, self.named_main_params, saved)
+
+    @contextlib.contextmanager
+    def full_precision_weights(self) -> Iterator[None]:
+        """Inside, each weight's storage is its fp32 main param, so a checkpoint saves the masters and
+        a load writes straight into them; on leaving, the 16-bit weights are cast from them."""
+        held = {}
+        for weight, main in zip(self.weights, self.main_params):
+            held[weight] = weight.data
+            weight.data = main.data
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for weight, data in held.items():
+                    data.copy_(weight.data)
+                    weight.data = data
+
+
+def step_unless_found_inf(optimizer, found_inf: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``found_inf`` (a device scalar) is 1. Torch's fused AdamW reads the
+    flag on the device (``found_inf``, as its grad scaler passes it); any other optimizer needs it
+    on the host: one wait."""
+    if isinstance(optimizer, torch.optim.Optimizer) and optimizer.defaults.get("fused"):
+        optimizer.found_inf = found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(found_inf):
+        optimizer.step()
 
 
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer, named_params: NamedParams) -> dict:

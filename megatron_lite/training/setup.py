@@ -26,7 +26,7 @@ from megatron_lite.parallel.pipeline import my_layer_ranges, stage_layer_ranges
 from megatron_lite.training.run_directory import resolved_load
 from megatron_lite.training.step import PackedTarget
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def seed_everything(seed: int) -> None:
@@ -126,7 +126,9 @@ def load_run_tokenizer(cfg: Config):
 
 def build_model_chunks(cfg: Config, dims: ParallelDims, head: str = "lm") -> list[torch.nn.Module]:
     """This rank's model chunks, chunk 0 first, on ``dims.device``; they share one dropout RNG tracker.
-    ``head``: the last chunk's head, "lm" or "value" (see ``GPT``)."""
+    ``head``: the last chunk's head, "lm" or "value" (see ``GPT``). The weights are initialized in
+    fp32 and held in ``train.precision``'s type: 16-bit runs keep 16-bit weights for forward and
+    backward (their fp32 masters belong to the optimizer), so nothing is cast per micro-batch."""
     from megatron_lite.model.gpt import GPT
     from megatron_lite.model.recompute import RecomputePolicy
 
@@ -141,10 +143,17 @@ def build_model_chunks(cfg: Config, dims: ParallelDims, head: str = "lm") -> lis
         chunk = GPT(cfg.model, dims=dims, layer_range=layer_range, pre_process=pre_process,
                     post_process=post_process, seed=cfg.train.seed,
                     rng_tracker=chunks[0].rng_tracker if chunks else None, head=head, recompute=recompute)
-        chunks.append(chunk.to(dims.device))
+        chunks.append(_with_weight_dtype(chunk.to(dims.device), WEIGHT_DTYPES[cfg.train.precision]))
     if cfg.train.compile:
         compile_layers(chunks, cfg)
     return chunks
+
+
+def _with_weight_dtype(chunk: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Only the parameters: float buffers (rotary tables, masks) keep their own type."""
+    for param in chunk.parameters():
+        param.data = param.data.to(dtype)
+    return chunk
 
 
 def compile_refusal(cfg: Config) -> str | None:
@@ -180,9 +189,10 @@ def total_steps(cfg: Config) -> int:
 
 
 def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    """The context every forward runs under. No autocast at any precision: 16-bit runs hold their
+    weights in the 16-bit type already (``build_model_chunks``), where autocast would re-cast every
+    fp32 weight on every micro-batch."""
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- batches

@@ -23,25 +23,26 @@ FusedAdam, ``optim.fused=none``); the trainer reads the figures back on logging 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, ContextManager, NamedTuple, Sequence
 
 import torch
 
-from megatron_lite.config import Config, ConfigError, OptimConfig
+from megatron_lite.config import Config, ConfigError, OptimConfig, ParallelConfig
 from megatron_lite.parallel.collectives import all_reduce, sum_over_replicas
 from megatron_lite.parallel.comm_stats import CommStats
 from megatron_lite.parallel.data_parallel import Zero1AdamW
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.grad_norm import clip_grad_norm
-from megatron_lite.parallel.grad_sync import GradSync
+from megatron_lite.parallel.grad_sync import GradSync, summed_before_data_parallel
 from megatron_lite.parallel.pipeline import forward_backward as run_pipeline
 from megatron_lite.training import optim
+from megatron_lite.training.checkpoint.format import named_parameters
 
 # (tokens (micro_batch_size, T), target): the first stage reads the tokens, the last stage's loss
 # the target (the labels when pretraining; what an RLHF stage's loss needs otherwise).
 MicroBatch = tuple[torch.Tensor, Any]
 # loss_fn(chunk, inputs, target, num_micro_batches): the last stage's scalar loss for one
-# micro-batch, already divided by the number of micro-batches (run under autocast).
+# micro-batch, already divided by the number of micro-batches (run under the model's forward context).
 LossFn = Callable[[torch.nn.Module, torch.Tensor, Any, int], torch.Tensor]
 
 
@@ -69,17 +70,26 @@ def language_model_loss(chunk, inputs: torch.Tensor, target: torch.Tensor | Pack
     return chunk(inputs, labels=labels, **chunk_inputs(target)).float().mean() / num_micro_batches
 
 
-def build_parallel_optimizer(named_params: optim.NamedParams, optim_cfg: OptimConfig, zero1: bool,
+def build_parallel_optimizer(chunks: Sequence[torch.nn.Module], optim_cfg: OptimConfig, parallel_cfg: ParallelConfig,
                              dims: ParallelDims) -> tuple[object, str]:
-    """AdamW over this rank's parameters: sharded over dp with ``zero1``, else torch's (or apex's).
-    Returns the optimizer and a short description for the start-up line."""
-    if not zero1:
+    """AdamW over this rank's parameters: sharded over dp with ``parallel.zero1`` (gradient buckets
+    of ``parallel.bucket_size_mb``, one reducer per chunk), else torch's (or apex's), over fp32 main
+    copies when the weights are 16-bit. Returns the optimizer and a short description for the
+    start-up line."""
+    named_params = named_parameters(chunks)
+    if not parallel_cfg.zero1:
+        if any(p.dtype != torch.float32 for _, p in named_params):
+            optimizer = optim.MainParamsAdamW(named_params, optim_cfg, dims.device)
+            return optimizer, optimizer.kind
         return optim.build_optimizer(named_params, optim_cfg, dims.device)
     zero = Zero1AdamW(
         optim.param_groups(named_params, optim_cfg.weight_decay), dims.dp_cp_group, lr=optim_cfg.lr,
         betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps, param_names={p: n for n, p in named_params},
+        bucket_size_mb=parallel_cfg.bucket_size_mb, param_chunks=[list(chunk.parameters()) for chunk in chunks],
+        late_params=summed_before_data_parallel([p for _, p in named_params], dims),
     )
-    return zero, f"ZeRO-1 AdamW over dp={dims.dp}" + (f" x cp={dims.cp}" if dims.cp > 1 else "")
+    return zero, (f"ZeRO-1 AdamW over dp={dims.dp}" + (f" x cp={dims.cp}" if dims.cp > 1 else "")
+                  + f" (overlapped, {sum(len(r.buckets) for r in zero.reducers)} buckets)")
 
 
 def validate_batch_layout(cfg: Config, dims: ParallelDims) -> int:
@@ -115,7 +125,11 @@ class ParallelStep:
         self.zero1 = isinstance(optimizer, Zero1AdamW)
         if self.zero1 and comm_stats is not None:  # ZeRO-1's reduce-scatter and all-gather run in the optimizer
             optimizer.comm_stats = comm_stats
+        if self.zero1:  # each step's weight all-gathers overlap the next forward, bucket by bucket
+            optimizer.install_param_gather_hooks(self.chunks)
         self.grad_sync = GradSync(self.chunks, dims, optimizer, bucket_size_mb, comm_stats)
+        # Stages exchange activations in the weights' dtype: fp32, or the 16-bit type of a mixed-precision run.
+        self.activation_dtype = next(self.chunks[0].parameters()).dtype
 
     # ------------------------------------------------------------------ forward and backward
 
@@ -170,16 +184,15 @@ class ParallelStep:
                 inputs = tokens if chunk.pre_process else hidden
                 return self._loss(chunk, inputs, target, count, autocast, loss_fn)
             with autocast:
-                return chunk(tokens if chunk.pre_process else hidden, **chunk_inputs(target)).float()
+                return chunk(tokens if chunk.pre_process else hidden, **chunk_inputs(target))
 
         batch, length = micro_batches[0][0].shape
         if dims.sequence_parallel:
             length //= dims.tp
         grad_sync = None if forward_only else self.grad_sync.pipeline_hook()
-        # The residual stream is fp32 (fp32 master weights under autocast), so stages exchange fp32.
         return run_pipeline(
             self.chunks, micro_batches, forward_step, self.schedule, pp_group=dims.pp_group, pp_rank=dims.pp_rank,
-            pp_size=dims.pp, tensor_shape=(batch, length, self.chunks[0].config.hidden_size), dtype=torch.float32,
+            pp_size=dims.pp, tensor_shape=(batch, length, self.chunks[0].config.hidden_size), dtype=self.activation_dtype,
             device=dims.device, forward_only=forward_only, grad_sync=grad_sync, loss_scale=loss_scale,
             comm_stats=self.comm_stats,
         )
@@ -221,25 +234,29 @@ class ParallelStep:
     def zero_grad(self) -> None:
         self.grad_sync.zero_grad()
 
-    def weights_loaded(self) -> None:
-        """Call after parameters were overwritten (a checkpoint): ZeRO-1 re-reads its master slice."""
+    def full_precision_weights(self) -> ContextManager:
+        """A context in which the parameters hold the fp32 master weights, for a checkpoint's save or
+        load; on leaving, the masters take what the parameters hold (a load) and 16-bit weights are
+        cast from them. With fp32 weights and plain AdamW the parameters are the masters: nothing to do."""
+        if hasattr(self.optimizer, "full_precision_weights"):
+            return self.optimizer.full_precision_weights()
+        return contextlib.nullcontext()
+
+    def wait_for_params(self) -> None:
+        """ZeRO-1 leaves each step's weight all-gathers in flight for the next forward; anything else
+        that reads the weights waits for them first."""
         if self.zero1:
-            self.optimizer.reload_params()
+            self.optimizer.wait_for_params()
 
 
 def step_unless(optimizer, skipped: torch.Tensor) -> None:
     """The optimizer step, left unapplied where ``skipped`` (a device bool) is set, without reading
     it back where the optimizer allows: torch's fused AdamW takes it as ``found_inf`` (its step
-    counter does not advance either), ZeRO-1 masks its update. Apex FusedAdam and the unfused torch
-    AdamW (``optim.fused=none``) cannot, so the flag is read on the host there: one wait per step."""
+    counter does not advance either; also under the fp32 main params of 16-bit weights), ZeRO-1
+    masks its update. Apex FusedAdam and the unfused torch AdamW (``optim.fused=none``) cannot, so
+    the flag is read on the host there: one wait per step."""
     found_inf = skipped.float()
-    if isinstance(optimizer, Zero1AdamW):
+    if isinstance(optimizer, (Zero1AdamW, optim.MainParamsAdamW)):
         optimizer.step(found_inf=found_inf)
-    elif isinstance(optimizer, torch.optim.Optimizer) and optimizer.defaults.get("fused"):
-        optimizer.found_inf = found_inf
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
-    elif not bool(skipped):
-        optimizer.step()
+    else:
+        optim.step_unless_found_inf(optimizer, found_inf)

@@ -41,7 +41,7 @@ class TrainedModel:
     chunks: list[torch.nn.Module]
     dims: ParallelDims
     parallel_step: ParallelStep
-    autocast: Callable[[], ContextManager]  # the precision every forward runs under
+    autocast: Callable[[], ContextManager]  # the context every forward runs under (``setup.autocast_context``)
     optimizer: object | None = None
     optimizer_kind: str = "frozen"  # which AdamW, for the start-up line
     scheduler: LRScheduler | None = None
@@ -94,8 +94,10 @@ class TrainedModel:
         """Write this model's checkpoint for ``step`` (collective); returns its directory. Weights
         holding NaN or inf on any rank are refused (``TrainingDivergedError``), so ``latest`` stays.
         With a ``writer`` the files are written in the background (``Checkpointer.save``)."""
+        self.parallel_step.wait_for_params()
         require_finite_weights(self.named_params, self.dims.device, step, save_dir)
-        return self.checkpointer.save(save_dir, step, consumed_samples, config, tokenizer_dir, writer)
+        with self.parallel_step.full_precision_weights():  # 16-bit runs save their fp32 masters
+            return self.checkpointer.save(save_dir, step, consumed_samples, config, tokenizer_dir, writer)
 
     def load(self, load_dir: str | Path, weights_only: bool, source_key: str = "checkpoint.load",
              value_head_from_lm: bool = True) -> DataPosition | None:
@@ -104,9 +106,10 @@ class TrainedModel:
         ``load_dir``, for messages; ``value_head_from_lm``: a language model may start a value head.
         Returns the saved run position, or None when there is none to resume (always None for a
         frozen model)."""
-        position = self.checkpointer.load(load_dir, weights_only=weights_only, source_key=source_key,
-                                          value_head_from_lm=value_head_from_lm)
-        self.parallel_step.weights_loaded()
+        # Loaded into the fp32 masters (any precision the checkpoint was saved at); the weights follow.
+        with self.parallel_step.full_precision_weights():
+            position = self.checkpointer.load(load_dir, weights_only=weights_only, source_key=source_key,
+                                              value_head_from_lm=value_head_from_lm)
         return None if self.frozen else position
 
 
@@ -128,8 +131,7 @@ def build_trained_model(cfg: Config, dims: ParallelDims, head: str = "lm", loss_
     optim_cfg = cfg.optim
     if lr is not None:
         optim_cfg = dataclasses.replace(optim_cfg, lr=lr, min_lr=min(optim_cfg.min_lr, lr))
-    optimizer, kind = build_parallel_optimizer(named_parameters(chunks), optim_cfg,
-                                               cfg.parallel.zero1, dims)
+    optimizer, kind = build_parallel_optimizer(chunks, optim_cfg, cfg.parallel, dims)
     parallel_step = ParallelStep(chunks, optimizer, dims, schedule, cfg.parallel.bucket_size_mb, loss_fn)
     scaler = LossScaler(cfg.train.initial_loss_scale, cfg.train.loss_scale_window,
                         dynamic=cfg.train.precision == "fp16", min_scale=cfg.train.min_loss_scale)

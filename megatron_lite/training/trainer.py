@@ -251,6 +251,7 @@ class Trainer:
         finally:
             self.finish_checkpoints()
         result.steps = self.step
+        self.model.parallel_step.wait_for_params()  # ZeRO-1 leaves the last step's weight all-gathers in flight
         self.metrics.close()
         return result
 

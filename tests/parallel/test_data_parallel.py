@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -170,6 +172,93 @@ def _check_zero1_grad_norm(group, dp_rank: int, dp: int) -> None:
     assert global_grad_norm(zero.grad_shards(), dp_group=group).item() == pytest.approx(0.1, rel=1e-5)
 
 
+def _adamw_the_old_way(master, grad, exp_avg, exp_avg_sq, step: int, weight_decay: float) -> None:
+    """ZeRO-1's update before the buckets, one formula on a flat slice."""
+    lr, (beta1, beta2), eps = HYPER["lr"], HYPER["betas"], HYPER["eps"]
+    master.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    master.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+
+
+def _zero1_the_old_way(group, dp_rank: int, dp: int, steps: int) -> list[torch.Tensor]:
+    """The reference: after backward every gradient copied into one flat fp32 vector (groups end to
+    end), reduce-scattered, AdamW on this rank's slice, everything all-gathered into the parameters."""
+    model = _model()
+    ordered = [p for g in _groups(list(model.parameters()), 0.1) for p in g["params"]]
+    decay = torch.cat([torch.full((p.numel(),), 0.1 if p.ndim == 2 else 0.0) for p in ordered])
+    shard = math.ceil(decay.numel() / dp)
+    pad = shard * dp - decay.numel()
+    mine = slice(dp_rank * shard, (dp_rank + 1) * shard)
+    master = nn.functional.pad(torch.cat([p.detach().reshape(-1) for p in ordered]), (0, pad))[mine].clone()
+    exp_avg, exp_avg_sq, grad = torch.zeros_like(master), torch.zeros_like(master), torch.zeros_like(master)
+    decay = nn.functional.pad(decay, (0, pad), value=-1.0)[mine]
+    for step in range(steps):
+        for x, y in _local_microbatches(dp_rank, dp, 2, step):
+            _loss(model, x, y, 2).backward()
+        flat = nn.functional.pad(torch.cat([p.grad.reshape(-1) for p in ordered]), (0, pad))
+        dist.reduce_scatter_tensor(grad, flat, group=group)
+        grad.div_(dp)
+        for weight_decay in (0.1, 0.0):
+            where = (decay == weight_decay).nonzero().flatten()
+            if where.numel():  # each group meets a slice in one range
+                piece = slice(int(where[0]), int(where[-1]) + 1)
+                _adamw_the_old_way(master[piece], grad[piece], exp_avg[piece], exp_avg_sq[piece], step + 1, weight_decay)
+        full = torch.empty(shard * dp)
+        dist.all_gather_into_tensor(full, master, group=group)
+        offset = 0
+        with torch.no_grad():
+            for p in ordered:
+                p.copy_(full[offset : offset + p.numel()].view_as(p))
+                p.grad = None
+                offset += p.numel()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _check_zero1_overlapped(group, dp_rank: int, dp: int) -> None:
+    """Buckets are reduce-scattered while backward runs; the weights come back bucket by bucket, each
+    module's forward waiting only for its own; the traffic is the old flat reduce-scatter and
+    all-gather's (plus at most dp - 1 padding elements per bucket); the weights are the old way's, bit
+    for bit over two ranks."""
+    model, stats = _model(), CommStats()
+    zero = Zero1AdamW(_groups(list(model.parameters()), 0.1), group, comm_stats=stats, bucket_size_mb=40 / 2**20,
+                      param_names={p: n for n, p in model.named_parameters()}, **HYPER)
+    reducer = zero.reducers[0]
+    buckets = reducer.buckets
+    assert len(buckets) >= 3
+    launched_at_first_layer = []  # buckets on the wire as each first-layer gradient completes
+    for param in model[0].parameters():
+        param.register_post_accumulate_grad_hook(
+            lambda _: launched_at_first_layer.append(reducer.num_buckets_launched) if reducer.sync_enabled else None)
+    zero.install_param_gather_hooks([model])
+    first_layer_buckets = len({i for i, b in enumerate(buckets) for p in b.params if p in set(model[0].parameters())})
+    grad_bytes = sum(b.buffer.numel() * 4 for b in buckets)
+    assert 0 <= grad_bytes - _grad_bytes(model) <= len(buckets) * (dp - 1) * 4
+    for step in range(3):
+        micro = _local_microbatches(dp_rank, dp, 2, step)
+        with reducer.no_sync():
+            _loss(model, *micro[0], 2).backward()
+        assert stats.payload_bytes.get("dp", 0) == 0, "no communication before the final micro-batch"
+        _loss(model, *micro[1], 2).backward()
+        zero.step()
+        zero.zero_grad()
+        assert stats.calls == {"dp.reduce_scatter": len(buckets), "dp.all_gather": len(buckets)}
+        assert stats.payload_bytes["dp"] == 2 * grad_bytes
+        stats.reset()
+        assert zero.gathers_in_flight == len(buckets)
+        model[0](micro[0][0])  # the first layer waits for its own buckets only
+        assert zero.gathers_in_flight == len(buckets) - first_layer_buckets
+    assert 0 < min(launched_at_first_layer) < len(buckets)
+    zero.wait_for_params()
+    expected = _zero1_the_old_way(group, dp_rank, dp, 3)
+    for p, q in zip(model.parameters(), expected):
+        if dp == 2:  # a + b has one order: bit for bit
+            assert torch.equal(p, q)
+        else:  # gloo's ring adds 4 terms in an order set by the element's place in the buffer, which buckets move
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def _check_grad_norm_tp_pp(rank: int) -> None:
     """tp = 2 (fastest) x pp = 2. Stage s has a Linear whose weight is split by rows over tp
     (partition_dim 0), a replicated bias, and a norm gain; both stages hold a copy of the tied
@@ -225,6 +314,8 @@ def _data_parallel_body(rank, world_size):
     _check_zero1(world, rank, 4, half, half_rank, 2)
     _check_zero1(half, half_rank, 2, world, rank, 4)
     _check_zero1_grad_norm(world, rank, 4)
+    _check_zero1_overlapped(half, half_rank, 2)
+    _check_zero1_overlapped(world, rank, 4)
     _check_grad_norm_tp_pp(rank)
     return "ok"
 
@@ -305,6 +396,9 @@ def test_user_errors_are_explained():
         zero.load_state_dict_by_param_name({**saved, "groups": [{}, {}]})
     with pytest.raises(ValueError, match=r"appears twice"):
         Zero1AdamW(params + params[:1], None)
+    with pytest.raises(ValueError, match=r"1 parameter\(s\) of Zero1AdamW's param_groups are in no entry of "
+                                         r"param_chunks \(or do not require gradients\), e.g. \['param0'\]"):
+        Zero1AdamW(params, None, param_chunks=[params[1:]])
 
 
 def test_grad_shard_counts_like_a_parameter():

@@ -143,6 +143,7 @@ def _train(cfg, dims: ParallelDims | None) -> dict:
         out["norms"].append(norm)
         if trainer.step == SAVED_STEP:
             trainer.save()
+    trainer.model.parallel_step.wait_for_params()  # ZeRO-1's last all-gathers are left for the next forward
     out["weights"] = _full(trainer, grads=False)
     if not trainer.dims.sequence_parallel and trainer.dims.pp == 1:  # decoding runs the whole model on one rank
         out["generated"] = generate(trainer.model.chunks[0], PROMPTS, 4, temperature=0)
