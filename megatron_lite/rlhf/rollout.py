@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from megatron_lite.model.generation import generate
-from megatron_lite.parallel.collectives import sum_over_replicas
+from megatron_lite.parallel.collectives import all_reduce, sum_over_replicas
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.rlhf.data import IGNORE_INDEX
 from megatron_lite.rlhf.losses import values_at
@@ -109,3 +109,11 @@ def global_means(dims: ParallelDims, **per_sample: torch.Tensor) -> dict[str, fl
     columns = torch.stack([t.double() for t in per_sample.values()], dim=1)  # (B, k)
     sums = sum_over_replicas(torch.cat([columns.sum(dim=0), columns.new_tensor([columns.shape[0]])]), dims)
     return {name: (sums[i] / sums[-1]).item() for i, name in enumerate(per_sample)}
+
+
+def from_last_stage(values: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """Figures the last pipeline stage holds (scores, log-probs) -> the same on every stage of the
+    replica, for decisions all stages must agree on (advantages, which groups to keep). In place."""
+    if not dims.is_last_stage:
+        values.zero_()
+    return all_reduce(values, dims.pp_group)
