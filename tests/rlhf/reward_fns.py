@@ -24,3 +24,8 @@ def not_a_number(prompts, completions, completion_ids, **fields):
 
 
 NOT_CALLABLE = 3
+
+
+def distinct_tokens(prompts, completions, completion_ids, **fields):
+    """How many different tokens the answer uses: differs between sampled answers of one group."""
+    return [float(len(set(ids))) for ids in completion_ids]
