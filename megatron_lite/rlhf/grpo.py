@@ -19,11 +19,15 @@ so a group's statistics never cross ranks. One step:
    by ``kl_coef``) or subtracted from the reward (``kl_penalty: reward``, the sampled log-ratio);
    ``kl_target`` > 0 adapts ``kl_coef`` towards that KL per answer. ``filter_zero_advantage``
    drops groups whose answers all scored alike (they teach nothing but dilute the mean);
-4. ``epochs`` passes over the rollout in mini-batches of ``mini_batch_size`` answers, one
-   optimizer step each, on the clipped objective with the ratio kept in
-   [1 - ``clip_low``, 1 + ``clip_high``] (DAPO's clip-higher when clip_high > clip_low), its
-   per-token terms aggregated by ``loss_aggregation`` (token_mean: every token of the mini-batch
-   alike; sequence_mean: each answer's token mean, every answer alike).
+4. ``epochs`` passes over the rollout in mini-batches of ``mini_batch_size`` answers (mini-batch
+   k of K takes every K-th answer from k: the same answers at any dp), one optimizer step each,
+   on the clipped objective with the ratio kept in [1 - ``clip_low``, 1 + ``clip_high``] (DAPO's
+   clip-higher when clip_high > clip_low), its per-token terms aggregated by
+   ``loss_aggregation`` (token_mean: every token of the mini-batch alike; sequence_mean: each
+   answer's token mean, every answer alike).
+
+The adaptive KL coefficient is not saved with checkpoints: a resumed run starts again from
+``kl_coef``.
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ def check_group_layout(cfg: Config, dp: int) -> tuple[int, int]:
     if answers % mini != 0 or mini % per_step != 0:
         raise ConfigError(
             f"rlhf.grpo.mini_batch_size={mini} must divide train.global_batch_size={answers} and be a multiple of "
-            f"train.micro_batch_size x dp = {per_step}; pick e.g. {per_step} or {answers} (0 = the whole batch)")
+            f"train.micro_batch_size x dp = {per_step}; pick such a size, or 0 for the whole batch in one step")
     return answers // n, mini
 
 
@@ -218,12 +222,13 @@ class GRPOTask:
     def train_step(self, epochs: Epochs, first_sample: int, step: int) -> StepResult:
         batch = self.rollout(self.prompt_indices(epochs, first_sample), self._sampling_seed(step))
         started = time.perf_counter()
-        rows = batch["tokens"].shape[0]
-        local_mini = self.mini_batch_size // self.dims.dp
+        # Mini-batch k is every K-th answer from k (K mini-batches per rollout): on every rank the
+        # same global answers whatever dp is, since each rank holds a whole multiple of K answers.
+        count = self.cfg.train.global_batch_size // self.mini_batch_size
         self.update_figures, losses, grad_norm, skipped = [], [], 0.0, False
         for _ in range(self.settings.epochs):
-            for first in range(0, rows, local_mini):
-                result = self._optimizer_step(batch, slice(first, first + local_mini))
+            for k in range(count):
+                result = self._optimizer_step(batch, slice(k, None, count))
                 if result is not None:
                     losses.append(result[0])
                     grad_norm, skipped = result[1], skipped or result[2]

@@ -263,3 +263,66 @@ def test_grpo_user_errors(tiny_stage_data, tmp_path, sft_checkpoint, capsys):
                  f"rlhf.grpo.reference={sft_checkpoint}", f"rlhf.reward_functions=[{FNS}:answer_tokens]",
                  "train.global_batch_size=4", "train.micro_batch_size=2", "train.device=cpu"]) == 2
     assert "rlhf.grpo.samples_per_prompt=3: each data-parallel rank samples whole groups" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- parallel layouts
+
+
+def fixed_group_answers(patch) -> list:
+    """Replace the sampler by one that still runs the real (collective) generation but answers row
+    i with the prompt's last one or two tokens (by the row's parity) and end-of-text, so every
+    layout trains on the same rollouts and the two answers of a group score differently."""
+    import megatron_lite.rlhf.rollout as rollout
+
+    real, made = rollout.generate, []
+
+    def answer(model, prompts, max_new_tokens, *args, eod_id=None, **kwargs):
+        made.append(real(model, prompts, max_new_tokens, *args, eod_id=eod_id, **kwargs))
+        return [prompt[-1 - row % 2 :] + [eod_id] for row, prompt in enumerate(prompts)]
+
+    patch.setattr(rollout, "generate", answer)
+    return made
+
+
+GRPO_LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": [],
+                "dp2 zero1": ["parallel.zero1=true"]}
+PARITY = ["train.micro_batch_size=1", "rlhf.grpo.mini_batch_size=2", "rlhf.grpo.epochs=2", "rlhf.grpo.kl_target=0.1", "rlhf.grpo.clip_high=0.3"]
+
+
+def grpo_step_figures(run_dir) -> list[tuple]:
+    records = [json.loads(line) for line in open(f"{run_dir}/log/metrics.jsonl")]
+    return [(r["reward"], r["reward_std"], r["kl"], r["kl_coef"], r["clip_fraction"], r["approx_kl"],
+             r["response_length"]) for r in records if "clip_fraction" in r]
+
+
+def _parallel_grpo_runs(rank, world_size, tiny_stage_data, sft_checkpoint, root):
+    data, sft, _ = tiny_stage_data
+    out = {}
+    for name, layout in GRPO_LAYOUTS.items():
+        run_dir = f"{root}/grpo-{name.replace(' ', '-')}"
+        trainer = Trainer(stage_config(data, sft, run_dir, grpo_extra(sft_checkpoint, PARITY + layout)), task=GRPOTask)
+        with pytest.MonkeyPatch.context() as patch:
+            fixed_group_answers(patch)
+            result = trainer.train()
+        out[name] = {"losses": result.losses, "val": result.val_losses}
+        if rank == 0:
+            out[name]["steps"] = grpo_step_figures(run_dir)
+    return out
+
+
+def test_grpo_every_layout_matches_one_process(tiny_stage_data, sft_checkpoint, tmp_path, monkeypatch):
+    data, sft, _ = tiny_stage_data
+    trainer = Trainer(stage_config(data, sft, tmp_path / "single", grpo_extra(sft_checkpoint, PARITY)), task=GRPOTask)
+    made = fixed_group_answers(monkeypatch)
+    single = trainer.train()
+    assert len(made) == 3 + 1  # three training rollouts and one validation batch, all really generated
+    expected_steps = grpo_step_figures(tmp_path / "single")
+    assert len(expected_steps) == 3 and all(reward_std > 0 for _, reward_std, *_ in expected_steps)
+    assert expected_steps[-1][2] != 0 and expected_steps[1][3] != expected_steps[0][3]  # KL and its coefficient move
+    results = run_distributed(_parallel_grpo_runs, 2, tiny_stage_data, sft_checkpoint, str(tmp_path))
+    for name, run in results[0].items():
+        assert results[1][name]["losses"] == run["losses"], name  # every rank reports the same loss
+        assert run["losses"] == pytest.approx(single.losses, rel=1e-4, abs=1e-5), name
+        for got, want in zip(run["steps"], expected_steps, strict=True):
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-6), name
+        assert [v for _, v in run["val"]] == pytest.approx([v for _, v in single.val_losses], rel=1e-4), name
