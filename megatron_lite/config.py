@@ -322,8 +322,8 @@ class PPOConfig:
     (finetune); the first three fields name the other models."""
 
     reference: str = ""  # the frozen policy of the KL penalty (usually the SFT checkpoint)
-    reward_model: str = ""  # a reward-model checkpoint (python -m megatron_lite rm)
-    critic: str = ""  # the critic's starting weights; "" = the reward model's
+    reward_model: str = ""  # a reward-model checkpoint (python -m megatron_lite rm); "" = rlhf.reward_functions only
+    critic: str = ""  # the critic's starting weights; "" = the reward model's (else checkpoint.load, new value head)
     critic_lr: float | None = None  # None: optim.lr
     max_new_tokens: int = 64  # rollout length limit (the prompt plus this must fit model.seq_length)
     temperature: float = 1.0  # rollout sampling
@@ -336,12 +336,16 @@ class PPOConfig:
     gae_lambda: float = 0.95
     reward_clip: float = 5.0  # the reward model's score is clipped to +-reward_clip
     epochs: int = 1  # optimizer passes over each rollout batch
+    mini_batch_size: int = 0  # answers per optimizer step (global); 0 = the whole rollout batch
+    kl_target: float = 0.0  # > 0: adapt kl_coef towards this KL per answer (0 = fixed kl_coef)
+    kl_horizon: int = 10000  # samples over which the adaptive coefficient closes its error
     ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss on data.mixture batches (0 = plain PPO)
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "epochs"):
+        for name in ("max_new_tokens", "epochs", "kl_horizon"):
             _require(getattr(self, name) > 0, f"rlhf.ppo.{name} must be positive, got {getattr(self, name)}")
-        for name in ("temperature", "kl_coef", "clip_ratio", "value_clip", "reward_clip", "ptx_coef", "top_k"):
+        for name in ("temperature", "kl_coef", "clip_ratio", "value_clip", "reward_clip", "ptx_coef", "top_k",
+                     "mini_batch_size", "kl_target"):
             _require(getattr(self, name) >= 0, f"rlhf.ppo.{name} must be >= 0, got {getattr(self, name)}")
         _require(0 < self.top_p <= 1, f"rlhf.ppo.top_p must be in (0, 1], got {self.top_p}")
         for name in ("gamma", "gae_lambda"):

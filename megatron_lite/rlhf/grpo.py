@@ -50,11 +50,13 @@ from megatron_lite.rlhf.losses import (
     returns_to_go,
     whiten,
 )
-from megatron_lite.rlhf.rewards import load_reward_functions, score_with_functions
+from megatron_lite.rlhf.rewards import load_reward_functions, score_answers
 from megatron_lite.rlhf.rollout import (
     Sampling,
     answer_batch,
     from_last_stage,
+    mini_batch_count,
+    rollout_figures,
     sample_answers,
     score,
     score_at_last,
@@ -69,23 +71,15 @@ from megatron_lite.training.trainer import StepResult
 _UPDATE_FIGURES = ("clipped", "tokens", "approx_kl")
 
 
-def check_group_layout(cfg: Config, dp: int) -> tuple[int, int]:
-    """(prompts per step, answers per optimizer step) when the batch holds whole groups on every dp
-    rank and splits into mini-batches of whole micro-batches; else an error naming the key."""
-    settings, train = cfg.rlhf.grpo, cfg.train
-    n, answers = settings.samples_per_prompt, train.global_batch_size
+def check_group_layout(cfg: Config, dp: int) -> int:
+    """Prompts per step, when the batch holds whole groups on every dp rank; else an error naming the key."""
+    n, answers = cfg.rlhf.grpo.samples_per_prompt, cfg.train.global_batch_size
     if answers % (n * dp) != 0:
         raise ConfigError(
             f"rlhf.grpo.samples_per_prompt={n}: each data-parallel rank samples whole groups, so "
             f"train.global_batch_size={answers} (answers per step) must be a multiple of samples_per_prompt x dp = "
             f"{n} x {dp} = {n * dp}; change train.global_batch_size or rlhf.grpo.samples_per_prompt")
-    mini = settings.mini_batch_size or answers
-    per_step = train.micro_batch_size * dp
-    if answers % mini != 0 or mini % per_step != 0:
-        raise ConfigError(
-            f"rlhf.grpo.mini_batch_size={mini} must divide train.global_batch_size={answers} and be a multiple of "
-            f"train.micro_batch_size x dp = {per_step}; pick such a size, or 0 for the whole batch in one step")
-    return answers // n, mini
+    return answers // n
 
 
 class GRPOTask:
@@ -107,7 +101,8 @@ class GRPOTask:
         if settings.filter_zero_advantage and settings.samples_per_prompt < 2:
             raise ConfigError("rlhf.grpo.filter_zero_advantage compares the answers of a group: set "
                               "rlhf.grpo.samples_per_prompt >= 2 or filter_zero_advantage=false")
-        self.prompts_per_step, self.mini_batch_size = check_group_layout(cfg, dims.dp)
+        self.prompts_per_step = check_group_layout(cfg, dims.dp)
+        self.mini_batches = mini_batch_count("rlhf.grpo.mini_batch_size", settings.mini_batch_size, cfg, dims.dp)
         self.cfg, self.dims, self.tokenizer, self.settings = cfg, dims, tokenizer, settings
         self.sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p)
         self.kl_controller = (AdaptiveKLController(initial=settings.kl_coef, target=settings.kl_target,
@@ -182,12 +177,7 @@ class GRPOTask:
 
     def _rewards(self, rows: list[int], answers: list[list[int]], batch) -> tuple[torch.Tensor, dict]:
         """(B,) combined rewards on every stage, clipped; each function's values by name."""
-        records, eod = self.records.records, self.tokenizer.eod_id
-        completion_ids = [answer[:-1] if answer and answer[-1] == eod else answer for answer in answers]
-        completions = [self.tokenizer.decode(ids) for ids in completion_ids]
-        total, per_function = score_with_functions(
-            self.functions, [records.texts[i] for i in rows], completions, completion_ids,
-            [records.fields[i] for i in rows], [records.sources[i] for i in rows])
+        total, per_function = score_answers(self.functions, self.records.records, rows, answers, self.tokenizer)
         total = total.to(self.dims.device)
         if self.reward_model is not None:
             model_score = score(self.reward_model, batch, self.cfg.train.micro_batch_size, score_at_last)
@@ -222,13 +212,10 @@ class GRPOTask:
     def train_step(self, epochs: Epochs, first_sample: int, step: int) -> StepResult:
         batch = self.rollout(self.prompt_indices(epochs, first_sample), self._sampling_seed(step))
         started = time.perf_counter()
-        # Mini-batch k is every K-th answer from k (K mini-batches per rollout): on every rank the
-        # same global answers whatever dp is, since each rank holds a whole multiple of K answers.
-        count = self.cfg.train.global_batch_size // self.mini_batch_size
         self.update_figures, losses, grad_norm, skipped = [], [], 0.0, False
         for _ in range(self.settings.epochs):
-            for k in range(count):
-                result = self._optimizer_step(batch, slice(k, None, count))
+            for k in range(self.mini_batches):  # every K-th answer from k: see mini_batch_count
+                result = self._optimizer_step(batch, slice(k, None, self.mini_batches))
                 if result is not None:
                     losses.append(result[0])
                     grad_norm, skipped = result[1], skipped or result[2]
@@ -284,7 +271,7 @@ class GRPOTask:
         """Global means: reward (and its std), each function's reward over the answers it judged,
         KL to the reference, entropy per token (sampled), answer length, kept groups; the update's
         clip fraction and approx-KL (last optimizer step); seconds per phase."""
-        figures = self._rollout_figures(batch)
+        figures = rollout_figures(self.dims, batch, self.functions)
         n = self.settings.samples_per_prompt
         dropped = sum_over_replicas((1 - batch["keep"]).sum().double().reshape(1), self.dims) / n
         figures["filtered_groups"] = dropped.item()
@@ -292,24 +279,6 @@ class GRPOTask:
         if self.update_figures:
             figures.update(self.update_figures[-1])
         figures.update({f"time_{k}": v for k, v in batch["seconds"].items()})
-        return figures
-
-    def _rollout_figures(self, batch: dict) -> dict[str, float]:
-        rewards = batch["rewards"].double()
-        columns = [rewards.sum(), (rewards**2).sum(), torch.tensor(float(len(rewards)), dtype=torch.float64),
-                   batch["kl"].double().sum(), batch["entropy"].double().sum(), batch["length"].double().sum()]
-        for values in batch["per_function"].values():
-            judged = [v for v in values if v is not None]
-            columns += [torch.tensor(float(sum(judged)), dtype=torch.float64), torch.tensor(float(len(judged)))]
-        sums = sum_over_replicas(torch.stack([c.to(self.dims.device).double() for c in columns]), self.dims).tolist()
-        count, tokens = sums[2], max(sums[5], 1.0)
-        mean = sums[0] / count
-        figures = {"reward": mean, "reward_std": max(sums[1] / count - mean**2, 0.0) ** 0.5, "kl": sums[3] / count,
-                   "entropy": sums[4] / tokens, "response_length": sums[5] / count}
-        for k, function in enumerate(self.functions):
-            judged_sum, judged = sums[6 + 2 * k], sums[7 + 2 * k]
-            if judged:  # absent when the function had no opinion on any answer
-                figures[f"reward_{function.short_name}"] = judged_sum / judged
         return figures
 
     # ------------------------------------------------------------------ validation
@@ -321,6 +290,6 @@ class GRPOTask:
         eval_steps, answers = self.cfg.train.eval_steps, self.cfg.train.global_batch_size
         for i in range(eval_steps):
             batch = self.rollout(self.prompt_indices(epochs, i * answers), seed=self.cfg.train.seed + 7919 * i)
-            means = self._rollout_figures(batch)
+            means = rollout_figures(self.dims, batch, self.functions)
             figures = {k: figures.get(k, 0.0) + v / eval_steps for k, v in means.items()}
         return figures

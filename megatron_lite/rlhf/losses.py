@@ -91,8 +91,7 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, group=None) -> torch.Tensor
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip: float) -> torch.Tensor:
     """PPO's clipped surrogate, averaged over the answer tokens."""
-    ratio = torch.exp(logp - old_logp)
-    surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    surrogate, _ = clipped_surrogate(logp, old_logp, advantages, clip, clip)
     return (surrogate * mask).sum() / mask.sum().clamp(min=1)
 
 

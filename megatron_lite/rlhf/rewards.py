@@ -112,9 +112,10 @@ def _listed(sources: Sequence[str], most: int = 4) -> str:
     return shown + (f" and {len(sources) - most} more" if len(sources) > most else "")
 
 
-def combine(per_function: dict[str, list[float | None]], functions: Sequence[RewardFunction]) -> torch.Tensor:
-    """(B,) float64: per completion, the weighted sum over the functions with an opinion on it."""
-    size = len(next(iter(per_function.values()))) if per_function else 0
+def combine(per_function: dict[str, list[float | None]], functions: Sequence[RewardFunction],
+            size: int) -> torch.Tensor:
+    """(size,) float64: per completion, the weighted sum over the functions with an opinion on it
+    (0 without functions)."""
     total = torch.zeros(size, dtype=torch.float64)
     for function in functions:
         for row, value in enumerate(per_function[function.name]):
@@ -130,7 +131,18 @@ def score_with_functions(functions: Sequence[RewardFunction], prompts: list[str]
     fields = fields_by_key(records)
     per_function = {f.name: call_reward_function(f, prompts, completions, completion_ids, fields, sources)
                     for f in functions}
-    return combine(per_function, functions), per_function
+    return combine(per_function, functions, len(completions)), per_function
+
+
+def score_answers(functions: Sequence[RewardFunction], records, rows: Sequence[int], answers: list[list[int]],
+                  tokenizer) -> tuple[torch.Tensor, dict[str, list[float | None]]]:
+    """The functions on sampled answers (token ids, the closing end-of-text dropped) to the prompts
+    ``records[rows[i]]`` of a ``PromptDataset``: (combined (B,) float64, values by function)."""
+    eod = tokenizer.eod_id
+    completion_ids = [answer[:-1] if answer and answer[-1] == eod else answer for answer in answers]
+    completions = [tokenizer.decode(ids) for ids in completion_ids]
+    return score_with_functions(functions, [records.texts[i] for i in rows], completions, completion_ids,
+                                [records.fields[i] for i in rows], [records.sources[i] for i in rows])
 
 
 # ----------------------------------------------------------------------------- built-ins

@@ -118,7 +118,7 @@ def test_grpo_rollout_groups_rewards_and_first_update(tiny_stage_data, tmp_path,
         "rlhf.grpo.epochs=2", "rlhf.grpo.temperature=1.5"]))
     trainer = Trainer(cfg, task=GRPOTask)
     task = trainer.task
-    assert task.prompts_per_step == 2 and task.mini_batch_size == 4
+    assert task.prompts_per_step == 2 and task.mini_batches == 2
     indices = task.prompt_indices(trainer.train_ds, 0)
     assert len(indices) == 2 and task.prompt_indices(trainer.train_ds, 8) != indices
     batch = task.rollout(indices, seed=11)

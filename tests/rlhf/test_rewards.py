@@ -59,7 +59,8 @@ def test_none_is_no_opinion_in_the_weighted_sum():
     a, b = RewardFunction("m:a", lambda *args, **kw: None, 2.0), RewardFunction("m:b", lambda *args, **kw: None, -1.0)
     per_function = {"m:a": [1.0, None, 0.5, None], "m:b": [3.0, 4.0, None, None]}
     # 2*1 - 3; only b: -4; only a: 2*0.5; nobody: 0
-    assert combine(per_function, [a, b]).tolist() == [-1.0, -4.0, 1.0, 0.0]
+    assert combine(per_function, [a, b], 4).tolist() == [-1.0, -4.0, 1.0, 0.0]
+    assert combine({}, [], 3).tolist() == [0.0, 0.0, 0.0]  # no functions: the reward model's score alone
 
 
 def test_fields_reach_the_function_as_lists_per_key():
