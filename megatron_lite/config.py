@@ -410,7 +410,7 @@ class RLHFConfig:
 
     data: str = ""  # JSONL: {"prompt", "response"} / {"messages"} for sft; {"prompt", "chosen", "rejected"} for rm and dpo
     valid_fraction: float = 0.05  # records held out for validation (seeded by train.seed)
-    demo: bool = False  # build instruction data from the standard library's docstrings into demo_dir
+    demo: bool = False  # build the standard-library instruction and arithmetic data into demo_dir
     demo_dir: str = "data/demo-rlhf"
     demo_examples: int = 4000
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -419,7 +419,6 @@ class RLHFConfig:
     # RL rewards computed by programs: "package.module:function" (see rlhf.rewards), each weighted
     reward_functions: list[str] = field(default_factory=list)
     reward_weights: list[float] = field(default_factory=list)  # one per function; [] = all 1.0
-    demo_task: str = "instructions"  # what rlhf.demo builds: instructions (docstrings) | arithmetic (verifiable)
 
     def __post_init__(self) -> None:
         _require(0 <= self.valid_fraction < 1, f"rlhf.valid_fraction must be in [0, 1), got {self.valid_fraction}")
@@ -431,7 +430,6 @@ class RLHFConfig:
             _require(path.count(":") == 1 and all(path.split(":")),
                      f"rlhf.reward_functions[{number}]={path!r} is not 'package.module:function'; "
                      f"write the module's import path, a colon, and the function's name")
-        _choice("rlhf.demo_task", self.demo_task, ("instructions", "arithmetic"))
 
 
 @dataclass

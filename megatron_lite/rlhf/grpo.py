@@ -116,8 +116,8 @@ class GRPOTask:
     # ------------------------------------------------------------------ data and models
 
     def datasets(self) -> tuple:
-        demo_file = "arithmetic" if self.cfg.rlhf.demo_task == "arithmetic" else "sft"
-        self.records = StageRecords(self.cfg, self.dims, "grpo", demo_file, self._open_prompts)
+        # the demo's verifiable questions: their answers are what reward functions check
+        self.records = StageRecords(self.cfg, self.dims, "grpo", "arithmetic", self._open_prompts)
         return self.records.train, self.records.valid
 
     def _open_prompts(self, path: Path) -> PromptDataset:
