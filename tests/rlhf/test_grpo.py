@@ -12,7 +12,7 @@ import torch
 
 from megatron_lite.__main__ import main
 from megatron_lite.config import ConfigError, GRPOConfig, load_config
-from megatron_lite.rlhf import GRPOTask, SFTTask
+from megatron_lite.rlhf import GRPOTask
 from megatron_lite.rlhf.data import IGNORE_INDEX, RLHFDataError
 from megatron_lite.rlhf.losses import (
     AdaptiveKLController,
@@ -24,9 +24,10 @@ from megatron_lite.rlhf.losses import (
     returns_to_go,
 )
 from megatron_lite.rlhf.rewards import RewardFunctionError
+from megatron_lite.training.checkpoint import CheckpointError
 from megatron_lite.training.trainer import Trainer
 from tests.distributed import run_distributed
-from tests.rlhf.test_stages import stage_config
+from tests.rlhf.test_stages import rm_checkpoint, sft_checkpoint, stage_config  # noqa: F401 (fixtures)
 
 FNS = "tests.rlhf.reward_fns"
 
@@ -94,14 +95,6 @@ def test_adaptive_kl_controller_moves_towards_the_target():
 
 
 # ----------------------------------------------------------------------------- the task on a tiny model
-
-
-@pytest.fixture(scope="module")
-def sft_checkpoint(tiny_stage_data, tmp_path_factory):
-    data, sft, _ = tiny_stage_data
-    run = tmp_path_factory.mktemp("sft")
-    Trainer(stage_config(data, sft, run, [f"checkpoint.save={run}/ck"]), task=SFTTask).train()
-    return run / "ck"
 
 
 def grpo_extra(sft_checkpoint, extra=()):
@@ -197,6 +190,31 @@ def test_every_advantage_trains(tiny_stage_data, tmp_path, sft_checkpoint, advan
         assert torch.allclose(batch["advantages"], expected[:, None] * batch["mask"], atol=1e-6)
     result = trainer.train()
     assert len(result.losses) == 2 and all(math.isfinite(loss) for loss in result.losses)
+
+
+def test_a_reward_model_adds_its_score(tiny_stage_data, tmp_path, sft_checkpoint, rm_checkpoint):
+    data, sft, _ = tiny_stage_data
+    cfg = stage_config(data, sft, tmp_path, grpo_extra(sft_checkpoint, [f"rlhf.grpo.reward_model={rm_checkpoint}",
+                                                                        "rlhf.grpo.reward_clip=100"]))
+    trainer = Trainer(cfg, task=GRPOTask)
+    task = trainer.task
+    indices = task.prompt_indices(trainer.train_ds, 0)
+    batch = task.rollout(indices, seed=4)
+    reward_model = task.reward_model.chunks[0]
+    with torch.no_grad():
+        for row in range(4):
+            labels = batch["labels"][row]
+            answer = [t for t in labels[labels != IGNORE_INDEX].tolist() if t != task.tokenizer.eod_id]
+            last = int(batch["mask"][row].nonzero().max()) + 1
+            text = task.records.records.texts[indices[row // 2]]
+            functions = 0.1 * len(set(answer)) + (float(text.split()[-1] in task.tokenizer.decode(answer))
+                                                  if text.startswith("repeat") else 0.0)
+            model_score = reward_model(batch["tokens"][row][None])[0, last].item()
+            assert batch["rewards"][row].item() == pytest.approx(model_score + functions, abs=1e-5)
+    with pytest.raises(CheckpointError, match=r"rlhf.grpo.reward_model=.* holds a language model .* 'value' head "
+                                              r"\(a reward model from python -m megatron_lite rm\)"):
+        Trainer(stage_config(data, sft, tmp_path, grpo_extra(sft_checkpoint, [
+            f"rlhf.grpo.reward_model={sft_checkpoint}"])), task=GRPOTask)
 
 
 def test_filtered_groups_leave_the_loss(tiny_stage_data, tmp_path, sft_checkpoint):
