@@ -8,6 +8,11 @@ p*(a) ~ p_ref(a) exp(1[a = target] / beta). The same loss functions the tasks us
 (``rlhf.losses``) drive the tabular policy by sampled answers and Adam: each algorithm must land
 within 10% of the optimum's target rate and KL, computed exactly from the policy's table.
 
+With an end-of-text token answers have any length up to L (the reward counts the targets before
+the end), and the optimum is no longer the same at every position: p*_t(a) ~ p_ref(a) exp(r(a) / beta) Z_{t+1}
+for a token that continues, p*_t(end) ~ p_ref(end), with Z_t = sum_a p_ref(a) exp(r(a) / beta) Z_{t+1}
++ p_ref(end) and Z_L = 1, computed by dynamic programming from the last position back.
+
 GRPO's KL term in the loss (k3, no importance weight, as GRPO writes it) is the gradient of the
 *reverse* KL(pi_ref || pi) in expectation, so its fixed point is p(a) = p_ref(a) / (1 - (r(a) - r_bar) / beta)
 rather than p*; that fixed point is checked exactly, and its target rate within 10% of p*'s.
@@ -54,18 +59,35 @@ def reverse_kl_fixed_point(beta: float) -> torch.Tensor:
     return p / p.sum()
 
 
-def rate_and_kl(p: torch.Tensor) -> tuple[float, float]:
-    """(target rate, KL(pi || pi_ref) per answer) of a per-position distribution, or of (L, V) rows."""
-    rows = p.expand(L, V) if p.dim() == 1 else p
-    return rows[:, TARGET].mean().item(), (rows * (rows / P_REF).log()).sum().item()
+def rate_and_kl(p: torch.Tensor, p_ref: torch.Tensor = P_REF, end: int | None = None) -> tuple[float, float]:
+    """(targets per position, KL(pi || pi_ref) per answer) of a per-position distribution or of
+    (L, V) rows; with an ``end`` token, positions after it are not reached (exact expectations)."""
+    rows = p.expand(L, len(p_ref)) if p.dim() == 1 else p
+    alive = torch.ones(L, dtype=torch.float64)
+    if end is not None:
+        alive[1:] = torch.cumprod(1 - rows[:-1, end], dim=0)
+    per_position_kl = (rows * (rows / p_ref).log()).sum(dim=1)
+    return (alive * rows[:, TARGET]).sum().item() / L, (alive * per_position_kl).sum().item()
+
+
+def optimum_with_end(beta: float, p_ref: torch.Tensor, end: int) -> torch.Tensor:
+    """(L, V) p*_t by dynamic programming from the last position back (see the module docstring)."""
+    reward = (torch.arange(len(p_ref)) == TARGET).double()
+    rows, z_next = [], 1.0
+    for _ in range(L):
+        weights = p_ref * torch.exp(reward / beta) * z_next
+        weights[end] = p_ref[end]
+        rows.append(weights / weights.sum())
+        z_next = weights.sum()
+    return torch.stack(rows[::-1])
 
 
 class TabularPolicy(torch.nn.Module):
-    """One logit row per answer position, starting at the reference."""
+    """One logit row per answer position, starting at the reference ``p_ref``."""
 
-    def __init__(self):
+    def __init__(self, p_ref: torch.Tensor = P_REF):
         super().__init__()
-        self.logits = torch.nn.Parameter(P_REF.log().float().repeat(L, 1))  # (L, V)
+        self.logits = torch.nn.Parameter(p_ref.log().float().repeat(L, 1))  # (L, V)
 
     def probs(self) -> torch.Tensor:
         return torch.softmax(self.logits.double(), dim=-1)
@@ -80,12 +102,21 @@ class TabularPolicy(torch.nn.Module):
         return table[torch.arange(L), answers]
 
 
-def reference_log_probs(answers: torch.Tensor) -> torch.Tensor:
-    return P_REF.log().float()[answers]
+def reference_log_probs(answers: torch.Tensor, p_ref: torch.Tensor = P_REF) -> torch.Tensor:
+    return p_ref.log().float()[answers]
 
 
-def count_reward(answers: torch.Tensor) -> torch.Tensor:
-    return (answers == TARGET).float().sum(dim=1)
+def count_reward(answers: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    hits = (answers == TARGET).float()
+    return (hits if mask is None else hits * mask).sum(dim=1)
+
+
+def answer_mask(answers: torch.Tensor, end: int | None) -> torch.Tensor:
+    """(B, L) 1.0 up to and including the first end token (every position without one)."""
+    if end is None:
+        return torch.ones(answers.shape)
+    ended_before = torch.cumsum((answers == end).float(), dim=1) - (answers == end).float()
+    return (ended_before == 0).float()
 
 
 def optimiser(params, steps: int, lr: float):
@@ -93,23 +124,25 @@ def optimiser(params, steps: int, lr: float):
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr / 50)
 
 
-def train_group_method(beta: float, advantage: str, kl_penalty: str, steps: int = 400, groups: int = 64,
-                       n: int = 8, lr: float = 0.05, seed: int = 0) -> TabularPolicy:
+def train_group_method(beta: float, advantage: str, kl_penalty: str, steps: int = 200, groups: int = 32,
+                       n: int = 8, lr: float = 0.05, seed: int = 0, p_ref: torch.Tensor = P_REF,
+                       end: int | None = None) -> TabularPolicy:
     """GRPO / RLOO as the task runs them: groups of n answers, group advantages, the clipped
-    surrogate (two mini-batch epochs per rollout) with the KL in the reward (k1) or in the loss (k3)."""
+    surrogate (two mini-batch epochs per rollout) with the KL in the reward (k1) or in the loss (k3);
+    with an ``end`` token, each answer's tokens after it are masked out."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    policy = TabularPolicy()
+    policy = TabularPolicy(p_ref)
     opt, schedule = optimiser(policy.parameters(), steps, lr)
     for _ in range(steps):
         answers = policy.sample(groups * n, generator)
-        mask = torch.ones(groups * n, L)
+        mask = answer_mask(answers, end)
         with torch.no_grad():
             old = policy.log_probs(answers)
-        reference = reference_log_probs(answers)
-        rewards = count_reward(answers)
+        reference = reference_log_probs(answers, p_ref)
+        rewards = count_reward(answers, mask)
         if kl_penalty == "reward":
-            rewards = rewards - beta * (old - reference).sum(dim=1)
+            rewards = rewards - beta * ((old - reference) * mask).sum(dim=1)
         advantages = group_advantages(rewards, n, advantage)[:, None] * mask
         for _ in range(2):
             logp = policy.log_probs(answers)
@@ -124,7 +157,7 @@ def train_group_method(beta: float, advantage: str, kl_penalty: str, steps: int 
     return policy
 
 
-def train_ppo(beta: float, steps: int = 400, batch: int = 512, lr: float = 0.05, seed: int = 0) -> TabularPolicy:
+def train_ppo(beta: float, steps: int = 200, batch: int = 256, lr: float = 0.05, seed: int = 0) -> TabularPolicy:
     """PPO as PPOTask runs it: per-token KL in the reward, the score on the last token, GAE over a
     critic (a table over position and targets so far: the state's value), whitened advantages,
     the clipped surrogate and the clipped value loss."""
@@ -157,7 +190,7 @@ def train_ppo(beta: float, steps: int = 400, batch: int = 512, lr: float = 0.05,
     return policy
 
 
-def train_dpo(beta: float, pairs: int = 20000, steps: int = 300, lr: float = 0.05, seed: int = 0) -> TabularPolicy:
+def train_dpo(beta: float, pairs: int = 20000, steps: int = 200, lr: float = 0.05, seed: int = 0) -> TabularPolicy:
     """DPO on pairs of reference answers labelled by Bradley-Terry on the same reward: its optimum
     is the same p*."""
     torch.manual_seed(seed)
@@ -181,9 +214,10 @@ def train_dpo(beta: float, pairs: int = 20000, steps: int = 300, lr: float = 0.0
     return policy
 
 
-def assert_near(policy: TabularPolicy, target: torch.Tensor, what: str, rel: float = 0.10) -> None:
-    got_rate, got_kl = rate_and_kl(policy.probs())
-    want_rate, want_kl = rate_and_kl(target)
+def assert_near(policy: TabularPolicy, target: torch.Tensor, what: str, rel: float = 0.10,
+                p_ref: torch.Tensor = P_REF, end: int | None = None) -> None:
+    got_rate, got_kl = rate_and_kl(policy.probs(), p_ref, end)
+    want_rate, want_kl = rate_and_kl(target, p_ref, end)
     assert got_rate == pytest.approx(want_rate, rel=rel), f"{what}: target rate {got_rate:.4f} vs {want_rate:.4f}"
     assert got_kl == pytest.approx(want_kl, rel=rel), f"{what}: KL {got_kl:.4f} vs {want_kl:.4f}"
 
@@ -230,3 +264,37 @@ def test_small_beta_saturates_the_reward():
 
 def test_dpo_on_preferences_from_the_reward_approaches_the_optimum():
     assert_near(train_dpo(1.0), optimum(1.0), "dpo")
+
+
+P_REF_END = torch.tensor([0.2, 0.2, 0.2, 0.25, 0.15], dtype=torch.float64)  # the last token ends the answer
+END = 4
+
+
+def test_the_optimum_with_an_end_token_by_dynamic_programming():
+    beta = 1.0
+    p = optimum_with_end(beta, P_REF_END, END)
+    # the last position cannot continue: its optimum is the fixed-length one
+    last = P_REF_END * torch.exp((torch.arange(5) == TARGET).double() / beta)
+    last[END] = P_REF_END[END]
+    assert torch.allclose(p[-1], last / last.sum())
+    # earlier, continuing is worth more (more targets to come): the end token is rarer
+    assert (p[:-1, END] < p[-1, END]).all() and (p[1:, END] >= p[:-1, END]).all()
+    # brute force over every answer: pi*(y) ~ pi_ref(y) exp(r(y) / beta), then its rate and KL
+    rate, kl = rate_and_kl(p, P_REF_END, END)
+    answers = torch.cartesian_prod(*[torch.arange(5)] * L)
+    mask = answer_mask(answers, END).double()
+    log_ref = (P_REF_END.log()[answers] * mask).sum(dim=1)
+    first_end = [tuple(row[: int(m.sum())].tolist()) for row, m in zip(answers, mask)]
+    keep = torch.tensor([first_end.index(prefix) == i for i, prefix in enumerate(first_end)])  # one per answer
+    rewards = count_reward(answers, mask).double()
+    weights = torch.exp(log_ref + rewards / beta)[keep]
+    weights /= weights.sum()
+    assert (weights * rewards[keep]).sum().item() / L == pytest.approx(rate, rel=1e-9)
+    log_z = torch.log(torch.exp(log_ref + rewards / beta)[keep].sum())
+    assert (weights * (rewards[keep] / beta - log_z)).sum().item() == pytest.approx(kl, rel=1e-9)  # E[log pi*/pi_ref]
+
+
+def test_rloo_reaches_the_optimum_with_an_end_token():
+    beta = 1.0
+    policy = train_group_method(beta, "rloo", "reward", p_ref=P_REF_END, end=END)
+    assert_near(policy, optimum_with_end(beta, P_REF_END, END), "rloo with end", p_ref=P_REF_END, end=END)
