@@ -1,9 +1,10 @@
 """Command line: ``python -m megatron_lite <command>`` (also the ``megatron-lite`` script).
 
     pretrain --config FILE [section.key=value ...]     train (works under torchrun)
-    sft | rm | dpo | ppo --config FILE [section.key=value ...]
+    sft | rm | dpo | ppo | grpo --config FILE [section.key=value ...]
                                                        fine-tuning stages: supervised, reward model,
-                                                       direct preference optimization, PPO (torchrun too)
+                                                       direct preference optimization, PPO, GRPO and
+                                                       the other critic-free methods (torchrun too)
     demo [--steps N] [--out DIR] [--device D]          build the demo corpus, train, evaluate, sample
     generate --load DIR --prompt TEXT [--chat] [...]   continue prompts from a checkpoint
     plan --config FILE [overrides] [--world-size N] [--gpu-memory 80GB] [--json]
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     stages = {"sft": "supervised fine-tuning on prompt/response records",
               "rm": "train a reward model on preference pairs",
               "dpo": "direct preference optimization on preference pairs",
-              "ppo": "PPO (and PPO-ptx) against a reward model, sampling answers to prompts"}
+              "ppo": "PPO (and PPO-ptx) against a reward model, sampling answers to prompts",
+              "grpo": "GRPO, Dr. GRPO, RLOO or REINFORCE++ on groups of answers scored by reward functions"}
     for name, text in stages.items():
         stage = commands.add_parser(name, help=text)
         stage.add_argument("--config", required=True, help=f"YAML file (e.g. configs/{name}.yaml)")
@@ -181,7 +183,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "sft": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "ppo": cmd_stage,
-            "demo": cmd_demo, "generate": cmd_generate, "plan": cmd_plan}
+            "grpo": cmd_stage, "demo": cmd_demo, "generate": cmd_generate, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -405,8 +405,8 @@ class PPOConfig:
     (finetune); the first three fields name the other models."""
 
     reference: str = ""  # the frozen policy of the KL penalty (usually the SFT checkpoint)
-    reward_model: str = ""  # a reward-model checkpoint (python -m megatron_lite rm)
-    critic: str = ""  # the critic's starting weights; "" = the reward model's
+    reward_model: str = ""  # a reward-model checkpoint (python -m megatron_lite rm); "" = rlhf.reward_functions only
+    critic: str = ""  # the critic's starting weights; "" = the reward model's (else checkpoint.load, new value head)
     critic_lr: float | None = None  # None: optim.lr
     max_new_tokens: int = 64  # rollout length limit (the prompt plus this must fit model.seq_length)
     temperature: float = 1.0  # rollout sampling
@@ -419,12 +419,16 @@ class PPOConfig:
     gae_lambda: float = 0.95
     reward_clip: float = 5.0  # the reward model's score is clipped to +-reward_clip
     epochs: int = 1  # optimizer passes over each rollout batch
+    mini_batch_size: int = 0  # answers per optimizer step (global); 0 = the whole rollout batch
+    kl_target: float = 0.0  # > 0: adapt kl_coef towards this KL per answer (0 = fixed kl_coef)
+    kl_horizon: int = 10000  # samples over which the adaptive coefficient closes its error
     ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss on data.mixture batches (0 = plain PPO)
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "epochs"):
+        for name in ("max_new_tokens", "epochs", "kl_horizon"):
             _require(getattr(self, name) > 0, f"rlhf.ppo.{name} must be positive, got {getattr(self, name)}")
-        for name in ("temperature", "kl_coef", "clip_ratio", "value_clip", "reward_clip", "ptx_coef", "top_k"):
+        for name in ("temperature", "kl_coef", "clip_ratio", "value_clip", "reward_clip", "ptx_coef", "top_k",
+                     "mini_batch_size", "kl_target"):
             _require(getattr(self, name) >= 0, f"rlhf.ppo.{name} must be >= 0, got {getattr(self, name)}")
         _require(0 < self.top_p <= 1, f"rlhf.ppo.top_p must be in (0, 1], got {self.top_p}")
         for name in ("gamma", "gae_lambda"):
@@ -433,24 +437,84 @@ class PPOConfig:
                  f"rlhf.ppo.critic_lr must be positive, got {self.critic_lr}")
 
 
+GRPO_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass
+class GRPOConfig:
+    """Critic-free RL on groups of answers (``python -m megatron_lite grpo``): GRPO, Dr. GRPO,
+    RLOO and REINFORCE++. The policy starts from checkpoint.load (finetune); rewards come from
+    ``rlhf.reward_functions`` and, when set, a reward model."""
+
+    reference: str = ""  # the frozen policy of the KL term (usually the SFT checkpoint)
+    reward_model: str = ""  # optional reward-model checkpoint, added to the reward functions
+    samples_per_prompt: int = 4  # n answers per prompt, sampled together (a group)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp
+    kl_coef: float = 0.04  # beta; the starting value when kl_target is set
+    kl_estimator: str = "k3"  # k1 | k2 | k3, for the KL term in the loss
+    kl_penalty: str = "loss"  # loss: beta * KL estimate per token in the loss; reward: subtracted from the reward
+    kl_target: float = 0.0  # > 0: adapt kl_coef towards this KL per answer (0 = fixed kl_coef)
+    kl_horizon: int = 10000  # samples over which the adaptive coefficient closes its error
+    clip_low: float = 0.2  # the ratio is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2  # DAPO's clip-higher: above clip_low
+    loss_aggregation: str = "token_mean"  # token_mean | sequence_mean
+    mini_batch_size: int = 0  # answers per optimizer step (global); 0 = the whole rollout batch
+    epochs: int = 1  # passes over each rollout batch
+    filter_zero_advantage: bool = False  # drop groups whose answers all scored the same (counted)
+    reward_clip: float = 10.0  # the combined reward is clipped to +-reward_clip
+
+    def __post_init__(self) -> None:
+        _choice("rlhf.grpo.advantage", self.advantage, GRPO_ADVANTAGES)
+        _choice("rlhf.grpo.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("rlhf.grpo.kl_penalty", self.kl_penalty, ("loss", "reward"))
+        _choice("rlhf.grpo.loss_aggregation", self.loss_aggregation, ("token_mean", "sequence_mean"))
+        for name in ("samples_per_prompt", "max_new_tokens", "epochs", "kl_horizon"):
+            _require(getattr(self, name) > 0, f"rlhf.grpo.{name} must be positive, got {getattr(self, name)}")
+        for name in ("temperature", "kl_coef", "kl_target", "clip_low", "clip_high", "top_k", "mini_batch_size",
+                     "reward_clip"):
+            _require(getattr(self, name) >= 0, f"rlhf.grpo.{name} must be >= 0, got {getattr(self, name)}")
+        _require(0 < self.top_p <= 1, f"rlhf.grpo.top_p must be in (0, 1], got {self.top_p}")
+        _require(self.clip_low < 1, f"rlhf.grpo.clip_low must be below 1 (the ratio stays positive), got {self.clip_low}")
+        _require(self.samples_per_prompt >= 2 or self.advantage == "reinforce_pp",
+                 f"rlhf.grpo.advantage={self.advantage} compares the answers of a prompt: set "
+                 f"rlhf.grpo.samples_per_prompt >= 2 (got {self.samples_per_prompt}) or advantage=reinforce_pp")
+
+
 @dataclass
 class RLHFConfig:
-    """The fine-tuning stages (sft, rm, dpo, ppo): the records they read, shared by every stage,
-    and one nested section per algorithm with settings of its own (``rlhf.dpo``, ``rlhf.ppo``)."""
+    """The fine-tuning stages (sft, rm, dpo, ppo, grpo): the records they read, shared by every
+    stage, the reward functions of the RL algorithms, and one nested section per algorithm with
+    settings of its own (``rlhf.dpo``, ``rlhf.ppo``, ``rlhf.grpo``)."""
 
     data: str = ""  # JSONL: {"prompt", "response"} / {"messages"} for sft; {"prompt", "chosen", "rejected"} for rm and dpo
     valid_fraction: float = 0.05  # records held out for validation (seeded by train.seed)
-    demo: bool = False  # build instruction data from the standard library's docstrings into demo_dir
+    demo: bool = False  # build the standard-library instruction and arithmetic data into demo_dir
     demo_dir: str = "data/demo-rlhf"
     demo_examples: int = 4000
     chat_template: str = "native"  # native (role tokens, eod after answers) | hf (the tokenizer's imported template)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    # RL rewards computed by programs: "package.module:function" (see rlhf.rewards), each weighted
+    reward_functions: list[str] = field(default_factory=list)
+    reward_weights: list[float] = field(default_factory=list)  # one per function; [] = all 1.0
 
     def __post_init__(self) -> None:
         _require(0 <= self.valid_fraction < 1, f"rlhf.valid_fraction must be in [0, 1), got {self.valid_fraction}")
         _require(self.demo_examples > 0, f"rlhf.demo_examples must be positive, got {self.demo_examples}")
         _choice("rlhf.chat_template", self.chat_template, ("native", "hf"))
+        _require(not self.reward_weights or len(self.reward_weights) == len(self.reward_functions),
+                 f"rlhf.reward_weights has {len(self.reward_weights)} entries for {len(self.reward_functions)} "
+                 f"rlhf.reward_functions; give one weight per function (or none for all 1.0)")
+        for number, path in enumerate(self.reward_functions):
+            _require(path.count(":") == 1 and all(path.split(":")),
+                     f"rlhf.reward_functions[{number}]={path!r} is not 'package.module:function'; "
+                     f"write the module's import path, a colon, and the function's name")
 
 
 @dataclass

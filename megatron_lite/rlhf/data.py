@@ -581,38 +581,48 @@ class RankedDataset:
         return {"tokens": tokens, "labels": labels, "last": last, "better": better}
 
 
+_PROMPT_KEYS = ("prompt", "messages", "system")  # what a prompt record's rendering reads
+
+
 class PromptDataset:
     """Prompts for PPO rollouts: ds[i] -> token ids (list) of the prompt followed by the assistant
     role token, ready for the model to answer. Prompts longer than ``max_prompt_length`` ids are
-    dropped (``num_dropped``), since the rollout must fit the model's sequence length."""
+    dropped (``num_dropped``), since the rollout must fit the model's sequence length.
+    ``fields[i]`` holds the record's other keys (e.g. "answer"), which reward functions read."""
 
     def __init__(self, path: str | Path, tokenizer: Tokenizer, max_prompt_length: int,
-                 chat: NativeChat | TemplateChat | None = None):
+                 chat: NativeChat | TemplateChat | None = None, answer_key: str = "rlhf.ppo.max_new_tokens"):
+        """``answer_key``: the setting that reserves room for the answer, for messages."""
         chat = chat or NativeChat(tokenizer)
         if max_prompt_length < 1:
             raise RLHFDataError(
-                f"no room for a prompt: model.seq_length minus rlhf.ppo.max_new_tokens is {max_prompt_length}; "
-                f"lower rlhf.ppo.max_new_tokens"
+                f"no room for a prompt: model.seq_length minus {answer_key} is {max_prompt_length}; "
+                f"lower {answer_key}"
             )
         self.path, self.num_dropped = Path(path), 0
         self.sources: list[str] = []
         self._prompts: list[list[int]] = []
+        self.fields: list[dict] = []
+        self.texts: list[str] = []  # the last user message: the prompt reward functions read
         records = 0
         for where, record in _numbered_records(self.path):
             records += 1
+            messages = prompt_messages(record, where)
             with _naming(where):
-                ids = chat.prompt(prompt_messages(record, where))
+                ids = chat.prompt(messages)
             if len(ids) > max_prompt_length:
                 self.num_dropped += 1
                 continue
             self._prompts.append(ids)
             self.sources.append(where)
+            self.fields.append({k: v for k, v in record.items() if k not in _PROMPT_KEYS})
+            self.texts.append(messages[-1]["content"])
         if not self._prompts:
             if records == 0:
                 raise RLHFDataError(f"{self.path} holds no records; write one JSON object per line")
             raise RLHFDataError(
                 f"{self.path}: all {records} prompts are longer than {max_prompt_length} tokens (model.seq_length minus "
-                f"rlhf.ppo.max_new_tokens); raise model.seq_length, lower rlhf.ppo.max_new_tokens or shorten the prompts"
+                f"{answer_key}); raise model.seq_length, lower {answer_key} or shorten the prompts"
             )
 
     def __len__(self) -> int:

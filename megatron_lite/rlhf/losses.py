@@ -109,8 +109,7 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, group=None) -> torch.Tensor
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip: float) -> torch.Tensor:
     """PPO's clipped surrogate, averaged over the answer tokens."""
-    ratio = torch.exp(logp - old_logp)
-    surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    surrogate, _ = clipped_surrogate(logp, old_logp, advantages, clip, clip)
     return (surrogate * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -120,3 +119,85 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- critic-free RL (GRPO, RLOO, ...)
+
+
+def kl_estimate(logp: torch.Tensor, reference_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimates of KL(pi || pi_ref) from tokens sampled from pi, with d = log pi - log pi_ref:
+    k1 = d (unbiased, can be negative), k2 = d^2 / 2 (low variance, biased), k3 = e^-d - 1 + d
+    (unbiased and never negative: GRPO's choice)."""
+    d = logp - reference_logp
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d**2
+    if estimator == "k3":
+        return torch.expm1(-d) + d
+    raise ValueError(f"kl_estimator={estimator!r} is not one of k1, k2, k3")
+
+
+def leave_one_out_baseline(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) rewards in consecutive groups -> each answer's mean reward of the other answers of its group."""
+    groups = rewards.view(-1, group_size)
+    return ((groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)).reshape(-1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, kind: str, eps: float = 1e-6) -> torch.Tensor:
+    """(B,) per-answer advantages from rewards in consecutive groups of ``group_size`` answers to one
+    prompt. grpo: (r - group mean) / (group std + eps), the std with Bessel's correction;
+    dr_grpo: r - group mean (no std: a group of near-equal rewards is not blown up);
+    rloo: r - the mean of the group's other answers. A group of equal rewards gets 0 throughout."""
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if kind == "grpo":
+        return (centred / (groups.std(dim=1, keepdim=True) + eps)).reshape(-1)
+    if kind == "dr_grpo":
+        return centred.reshape(-1)
+    if kind == "rloo":
+        return rewards - leave_one_out_baseline(rewards, group_size)
+    raise ValueError(f"group advantage kind={kind!r} is not one of grpo, dr_grpo, rloo")
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) per-token rewards -> the undiscounted sum of each token's reward and all after it, 0 off the mask."""
+    rewards = rewards * mask
+    return (rewards.flip(1).cumsum(1).flip(1)) * mask
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float,
+                      clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: the clipped objective's loss -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A)
+    and whether the clipped term was the one taken (1.0) or not (0.0)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, kind: str, count: torch.Tensor | float) -> torch.Tensor:
+    """Sum a micro-batch's per-token losses into its share of the batch loss. token_mean: the
+    masked sum over ``count``, the tokens of the whole batch per dp rank (every token weighs the
+    same); sequence_mean: each answer's token mean, summed over ``count``, the answers per dp rank
+    (every answer weighs the same, its tokens 1/length each)."""
+    masked = per_token * mask
+    if kind == "token_mean":
+        return masked.sum() / count
+    if kind == "sequence_mean":
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / count
+    raise ValueError(f"loss_aggregation={kind!r} is not one of token_mean, sequence_mean")
+
+
+class AdaptiveKLController:
+    """The KL coefficient of Ziegler et al. (2019): after each batch of ``samples`` answers whose
+    mean KL was ``kl``, the coefficient moves by the proportional error (clipped to +-20%) times
+    samples / horizon, so it settles where the policy's KL sits at ``target``."""
+
+    def __init__(self, *, initial: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = initial, target, horizon
+
+    def update(self, kl: float, samples: int) -> float:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * samples / self.horizon
+        return self.value

@@ -1,5 +1,5 @@
-"""The pieces of an RL rollout, for any algorithm that samples answers and scores them (PPO today;
-GRPO or RLOO would reuse them with their own advantages and loss).
+"""The pieces of an RL rollout, for any algorithm that samples answers and scores them (PPO, and
+GRPO and its relatives with their own advantages and loss).
 
 1. ``sample_answers``: the policy samples an answer to each prompt (KV cache; an answer that
    reaches end-of-text leaves the batch, so the rest decode on fewer rows; at pp > 1 each
@@ -10,7 +10,8 @@ GRPO or RLOO would reuse them with their own advantages and loss).
 3. ``score``: one forward-only pass of a model (trained or frozen) over those rows through its
    parallel step, with one of the scoring functions below; the figures live on the last pipeline
    stage (zeros elsewhere);
-4. ``per_token_kl`` and ``global_means`` for the rewards and the logged figures.
+4. ``per_token_kl``, ``from_last_stage`` and ``rollout_figures`` for the rewards and the logged
+   figures; ``mini_batch_count`` for the update's optimizer steps.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import NamedTuple
 
 import torch
 
+from megatron_lite.config import Config, ConfigError
 from megatron_lite.model.generation import generate
-from megatron_lite.parallel.collectives import sum_over_replicas
+from megatron_lite.parallel.collectives import all_reduce, sum_over_replicas
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.rlhf.data import IGNORE_INDEX
 from megatron_lite.rlhf.losses import values_at
@@ -106,8 +108,46 @@ def per_token_kl(logp: torch.Tensor, reference_logp: torch.Tensor, mask: torch.T
     return (logp - reference_logp) * mask
 
 
-def global_means(dims: ParallelDims, **per_sample: torch.Tensor) -> dict[str, float]:
-    """Means over the global batch of per-sample (B,) tensors held by the last pipeline stage."""
-    columns = torch.stack([t.double() for t in per_sample.values()], dim=1)  # (B, k)
-    sums = sum_over_replicas(torch.cat([columns.sum(dim=0), columns.new_tensor([columns.shape[0]])]), dims)
-    return {name: (sums[i] / sums[-1]).item() for i, name in enumerate(per_sample)}
+def from_last_stage(values: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """Figures the last pipeline stage holds (scores, log-probs) -> the same on every stage of the
+    replica, for decisions all stages must agree on (advantages, which groups to keep). In place."""
+    if not dims.is_last_stage:
+        values.zero_()
+    return all_reduce(values, dims.pp_group)
+
+
+def rollout_figures(dims: ParallelDims, batch: dict, functions) -> dict[str, float]:
+    """Global figures of a rollout ``batch`` ((B,) "rewards", "kl", "entropy" (summed -log pi),
+    "length"; "per_function" values by name): the reward's mean and std, each reward function's
+    mean over the answers it judged (absent when it judged none), the KL and length per answer,
+    and the sampled entropy per answer token."""
+    rewards = batch["rewards"].double()
+    columns = [rewards.sum(), (rewards**2).sum(), torch.tensor(float(len(rewards))), batch["kl"].double().sum(),
+               batch["entropy"].double().sum(), batch["length"].double().sum()]
+    for function in functions:
+        judged = [v for v in batch["per_function"][function.name] if v is not None]
+        columns += [torch.tensor(float(sum(judged))), torch.tensor(float(len(judged)))]
+    sums = sum_over_replicas(torch.stack([c.to(dims.device).double() for c in columns]), dims).tolist()
+    count, tokens = sums[2], max(sums[5], 1.0)
+    mean = sums[0] / count
+    figures = {"reward": mean, "reward_std": max(sums[1] / count - mean**2, 0.0) ** 0.5, "kl": sums[3] / count,
+               "entropy": sums[4] / tokens, "response_length": sums[5] / count}
+    for k, function in enumerate(functions):
+        judged_sum, judged = sums[6 + 2 * k], sums[7 + 2 * k]
+        if judged:
+            figures[f"reward_{function.short_name}"] = judged_sum / judged
+    return figures
+
+
+def mini_batch_count(key: str, mini_batch_size: int, cfg: Config, dp: int) -> int:
+    """How many optimizer steps one rollout batch makes with ``mini_batch_size`` answers per step
+    (the config key ``key``; 0 = the whole batch). Mini-batch k of K takes every K-th answer from
+    k on every rank, so a mini-batch holds the same answers at any dp; it must split into whole
+    micro-batches on every rank."""
+    answers, per_step = cfg.train.global_batch_size, cfg.train.micro_batch_size * dp
+    mini = mini_batch_size or answers
+    if answers % mini != 0 or mini % per_step != 0:
+        raise ConfigError(
+            f"{key}={mini} must divide train.global_batch_size={answers} and be a multiple of "
+            f"train.micro_batch_size x dp = {per_step}; pick such a size, or 0 for the whole batch in one step")
+    return answers // mini

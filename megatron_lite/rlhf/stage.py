@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.collectives import sum_over_replicas
 from megatron_lite.parallel.dims import ParallelDims
+from megatron_lite.rlhf.arithmetic import build_arithmetic_data
 from megatron_lite.rlhf.data import RankedDataset, SFTDataset, chat_format, split_indices
 from megatron_lite.rlhf.demo_data import build_demo_rlhf_data
 from megatron_lite.training.trained_model import TrainedModel
@@ -49,7 +50,8 @@ class Epochs:
 
 
 def stage_data_path(cfg: Config, dims: ParallelDims, stage: str, demo_file: str) -> Path:
-    """``rlhf.data``, or with ``rlhf.demo`` the demo instruction set's ``demo_file`` (built once)."""
+    """``rlhf.data``, or with ``rlhf.demo`` the demo instruction set's ``demo_file`` (built once):
+    "sft" or "preference" from the docstrings, "arithmetic" for the verifiable questions."""
     settings = cfg.rlhf
     if settings.data:
         path = Path(settings.data)
@@ -59,11 +61,16 @@ def stage_data_path(cfg: Config, dims: ParallelDims, stage: str, demo_file: str)
     if not settings.demo:
         raise ConfigError(f"rlhf.data is empty; set it to a JSONL file for the {stage} stage "
                           f"(or rlhf.demo=true for the standard-library instruction data)")
+    def build() -> Path:
+        if demo_file == "arithmetic":
+            return build_arithmetic_data(settings.demo_dir, count=settings.demo_examples)
+        return Path(build_demo_rlhf_data(settings.demo_dir, max_examples=settings.demo_examples)[demo_file])
+
     if dims.rank == 0:  # one rank builds; the others then find it finished
-        build_demo_rlhf_data(settings.demo_dir, max_examples=settings.demo_examples)
+        build()
     if dist.is_initialized():
         dist.barrier()
-    return Path(build_demo_rlhf_data(settings.demo_dir, max_examples=settings.demo_examples)[demo_file])
+    return build()
 
 
 class StageRecords:

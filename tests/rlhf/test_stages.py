@@ -309,7 +309,7 @@ def test_ppo_rollout_scores_and_update(tiny_stage_data, tmp_path, sft_checkpoint
     common = [f"checkpoint.save={tmp_path}/ck", "optim.lr=1e-3"]
     trainer = Trainer(stage_config(data, sft, tmp_path, ppo_extra(sft_checkpoint, rm_checkpoint, common)), task=PPOTask)
     prompts = trainer.task.prompts(trainer.train_ds, 0)
-    batch = trainer.task.rollout(prompts, seed=5)
+    batch = trainer.task.rollout(trainer.task.prompt_indices(trainer.train_ds, 0), seed=5)
     actor, reward_model = trainer.model.chunks[0], trainer.task.reward_model.chunks[0]
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
