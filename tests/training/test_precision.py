@@ -43,7 +43,7 @@ def _micro_batches(cfg, step: int, dims, micro_batch_size: int = 2):
 def _train(cfg, dims, steps=range(STEPS), model=None):
     torch.manual_seed(0)
     model = model or build_trained_model(cfg, dims)
-    history = [model.train_on(_micro_batches(cfg, step, dims))[:2] for step in steps]
+    history = [tuple(float(v) for v in model.train_on(_micro_batches(cfg, step, dims))[:2]) for step in steps]
     return model, history
 
 
