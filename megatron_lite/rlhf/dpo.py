@@ -6,7 +6,8 @@ forward-only pass over every record computes the reference's log-probabilities o
 (each data-parallel replica a share, summed over dp and handed from the last pipeline stage to
 every rank), so training holds one model, not two. The table is saved next to the run's
 checkpoints, and a resumed run reads it back instead of recomputing it from weights that have
-moved. The loss and its variants are in ``rlhf.losses.dpo_loss``; ``rlhf.dpo.nll_weight`` adds the
+moved. With ``rlhf.pack`` a micro-batch's chosen and rejected answers are packed as documents
+(``rlhf.packing``) and each answer's log-probability summed from the packed rows. The loss and its variants are in ``rlhf.losses.dpo_loss``; ``rlhf.dpo.nll_weight`` adds the
 chosen answers' next-token loss (as in RPO), which keeps DPO from lowering the likelihood of the
 answers it prefers along with the ones it rejects.
 """
@@ -22,8 +23,9 @@ from tqdm import tqdm
 from megatron_lite.config import ConfigError
 from megatron_lite.parallel.collectives import sum_over_replicas
 from megatron_lite.rlhf.data import IGNORE_INDEX
-from megatron_lite.rlhf.losses import dpo_loss, sequence_log_probs
-from megatron_lite.rlhf.stage import Epochs, RecordStage
+from megatron_lite.rlhf.losses import dpo_loss
+from megatron_lite.rlhf.packing import packed_target, trained_length
+from megatron_lite.rlhf.stage import Epochs, RecordStage, per_sequence, token_losses
 from megatron_lite.training.checkpoint import durable, resolve_checkpoint_dir
 from megatron_lite.training.trained_model import TrainedModel
 
@@ -35,6 +37,7 @@ class DPOTask(RecordStage):
     dataset_kind = "preference"
     evaluation_names = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
     sequences_per_record = 2
+    packs = True
     reference: torch.Tensor | None = None  # (records, 2): log pi_ref of the chosen and the rejected answer
 
     def start(self, model: TrainedModel) -> None:
@@ -72,7 +75,7 @@ class DPOTask(RecordStage):
         return (both[:, :2] / both[:, 2:].clamp(min=1)).float()
 
     def _answer_log_probs(self, chunk, inputs, target, num_micro_batches: int) -> torch.Tensor:
-        return sequence_log_probs(chunk(inputs, labels=target["labels"]).float())
+        return -per_sequence(token_losses(chunk, inputs, target), target)
 
     def _read_reference(self, load: str) -> torch.Tensor:
         ckpt_dir = resolve_checkpoint_dir(load)
@@ -96,24 +99,36 @@ class DPOTask(RecordStage):
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, dict]:
         """Chosen answers first, then rejected: tokens and labels (2b, T), reference log-probs (2b,)."""
         tokens, labels = self.records.pairs(indices, "tokens"), self.records.pairs(indices, "labels")
+        return tokens, {"labels": labels, "reference": self._reference_of(indices)}
+
+    def _reference_of(self, indices: list[int]) -> torch.Tensor:
+        """The records' reference log-probs, chosen answers first, then rejected (2b,)."""
         if self.reference is None:  # computing the reference itself
-            reference = torch.zeros(2 * len(indices), device=self.dims.device)
-        else:
-            rows = self.reference[torch.tensor(indices, device=self.reference.device)]
-            reference = torch.cat([rows[:, 0], rows[:, 1]]).to(self.dims.device)
-        return tokens, {"labels": labels, "reference": reference}
+            return torch.zeros(2 * len(indices), device=self.dims.device)
+        rows = self.reference[torch.tensor(indices, device=self.reference.device)]
+        return torch.cat([rows[:, 0], rows[:, 1]]).to(self.dims.device)
+
+    def packed_sequences(self, indices: list[int]) -> list:
+        """Every chosen answer, then every rejected one: the order of ``collate``'s rows."""
+        records = [self.records[i] for i in indices]
+        return [(r[f"{side}_tokens"], r[f"{side}_labels"], trained_length(r[f"{side}_labels"]))
+                for side in ("chosen", "rejected") for r in records]
+
+    def collate_packed(self, indices: list[int], rows) -> tuple[torch.Tensor, dict]:
+        target = packed_target(rows, self.dims.device)
+        return torch.from_numpy(rows.tokens).to(self.dims.device), {**target, "reference": self._reference_of(indices)}
 
     def pair_losses(self, chunk, inputs, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per pair: the loss (DPO's, plus ``rlhf.dpo.nll_weight`` x the chosen answer's mean
         next-token loss) and the implicit rewards of both answers."""
-        token_loss = chunk(inputs, labels=target["labels"]).float()  # (2b, T), 0 off the answers
-        policy_chosen, policy_rejected = sequence_log_probs(token_loss).chunk(2)
+        token_loss = token_losses(chunk, inputs, target)  # (rows, T), 0 off the answers
+        policy_chosen, policy_rejected = (-per_sequence(token_loss, target)).chunk(2)
         reference_chosen, reference_rejected = target["reference"].chunk(2)
         settings = self.cfg.rlhf.dpo
         loss, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                                           settings.beta, settings.loss, settings.label_smoothing)
         if settings.nll_weight > 0:
-            chosen_tokens = (target["labels"] != IGNORE_INDEX).sum(dim=1).chunk(2)[0].clamp(min=1)
+            chosen_tokens = per_sequence((target["labels"] != IGNORE_INDEX).float(), target).chunk(2)[0].clamp(min=1)
             loss = loss - settings.nll_weight * policy_chosen / chosen_tokens
         return loss, chosen, rejected
 

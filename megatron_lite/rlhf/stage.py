@@ -25,7 +25,9 @@ from megatron_lite.parallel.collectives import sum_over_replicas
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.rlhf.data import PreferenceDataset, SFTDataset, chat_format, split_indices
 from megatron_lite.rlhf.demo_data import build_demo_rlhf_data
+from megatron_lite.rlhf.packing import pack_micro_batches, sequence_sums
 from megatron_lite.training.trained_model import TrainedModel
+from megatron_lite.training.step import chunk_inputs
 from megatron_lite.training.trainer import StepResult
 
 
@@ -112,19 +114,44 @@ def report_truncation(records, path: Path, seq_length: int, dims: ParallelDims) 
               f"{records.num_dropped} dropped at model.seq_length={seq_length}", flush=True)
 
 
+def is_packed(target) -> bool:
+    """Whether a micro-batch's target is of packed records (``rlhf.packing.packed_target``)."""
+    return isinstance(target, dict) and "sequence" in target
+
+
+def per_sequence(values: torch.Tensor, target) -> torch.Tensor:
+    """Per-token ``values`` (rows, T) summed per sequence: per row unpacked, per packed sequence
+    (in the order they were packed) under ``rlhf.pack``."""
+    return sequence_sums(values, target) if is_packed(target) else values.sum(dim=-1)
+
+
+def token_losses(chunk, inputs: torch.Tensor, target: dict) -> torch.Tensor:
+    """The last stage's fp32 per-token losses of ``target["labels"]`` (0 off the trained positions),
+    with the documents and positions of a packed micro-batch."""
+    return chunk(inputs, labels=target["labels"], **chunk_inputs(target)).float()
+
+
 class RecordStage(abc.ABC):
     """A stage that trains one model on a loss over records: sft, rm and dpo. A stage class sets
     ``name``, ``head``, ``dataset_kind`` ("sft" or "preference"), ``evaluation_names`` and
     ``sequences_per_record`` (2 when a record is a chosen and a rejected answer), and implements
-    ``collate``, ``loss`` and ``evaluation_terms``."""
+    ``collate``, ``loss`` and ``evaluation_terms``; a stage that ``packs`` (``rlhf.pack``) also
+    ``packed_sequences`` and ``collate_packed``."""
 
     name: str  # the command line's name of the stage
     head = "lm"
     dataset_kind: str
     evaluation_names: tuple[str, ...] = ()  # the columns of evaluation_terms
     sequences_per_record = 1
+    packs = False  # whether rlhf.pack applies
 
     def __init__(self, cfg: Config, dims: ParallelDims, tokenizer):
+        if cfg.rlhf.pack and not self.packs:
+            raise ConfigError(f"rlhf.pack=true packs the sft and dpo stages only, not {self.name}; "
+                              f"set rlhf.pack=false")
+        if cfg.rlhf.pack and cfg.model.attention_backend not in ("torch", "triton"):
+            raise ConfigError(f"rlhf.pack=true masks attention per record, which model.attention_backend="
+                              f"{cfg.model.attention_backend} cannot; use torch or triton, or set rlhf.pack=false")
         self.cfg, self.dims, self.tokenizer = cfg, dims, tokenizer
         self.records: StageRecords | None = None
         self.model: TrainedModel | None = None
@@ -150,11 +177,30 @@ class RecordStage(abc.ABC):
         collated into micro-batches on the device."""
         indices = self.records.local_indices(epochs, first_sample)
         size = self.cfg.train.micro_batch_size
-        return [self.collate(indices[i : i + size]) for i in range(0, len(indices), size)]
+        groups = [indices[i : i + size] for i in range(0, len(indices), size)]
+        if self.cfg.rlhf.pack:
+            return self.packed_micro_batches(groups)
+        return [self.collate(group) for group in groups]
+
+    def packed_micro_batches(self, groups: list[list[int]]) -> list:
+        """Each group of records packed into rows (``rlhf.packing``), collated on the device."""
+        packed = pack_micro_batches([self.packed_sequences(group) for group in groups],
+                                    self.cfg.model.seq_length, self.tokenizer.pad_id)
+        return [self.collate_packed(group, rows) for group, rows in zip(groups, packed)]
 
     @abc.abstractmethod
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, object]:
         """One micro-batch of records: (tokens, what ``loss`` reads), on the device."""
+
+    def packed_sequences(self, indices: list[int]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """The sequences of these records to pack, (tokens, labels, length) each, in the order
+        the loss reads their per-sequence sums."""
+        raise NotImplementedError(f"the {self.name} stage does not pack")
+
+    def collate_packed(self, indices: list[int], rows) -> tuple[torch.Tensor, dict]:
+        """A micro-batch of these records packed into ``rows`` (``rlhf.packing.PackedRows``):
+        (tokens, what ``loss`` reads), on the device."""
+        raise NotImplementedError(f"the {self.name} stage does not pack")
 
     @abc.abstractmethod
     def loss(self, chunk, inputs: torch.Tensor, target, num_micro_batches: int) -> torch.Tensor:
