@@ -37,7 +37,6 @@ class DPOTask(RecordStage):
     dataset_kind = "preference"
     evaluation_names = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
     sequences_per_record = 2
-    packs = True
     reference: torch.Tensor | None = None  # (records, 2): log pi_ref of the chosen and the rejected answer
 
     def start(self, model: TrainedModel) -> None:

@@ -15,8 +15,10 @@ losses are those of the record alone in a row of its own. ``sequence`` (R, T) na
 each token belongs to (``count`` for padding), from which the per-record sums of the losses
 are taken (``sequence_sums``).
 
-A sequence occupies its tokens up to its last trained position (``trained_length``): what
-follows carries no loss and, attention being causal, changes no loss before it. Records longer
+For a next-token loss (sft, dpo) a sequence occupies its tokens up to its last trained position
+(``trained_length``): what follows carries no loss and, attention being causal, changes no loss
+before it. A reward model's sequence keeps its closing token, whose value is its score
+(``last_token_values``). Records longer
 than the sequence length are truncated by the datasets exactly as unpacked (see
 ``rlhf.data``), so every record fits a row.
 """
@@ -130,6 +132,12 @@ def sequence_sums(values: torch.Tensor, target: dict) -> torch.Tensor:
     sums = torch.zeros(count + 1, dtype=values.dtype, device=values.device)
     sums.index_add_(0, target["sequence"].flatten(), values.flatten())
     return sums[:count]
+
+
+def last_token_values(values: torch.Tensor, target: dict) -> torch.Tensor:
+    """Per-position ``values`` (R, T) of a packed micro-batch -> (count,) the value at each
+    sequence's last token (where a reward model reads its score)."""
+    return values.flatten()[target["last"]]
 
 
 def padding_fraction(rows: int, seq_length: int, lengths: Sequence[int]) -> float:

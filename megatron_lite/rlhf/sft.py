@@ -25,7 +25,6 @@ class SFTTask(RecordStage):
     name = "sft"
     dataset_kind = "sft"
     evaluation_names = ("token_loss", "tokens")
-    packs = True
 
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, dict]:
         return self.records.stack(indices, "tokens"), {"labels": self.records.stack(indices, "labels")}

@@ -135,20 +135,16 @@ class RecordStage(abc.ABC):
     """A stage that trains one model on a loss over records: sft, rm and dpo. A stage class sets
     ``name``, ``head``, ``dataset_kind`` ("sft" or "preference"), ``evaluation_names`` and
     ``sequences_per_record`` (2 when a record is a chosen and a rejected answer), and implements
-    ``collate``, ``loss`` and ``evaluation_terms``; a stage that ``packs`` (``rlhf.pack``) also
-    ``packed_sequences`` and ``collate_packed``."""
+    ``collate``, ``loss`` and ``evaluation_terms``, and for ``rlhf.pack`` ``packed_sequences`` and
+    ``collate_packed``."""
 
     name: str  # the command line's name of the stage
     head = "lm"
     dataset_kind: str
     evaluation_names: tuple[str, ...] = ()  # the columns of evaluation_terms
     sequences_per_record = 1
-    packs = False  # whether rlhf.pack applies
 
     def __init__(self, cfg: Config, dims: ParallelDims, tokenizer):
-        if cfg.rlhf.pack and not self.packs:
-            raise ConfigError(f"rlhf.pack=true packs the sft and dpo stages only, not {self.name}; "
-                              f"set rlhf.pack=false")
         if cfg.rlhf.pack and cfg.model.attention_backend not in ("torch", "triton"):
             raise ConfigError(f"rlhf.pack=true masks attention per record, which model.attention_backend="
                               f"{cfg.model.attention_backend} cannot; use torch or triton, or set rlhf.pack=false")
@@ -192,15 +188,15 @@ class RecordStage(abc.ABC):
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, object]:
         """One micro-batch of records: (tokens, what ``loss`` reads), on the device."""
 
+    @abc.abstractmethod
     def packed_sequences(self, indices: list[int]) -> list[tuple[np.ndarray, np.ndarray, int]]:
         """The sequences of these records to pack, (tokens, labels, length) each, in the order
-        the loss reads their per-sequence sums."""
-        raise NotImplementedError(f"the {self.name} stage does not pack")
+        the loss reads their per-sequence figures."""
 
+    @abc.abstractmethod
     def collate_packed(self, indices: list[int], rows) -> tuple[torch.Tensor, dict]:
         """A micro-batch of these records packed into ``rows`` (``rlhf.packing.PackedRows``):
         (tokens, what ``loss`` reads), on the device."""
-        raise NotImplementedError(f"the {self.name} stage does not pack")
 
     @abc.abstractmethod
     def loss(self, chunk, inputs: torch.Tensor, target, num_micro_batches: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Packed fine-tuning batches (rlhf.pack): the best-fit layout by hand, per-record losses equal to
-unpacked batches for SFT and DPO, whole runs equal to unpacked ones, every parallel layout equal
+unpacked batches for SFT, DPO and the reward model (truncated records included), whole runs equal to unpacked ones, every parallel layout equal
 to one process, less padding on ragged records, and the errors a user can cause."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_lite.config import ConfigError
-from megatron_lite.rlhf import DPOTask, RewardModelTask, SFTTask
+from megatron_lite.rlhf import DPOTask, PPOTask, RewardModelTask, SFTTask
 from megatron_lite.rlhf.data import IGNORE_INDEX
 from megatron_lite.rlhf.packing import (PackingError, best_fit_rows, pack_micro_batches, pack_rows, padding_fraction,
                                         sequence_sums, trained_length)
@@ -122,10 +122,46 @@ def test_dpo_packed_pair_losses_and_reference_equal_unpacked(tiny_stage_data, tm
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_reward_model_packed_rewards_equal_unpacked(tiny_stage_data, tmp_path):
+    data, _, pairs = tiny_stage_data
+    extra = LONGER + ["train.micro_batch_size=4", "train.global_batch_size=8"]
+    plain = Trainer(stage_config(data, pairs, tmp_path / "plain", extra), task=RewardModelTask)
+    packed = Trainer(stage_config(data, pairs, tmp_path / "packed", extra + PACK), task=RewardModelTask)
+    model = plain.model.chunks[0]
+    plain_micro = plain.task.micro_batches(plain.train_ds, 0)
+    packed_micro = packed.task.micro_batches(packed.train_ds, 0)
+    assert plain_micro[0][0].shape == (8, 64) and packed_micro[0][0].shape[0] < 8
+    with torch.no_grad():
+        for (tokens, last), (packed_tokens, packed_target) in zip(plain_micro, packed_micro):
+            for want, got in zip(plain.task.rewards(model, tokens, last),
+                                 packed.task.rewards(model, packed_tokens, packed_target)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            # the reward reads each answer's closing end-of-document token
+            assert (packed_tokens.flatten()[packed_target["last"]] == packed.task.tokenizer.eod_id).all()
+
+
+def test_truncated_records_pack_as_unpacked(tiny_stage_data, ragged_records, tmp_path):
+    data, _, _ = tiny_stage_data  # at 64 tokens some ragged records are cut, as unpacked: a row of their own
+    extra = ["train.micro_batch_size=8", "train.global_batch_size=16", "model.seq_length=64"]
+    plain = Trainer(stage_config(data, ragged_records, tmp_path / "plain", extra), task=SFTTask)
+    packed = Trainer(stage_config(data, ragged_records, tmp_path / "packed", extra + PACK), task=SFTTask)
+    assert plain.task.records.records.num_truncated > 0
+    model = plain.model.chunks[0]
+    lengths = [trained_length(plain.task.records[i]["labels"]) for i in plain.task.records.local_indices(plain.train_ds, 0)]
+    assert max(lengths) == 64
+    with torch.no_grad():
+        for (tokens, target), (packed_tokens, packed_target) in zip(plain.task.micro_batches(plain.train_ds, 0),
+                                                                    packed.task.micro_batches(packed.train_ds, 0)):
+            losses, counts = plain.task.record_losses(model, tokens, target)
+            packed_losses, packed_counts = packed.task.record_losses(model, packed_tokens, packed_target)
+            assert torch.equal(counts, packed_counts)
+            torch.testing.assert_close(packed_losses, losses, rtol=1e-5, atol=1e-5)
+
+
 def test_packed_runs_follow_the_unpacked_runs(tiny_stage_data, tmp_path):
     data, sft, pairs = tiny_stage_data
     extra = LONGER + ["train.micro_batch_size=4", "train.global_batch_size=8"]
-    for task, records, args in ((SFTTask, sft, extra), (DPOTask, pairs, extra)):
+    for task, records, args in ((SFTTask, sft, extra), (RewardModelTask, pairs, extra), (DPOTask, pairs, extra)):
         plain = Trainer(stage_config(data, records, tmp_path / f"{task.name}-plain", args), task=task).train()
         packed = Trainer(stage_config(data, records, tmp_path / f"{task.name}-packed", args + PACK), task=task).train()
         assert packed.losses == pytest.approx(plain.losses, rel=1e-5), task.name
@@ -169,7 +205,8 @@ LAYOUTS = {"tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"], "pp2": [
 
 def _packed_stage_args(tiny_stage_data):
     _, sft, pairs = tiny_stage_data
-    return {"sft": (SFTTask, sft, PACK + LONGER), "dpo": (DPOTask, pairs, PACK + LONGER)}
+    return {"sft": (SFTTask, sft, PACK + LONGER), "rm": (RewardModelTask, pairs, PACK + LONGER),
+            "dpo": (DPOTask, pairs, PACK + LONGER)}
 
 
 def _packed_parallel_runs(rank, world_size, tiny_stage_data, root):
@@ -199,9 +236,9 @@ def test_packed_layouts_match_one_process(tiny_stage_data, tmp_path):
 
 def test_pack_user_errors(tiny_stage_data, tmp_path):
     data, _, pairs = tiny_stage_data
-    with pytest.raises(ConfigError, match="rlhf.pack=true packs the sft and dpo stages only, not rm; "
-                                          "set rlhf.pack=false"):
-        Trainer(stage_config(data, pairs, tmp_path, PACK), task=RewardModelTask)
+    with pytest.raises(ConfigError, match="rlhf.pack=true packs the sft, rm and dpo stages; ppo generates its "
+                                          "own batches, set rlhf.pack=false"):
+        Trainer(stage_config(data, pairs, tmp_path, PACK), task=PPOTask)
     with pytest.raises(ConfigError, match="rlhf.pack=true masks attention per record, which "
                                           "model.attention_backend=flash_attn cannot; use torch or triton"):
         Trainer(stage_config(data, pairs, tmp_path, PACK + ["model.attention_backend=flash_attn"]), task=DPOTask)
