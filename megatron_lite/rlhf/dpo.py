@@ -6,10 +6,11 @@ forward-only pass over every record computes the reference's log-probabilities o
 (each data-parallel replica a share, summed over dp and handed from the last pipeline stage to
 every rank), so training holds one model, not two. The table is saved next to the run's
 checkpoints, and a resumed run reads it back instead of recomputing it from weights that have
-moved. With ``rlhf.pack`` a micro-batch's chosen and rejected answers are packed as documents
-(``rlhf.packing``) and each answer's log-probability summed from the packed rows. The loss and its variants are in ``rlhf.losses.dpo_loss``; ``rlhf.dpo.nll_weight`` adds the
+moved. The loss and its variants are in ``rlhf.losses.dpo_loss``; ``rlhf.dpo.nll_weight`` adds the
 chosen answers' next-token loss (as in RPO), which keeps DPO from lowering the likelihood of the
-answers it prefers along with the ones it rejects.
+answers it prefers along with the ones it rejects. With ``rlhf.pack`` a micro-batch's chosen and
+rejected answers are packed as documents (``rlhf.packing``) and each answer's log-probability is
+summed from the packed rows.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """Packed fine-tuning batches (rlhf.pack): the best-fit layout by hand, per-record losses equal to
-unpacked batches for SFT, DPO and the reward model (truncated records included), whole runs equal to unpacked ones, every parallel layout equal
-to one process, less padding on ragged records, and the errors a user can cause."""
+unpacked batches for SFT, DPO and the reward model (truncated records included), whole runs equal
+to unpacked ones, every parallel layout equal to one process, less padding on ragged records, the
+benchmark's smoke run, and the errors a user can cause."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,9 @@ from megatron_lite.training.trainer import Trainer
 from tests.distributed import run_distributed
 from tests.rlhf.conftest import WORDS
 from tests.rlhf.test_stages import stage_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import bench_packing  # noqa: E402
 
 PACK = ["rlhf.pack=true"]
 LONGER = ["model.seq_length=64"]  # the tiny tokenizer's records take 15 to 30 tokens: room for two or more
@@ -147,7 +153,8 @@ def test_truncated_records_pack_as_unpacked(tiny_stage_data, ragged_records, tmp
     packed = Trainer(stage_config(data, ragged_records, tmp_path / "packed", extra + PACK), task=SFTTask)
     assert plain.task.records.records.num_truncated > 0
     model = plain.model.chunks[0]
-    lengths = [trained_length(plain.task.records[i]["labels"]) for i in plain.task.records.local_indices(plain.train_ds, 0)]
+    indices = plain.task.records.local_indices(plain.train_ds, 0)
+    lengths = [trained_length(plain.task.records[i]["labels"]) for i in indices]
     assert max(lengths) == 64
     with torch.no_grad():
         for (tokens, target), (packed_tokens, packed_target) in zip(plain.task.micro_batches(plain.train_ds, 0),
@@ -198,6 +205,27 @@ def test_packing_lowers_the_padding_of_ragged_records(tiny_stage_data, ragged_re
         assert set(target["sequence"].unique().tolist()) - {count} == set(range(count))
 
 
+def test_bench_packing_smoke_run_records_its_row(tiny_stage_data, ragged_records, tmp_path):
+    data, _, _ = tiny_stage_data
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "model: {num_layers: 1, hidden_size: 32, num_heads: 4, seq_length: 128, make_vocab_size_divisible_by: 16}\n"
+        f"data: {{tokenizer: {data.tokenizer_dir}}}\n"
+        f"rlhf: {{data: {ragged_records}, valid_fraction: 0.0}}\n"
+        "train: {micro_batch_size: 8, global_batch_size: 8, device: cpu}\n"
+    )
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n## Other\n\ntext\n")
+    assert bench_packing.main(["--config", str(config), "--steps", "1", "--warmup", "0", "--docs", str(docs)]) == 0
+    text = docs.read_text()
+    assert text.index("## Other") < text.index(bench_packing.SECTION)
+    row = text.splitlines()[-1].split(" | ")
+    padding_unpacked, padding_packed = (float(cell.rstrip("%")) for cell in row[6:8])
+    assert row[2] == "sft" and row[5] == "8" and padding_packed < padding_unpacked - 30
+    with pytest.raises(SystemExit):
+        bench_packing.parse_args(["--config", str(config), "--steps", "0"])
+
+
 # ----------------------------------------------------------------------------- parallel layouts
 
 LAYOUTS = {"tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"], "pp2": ["parallel.pp=2"], "dp2": []}
@@ -222,13 +250,15 @@ def _packed_parallel_runs(rank, world_size, tiny_stage_data, root):
 def test_packed_layouts_match_one_process(tiny_stage_data, tmp_path):
     single = {}
     for stage, (task, records, extra) in _packed_stage_args(tiny_stage_data).items():
-        result = Trainer(stage_config(tiny_stage_data[0], records, tmp_path / f"single-{stage}", extra), task=task).train()
+        cfg = stage_config(tiny_stage_data[0], records, tmp_path / f"single-{stage}", extra)
+        result = Trainer(cfg, task=task).train()
         single[stage] = {"losses": result.losses, "val": result.val_losses}
     results = run_distributed(_packed_parallel_runs, 2, tiny_stage_data, str(tmp_path))
     for (stage, name), run in results[0].items():
         assert results[1][(stage, name)] == run, (stage, name)
         assert run["losses"] == pytest.approx(single[stage]["losses"], rel=1e-5), (stage, name)
-        assert [v for _, v in run["val"]] == pytest.approx([v for _, v in single[stage]["val"]], rel=1e-5), (stage, name)
+        val = [v for _, v in single[stage]["val"]]
+        assert [v for _, v in run["val"]] == pytest.approx(val, rel=1e-5), (stage, name)
 
 
 # ----------------------------------------------------------------------------- errors
