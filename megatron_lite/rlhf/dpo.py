@@ -25,7 +25,7 @@ from megatron_lite.config import ConfigError
 from megatron_lite.parallel.collectives import sum_over_replicas
 from megatron_lite.rlhf.data import IGNORE_INDEX
 from megatron_lite.rlhf.losses import dpo_loss
-from megatron_lite.rlhf.packing import packed_target, trained_length
+from megatron_lite.rlhf.packing import trained_length
 from megatron_lite.rlhf.stage import Epochs, RecordStage, per_sequence, token_losses
 from megatron_lite.training.checkpoint import durable, resolve_checkpoint_dir
 from megatron_lite.training.trained_model import TrainedModel
@@ -115,8 +115,8 @@ class DPOTask(RecordStage):
                 for side in ("chosen", "rejected") for r in records]
 
     def collate_packed(self, indices: list[int], rows) -> tuple[torch.Tensor, dict]:
-        target = packed_target(rows, self.dims.device)
-        return torch.from_numpy(rows.tokens).to(self.dims.device), {**target, "reference": self._reference_of(indices)}
+        tokens, target = super().collate_packed(indices, rows)
+        return tokens, {**target, "reference": self._reference_of(indices)}
 
     def pair_losses(self, chunk, inputs, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per pair: the loss (DPO's, plus ``rlhf.dpo.nll_weight`` x the chosen answer's mean

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lite.rlhf.losses import pairwise_reward_loss, values_at
-from megatron_lite.rlhf.packing import last_token_values, packed_target
+from megatron_lite.rlhf.packing import last_token_values
 from megatron_lite.rlhf.stage import RecordStage, is_packed
 from megatron_lite.training.step import chunk_inputs
 
@@ -34,9 +34,6 @@ class RewardModelTask(RecordStage):
         records = [self.records[i] for i in indices]
         return [(r[f"{side}_tokens"], r[f"{side}_labels"], int(r[f"{side}_last"]) + 1)
                 for side in ("chosen", "rejected") for r in records]
-
-    def collate_packed(self, indices: list[int], rows) -> tuple[torch.Tensor, dict]:
-        return torch.from_numpy(rows.tokens).to(self.dims.device), packed_target(rows, self.dims.device)
 
     def rewards(self, chunk, inputs: torch.Tensor, last) -> tuple[torch.Tensor, torch.Tensor]:
         """The chosen and the rejected answers' rewards; ``last`` the reward positions (2b,), or a

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.rlhf.data import IGNORE_INDEX
-from megatron_lite.rlhf.packing import packed_target, trained_length
+from megatron_lite.rlhf.packing import trained_length
 from megatron_lite.rlhf.stage import Epochs, RecordStage, per_sequence, token_losses
 
 
@@ -32,9 +32,6 @@ class SFTTask(RecordStage):
     def packed_sequences(self, indices: list[int]) -> list:
         records = [self.records[i] for i in indices]
         return [(r["tokens"], r["labels"], trained_length(r["labels"])) for r in records]
-
-    def collate_packed(self, indices: list[int], rows) -> tuple[torch.Tensor, dict]:
-        return torch.from_numpy(rows.tokens).to(self.dims.device), packed_target(rows, self.dims.device)
 
     def micro_batches(self, epochs: Epochs, first_sample: int) -> list:
         micro = super().micro_batches(epochs, first_sample)

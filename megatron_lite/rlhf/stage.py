@@ -6,7 +6,9 @@ epoch; every tp and pp rank of a data-parallel replica reads the same records, a
 pretraining. A stage is a task object run by ``training.trainer.Trainer`` (see its ``Task``):
 ``RecordStage`` below holds the parts sft, rm and dpo have in common, and each of them says
 how a micro-batch is collated (``collate``), what its loss is (``loss``, on the last pipeline
-stage) and which figures validation reports (``evaluation_terms``, ``summarize``). PPO reads
+stage) and which figures validation reports (``evaluation_terms``, ``summarize``); with
+``rlhf.pack`` a micro-batch's sequences (``packed_sequences``) share rows as documents
+(``rlhf.packing``), and the loss reads per-sequence figures with ``per_sequence``. PPO reads
 prompts through ``StageRecords`` too but trains several models, so it is a task of its own.
 """
 
@@ -25,9 +27,9 @@ from megatron_lite.parallel.collectives import sum_over_replicas
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.rlhf.data import PreferenceDataset, SFTDataset, chat_format, split_indices
 from megatron_lite.rlhf.demo_data import build_demo_rlhf_data
-from megatron_lite.rlhf.packing import pack_micro_batches, sequence_sums
-from megatron_lite.training.trained_model import TrainedModel
+from megatron_lite.rlhf.packing import PackedRows, pack_micro_batches, packed_target, sequence_sums
 from megatron_lite.training.step import chunk_inputs
+from megatron_lite.training.trained_model import TrainedModel
 from megatron_lite.training.trainer import StepResult
 
 
@@ -135,8 +137,7 @@ class RecordStage(abc.ABC):
     """A stage that trains one model on a loss over records: sft, rm and dpo. A stage class sets
     ``name``, ``head``, ``dataset_kind`` ("sft" or "preference"), ``evaluation_names`` and
     ``sequences_per_record`` (2 when a record is a chosen and a rejected answer), and implements
-    ``collate``, ``loss`` and ``evaluation_terms``, and for ``rlhf.pack`` ``packed_sequences`` and
-    ``collate_packed``."""
+    ``collate``, ``loss`` and ``evaluation_terms``, and for ``rlhf.pack`` ``packed_sequences``."""
 
     name: str  # the command line's name of the stage
     head = "lm"
@@ -193,10 +194,10 @@ class RecordStage(abc.ABC):
         """The sequences of these records to pack, (tokens, labels, length) each, in the order
         the loss reads their per-sequence figures."""
 
-    @abc.abstractmethod
-    def collate_packed(self, indices: list[int], rows) -> tuple[torch.Tensor, dict]:
-        """A micro-batch of these records packed into ``rows`` (``rlhf.packing.PackedRows``):
-        (tokens, what ``loss`` reads), on the device."""
+    def collate_packed(self, indices: list[int], rows: PackedRows) -> tuple[torch.Tensor, dict]:
+        """A micro-batch of these records packed into ``rows``: (tokens, what ``loss`` reads), on
+        the device."""
+        return torch.from_numpy(rows.tokens).to(self.dims.device), packed_target(rows, self.dims.device)
 
     @abc.abstractmethod
     def loss(self, chunk, inputs: torch.Tensor, target, num_micro_batches: int) -> torch.Tensor:
