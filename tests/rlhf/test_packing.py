@@ -89,20 +89,25 @@ def test_trained_length_and_packing_errors():
 # ----------------------------------------------------------------------------- equal to unpacked
 
 
-def test_sft_packed_per_record_losses_equal_unpacked(tiny_stage_data, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # the packed run's; the unpacked one is torch's
+def test_sft_packed_per_record_losses_equal_unpacked(tiny_stage_data, tmp_path, backend):
     data, sft, _ = tiny_stage_data
     extra = LONGER + ["train.micro_batch_size=4", "train.global_batch_size=8"]
     plain = Trainer(stage_config(data, sft, tmp_path / "plain", extra), task=SFTTask)
-    packed = Trainer(stage_config(data, sft, tmp_path / "packed", extra + PACK), task=SFTTask)
+    packed_cfg = stage_config(data, sft, tmp_path / "packed", extra + PACK + [f"model.attention_backend={backend}"])
+    packed = Trainer(packed_cfg, task=SFTTask)
+    layers = packed.model.chunks[0].modules()
+    assert {m.attention_backend for m in layers if hasattr(m, "attention_backend")} == {backend}
     model = plain.model.chunks[0]
-    packed.model.chunks[0].load_state_dict(model.state_dict())
+    packed_model = packed.model.chunks[0]
+    packed_model.load_state_dict(model.state_dict())
     plain_micro = plain.task.micro_batches(plain.train_ds, 0)
     packed_micro = packed.task.micro_batches(packed.train_ds, 0)
     assert plain_micro[0][0].shape == (4, 64) and packed_micro[0][0].shape[0] < 4  # fewer rows
     with torch.no_grad():
         for (tokens, target), (packed_tokens, packed_target) in zip(plain_micro, packed_micro):
             losses, counts = plain.task.record_losses(model, tokens, target)
-            packed_losses, packed_counts = packed.task.record_losses(model, packed_tokens, packed_target)
+            packed_losses, packed_counts = packed.task.record_losses(packed_model, packed_tokens, packed_target)
             assert torch.equal(counts, packed_counts) and (counts > 0).all()
             torch.testing.assert_close(packed_losses / packed_counts, losses / counts, rtol=1e-5, atol=1e-5)
             assert torch.equal(packed_target["tokens_per_rank"], target["tokens_per_rank"])
