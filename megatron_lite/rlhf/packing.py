@@ -1,7 +1,7 @@
 """Packed fine-tuning batches (``rlhf.pack``): several records share one sequence of
 ``model.seq_length`` tokens, each a document of its own.
 
-A micro-batch still holds ``train.micro_batch_size`` records (pairs for DPO); packing only
+A micro-batch still holds ``train.micro_batch_size`` records (pairs for rm and dpo); packing only
 shrinks the rows they occupy, so a step trains on exactly the records it would unpacked, and
 never needs more memory. The records of a micro-batch (the bounded window) are placed best-fit
 decreasing: longest first, each into the row whose free room it fills most tightly, a new row
@@ -18,9 +18,8 @@ are taken (``sequence_sums``).
 For a next-token loss (sft, dpo) a sequence occupies its tokens up to its last trained position
 (``trained_length``): what follows carries no loss and, attention being causal, changes no loss
 before it. A reward model's sequence keeps its closing token, whose value is its score
-(``last_token_values``). Records longer
-than the sequence length are truncated by the datasets exactly as unpacked (see
-``rlhf.data``), so every record fits a row.
+(``last_token_values``). Records longer than the sequence length are truncated by the datasets
+exactly as unpacked (see ``rlhf.data``), so every record fits a row; such a record fills one.
 """
 
 from __future__ import annotations
