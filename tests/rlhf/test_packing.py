@@ -313,15 +313,16 @@ def test_bench_packing_smoke_run_records_its_row(tiny_stage_data, ragged_records
 LAYOUTS = {"tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"], "pp2": ["parallel.pp=2"], "dp2": []}
 
 
-def _packed_stage_args(tiny_stage_data):
+def _packed_stage_args(tiny_stage_data, ranked):
     _, sft, pairs = tiny_stage_data
     return {"sft": (SFTTask, sft, PACK + LONGER), "rm": (RewardModelTask, pairs, PACK + LONGER),
-            "dpo": (DPOTask, pairs, PACK + LONGER)}
+            "dpo": (DPOTask, pairs, PACK + LONGER), "rm-ranked": (RewardModelTask, ranked, PACK + LONGER),
+            "dpo-ranked": (DPOTask, ranked, PACK + LONGER)}
 
 
-def _packed_parallel_runs(rank, world_size, tiny_stage_data, root):
+def _packed_parallel_runs(rank, world_size, tiny_stage_data, ranked, root):
     out = {}
-    for stage, (task, records, extra) in _packed_stage_args(tiny_stage_data).items():
+    for stage, (task, records, extra) in _packed_stage_args(tiny_stage_data, ranked).items():
         for name, layout in LAYOUTS.items():
             cfg = stage_config(tiny_stage_data[0], records, f"{root}/{stage}-{name}", extra + layout)
             result = Trainer(cfg, task=task).train()
@@ -329,13 +330,13 @@ def _packed_parallel_runs(rank, world_size, tiny_stage_data, root):
     return out
 
 
-def test_packed_layouts_match_one_process(tiny_stage_data, tmp_path):
+def test_packed_layouts_match_one_process(tiny_stage_data, three_answers, tmp_path):
     single = {}
-    for stage, (task, records, extra) in _packed_stage_args(tiny_stage_data).items():
+    for stage, (task, records, extra) in _packed_stage_args(tiny_stage_data, three_answers).items():
         cfg = stage_config(tiny_stage_data[0], records, tmp_path / f"single-{stage}", extra)
         result = Trainer(cfg, task=task).train()
         single[stage] = {"losses": result.losses, "val": result.val_losses}
-    results = run_distributed(_packed_parallel_runs, 2, tiny_stage_data, str(tmp_path))
+    results = run_distributed(_packed_parallel_runs, 2, tiny_stage_data, three_answers, str(tmp_path))
     for (stage, name), run in results[0].items():
         assert results[1][(stage, name)] == run, (stage, name)
         assert run["losses"] == pytest.approx(single[stage]["losses"], rel=1e-5), (stage, name)
