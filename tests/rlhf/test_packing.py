@@ -158,7 +158,8 @@ def test_reward_model_packed_rewards_equal_unpacked(tiny_stage_data, tmp_path):
     assert plain_micro[0][0].shape == (8, 64) and packed_micro[0][0].shape[0] < 8
     with torch.no_grad():
         for (tokens, target), (packed_tokens, packed_target) in zip(plain_micro, packed_micro):
-            want, got = plain.task.rewards(model, tokens, target), packed.task.rewards(model, packed_tokens, packed_target)
+            want = plain.task.rewards(model, tokens, target)
+            got = packed.task.rewards(model, packed_tokens, packed_target)
             assert want.shape == (4, 2)  # (prompts, answers)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             # the reward reads each answer's closing end-of-document token; pairs have no padding answer
