@@ -497,6 +497,7 @@ class RLHFConfig:
     demo_dir: str = "data/demo-rlhf"
     demo_examples: int = 4000
     chat_template: str = "native"  # native (role tokens, eod after answers) | hf (the tokenizer's imported template)
+    pack: bool = False  # sft, rm, dpo: a micro-batch's records share rows as documents (rlhf.packing)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)

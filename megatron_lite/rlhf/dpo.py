@@ -13,7 +13,10 @@ every rank), so training holds one model, not two. The table is saved next to th
 checkpoints, and a resumed run reads it back instead of recomputing it from weights that have
 moved. The loss and its variants are in ``rlhf.losses.dpo_loss``; ``rlhf.dpo.nll_weight`` adds the
 best answer's next-token loss (as in RPO), which keeps DPO from lowering the likelihood of the
-answers it prefers along with the ones it rejects.
+answers it prefers along with the ones it rejects. With ``rlhf.pack`` the K answers of every prompt
+of a micro-batch are packed as documents (``rlhf.packing``), in the answer-major order of the
+unpacked rows, and each answer's log-probability is summed from the packed rows; a record's
+padding answers (fewer than K) take no room and sum to 0, as their label-less unpacked rows do.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from tqdm import tqdm
 from megatron_lite.config import ConfigError
 from megatron_lite.parallel.collectives import sum_over_replicas
 from megatron_lite.rlhf.data import IGNORE_INDEX
-from megatron_lite.rlhf.losses import dpo_loss, mean_over_pairs, sequence_log_probs, sum_over_pairs
-from megatron_lite.rlhf.reward import answers_first, per_prompt
-from megatron_lite.rlhf.stage import Epochs, RecordStage
+from megatron_lite.rlhf.losses import dpo_loss, mean_over_pairs, sum_over_pairs
+from megatron_lite.rlhf.packing import PackedRows, trained_length
+from megatron_lite.rlhf.reward import answers_first, packed_answers, per_prompt
+from megatron_lite.rlhf.stage import Epochs, RecordStage, per_sequence, token_losses
 from megatron_lite.training.checkpoint import durable, resolve_checkpoint_dir
 from megatron_lite.training.trained_model import TrainedModel
 
@@ -82,7 +86,7 @@ class DPOTask(RecordStage):
         return (both[:, :-1] / both[:, -1:].clamp(min=1)).float()
 
     def _answer_log_probs(self, chunk, inputs, target, num_micro_batches: int) -> torch.Tensor:
-        return sequence_log_probs(chunk(inputs, labels=target["labels"]).float())
+        return -per_sequence(token_losses(chunk, inputs, target), target)
 
     def _read_reference(self, load: str) -> torch.Tensor:
         ckpt_dir = resolve_checkpoint_dir(load)
@@ -108,21 +112,33 @@ class DPOTask(RecordStage):
         """tokens and labels (K b, T) answer-major (with pairs: chosen answers, then rejected), the
         reference log-probs (K b,) alike, and which answer is ranked above which (b, K, K)."""
         tokens, labels = self.records.stack(indices, "tokens"), self.records.stack(indices, "labels")
-        better = self.records.stack(indices, "better")
+        target = {"labels": answers_first(labels), "reference": self._reference_of(indices),
+                  "better": self.records.stack(indices, "better")}
+        return answers_first(tokens), target
+
+    def _reference_of(self, indices: list[int]) -> torch.Tensor:
+        """The records' reference log-probs, answer-major (K b,)."""
         if self.reference is None:  # computing the reference itself
-            reference = torch.zeros(tokens.shape[0] * tokens.shape[1], device=self.dims.device)
-        else:
-            rows = self.reference[torch.tensor(indices, device=self.reference.device)]  # (b, K)
-            reference = answers_first(rows).to(self.dims.device)
-        return answers_first(tokens), {"labels": answers_first(labels), "reference": reference, "better": better}
+            return torch.zeros(self.sequences_per_record * len(indices), device=self.dims.device)
+        rows = self.reference[torch.tensor(indices, device=self.reference.device)]  # (b, K)
+        return answers_first(rows).to(self.dims.device)
+
+    def packed_sequences(self, indices: list[int]) -> list:
+        """Every answer up to its last trained token, answer-major as ``collate``'s rows."""
+        return packed_answers([self.records[i] for i in indices], lambda item, k: trained_length(item["labels"][k]))
+
+    def collate_packed(self, indices: list[int], rows: PackedRows) -> tuple[torch.Tensor, dict]:
+        tokens, target = super().collate_packed(indices, rows)
+        better = self.records.stack(indices, "better")
+        return tokens, {**target, "reference": self._reference_of(indices), "better": better}
 
     def prompt_losses(self, chunk, inputs, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per prompt (b,): the mean of DPO's loss over its ranked pairs, plus ``rlhf.dpo.nll_weight``
         x its best answer's mean next-token loss; and per ordered pair of its answers (b, K, K) the
         implicit rewards of the first and the second answer."""
         num_answers = target["better"].shape[1]
-        token_loss = chunk(inputs, labels=target["labels"]).float()  # (K b, T), 0 off the answers
-        policy = per_prompt(sequence_log_probs(token_loss), num_answers)  # (b, K)
+        token_loss = token_losses(chunk, inputs, target)  # (rows, T), 0 off the answers
+        policy = per_prompt(-per_sequence(token_loss, target), num_answers)  # (b, K)
         reference = per_prompt(target["reference"], num_answers)
         settings = self.cfg.rlhf.dpo
         pair_loss, first, second = dpo_loss(policy[:, :, None], policy[:, None, :], reference[:, :, None],
@@ -130,8 +146,8 @@ class DPOTask(RecordStage):
                                             settings.label_smoothing)
         loss = mean_over_pairs(pair_loss, target["better"])
         if settings.nll_weight > 0:
-            best_labels = target["labels"][: loss.shape[0]]  # answer-major: the first b rows are the best answers
-            best_tokens = (best_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+            answer_tokens = per_sequence((target["labels"] != IGNORE_INDEX).float(), target)  # (K b,) answer-major
+            best_tokens = answer_tokens[: loss.shape[0]].clamp(min=1)  # the first b are the best answers
             loss = loss - settings.nll_weight * policy[:, 0] / best_tokens
         return loss, first.expand_as(pair_loss), second.expand_as(pair_loss)
 

@@ -86,6 +86,9 @@ class PPOTask:
 
     def __init__(self, cfg: Config, dims: ParallelDims, tokenizer):
         settings = cfg.rlhf.ppo
+        if cfg.rlhf.pack:
+            raise ConfigError("rlhf.pack=true packs the sft, rm and dpo stages; ppo generates its own batches, "
+                              "set rlhf.pack=false")
         if cfg.parallel.sequence_parallel or cfg.parallel.virtual_pp > 1:
             raise ConfigError(
                 "ppo samples rollouts one token at a time, which sequence parallelism cannot split and an "

@@ -6,7 +6,9 @@ epoch; every tp and pp rank of a data-parallel replica reads the same records, a
 pretraining. A stage is a task object run by ``training.trainer.Trainer`` (see its ``Task``):
 ``RecordStage`` below holds the parts sft, rm and dpo have in common, and each of them says
 how a micro-batch is collated (``collate``), what its loss is (``loss``, on the last pipeline
-stage) and which figures validation reports (``evaluation_terms``, ``summarize``). PPO reads
+stage) and which figures validation reports (``evaluation_terms``, ``summarize``); with
+``rlhf.pack`` a micro-batch's sequences (``packed_sequences``) share rows as documents
+(``rlhf.packing``), and the loss reads per-sequence figures with ``per_sequence``. PPO reads
 prompts through ``StageRecords`` too but trains several models, so it is a task of its own.
 """
 
@@ -26,6 +28,8 @@ from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.rlhf.arithmetic import build_arithmetic_data
 from megatron_lite.rlhf.data import RankedDataset, SFTDataset, chat_format, split_indices
 from megatron_lite.rlhf.demo_data import build_demo_rlhf_data
+from megatron_lite.rlhf.packing import PackedRows, pack_micro_batches, packed_target, sequence_sums
+from megatron_lite.training.step import chunk_inputs
 from megatron_lite.training.trained_model import TrainedModel
 from megatron_lite.training.trainer import StepResult
 
@@ -115,11 +119,29 @@ def report_truncation(records, path: Path, seq_length: int, dims: ParallelDims) 
               f"{records.num_dropped} dropped at model.seq_length={seq_length}", flush=True)
 
 
+def is_packed(target) -> bool:
+    """Whether a micro-batch's target is of packed records (``rlhf.packing.packed_target``)."""
+    return isinstance(target, dict) and "sequence" in target
+
+
+def per_sequence(values: torch.Tensor, target) -> torch.Tensor:
+    """Per-token ``values`` (rows, T) summed per sequence: per row unpacked, per packed sequence
+    (in the order they were packed) under ``rlhf.pack``."""
+    return sequence_sums(values, target) if is_packed(target) else values.sum(dim=-1)
+
+
+def token_losses(chunk, inputs: torch.Tensor, target: dict) -> torch.Tensor:
+    """The last stage's fp32 per-token losses of ``target["labels"]`` (0 off the trained positions),
+    with the documents and positions of a packed micro-batch."""
+    return chunk(inputs, labels=target["labels"], **chunk_inputs(target)).float()
+
+
 class RecordStage(abc.ABC):
     """A stage that trains one model on a loss over records: sft, rm and dpo. A stage class sets
     ``name``, ``head``, ``dataset_kind`` ("sft", or "preference" for ranked answers and pairs; also
     the demo file it reads), ``evaluation_names`` and ``sequences_per_record`` (K when a record is
-    K ranked answers), and implements ``collate``, ``loss`` and ``evaluation_terms``."""
+    K ranked answers), and implements ``collate``, ``loss`` and ``evaluation_terms``, and for
+    ``rlhf.pack`` ``packed_sequences``."""
 
     name: str  # the command line's name of the stage
     head = "lm"
@@ -128,6 +150,9 @@ class RecordStage(abc.ABC):
     sequences_per_record = 1
 
     def __init__(self, cfg: Config, dims: ParallelDims, tokenizer):
+        if cfg.rlhf.pack and cfg.model.attention_backend not in ("torch", "triton"):
+            raise ConfigError(f"rlhf.pack=true masks attention per record, which model.attention_backend="
+                              f"{cfg.model.attention_backend} cannot; use torch or triton, or set rlhf.pack=false")
         self.cfg, self.dims, self.tokenizer = cfg, dims, tokenizer
         self.records: StageRecords | None = None
         self.model: TrainedModel | None = None
@@ -153,11 +178,31 @@ class RecordStage(abc.ABC):
         collated into micro-batches on the device."""
         indices = self.records.local_indices(epochs, first_sample)
         size = self.cfg.train.micro_batch_size
-        return [self.collate(indices[i : i + size]) for i in range(0, len(indices), size)]
+        groups = [indices[i : i + size] for i in range(0, len(indices), size)]
+        if self.cfg.rlhf.pack:
+            return self.packed_micro_batches(groups)
+        return [self.collate(group) for group in groups]
+
+    def packed_micro_batches(self, groups: list[list[int]]) -> list:
+        """Each group of records packed into rows (``rlhf.packing``), collated on the device."""
+        packed = pack_micro_batches([self.packed_sequences(group) for group in groups],
+                                    self.cfg.model.seq_length, self.tokenizer.pad_id)
+        return [self.collate_packed(group, rows) for group, rows in zip(groups, packed)]
 
     @abc.abstractmethod
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, object]:
         """One micro-batch of records: (tokens, what ``loss`` reads), on the device."""
+
+    @abc.abstractmethod
+    def packed_sequences(self, indices: list[int]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """The sequences of these records to pack, (tokens, labels, length) each, in the order
+        the loss reads their per-sequence figures; length 0 for one that is no sequence (a ranked
+        record's padding answer), which keeps its place in that order but takes no room."""
+
+    def collate_packed(self, indices: list[int], rows: PackedRows) -> tuple[torch.Tensor, dict]:
+        """A micro-batch of these records packed into ``rows``: (tokens, what ``loss`` reads), on
+        the device."""
+        return torch.from_numpy(rows.tokens).to(self.dims.device), packed_target(rows, self.dims.device)
 
     @abc.abstractmethod
     def loss(self, chunk, inputs: torch.Tensor, target, num_micro_batches: int) -> torch.Tensor:

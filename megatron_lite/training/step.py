@@ -59,6 +59,8 @@ def chunk_inputs(target) -> dict:
     """What every model chunk takes from a micro-batch's target besides the tokens or hidden states."""
     if isinstance(target, PackedTarget):
         return {"document_ids": target.document_ids, "position_ids": target.position_ids}
+    if isinstance(target, dict) and "document_ids" in target:  # packed fine-tuning records (rlhf.pack)
+        return {"document_ids": target["document_ids"], "position_ids": target["position_ids"]}
     return {}
 
 
