@@ -21,9 +21,10 @@ slice, w the 16-bit or 32-bit weight size (2 for bf16/fp16, 4 for fp32):
                                                gradients themselves, all-reduced in place)
     total       = the sum (an upper bound: the ZeRO-1 vector lives only after backward)
 
-Activations per micro-batch (b micro-batch, s the tokens of the sequence a rank holds: the
-sequence length / cp, s_r = s / tp under sequence parallelism else s, h hidden, nh / nkv local query / kv heads, hd head dim, f = ffn / tp, V vocabulary / tp,
-a = 2 bytes under bf16/fp16 else 4) are the tensors autograd keeps for backward, per layer:
+Activations per micro-batch (b micro-batch, s the positions of the sequence a rank holds, its
+length / cp, s_r = s / tp under sequence parallelism else s, h hidden, nh / nkv local query /
+kv heads, hd head dim, f = ffn / tp, V vocabulary / tp, a = 2 bytes under bf16/fp16 else 4) are
+the tensors autograd keeps for backward, per layer:
 
     none       norm inputs 2 * b*s_r*h*a (+ their fp32 statistics), the linear inputs gathered over
                the sequence 2 * b*s*h*a, the qkv output b*s*(nh + 2 nkv)*hd*a, the rotated q and k
@@ -31,11 +32,12 @@ a = 2 bytes under bf16/fp16 else 4) are the tensors autograd keeps for backward,
                the MLP's first output b*s*f*a (2f for SwiGLU) and activation output b*s*f*a (with
                torch's SwiGLU also silu(gate), b*s*f*a); with dropout the score-sized tensors
                b*nh*s*s*(2a + 1) and the residual masks; torch's RMSNorm keeps its fp32 input and
-               normalised output (b*s_r*h*(4 + a)) instead of the input and statistics
-    selective  none without the attention core's score-sized tensors and log-sum-exp (recomputed)
-               under cp > 1 (none only) each layer's K and V all-gathered over the whole sequence
-               2 * b*s*cp*nkv*hd*a, and the score-sized tensors of dropout cover each chunk's queries
-               against the keys before them, b*nh*L^2*(2cp + 1) with L = s / 2
+               normalised output (b*s_r*h*(4 + a)) instead of the input and statistics; under
+               cp > 1 also the layer's K and V all-gathered over the whole sequence
+               2 * b*s*cp*nkv*hd*a, and dropout's score-sized tensors cover each held chunk's
+               queries against the keys before them, b*nh*L^2*(2cp + 1) with L = s / 2
+    selective  none without the attention core's score-sized tensors, log-sum-exp and gathered
+               K/V (recomputed)
     full       the layer input b*s_r*h*a; the first ``train.recompute_layers`` layers of each chunk
                only, when set
 

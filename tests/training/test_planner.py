@@ -68,8 +68,8 @@ class _Checkpointed(torch.autograd.Function):
 def recompute_every_layer(model: GPT) -> None:
     for block in model.layers.values():
         forward = block.forward
-        block.forward = lambda x, rope=None, kv_cache=None, attention_mask=None, forward=forward: _Checkpointed.apply(
-            lambda inner: forward(inner, rope, kv_cache, attention_mask), x)
+        block.forward = lambda x, rope=None, kv_cache=None, attention_mask=None, document_ids=None, forward=forward: \
+            _Checkpointed.apply(lambda inner: forward(inner, rope, kv_cache, attention_mask, document_ids), x)
 
 
 def model_saved_bytes(model: GPT, cfg, inputs=None) -> int:
