@@ -20,6 +20,13 @@ position of its first row's document and the end of its last row's, and streams 
 between them: a tile holding none of its documents is never visited, so the work follows the
 documents' lengths, not the sequence's.
 
+Queries after a key prefix (``query_start``, non-causal): context parallelism runs a query chunk
+against the keys before it. The runs then describe one sequence in which the keys sit at
+positions [0, S_k) and the queries at [query_start, query_start + S_q): query rows read their
+documents at an offset, and each side's visible range is the other's document span shifted into
+its own rows. A query whose document begins after the last key sees nothing: output 0, log-sum-exp
+-inf, which weighs nothing when merged with the chunk's diagonal block.
+
 Layout: q (B, S, H, D), k and v (B, S, KVH, D), any strides with a contiguous last dimension.
 """
 

@@ -141,6 +141,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ``split_sequence``); ``document_ids`` (B, T/cp) split the same way, or None. Returns
     (B, T/cp, nh, hd).
     """
+    _check_backend(backend, dropout_p)
     chunk_length = q.shape[SEQUENCE_DIM] // 2
     k_all, v_all = gather_sequence(k, context), gather_sequence(v, context)  # (B, T, nkv, hd)
     all_documents = _gather_ids(document_ids, context) if document_ids is not None else None
@@ -152,12 +153,18 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if backend == "torch":
             mask = chunk_mask(chunk, chunk_length, all_documents, q.device)  # (1 or B, 1, L, S)
             outputs.append(_torch_chunk(q_chunk, k_prefix, v_prefix, mask, dropout_p))
-        elif backend == "triton":
-            prefix_documents = all_documents[:, :keys] if all_documents is not None else None  # (B, S)
-            outputs.append(_triton_chunk(q_chunk, k_prefix, v_prefix, dropout_p, prefix_documents))
         else:
-            raise ConfigError(f"context parallelism runs attention on the torch or triton backend, not {backend!r}")
+            prefix_documents = all_documents[:, :keys] if all_documents is not None else None  # (B, S)
+            outputs.append(_triton_chunk(q_chunk, k_prefix, v_prefix, prefix_documents))
     return torch.cat(outputs, dim=SEQUENCE_DIM)
+
+
+def _check_backend(backend: str, dropout_p: float) -> None:
+    """Before any collective, so a bad setting fails on every rank alike."""
+    if backend not in ("torch", "triton"):
+        raise ConfigError(f"context parallelism runs attention on the torch or triton backend, not {backend!r}")
+    if backend == "triton" and dropout_p != 0.0:
+        raise ConfigError("model.attention_backend=triton has no attention dropout; set model.dropout=0")
 
 
 def _torch_chunk(q, k, v, mask, dropout_p: float) -> torch.Tensor:
@@ -166,9 +173,7 @@ def _torch_chunk(q, k, v, mask, dropout_p: float) -> torch.Tensor:
     return attention(q, k, v, causal=False, dropout_p=dropout_p, mask=mask)
 
 
-def _triton_chunk(q, k, v, dropout_p: float, document_ids: torch.Tensor | None) -> torch.Tensor:
-    if dropout_p != 0.0:
-        raise ConfigError("model.attention_backend=triton has no attention dropout; set model.dropout=0")
+def _triton_chunk(q, k, v, document_ids: torch.Tensor | None) -> torch.Tensor:
     from megatron_lite.kernels.attention import check_attention_inputs, document_runs
 
     check_attention_inputs(q, k, v, causal=False)

@@ -363,3 +363,24 @@ def test_query_start_errors():
     with pytest.raises(ValueError, match=r"document_ids must be \(batch, seq\) = \(1, 12\), one id per token, got "
                                          r"shape \(1, 10\)"):
         flash_attention(q, k[:, :4], v[:, :4], False, document_ids=ids[:, :10], query_start=4)
+
+
+def test_key_prefix_tiles_of_other_documents_are_skipped():
+    # Keys: document A (32) then B (32); the 32 queries continue B. NaN keys of A reach B's results,
+    # and A's dK/dV become anything but zero, only through a tile that was not skipped.
+    documents = _documents([[32, 64]])  # (1, 96): A at [0, 32), B at [32, 96)
+    q = torch.randn(1, 32, 2, 32, device=DEVICE)
+    k, v = (torch.randn(1, 64, 1, 32, device=DEVICE) for _ in range(2))
+    k[:, :32], v[:, :32] = float("nan"), float("nan")
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    out = flash_attention(q, k, v, False, document_ids=documents, query_start=64)
+    grad_out = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    alone = [q.detach().clone().requires_grad_(True)] + [t[:, 32:].detach().clone().requires_grad_(True) for t in (k, v)]
+    want = flash_attention(*alone, False)
+    want_dq, want_dk, want_dv = torch.autograd.grad(want, alone, grad_out)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(dq, want_dq)
+    torch.testing.assert_close(dk[:, 32:], want_dk)
+    torch.testing.assert_close(dv[:, 32:], want_dv)
+    assert (dk[:, :32] == 0).all() and (dv[:, :32] == 0).all()

@@ -123,9 +123,12 @@ def test_bad_cp_values_and_batches():
         split_micro_batches(torch.zeros(2, 11, dtype=torch.long), 2, torch.device("cpu"), cp_rank=0, cp=2)
     context = ContextParallel(group=None, rank=0, size=2)
     q = torch.zeros(1, 4, 2, 8)
-    with pytest.raises(ConfigError, match="document masks under context parallelism run on the torch attention "
-                                          "backend; set model.attention_backend=torch"):
-        context_parallel_attention(q, q, q, context, "triton", document_ids=torch.zeros(1, 4, dtype=torch.long))
+    # refused before the K/V all-gather (no process group is needed to see it)
+    with pytest.raises(ConfigError, match="model.attention_backend=triton has no attention dropout; set model.dropout=0"):
+        context_parallel_attention(q, q, q, context, "triton", dropout_p=0.1)
+    with pytest.raises(ConfigError, match="context parallelism runs attention on the torch or triton backend, not "
+                                          "'flash_attn'"):
+        context_parallel_attention(q, q, q, context, "flash_attn")
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "ppo"])
