@@ -264,7 +264,9 @@ def _check_resumed_in_one_process(root: str, source: str, flavor: str, reference
 # ----------------------------------------------------------------------------- document masks, trained
 
 DOCUMENT_LAYOUTS = {  # world size -> name: (flavor, overrides); (tp, cp, pp, dp) in the name
-    2: {"llama cp2 documents": ("llama", ["parallel.cp=2"])},
+    2: {"llama cp2 documents": ("llama", ["parallel.cp=2"]),
+        # the Triton kernel (interpreted) against the torch backend's single process
+        "llama cp2 documents triton": ("llama", ["parallel.cp=2", "model.attention_backend=triton"])},
     4: {"llama tp2 cp2 sequence-parallel documents": ("llama", ["parallel.tp=2", "parallel.cp=2",
                                                                 "parallel.sequence_parallel=true"]),
         "gpt2 cp2 pp2 documents": ("gpt2", ["parallel.cp=2", "parallel.pp=2"])},
