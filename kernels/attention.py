@@ -370,15 +370,18 @@ def _attn_bwd_dkdv_kernel(
             diag_hi = tl.minimum(start_n + BLOCK_N, seq_q)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                                      stride_qs, stride_dos, cols, offs_m, offs_d, start_n, diag_hi, seq_q, head_dim,
-                                     qk_scale_log2, doc_base, k_docs, q_offset, True, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
+                                     qk_scale_log2, doc_base, k_docs, q_offset, True, BLOCK_M, EVEN_M, EVEN_D, UPCAST,
+                                     IEEE, DOCS)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                                      stride_qs, stride_dos, cols, offs_m, offs_d, start_n + BLOCK_N, query_hi, seq_q,
-                                     head_dim, qk_scale_log2, doc_base, k_docs, q_offset, False, BLOCK_M, EVEN_M, EVEN_D,
+                                     head_dim, qk_scale_log2, doc_base, k_docs, q_offset, False, BLOCK_M, EVEN_M,
+                                     EVEN_D,
                                      UPCAST, IEEE, DOCS)
         else:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                                      stride_qs, stride_dos, cols, offs_m, offs_d, query_lo, query_hi, seq_q, head_dim,
-                                     qk_scale_log2, doc_base, k_docs, q_offset, False, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
+                                     qk_scale_log2, doc_base, k_docs, q_offset, False, BLOCK_M, EVEN_M, EVEN_D, UPCAST,
+                                     IEEE, DOCS)
     dk = dk * softmax_scale
     _store_rows(DK + batch * stride_dkb + kv_head * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), cols, seq_k, offs_d, head_dim, not EVEN_N, EVEN_D)

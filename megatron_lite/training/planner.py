@@ -393,8 +393,9 @@ def plan_memory(cfg: Config, world_size: int, parameter_cache: dict | None = Non
                 for mode in RECOMPUTE_MODES:
                     by_mode[f"{mode}, sp {'on' if sp else 'off'}"] = sum(
                         chunk_activation_bytes(cfg, dims, mode_shape, pp_rank, c, mode) for c in range(dims.virtual_pp))
-            ranks.append(RankMemory(rank_of(tp_rank, 0, pp_rank, dims.tp, dims.dp, 0, dims.cp), tp_rank, pp_rank, parameters,
-                                    state["weights"], state["gradients"], state["optimizer"], per_mb, most, peak,
+            rank = rank_of(tp_rank, 0, pp_rank, dims.tp, dims.dp, 0, dims.cp)
+            ranks.append(RankMemory(rank, tp_rank, pp_rank, parameters, state["weights"], state["gradients"],
+                                    state["optimizer"], per_mb, most, peak,
                                     _communication_bytes(cfg, dims, shape, parameters), by_mode))
     return Plan(cfg, world_size, dims.dp, num_micro_batches, ranks)
 
@@ -559,7 +560,8 @@ def plan_json(plan: Plan, fits: list[Candidate] | None = None, cost: CostModel |
     cfg = plan.config
     out = {
         "per_rank": [r.to_json() for r in plan.ranks],
-        "layout": {"tp": cfg.parallel.tp, "cp": cfg.parallel.cp, "pp": cfg.parallel.pp, "dp": plan.dp, "virtual_pp": cfg.parallel.virtual_pp,
+        "layout": {"tp": cfg.parallel.tp, "cp": cfg.parallel.cp, "pp": cfg.parallel.pp, "dp": plan.dp,
+                   "virtual_pp": cfg.parallel.virtual_pp,
                    "micro_batch_size": cfg.train.micro_batch_size, "num_micro_batches": plan.num_micro_batches,
                    "recompute": cfg.train.recompute, "sequence_parallel": cfg.parallel.sequence_parallel and
                    cfg.parallel.tp > 1, "zero1": cfg.parallel.zero1, "precision": cfg.train.precision},

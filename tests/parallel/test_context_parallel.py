@@ -124,7 +124,8 @@ def test_bad_cp_values_and_batches():
     context = ContextParallel(group=None, rank=0, size=2)
     q = torch.zeros(1, 4, 2, 8)
     # refused before the K/V all-gather (no process group is needed to see it)
-    with pytest.raises(ConfigError, match="model.attention_backend=triton has no attention dropout; set model.dropout=0"):
+    with pytest.raises(ConfigError, match="model.attention_backend=triton has no attention dropout; set "
+                                          "model.dropout=0"):
         context_parallel_attention(q, q, q, context, "triton", dropout_p=0.1)
     with pytest.raises(ConfigError, match="context parallelism runs attention on the torch or triton backend, not "
                                           "'flash_attn'"):
@@ -307,7 +308,8 @@ def test_document_masks_under_cp_train_like_one_process(tmp_path):
     from tests.parallel.test_parity import _merged_params
 
     root = str(tmp_path)
-    singles = {flavor: _train_with_documents(root, f"{flavor} single", flavor, [], False) for flavor in ("gpt2", "llama")}
+    singles = {flavor: _train_with_documents(root, f"{flavor} single", flavor, [], False)
+               for flavor in ("gpt2", "llama")}
     for world_size, runs in DOCUMENT_LAYOUTS.items():
         results = run_distributed(_train_document_layouts, world_size, root)
         for name, (flavor, _) in runs.items():
