@@ -20,6 +20,13 @@ position of its first row's document and the end of its last row's, and streams 
 between them: a tile holding none of its documents is never visited, so the work follows the
 documents' lengths, not the sequence's.
 
+Queries after a key prefix (``query_start``, non-causal): context parallelism runs a query chunk
+against the keys before it. The runs then describe one sequence in which the keys sit at
+positions [0, S_k) and the queries at [query_start, query_start + S_q): query rows read their
+documents at an offset, and each side's visible range is the other's document span shifted into
+its own rows. A query whose document begins after the last key sees nothing: output 0, log-sum-exp
+-inf, which weighs nothing when merged with the chunk's diagonal block.
+
 Layout: q (B, S, H, D), k and v (B, S, KVH, D), any strides with a contiguous last dimension.
 """
 
@@ -122,15 +129,17 @@ def _query_tile(num_heads, group_size, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _key_range(doc_base, first, last, seq, BLOCK: tl.constexpr, DOCS: tl.constexpr):
-    """[lo, hi) of the positions the documents of rows first..last occupy, lo rounded down to a
-    tile: the only tiles a document-masked program visits. Without documents, [0, seq)."""
+def _visible_range(doc_base, first, last, doc_len, offset, limit, BLOCK: tl.constexpr, DOCS: tl.constexpr):
+    """[lo, hi) of the other side's rows a program visits: the positions the documents of run
+    positions first..last occupy, shifted by -offset into the other side's rows and clipped to
+    [0, limit), lo rounded down to a tile. Without documents, [0, limit)."""
     if DOCS:
-        lo = tl.load(doc_base + seq + first)  # the documents' first positions follow their numbers
-        hi = tl.load(doc_base + 2 * seq + last)  # and then their ends
-        return (lo // BLOCK) * BLOCK, hi
+        lo = tl.load(doc_base + doc_len + first) - offset  # the documents' first positions follow their numbers
+        hi = tl.load(doc_base + 2 * doc_len + last) - offset  # and then their ends
+        lo = tl.maximum(lo, 0)
+        return (lo // BLOCK) * BLOCK, tl.minimum(hi, limit)
     else:
-        return 0, seq
+        return 0, limit
 
 
 @triton.jit
@@ -184,7 +193,7 @@ def _attn_fwd_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    stride_docb,
+    stride_docb, doc_len, q_offset,
     num_heads, group_size, seq_q, seq_k, head_dim, qk_scale_log2, seq_key, programs_key, tma_ready,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -213,10 +222,11 @@ def _attn_fwd_kernel(
     doc_base = DOC + batch * stride_docb
     q_docs = 0
     if DOCS:
-        q_docs = _load_documents(doc_base, offs_m, seq_q, -2, not EVEN_M)
+        q_docs = _load_documents(doc_base, q_offset + offs_m, q_offset + seq_q, -2, not EVEN_M)
     # Keys outside the documents of this tile's rows are never visited.
-    key_lo, key_hi = _key_range(doc_base, start_m * BLOCK_M, tl.minimum(start_m * BLOCK_M + BLOCK_M, seq_q) - 1,
-                                seq_k, BLOCK_N, DOCS)
+    key_lo, key_hi = _visible_range(doc_base, q_offset + start_m * BLOCK_M,
+                                    q_offset + tl.minimum(start_m * BLOCK_M + BLOCK_M, seq_q) - 1,
+                                    doc_len, 0, seq_k, BLOCK_N, DOCS)
     if CAUSAL:
         # Tiles left of the diagonal need no mask; tiles right of it are skipped entirely.
         diag_lo = start_m * BLOCK_M
@@ -241,7 +251,9 @@ def _attn_fwd_kernel(
                                        offs_m, offs_n, offs_d, full_hi, seq_k, seq_k, head_dim, qk_scale_log2,
                                        doc_base, q_docs, True, CAUSAL, BLOCK_N, EVEN_D, UPCAST, IEEE, TMA, DOCS)
 
-    if DOCS:  # padded query rows match no document: keep their unstored sums away from 0 / 0
+    # Padded query rows match no document, nor do rows whose document has no key here (queries
+    # after a key prefix): keep their sums away from 0 / 0; the latter's log-sum-exp is -inf.
+    if DOCS:
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_i[:, None]
     o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
@@ -282,7 +294,7 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-    cols, offs_m, offs_d, lo, hi, seq_q, head_dim, qk_scale_log2, doc_base, k_docs,
+    cols, offs_m, offs_d, lo, hi, seq_q, head_dim, qk_scale_log2, doc_base, k_docs, q_offset,
     MASKED: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, DOCS: tl.constexpr,
 ):
@@ -303,7 +315,7 @@ def _bwd_dkdv_inner(
         if MASKED:
             p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
         if DOCS:
-            q_docs = _load_documents(doc_base, rows, seq_q, -2, not EVEN_M)
+            q_docs = _load_documents(doc_base, q_offset + rows, q_offset + seq_q, -2, not EVEN_M)
             p_t = tl.where(k_docs[:, None] == q_docs[None, :], p_t, 0.0)
         dv = _dot_acc(p_t.to(do.dtype), do, dv, UPCAST, IEEE)
         dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
@@ -321,7 +333,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    stride_docb,
+    stride_docb, doc_len, q_offset,
     num_heads, num_kv_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2, seq_key, programs_key,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -344,7 +356,8 @@ def _attn_bwd_dkdv_kernel(
     if DOCS:
         k_docs = _load_documents(doc_base, cols, seq_k, -1, not EVEN_N)
     # Queries outside the documents of this tile's keys are never visited.
-    query_lo, query_hi = _key_range(doc_base, start_n, tl.minimum(start_n + BLOCK_N, seq_k) - 1, seq_q, BLOCK_M, DOCS)
+    query_lo, query_hi = _visible_range(doc_base, start_n, tl.minimum(start_n + BLOCK_N, seq_k) - 1, doc_len,
+                                        q_offset, seq_q, BLOCK_M, DOCS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(group_size):
@@ -357,15 +370,18 @@ def _attn_bwd_dkdv_kernel(
             diag_hi = tl.minimum(start_n + BLOCK_N, seq_q)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                                      stride_qs, stride_dos, cols, offs_m, offs_d, start_n, diag_hi, seq_q, head_dim,
-                                     qk_scale_log2, doc_base, k_docs, True, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
+                                     qk_scale_log2, doc_base, k_docs, q_offset, True, BLOCK_M, EVEN_M, EVEN_D, UPCAST,
+                                     IEEE, DOCS)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                                      stride_qs, stride_dos, cols, offs_m, offs_d, start_n + BLOCK_N, query_hi, seq_q,
-                                     head_dim, qk_scale_log2, doc_base, k_docs, False, BLOCK_M, EVEN_M, EVEN_D,
+                                     head_dim, qk_scale_log2, doc_base, k_docs, q_offset, False, BLOCK_M, EVEN_M,
+                                     EVEN_D,
                                      UPCAST, IEEE, DOCS)
         else:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                                      stride_qs, stride_dos, cols, offs_m, offs_d, query_lo, query_hi, seq_q, head_dim,
-                                     qk_scale_log2, doc_base, k_docs, False, BLOCK_M, EVEN_M, EVEN_D, UPCAST, IEEE, DOCS)
+                                     qk_scale_log2, doc_base, k_docs, q_offset, False, BLOCK_M, EVEN_M, EVEN_D, UPCAST,
+                                     IEEE, DOCS)
     dk = dk * softmax_scale
     _store_rows(DK + batch * stride_dkb + kv_head * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), cols, seq_k, offs_d, head_dim, not EVEN_N, EVEN_D)
@@ -408,7 +424,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
-    stride_docb,
+    stride_docb, doc_len, q_offset,
     num_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2, seq_key, programs_key,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -435,9 +451,10 @@ def _attn_bwd_dq_kernel(
     doc_base = DOC + batch * stride_docb
     q_docs = 0
     if DOCS:
-        q_docs = _load_documents(doc_base, rows, seq_q, -2, not EVEN_M)
-    key_lo, key_hi = _key_range(doc_base, start_m * BLOCK_M, tl.minimum(start_m * BLOCK_M + BLOCK_M, seq_q) - 1,
-                                seq_k, BLOCK_N, DOCS)
+        q_docs = _load_documents(doc_base, q_offset + rows, q_offset + seq_q, -2, not EVEN_M)
+    key_lo, key_hi = _visible_range(doc_base, q_offset + start_m * BLOCK_M,
+                                    q_offset + tl.minimum(start_m * BLOCK_M + BLOCK_M, seq_q) - 1,
+                                    doc_len, 0, seq_k, BLOCK_N, DOCS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
         diag_lo = start_m * BLOCK_M
@@ -599,36 +616,43 @@ def document_runs(document_ids: torch.Tensor) -> torch.Tensor:
     return torch.stack([numbers, starts, ends], dim=1).to(torch.int32).contiguous()
 
 
-def _document_args(runs: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
-    """(pointer, batch stride, DOCS) for the kernels; without documents any tensor stands in, never read."""
+def _document_args(runs: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int, bool]:
+    """(pointer, batch stride, positions, DOCS) for the kernels; without documents any tensor stands
+    in, never read."""
     if runs is None:
-        return like, 0, False
-    return runs, runs.stride(0), True
+        return like, 0, 0, False
+    return runs, runs.stride(0), runs.shape[2], True
 
 
-def attention_forward(q, k, v, causal: bool, softmax_scale: float, documents: torch.Tensor | None = None):
-    """Returns (out (B, S, H, D), lse (B, H, S) fp32, natural log). ``documents``: (B, 3, S) from
-    ``document_runs``, or None."""
+def attention_forward(q, k, v, causal: bool, softmax_scale: float, documents: torch.Tensor | None = None,
+                      query_start: int = 0):
+    """Returns (out (B, S, H, D), lse (B, H, S) fp32, natural log). ``documents``: (B, 3, N) from
+    ``document_runs`` of one sequence in which the keys sit at positions [0, S_k) and the queries at
+    [query_start, query_start + S_q), or None. A query whose document has no key here gets out 0
+    and lse -inf."""
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((batch, num_heads, seq_q), torch.float32, q.device)
-    doc, stride_docb, docs = _document_args(documents, lse)
+    doc, stride_docb, doc_len, docs = _document_args(documents, lse)
     tma_ready = 0
     if not interpreting():
         _ensure_allocator()
         tma_ready = int(_tma_ready(k, v))
     _fwd(seq_q, batch * num_heads, "M",
-         q, k, v, out, lse, doc, *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_docb,
-         num_heads, num_heads // num_kv_heads, seq_q, seq_k, head_dim, softmax_scale * LOG2E,
+         q, k, v, out, lse, doc, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+         stride_docb, doc_len, query_start, num_heads, num_heads // num_kv_heads, seq_q, seq_k, head_dim,
+         softmax_scale * LOG2E,
          seq_bucket(seq_k), seq_bucket(batch * num_heads), tma_ready,
          CAUSAL=causal, DOCS=docs, **_flags(q, head_dim))
     return out, lse
 
 
 def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float,
-                       documents: torch.Tensor | None = None):
-    """Returns (dq, dk, dv), each shaped like its input."""
+                       documents: torch.Tensor | None = None, query_start: int = 0):
+    """Returns (dq, dk, dv), each shaped like its input; ``documents`` and ``query_start`` as in
+    ``attention_forward``. ``out`` and ``lse`` may be those of a softmax over more keys than k
+    holds (a block of a split key range): the gradients are then that softmax's, restricted to k."""
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     group_size = num_heads // num_kv_heads
@@ -641,16 +665,18 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     qk_scale_log2 = softmax_scale * LOG2E
-    doc, stride_docb, docs = _document_args(documents, delta)
+    doc, stride_docb, doc_len, docs = _document_args(documents, delta)
     _dkdv(seq_k, batch * num_kv_heads, "N",
           q, k, v, do, lse, delta, dk, dv, doc,
-          *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), stride_docb,
-          num_heads, num_kv_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2,
+          *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+          stride_docb, doc_len, query_start, num_heads, num_kv_heads, group_size, seq_q, seq_k, head_dim,
+          softmax_scale, qk_scale_log2,
           seq_bucket(seq_q), seq_bucket(batch * num_kv_heads), CAUSAL=causal, DOCS=docs, **flags)
     _dq(seq_q, batch * num_heads, "M",
         q, k, v, do, lse, delta, dq, doc,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), stride_docb,
-        num_heads, group_size, seq_q, seq_k, head_dim, softmax_scale, qk_scale_log2,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        stride_docb, doc_len, query_start, num_heads, group_size, seq_q, seq_k, head_dim, softmax_scale,
+        qk_scale_log2,
         seq_bucket(seq_k), seq_bucket(batch * num_heads), CAUSAL=causal, DOCS=docs, **flags)
     return dq, dk, dv
 
@@ -661,36 +687,52 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, documents: torch.Tensor | None = None):
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, documents: torch.Tensor | None = None,
+                query_start: int = 0):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        out, lse = attention_forward(q, k, v, causal, softmax_scale, documents)
+        out, lse = attention_forward(q, k, v, causal, softmax_scale, documents, query_start)
         ctx.save_for_backward(q, k, v, out, lse, documents)
         ctx.causal = causal
         ctx.softmax_scale = softmax_scale
+        ctx.query_start = query_start
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, documents = ctx.saved_tensors
         dq, dk, dv = attention_backward(_last_dim_contiguous(do), q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
-                                        documents)
-        return dq, dk, dv, None, None, None
+                                        documents, ctx.query_start)
+        return dq, dk, dv, None, None, None, None
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # the tile configurations are sized (shared memory, registers) for head dims up to 128
 
 
-def check_document_ids(q: torch.Tensor, k: torch.Tensor, document_ids: torch.Tensor) -> None:
-    """Per-token document ids (B, S) of a self-attention: one id per position of q and of k."""
-    if q.shape[1] != k.shape[1]:
+def check_document_ids(q: torch.Tensor, k: torch.Tensor, document_ids: torch.Tensor, query_start: int = 0,
+                       causal: bool = False) -> None:
+    """Per-token document ids (B, N) of one sequence holding the keys at [0, S_k) and the queries
+    at [query_start, query_start + S_q): N = query_start + S_q >= S_k (self-attention: N = S_q = S_k)."""
+    if query_start < 0 or (causal and query_start != 0):
+        raise ValueError(
+            f"query_start={query_start} places the queries after a non-causal key prefix; it must be >= 0, "
+            f"and 0 for causal attention"
+        )
+    length = query_start + q.shape[1]
+    if query_start == 0 and q.shape[1] != k.shape[1]:
         raise ValueError(
             f"document_ids mask self-attention, but q has {q.shape[1]} positions and k {k.shape[1]}; "
-            f"pass document_ids only when q and k cover the same positions"
+            f"pass document_ids only when q and k cover the same positions, or give query_start for "
+            f"queries that follow the keys"
         )
-    if document_ids.shape != q.shape[:2]:
+    if k.shape[1] > length:
         raise ValueError(
-            f"document_ids must be (batch, seq) = {tuple(q.shape[:2])}, one id per token, "
+            f"with query_start={query_start} the queries end at position {length}, before the {k.shape[1]} keys "
+            f"do; the keys must lie within the positions document_ids covers"
+        )
+    if document_ids.shape != (q.shape[0], length):
+        raise ValueError(
+            f"document_ids must be (batch, seq) = {(q.shape[0], length)}, one id per token, "
             f"got shape {tuple(document_ids.shape)}"
         )
     if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
@@ -727,7 +769,7 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     softmax_scale: float | None = None, dropout_p: float = 0.0,
-                    document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                    document_ids: torch.Tensor | None = None, query_start: int = 0) -> torch.Tensor:
     """softmax(q k^T * scale) v with q (B, S, H, D), k/v (B, S, KVH, D); returns (B, S, H, D).
 
     H must be a multiple of KVH (grouped-query attention: query head h reads k/v head
@@ -735,7 +777,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     completes the registry's attention signature: this kernel has no dropout, so it must be 0.
     ``document_ids`` (B, S) integer: each run of equal consecutive ids is a document (packed
     samples) whose queries attend only to its own keys; no tile outside a program's documents
-    is visited.
+    is visited. ``query_start`` (non-causal only): the queries follow a prefix of keys in one
+    sequence, keys at positions [0, S_k), queries at [query_start, query_start + S_q), and
+    ``document_ids`` (B, query_start + S_q) cover both (context parallelism's key prefixes); a
+    query whose document has no key among them gets zeros.
     """
     if dropout_p != 0.0:
         raise ValueError(f"flash_attention has no attention dropout, got dropout_p={dropout_p}; use the torch backend")
@@ -751,7 +796,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
     documents = None
     if document_ids is not None:
-        check_document_ids(q, k, document_ids)
+        check_document_ids(q, k, document_ids, query_start, causal)
         check_device(q, document_ids)
         documents = document_runs(document_ids)
-    return FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale), documents)
+    elif query_start != 0:
+        raise ValueError(f"query_start={query_start} places queries among document_ids; pass document_ids with it")
+    return FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale), documents, query_start)

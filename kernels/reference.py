@@ -22,10 +22,13 @@ def _expand_kv(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    softmax_scale: float | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                    softmax_scale: float | None = None, document_ids: torch.Tensor | None = None,
+                    query_start: int = 0) -> torch.Tensor:
     """softmax(q k^T * scale) v, with the softmax in float32 (or float64 for float64 inputs).
     ``document_ids`` (B, S): each run of equal consecutive ids is a document (packed samples)
-    whose queries see only its own keys."""
+    whose queries see only its own keys. With ``query_start`` the ids cover one sequence with the
+    keys at [0, S_k) and the queries at [query_start, query_start + S_q); a query whose document
+    has no key gets zeros."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     num_heads = q.shape[2]
@@ -35,13 +38,18 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         seq_q, seq_k = scores.shape[-2:]
         future = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
+    alone = None
     if document_ids is not None:  # a document is a run of equal consecutive ids
         numbers = torch.cat([torch.zeros_like(document_ids[:, :1]),
                              (document_ids[:, 1:] != document_ids[:, :-1]).cumsum(dim=1)], dim=1)
-        other_document = numbers[:, None, :, None] != numbers[:, None, None, :]  # (B, 1, S, S)
+        query_numbers = numbers[:, query_start : query_start + q.shape[1]]  # (B, Sq)
+        other_document = query_numbers[:, None, :, None] != numbers[:, None, None, : k.shape[1]]  # (B, 1, Sq, Sk)
         scores = scores.masked_fill(other_document, float("-inf"))
+        alone = other_document.all(dim=-1, keepdim=True)  # (B, 1, Sq, 1): no key of its document
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     probs = torch.softmax(scores.to(softmax_dtype), dim=-1).to(q.dtype)
+    if alone is not None:
+        probs = probs.masked_fill(alone, 0.0)
     return torch.matmul(probs, v_).transpose(1, 2)  # (B, Sq, H, D)
 
 

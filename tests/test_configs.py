@@ -18,7 +18,7 @@ def test_configs_exist():
 def test_every_config_loads(path):
     cfg = load_config(path)
     assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
-    world = cfg.parallel.tp * cfg.parallel.pp
+    world = cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp
     assert validate_layout(cfg.parallel, cfg.model, world) == 1
 
 

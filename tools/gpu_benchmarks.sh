@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU visit: check the kernels in bf16/fp16, then time kernels, training and data parallelism.
-# Usage: bash tools/gpu_benchmarks.sh OUT_DIR [kernels|norms|train|parallel|mfu ...]
+# Usage: bash tools/gpu_benchmarks.sh OUT_DIR [kernels|norms|train|parallel|mfu|docmask|longctx ...]
 #   (default: the first four; "kernels" checks and times attention, SwiGLU/RoPE and cross-entropy,
 #   "norms" checks every launch setting of the norm kernels and times them, printing each
 #   candidate's time; "mfu" trains llama-1b and gpt2-1.3b at seq 2048 in bf16 on one GPU at the
@@ -81,3 +81,17 @@ fi
 # docmask (run by naming it): the document-masked Triton attention next to the torch backend, SDPA with a
 # block mask and flex-attention, at S = 8k and 32k on ragged documents (TFLOP/s on visible pairs only).
 wants docmask && python3 tools/bench_docmask.py kernels --out-dir "$out/docmask" 2>&1 | tee "$out/docmask.log"
+
+# longctx (run by naming it): the 32k recipe (configs/llama-1b-32k.yaml) on one GPU at cp=1, all 16 layers,
+# one 32768-token sequence per step, under selective and full recomputation: tokens/s, MFU, peak memory
+# beside the planner's figure. Random tokens hold no end-of-document token, so document masks are off
+# here (docmask times the masked kernel). Each run gets at most LONGCTX_RUN_TIMEOUT_S seconds.
+if wants longctx; then
+    run_timeout="${LONGCTX_RUN_TIMEOUT_S:-210}"
+    for recompute in selective full; do
+        timeout "$run_timeout" python3 tools/bench_train.py --synthetic --steps 3 --warmup 2 \
+            --jsonl "$out/longctx.jsonl" --docs "$out/longctx.md" --config configs/llama-1b-32k.yaml \
+            model.vocab_size=128256 parallel.cp=1 train.global_batch_size=1 data.document_mask=false \
+            "train.recompute=$recompute" 2>&1 | tee -a "$out/longctx.log"
+    done
+fi

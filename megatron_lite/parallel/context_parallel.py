@@ -29,7 +29,11 @@ kernel takes only square causal masks, so a chunk runs as two kernel calls, its 
 (causal) and the keys before it (no mask), merged by their log-sum-exp; the backward calls the
 kernel's backward on each block with the merged output and log-sum-exp, which gives exactly the
 gradient of the joint softmax restricted to that block (the same identity the ring algorithm
-rests on). Document masks run on the torch backend only.
+rests on). With document masks the diagonal block is the kernel's document-masked causal case on
+the chunk's ids, and the keys before it its ``query_start`` case: the ids of the whole prefix
+place the queries after the keys, so a document crossing into the chunk is seen and tiles of other
+documents are skipped; a query whose document starts inside the chunk sees no earlier key
+(log-sum-exp -inf, weight 0 in the merge).
 
 ``ContextParallel`` is the small context the model hands to its attention call; with cp = 1 the
 model holds None and attention is the plain local call.
@@ -137,11 +141,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ``split_sequence``); ``document_ids`` (B, T/cp) split the same way, or None. Returns
     (B, T/cp, nh, hd).
     """
-    if document_ids is not None and backend != "torch":
-        raise ConfigError(
-            f"document masks under context parallelism run on the torch attention backend; set "
-            f"model.attention_backend=torch (got {backend})"
-        )
+    _check_backend(backend, dropout_p)
     chunk_length = q.shape[SEQUENCE_DIM] // 2
     k_all, v_all = gather_sequence(k, context), gather_sequence(v, context)  # (B, T, nkv, hd)
     all_documents = _gather_ids(document_ids, context) if document_ids is not None else None
@@ -153,11 +153,18 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if backend == "torch":
             mask = chunk_mask(chunk, chunk_length, all_documents, q.device)  # (1 or B, 1, L, S)
             outputs.append(_torch_chunk(q_chunk, k_prefix, v_prefix, mask, dropout_p))
-        elif backend == "triton":
-            outputs.append(_triton_chunk(q_chunk, k_prefix, v_prefix, dropout_p))
         else:
-            raise ConfigError(f"context parallelism runs attention on the torch or triton backend, not {backend!r}")
+            prefix_documents = all_documents[:, :keys] if all_documents is not None else None  # (B, S)
+            outputs.append(_triton_chunk(q_chunk, k_prefix, v_prefix, prefix_documents))
     return torch.cat(outputs, dim=SEQUENCE_DIM)
+
+
+def _check_backend(backend: str, dropout_p: float) -> None:
+    """Before any collective, so a bad setting fails on every rank alike."""
+    if backend not in ("torch", "triton"):
+        raise ConfigError(f"context parallelism runs attention on the torch or triton backend, not {backend!r}")
+    if backend == "triton" and dropout_p != 0.0:
+        raise ConfigError("model.attention_backend=triton has no attention dropout; set model.dropout=0")
 
 
 def _torch_chunk(q, k, v, mask, dropout_p: float) -> torch.Tensor:
@@ -166,13 +173,15 @@ def _torch_chunk(q, k, v, mask, dropout_p: float) -> torch.Tensor:
     return attention(q, k, v, causal=False, dropout_p=dropout_p, mask=mask)
 
 
-def _triton_chunk(q, k, v, dropout_p: float) -> torch.Tensor:
-    if dropout_p != 0.0:
-        raise ConfigError("model.attention_backend=triton has no attention dropout; set model.dropout=0")
-    from megatron_lite.kernels.attention import check_attention_inputs
+def _triton_chunk(q, k, v, document_ids: torch.Tensor | None) -> torch.Tensor:
+    from megatron_lite.kernels.attention import check_attention_inputs, document_runs
 
     check_attention_inputs(q, k, v, causal=False)
-    return PrefixCausalAttention.apply(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+    documents = None
+    if document_ids is not None:
+        prefix = k.shape[SEQUENCE_DIM] - q.shape[SEQUENCE_DIM]
+        documents = (document_runs(document_ids[:, prefix:]), document_runs(document_ids))
+    return PrefixCausalAttention.apply(q, k, v, 1.0 / math.sqrt(q.shape[-1]), documents)
 
 
 def _merge(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,20 +197,23 @@ def _merge(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
 class PrefixCausalAttention(torch.autograd.Function):
     """The Triton kernel on queries at the end of their keys: q (B, L, nh, hd) at positions
     [S - L, S) of k, v (B, S, nkv, hd), bottom-right causal. The diagonal block is the kernel's
-    square causal case; the keys before it are all visible (no mask); the two are merged."""
+    square causal case; the keys before it are all visible (no mask); the two are merged.
+    ``documents``: None, or the ``document_runs`` (diagonal block's (B, 3, L), whole prefix's
+    (B, 3, S)) restricting each query to the keys of its document."""
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale: float):
+    def forward(ctx, q, k, v, softmax_scale: float, documents: tuple[torch.Tensor, torch.Tensor] | None = None):
         from megatron_lite.kernels.attention import attention_forward
 
         q, k, v = (t.contiguous() for t in (q, k, v))
+        diagonal_runs, prefix_runs = documents if documents is not None else (None, None)
         prefix = k.shape[SEQUENCE_DIM] - q.shape[SEQUENCE_DIM]
-        out, lse = attention_forward(q, k[:, prefix:], v[:, prefix:], True, softmax_scale)
+        out, lse = attention_forward(q, k[:, prefix:], v[:, prefix:], True, softmax_scale, diagonal_runs)
         if prefix > 0:
             out_before, lse_before = attention_forward(q, k[:, :prefix].contiguous(), v[:, :prefix].contiguous(),
-                                                       False, softmax_scale)
+                                                       False, softmax_scale, prefix_runs, prefix)
             out, lse = _merge(out, lse, out_before, lse_before)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, diagonal_runs, prefix_runs)
         ctx.softmax_scale = softmax_scale
         return out
 
@@ -209,17 +221,17 @@ class PrefixCausalAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         from megatron_lite.kernels.attention import attention_backward
 
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, diagonal_runs, prefix_runs = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         prefix = k.shape[SEQUENCE_DIM] - q.shape[SEQUENCE_DIM]
         # With the merged out and lse, each block's backward is its share of the joint softmax's.
         dq, dk_diag, dv_diag = attention_backward(grad_out, q, k[:, prefix:].contiguous(), v[:, prefix:].contiguous(),
-                                                  out, lse, True, ctx.softmax_scale)
+                                                  out, lse, True, ctx.softmax_scale, diagonal_runs)
         if prefix == 0:
-            return dq, dk_diag, dv_diag, None
+            return dq, dk_diag, dv_diag, None, None
         dq_before, dk_before, dv_before = attention_backward(grad_out, q, k[:, :prefix].contiguous(),
                                                              v[:, :prefix].contiguous(), out, lse, False,
-                                                             ctx.softmax_scale)
+                                                             ctx.softmax_scale, prefix_runs, prefix)
         dk = torch.cat([dk_before, dk_diag], dim=SEQUENCE_DIM)
         dv = torch.cat([dv_before, dv_diag], dim=SEQUENCE_DIM)
-        return dq + dq_before, dk, dv, None
+        return dq + dq_before, dk, dv, None, None

@@ -58,11 +58,12 @@ def saved_activation_bytes(cfg: Config, dims: ParallelDims | None = None, micro_
     process holding the whole model. At tp = 1 any pipeline rank can be measured in one process with
     ``ParallelDims.for_world(cfg.parallel, world_size, rank)`` (no process groups needed); at tp > 1
     the tp ranks of the stage call it together with their real ``dims``, as their layers communicate.
-    ``micro_batch_size``: None takes ``train.micro_batch_size``. The sequence is ``model.seq_length``.
+    ``micro_batch_size``: None takes ``train.micro_batch_size``. The sequence is ``model.seq_length``,
+    of which a rank under context parallelism holds its 1 / cp (the model places it in the sequence).
     """
     dims = dims or ParallelDims.single()
     batch = micro_batch_size or cfg.train.micro_batch_size
-    seq = cfg.model.seq_length
+    seq = cfg.model.seq_length // dims.cp  # a cp rank holds two chunks of each sequence
     generator = torch.Generator().manual_seed(cfg.train.seed)
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=generator).to(dims.device)
     labels = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=generator).to(dims.device)

@@ -14,14 +14,17 @@ slice, w the 16-bit or 32-bit weight size (2 for bf16/fp16, 4 for fp32):
                 = S * (4 + 8 + 4)              ZeRO-1: fp32 main slice, the moments, the reduced-grad slice
     activations = per micro-batch x in flight (below) + one layer's full set under recompute=full
     communication = 2 * b * s_r * h * a        pp > 1: the activation and gradient receive buffers
+                  + 2 * b*s*cp*nkv*hd*a        cp > 1: one layer's all-gathered K and V (and in backward
+                                               the dK, dV it reduce-scatters), over the whole sequence
                   + dp * S * 4                 ZeRO-1: the flat gradient vector reduce-scattered after backward
                                                (plain dp: none; parallel.bucket_size_mb buckets are the
                                                gradients themselves, all-reduced in place)
     total       = the sum (an upper bound: the ZeRO-1 vector lives only after backward)
 
-Activations per micro-batch (b micro-batch, s sequence, s_r = s / tp under sequence parallelism
-else s, h hidden, nh / nkv local query / kv heads, hd head dim, f = ffn / tp, V vocabulary / tp,
-a = 2 bytes under bf16/fp16 else 4) are the tensors autograd keeps for backward, per layer:
+Activations per micro-batch (b micro-batch, s the positions of the sequence a rank holds, its
+length / cp, s_r = s / tp under sequence parallelism else s, h hidden, nh / nkv local query /
+kv heads, hd head dim, f = ffn / tp, V vocabulary / tp, a = 2 bytes under bf16/fp16 else 4) are
+the tensors autograd keeps for backward, per layer:
 
     none       norm inputs 2 * b*s_r*h*a (+ their fp32 statistics), the linear inputs gathered over
                the sequence 2 * b*s*h*a, the qkv output b*s*(nh + 2 nkv)*hd*a, the rotated q and k
@@ -29,8 +32,12 @@ a = 2 bytes under bf16/fp16 else 4) are the tensors autograd keeps for backward,
                the MLP's first output b*s*f*a (2f for SwiGLU) and activation output b*s*f*a (with
                torch's SwiGLU also silu(gate), b*s*f*a); with dropout the score-sized tensors
                b*nh*s*s*(2a + 1) and the residual masks; torch's RMSNorm keeps its fp32 input and
-               normalised output (b*s_r*h*(4 + a)) instead of the input and statistics
-    selective  none without the attention core's score-sized tensors and log-sum-exp (recomputed)
+               normalised output (b*s_r*h*(4 + a)) instead of the input and statistics; under
+               cp > 1 also the layer's K and V all-gathered over the whole sequence
+               2 * b*s*cp*nkv*hd*a, and dropout's score-sized tensors cover each held chunk's
+               queries against the keys before them, b*nh*L^2*(2cp + 1) with L = s / 2
+    selective  none without the attention core's score-sized tensors, log-sum-exp and gathered
+               K/V (recomputed)
     full       the layer input b*s_r*h*a; the first ``train.recompute_layers`` layers of each chunk
                only, when set
 
@@ -110,7 +117,7 @@ def stage_parameters(cfg: Config, dims: ParallelDims, pp_rank: int) -> list[tupl
     # Shapes do not depend on the kernels; torch backends build anywhere.
     model = dataclasses.replace(cfg.model, attention_backend="torch", norm_backend="torch", loss_backend="torch",
                                 elementwise_backend="torch")
-    rank = rank_of(0, 0, pp_rank, dims.tp, dims.dp)
+    rank = rank_of(0, 0, pp_rank, dims.tp, dims.dp, 0, dims.cp)
     stage_dims = dataclasses.replace(dims, rank=rank, device=torch.device("meta"))
     chunks = build_model_chunks(dataclasses.replace(cfg, model=model), stage_dims)
     params = [p for chunk in chunks for p in chunk.parameters()]
@@ -146,10 +153,16 @@ class Shape:
     tp: int
     sequence_parallel: bool
     act: int  # bytes per activation element
+    cp: int = 1  # context parallel ranks the sequence is split over
+
+    @property
+    def local_seq(self) -> int:
+        """Positions of the sequence this rank holds: its two chunks under context parallelism."""
+        return self.seq // self.cp
 
     @property
     def tokens(self) -> int:
-        return self.batch * self.seq
+        return self.batch * self.local_seq
 
     @property
     def residual_tokens(self) -> int:
@@ -173,8 +186,25 @@ def _attention_core_bytes(cfg: Config, shape: Shape) -> int:
     heads = cfg.model.num_heads // shape.tp
     core = shape.tokens * heads * 4
     if cfg.model.dropout > 0:
-        core += shape.batch * heads * shape.seq * shape.seq * (2 * shape.act + 1)
+        core += shape.batch * heads * _score_pairs(shape) * (2 * shape.act + 1)
+    if shape.cp > 1:
+        core += _gathered_kv_bytes(cfg, shape)
     return core
+
+
+def _score_pairs(shape: Shape) -> int:
+    """(query, key) pairs of one head's score matrix: under cp each held chunk c of L queries
+    scores the (c + 1) L keys up to it, and the chunks i and 2 cp - 1 - i add up to 2 cp + 1."""
+    if shape.cp == 1:
+        return shape.seq * shape.seq
+    chunk = shape.seq // (2 * shape.cp)
+    return chunk * chunk * (2 * shape.cp + 1)
+
+
+def _gathered_kv_bytes(cfg: Config, shape: Shape) -> int:
+    """One layer's K and V all-gathered over the cp group: the whole sequence, this rank's kv heads."""
+    kv_width = local_kv_heads(cfg.model, shape.tp) * cfg.model.head_dim
+    return 2 * shape.batch * shape.seq * kv_width * shape.act
 
 
 def layer_activation_bytes(cfg: Config, shape: Shape, mode: str) -> int:
@@ -209,7 +239,7 @@ def _first_chunk_bytes(cfg: Config, shape: Shape) -> int:
     sin tables (fp32), the embedding dropout's mask."""
     extra = shape.tokens * 8
     if cfg.model.position_embedding == "learned":
-        extra += shape.seq * 8
+        extra += shape.local_seq * 8
     else:
         extra += 2 * shape.tokens * cfg.model.head_dim * 4
     if cfg.model.dropout > 0:
@@ -269,7 +299,7 @@ def in_flight_peak(cfg: Config, dims: ParallelDims, pp_rank: int, num_micro_batc
 def activation_shape(cfg: Config, dims: ParallelDims, sequence_parallel: bool | None = None) -> Shape:
     sp = dims.sequence_parallel if sequence_parallel is None else sequence_parallel and dims.tp > 1
     return Shape(cfg.train.micro_batch_size, cfg.model.seq_length, dims.tp, sp,
-                 weight_bytes_per_element(cfg.train.precision))
+                 weight_bytes_per_element(cfg.train.precision), dims.cp)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -332,6 +362,8 @@ def _communication_bytes(cfg: Config, dims: ParallelDims, shape: Shape, paramete
     total = 0
     if dims.pp > 1:
         total += 2 * shape.residual_tokens * cfg.model.hidden_size * shape.act
+    if dims.cp > 1:
+        total += _gathered_kv_bytes(cfg, shape)
     if cfg.parallel.zero1:
         total += dims.dp * math.ceil(parameters / dims.dp) * 4
     return total
@@ -361,8 +393,9 @@ def plan_memory(cfg: Config, world_size: int, parameter_cache: dict | None = Non
                 for mode in RECOMPUTE_MODES:
                     by_mode[f"{mode}, sp {'on' if sp else 'off'}"] = sum(
                         chunk_activation_bytes(cfg, dims, mode_shape, pp_rank, c, mode) for c in range(dims.virtual_pp))
-            ranks.append(RankMemory(rank_of(tp_rank, 0, pp_rank, dims.tp, dims.dp), tp_rank, pp_rank, parameters,
-                                    state["weights"], state["gradients"], state["optimizer"], per_mb, most, peak,
+            rank = rank_of(tp_rank, 0, pp_rank, dims.tp, dims.dp, 0, dims.cp)
+            ranks.append(RankMemory(rank, tp_rank, pp_rank, parameters, state["weights"], state["gradients"],
+                                    state["optimizer"], per_mb, most, peak,
                                     _communication_bytes(cfg, dims, shape, parameters), by_mode))
     return Plan(cfg, world_size, dims.dp, num_micro_batches, ranks)
 
@@ -440,10 +473,11 @@ def _divisors(n: int) -> list[int]:
 
 def candidate_configs(cfg: Config, world_size: int):
     """Every (tp, pp, micro-batch, recompute) variation of ``cfg`` on ``world_size`` ranks, sequence
-    parallelism on wherever tp > 1 (it only removes memory); other settings as configured."""
-    for tp in _divisors(world_size):
-        for pp in _divisors(world_size // tp):
-            dp = world_size // (tp * pp)
+    parallelism on wherever tp > 1 (it only removes memory); other settings, cp included, as configured."""
+    cp = cfg.parallel.cp
+    for tp in _divisors(world_size // cp) if world_size % cp == 0 else []:
+        for pp in _divisors(world_size // (tp * cp)):
+            dp = world_size // (tp * pp * cp)
             per_replica = cfg.train.global_batch_size // dp if cfg.train.global_batch_size % dp == 0 else 0
             for micro_batch in [m for m in _divisors(per_replica)] if per_replica else []:
                 for recompute in RECOMPUTE_MODES:
@@ -486,11 +520,12 @@ def format_plan(plan: Plan) -> str:
     cfg = plan.config
     p, t = cfg.parallel, cfg.train
     lines = [
-        f"layout: tp={p.tp} pp={p.pp} dp={plan.dp} virtual_pp={p.virtual_pp} schedule={p.pipeline_schedule} "
+        f"layout: tp={p.tp} cp={p.cp} pp={p.pp} dp={plan.dp} virtual_pp={p.virtual_pp} schedule={p.pipeline_schedule} "
         f"sequence_parallel={p.sequence_parallel and p.tp > 1} zero1={p.zero1} precision={t.precision} "
         f"recompute={t.recompute}" + (f" (first {t.recompute_layers} layers)" if t.recompute_layers else ""),
         f"micro-batch {t.micro_batch_size} x {plan.num_micro_batches} per step on each of {plan.dp} dp ranks, "
-        f"seq {cfg.model.seq_length}; bucket {p.bucket_size_mb:g} MB",
+        f"seq {cfg.model.seq_length}" + (f" ({cfg.model.seq_length // p.cp} per cp rank)" if p.cp > 1 else "")
+        + f"; bucket {p.bucket_size_mb:g} MB",
         "",
         "rank tp pp  parameters  weights  grads  optimizer  act/mb  in-flight  activations  comm  total  (GiB)",
     ]
@@ -525,7 +560,8 @@ def plan_json(plan: Plan, fits: list[Candidate] | None = None, cost: CostModel |
     cfg = plan.config
     out = {
         "per_rank": [r.to_json() for r in plan.ranks],
-        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": plan.dp, "virtual_pp": cfg.parallel.virtual_pp,
+        "layout": {"tp": cfg.parallel.tp, "cp": cfg.parallel.cp, "pp": cfg.parallel.pp, "dp": plan.dp,
+                   "virtual_pp": cfg.parallel.virtual_pp,
                    "micro_batch_size": cfg.train.micro_batch_size, "num_micro_batches": plan.num_micro_batches,
                    "recompute": cfg.train.recompute, "sequence_parallel": cfg.parallel.sequence_parallel and
                    cfg.parallel.tp > 1, "zero1": cfg.parallel.zero1, "precision": cfg.train.precision},

@@ -139,11 +139,6 @@ def _end_of_document_id(cfg: Config, tokenizer, eod_id: int | None) -> int:
     from megatron_lite.model.ops import check_document_backend
 
     check_document_backend(cfg.model.attention_backend)
-    if cfg.parallel.cp > 1 and cfg.model.attention_backend != "torch":
-        raise ConfigError(
-            f"document masks under context parallelism run on the torch attention backend; set "
-            f"model.attention_backend=torch (got {cfg.model.attention_backend}) or parallel.cp=1"
-        )
     if eod_id is None and tokenizer is None:
         raise ConfigError("data.document_mask=true needs the end-of-document token id: train with data.tokenizer "
                           "set, or pass eod_id to LanguageModelTask")
@@ -195,7 +190,8 @@ class Trainer:
         """``datasets``: (train, valid) to use instead of the task's (benchmarks feed synthetic
         tokens this way; ``model.vocab_size`` must then be set)."""
         self.dims = dims if dims is not None else setup_dims(cfg)
-        if self.dims.cp > 1 and task is not LanguageModelTask:
+        # functools.partial(LanguageModelTask, eod_id=...) is pretraining too
+        if self.dims.cp > 1 and getattr(task, "func", task) is not LanguageModelTask:
             raise ConfigError(
                 f"parallel.cp={self.dims.cp}: context parallelism runs pretraining only (the fine-tuning and RL "
                 f"stages score, mask and generate whole sequences); set parallel.cp=1"

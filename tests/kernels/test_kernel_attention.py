@@ -284,3 +284,103 @@ def test_a_repeated_id_starts_a_new_document():
     q, k, v = _qkv(1, 45, 2, 1, 32, torch.float32)
     torch.testing.assert_close(flash_attention(q, k, v, document_ids=documents),
                                reference.flash_attention(q, k, v, document_ids=numbered), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- queries after a key prefix
+
+# (keys, queries, heads, kv_heads, head_dim, per-row document lengths over keys + queries, dtype):
+# context parallelism's prefix blocks. Documents crossing from the keys into the queries, queries
+# whose document starts after the last key (they see nothing: zeros), a prefix shorter than one
+# tile, and lengths that pad the last tile on either side.
+PREFIX_CASES = [
+    (48, 16, 4, 2, 32, [[5, 17, 30, 12]], torch.float32),
+    (48, 16, 4, 2, 32, [[5, 50, 9], [64]], torch.float16),
+    (37, 21, 2, 1, 16, [[1, 36, 1, 10, 10], [40, 18]], torch.float32),
+    (8, 40, 2, 2, 48, [[3, 9, 36]], torch.float16),
+    (64, 32, 4, 1, 64, [[16, 16, 16, 16, 16, 16]], torch.float32),
+]
+
+
+@pytest.mark.parametrize("keys,queries,heads,kv_heads,head_dim,lengths,dtype", PREFIX_CASES)
+def test_queries_after_a_key_prefix_match_float64_reference(keys, queries, heads, kv_heads, head_dim, lengths, dtype):
+    documents = _documents(lengths)
+    q = torch.randn(len(lengths), queries, heads, head_dim, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(len(lengths), keys, kv_heads, head_dim, device=DEVICE, dtype=dtype) for _ in range(2))
+    assert_matches_reference(
+        lambda q, k, v: flash_attention(q, k, v, False, document_ids=documents, query_start=keys),
+        lambda q, k, v: reference.flash_attention(q, k, v, False, document_ids=documents, query_start=keys),
+        [q, k, v])
+
+
+def test_a_split_key_range_merges_to_the_joint_softmax():
+    """The diagonal block (causal self-attention) and the key prefix (query_start), merged by their
+    log-sum-exp, give causal document-masked attention over all keys, forward and backward: the
+    backward of each block with the merged output and log-sum-exp is its share of the joint one."""
+    prefix, chunk = 40, 24
+    documents = _documents([[7, 45, 12], [52, 12]])  # (2, 64)
+    q = torch.randn(2, chunk, 4, 32, device=DEVICE, dtype=torch.float32)
+    k, v = (torch.randn(2, prefix + chunk, 2, 32, device=DEVICE, dtype=torch.float32) for _ in range(2))
+    grad_out = torch.randn_like(q)
+    scale = 32 ** -0.5
+    diag = attention_module.document_runs(documents[:, prefix:])
+    runs = attention_module.document_runs(documents)
+    out_a, lse_a = attention_module.attention_forward(q, k[:, prefix:].contiguous(), v[:, prefix:].contiguous(),
+                                                      True, scale, diag)
+    out_b, lse_b = attention_module.attention_forward(q, k[:, :prefix].contiguous(), v[:, :prefix].contiguous(),
+                                                      False, scale, runs, prefix)
+    assert torch.isinf(lse_b[1, :, 12:]).all() and (out_b[1, 12:] == 0).all()  # a document after every key
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = (out_a * torch.exp(lse_a - lse).transpose(1, 2)[..., None]
+           + out_b * torch.exp(lse_b - lse).transpose(1, 2)[..., None])
+    dq_a, dk_a, dv_a = attention_module.attention_backward(grad_out, q, k[:, prefix:].contiguous(),
+                                                           v[:, prefix:].contiguous(), out, lse, True, scale, diag)
+    dq_b, dk_b, dv_b = attention_module.attention_backward(grad_out, q, k[:, :prefix].contiguous(),
+                                                           v[:, :prefix].contiguous(), out, lse, False, scale, runs,
+                                                           prefix)
+    # the reference: the chunk's queries as the last rows of causal attention over the whole sequence
+    full_q = torch.cat([torch.zeros(2, prefix, 4, 32, device=DEVICE), q], dim=1).double().requires_grad_()
+    k64, v64 = (t.double().requires_grad_() for t in (k, v))
+    want = reference.flash_attention(full_q, k64, v64, True, document_ids=documents)[:, prefix:]
+    want.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((dq_a + dq_b).double(), full_q.grad[:, prefix:], rtol=1e-5, atol=1e-5)
+    # the zero queries of the reference add nothing to dK, dV
+    torch.testing.assert_close(torch.cat([dk_b, dk_a], dim=1).double(), k64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([dv_b, dv_a], dim=1).double(), v64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_query_start_errors():
+    q, k, v = _qkv(1, 8, 2, 2, 16, torch.float32)
+    ids = torch.zeros(1, 12, dtype=torch.int32, device=DEVICE)
+    long_k = torch.randn(1, 12, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="query_start=4 places the queries after a non-causal key prefix; it must be "
+                                         ">= 0, and 0 for causal"):
+        flash_attention(q, k, v, True, document_ids=ids, query_start=4)
+    with pytest.raises(ValueError, match="query_start=2 places queries among document_ids; pass document_ids"):
+        flash_attention(q, k, v, False, query_start=2)
+    with pytest.raises(ValueError, match="with query_start=2 the queries end at position 10, before the 12 keys"):
+        flash_attention(q, long_k, long_k, False, document_ids=ids[:, :10], query_start=2)
+    with pytest.raises(ValueError, match=r"document_ids must be \(batch, seq\) = \(1, 12\), one id per token, got "
+                                         r"shape \(1, 10\)"):
+        flash_attention(q, k[:, :4], v[:, :4], False, document_ids=ids[:, :10], query_start=4)
+
+
+def test_key_prefix_tiles_of_other_documents_are_skipped():
+    # Keys: document A (32) then B (32); the 32 queries continue B. NaN keys of A reach B's results,
+    # and A's dK/dV become anything but zero, only through a tile that was not skipped.
+    documents = _documents([[32, 64]])  # (1, 96): A at [0, 32), B at [32, 96)
+    q = torch.randn(1, 32, 2, 32, device=DEVICE)
+    k, v = (torch.randn(1, 64, 1, 32, device=DEVICE) for _ in range(2))
+    k[:, :32], v[:, :32] = float("nan"), float("nan")
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    out = flash_attention(q, k, v, False, document_ids=documents, query_start=64)
+    grad_out = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    alone = [t.detach().clone().requires_grad_(True) for t in (q, k[:, 32:], v[:, 32:])]
+    want = flash_attention(*alone, False)
+    want_dq, want_dk, want_dv = torch.autograd.grad(want, alone, grad_out)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(dq, want_dq)
+    torch.testing.assert_close(dk[:, 32:], want_dk)
+    torch.testing.assert_close(dv[:, 32:], want_dv)
+    assert (dk[:, :32] == 0).all() and (dv[:, :32] == 0).all()

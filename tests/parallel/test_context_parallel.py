@@ -123,9 +123,13 @@ def test_bad_cp_values_and_batches():
         split_micro_batches(torch.zeros(2, 11, dtype=torch.long), 2, torch.device("cpu"), cp_rank=0, cp=2)
     context = ContextParallel(group=None, rank=0, size=2)
     q = torch.zeros(1, 4, 2, 8)
-    with pytest.raises(ConfigError, match="document masks under context parallelism run on the torch attention "
-                                          "backend; set model.attention_backend=torch"):
-        context_parallel_attention(q, q, q, context, "triton", document_ids=torch.zeros(1, 4, dtype=torch.long))
+    # refused before the K/V all-gather (no process group is needed to see it)
+    with pytest.raises(ConfigError, match="model.attention_backend=triton has no attention dropout; set "
+                                          "model.dropout=0"):
+        context_parallel_attention(q, q, q, context, "triton", dropout_p=0.1)
+    with pytest.raises(ConfigError, match="context parallelism runs attention on the torch or triton backend, not "
+                                          "'flash_attn'"):
+        context_parallel_attention(q, q, q, context, "flash_attn")
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "ppo"])
@@ -186,7 +190,7 @@ def _attention_worker(rank: int, world_size: int) -> dict:
     errors = {}
     for size, group in groups.items():
         context = ContextParallel(group=group, rank=dist.get_rank(group), size=size)
-        for backend, docs in (("torch", None), ("torch", documents), ("triton", None)):
+        for backend, docs in (("torch", None), ("torch", documents), ("triton", None), ("triton", documents)):
             expected = [split_sequence(t, context.rank, size) for t in _reference(q, k, v, weights, docs)]
             got = _cp_attention(q, k, v, weights, context, backend, docs)
             name = f"cp{size} {backend}{' documents' if docs is not None else ''}"
@@ -256,3 +260,84 @@ def _check_resumed_in_one_process(root: str, source: str, flavor: str, reference
     # The RNG streams belong to the saving world's ranks: another cp degree starts fresh ones.
     loaded = load_checkpoint(load, [GPT(cfg.model)], ParallelDims.single())
     assert loaded["iteration"] == SAVED_STEP and not loaded["rng_restored"]
+
+
+# ----------------------------------------------------------------------------- document masks, trained
+
+DOCUMENT_LAYOUTS = {  # world size -> name: (flavor, overrides); (tp, cp, pp, dp) in the name
+    2: {"llama cp2 documents": ("llama", ["parallel.cp=2"]),
+        # the Triton kernel (interpreted) against the torch backend's single process
+        "llama cp2 documents triton": ("llama", ["parallel.cp=2", "model.attention_backend=triton"])},
+    4: {"llama tp2 cp2 sequence-parallel documents": ("llama", ["parallel.tp=2", "parallel.cp=2",
+                                                                "parallel.sequence_parallel=true"]),
+        "gpt2 cp2 pp2 documents": ("gpt2", ["parallel.cp=2", "parallel.pp=2"])},
+}
+
+
+def _train_with_documents(root: str, name: str, flavor: str, overrides: list[str], distributed: bool) -> dict:
+    """A document-masked run (the packed rows of tests/model/test_document_mask.py) with its losses,
+    gradient norms and final parameters."""
+    import functools
+    import json
+    from pathlib import Path
+
+    from megatron_lite.config import load_config
+    from megatron_lite.parallel.layout import layout_of
+    from megatron_lite.training.trainer import LanguageModelTask, Trainer
+    from tests.model import test_document_mask as packed
+
+    log_dir = Path(root) / name.replace(" ", "_")
+    cfg = load_config(None, packed.BASE + packed.FLAVORS[flavor] + overrides + [f"log.dir={log_dir}"])
+    dims = setup_dims(cfg) if distributed else None
+    trainer = Trainer(cfg, dims, datasets=packed._datasets(),
+                      task=functools.partial(LanguageModelTask, eod_id=packed.EOD))
+    result = trainer.train()
+    d = trainer.dims
+    metrics = map(json.loads, (log_dir / "metrics.jsonl").read_text().splitlines())
+    return {"coords": (d.tp_rank, d.pp_rank, d.dp_rank * d.cp + d.cp_rank), "losses": result.losses,
+            "val": result.val_losses[-1][1], "grad_norms": [r["grad_norm"] for r in metrics if "grad_norm" in r],
+            "params": {n: (p.detach().clone(), layout_of(p)) for n, p in trainer.model.named_params}}
+
+
+def _train_document_layouts(rank: int, world_size: int, root: str) -> dict:
+    return {name: _train_with_documents(root, name, flavor, overrides, True)
+            for name, (flavor, overrides) in DOCUMENT_LAYOUTS[world_size].items()}
+
+
+def test_document_masks_under_cp_train_like_one_process(tmp_path):
+    from tests.parallel.test_parity import _merged_params
+
+    root = str(tmp_path)
+    singles = {flavor: _train_with_documents(root, f"{flavor} single", flavor, [], False)
+               for flavor in ("gpt2", "llama")}
+    for world_size, runs in DOCUMENT_LAYOUTS.items():
+        results = run_distributed(_train_document_layouts, world_size, root)
+        for name, (flavor, _) in runs.items():
+            single, per_rank = singles[flavor], [r[name] for r in results]
+            for got in per_rank:
+                torch.testing.assert_close(got["losses"], single["losses"], rtol=1e-5, atol=0, msg=name)
+                assert abs(got["val"] - single["val"]) / single["val"] < 1e-5, name
+            norms = per_rank[0]["grad_norms"]
+            assert len(norms) == len(single["grad_norms"]) > 0, name
+            # the first step's gradients come from identical weights: fp32 rounding only
+            assert abs(norms[0] - single["grad_norms"][0]) / single["grad_norms"][0] < 1e-5, name
+            torch.testing.assert_close(norms, single["grad_norms"], rtol=1e-3, atol=0, msg=name)
+            _assert_same_model(_merged_params(per_rank), {n: t for n, (t, _) in single["params"].items()}, name)
+
+
+def _assert_same_model(merged: dict, expected: dict, name: str) -> None:
+    """The model as a whole to 1e-5 relative, each element to a hundredth of one Adam step (lr
+    1e-2). Not each tensor to 1e-5: biases start at zero, and in so small a tensor the elements
+    whose gradient nearly cancels move by rounding noise that Adam's normalisation enlarges."""
+    from megatron_lite.training.checkpoint import TIED_COPIES
+
+    for copy in set(merged) - set(expected):  # the last stage's copy of a tied embedding
+        torch.testing.assert_close(merged.pop(copy), merged[TIED_COPIES[copy]], rtol=1e-6, atol=1e-7,
+                                   msg=f"{name}: {copy}")
+    assert set(merged) == set(expected), name
+    difference = sum(((merged[n] - expected[n]) ** 2).sum() for n in expected) ** 0.5
+    size = sum((t ** 2).sum() for t in expected.values()) ** 0.5
+    assert difference / size < 1e-5, f"{name}: parameters differ by {difference / size:.2e} relative"
+    for param_name, tensor in expected.items():
+        torch.testing.assert_close(merged[param_name], tensor, rtol=0, atol=1e-4,
+                                   msg=lambda detail: f"{name}: {param_name}\n{detail}")

@@ -68,8 +68,8 @@ class _Checkpointed(torch.autograd.Function):
 def recompute_every_layer(model: GPT) -> None:
     for block in model.layers.values():
         forward = block.forward
-        block.forward = lambda x, rope=None, kv_cache=None, attention_mask=None, forward=forward: _Checkpointed.apply(
-            lambda inner: forward(inner, rope, kv_cache, attention_mask), x)
+        block.forward = lambda x, rope=None, kv_cache=None, attention_mask=None, document_ids=None, forward=forward: \
+            _Checkpointed.apply(lambda inner: forward(inner, rope, kv_cache, attention_mask, document_ids), x)
 
 
 def model_saved_bytes(model: GPT, cfg, inputs=None) -> int:
@@ -398,3 +398,39 @@ def test_state_bytes_equal_a_real_run_and_activations_the_saved_tensors():
                 assert (planned.weights, planned.gradients, planned.optimizer) == (
                     real["weights"], real["gradients"], real["optimizer"]), where
                 assert planned.activations_per_micro_batch == pytest.approx(real["activations"], rel=0.15), where
+
+
+# ----------------------------------------------------------------------------- context parallelism
+
+CP_CASES = {  # name: overrides; each measured on both ranks of a cp=2 run
+    f"{flavor} cp2 {mode}": FLAVORS[flavor] + ["parallel.cp=2", f"train.recompute={mode}"]
+    for flavor in FLAVORS for mode in ("none", "selective", "full")
+}
+CP_CASES["llama cp2 none triton"] = FLAVORS["llama"] + ["parallel.cp=2", "model.attention_backend=triton"]
+
+
+def _cp_saved_bytes(rank, world):
+    from megatron_lite.training.activation_memory import saved_activation_bytes
+    from megatron_lite.training.setup import setup_dims
+
+    out = {}
+    for name, overrides in CP_CASES.items():
+        cfg = load_config(None, TINY + overrides)
+        out[name] = saved_activation_bytes(cfg, setup_dims(cfg))
+    return out
+
+
+def test_context_parallel_activations_match_a_real_cp2_run():
+    """Each cp rank holds 1 / cp of the tokens; without recompute each layer also keeps its K and V
+    all-gathered over the whole sequence; parameters do not change with cp."""
+    results = run_distributed(_cp_saved_bytes, 2)
+    for name, overrides in CP_CASES.items():
+        cfg = load_config(None, TINY + overrides)
+        plan = planner.plan_memory(cfg, 2)
+        single = planner.plan_memory(load_config(None, TINY + [o for o in overrides if "cp=" not in o]), 1)
+        rank = plan.ranks[0]
+        assert (rank.weights, rank.gradients, rank.optimizer) == (
+            single.ranks[0].weights, single.ranks[0].gradients, single.ranks[0].optimizer), name
+        assert rank.activations_per_micro_batch < single.ranks[0].activations_per_micro_batch, name
+        for measured in results:
+            assert rank.activations_per_micro_batch == pytest.approx(measured[name], rel=0.15), name
