@@ -58,6 +58,7 @@ import torch
 from megatron_lite.config import RECOMPUTE_MODES, Config, ConfigError
 from megatron_lite.model.gpt import flops_per_token, local_kv_heads
 from megatron_lite.model.layout_check import kv_replicas_for, validate_layout
+from megatron_lite.model.recompute import attention_keeps_probabilities
 from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size, rank_of
 from megatron_lite.parallel.layout import layout_of
 from megatron_lite.parallel.pipeline import build_schedule, chunk_layers
@@ -99,8 +100,36 @@ def check_plannable(cfg: Config, world_size: int) -> ParallelDims:
 # ----------------------------------------------------------------------------- parameters and state
 
 
-def stage_parameters(cfg: Config, dims: ParallelDims, pp_rank: int) -> list[tuple[int, int]]:
-    """(elements, tensors) of the parameters each tp rank of stage ``pp_rank`` holds, tp rank order.
+@dataclass(frozen=True)
+class RankParameters:
+    """One rank's parameters: ``elements`` in ``tensors`` tensors, and the elements of each gradient
+    bucket ZeRO-1 would build over them (``parallel.bucket_size_mb``, one reducer per chunk, the
+    parameters summed over tp or the embedding group first in buckets of their own)."""
+
+    elements: int
+    tensors: int
+    buckets: tuple[int, ...]
+
+
+def _bucket_elements(shards: list[torch.Tensor], late: list[bool], bucket_size_mb: float) -> list[int]:
+    """What ``GradReducer`` splits one chunk's parameters into (the same split function)."""
+    from megatron_lite.parallel.data_parallel import _split_buckets
+
+    limit = int(bucket_size_mb * 2**20)
+    early = _split_buckets([t for t, is_late in zip(shards, late) if not is_late], limit)
+    later = _split_buckets([t for t, is_late in zip(shards, late) if is_late], limit)
+    return [sum(t.numel() for t in bucket) for bucket in early + later]
+
+
+def _summed_before_data_parallel(param: torch.Tensor, tp: int) -> bool:
+    """``parallel.grad_sync.summed_before_data_parallel`` for one parameter, without process groups: a
+    marked tied-embedding copy is summed over the embedding group (which exists wherever it is marked)."""
+    layout = layout_of(param)
+    return (tp > 1 and layout.summed_over_tp) or layout.tied_embedding or layout.tp_replicas(tp) > 1
+
+
+def stage_parameters(cfg: Config, dims: ParallelDims, pp_rank: int) -> list[RankParameters]:
+    """The parameters each tp rank of stage ``pp_rank`` holds, tp rank order.
 
     The stage's chunks are built on the meta device without process groups, so every layer holds
     its full (tp = 1) tensor with its layout attached; each rank's shard is cut from it by the same
@@ -110,28 +139,47 @@ def stage_parameters(cfg: Config, dims: ParallelDims, pp_rank: int) -> list[tupl
     # Shapes do not depend on the kernels; torch backends build anywhere.
     model = dataclasses.replace(cfg.model, attention_backend="torch", norm_backend="torch", loss_backend="torch",
                                 elementwise_backend="torch")
+    train = dataclasses.replace(cfg.train, compile=False)
     rank = rank_of(0, 0, pp_rank, dims.tp, dims.dp)
     stage_dims = dataclasses.replace(dims, rank=rank, device=torch.device("meta"))
-    chunks = build_model_chunks(dataclasses.replace(cfg, model=model), stage_dims)
-    params = [p for chunk in chunks for p in chunk.parameters()]
-    return [(sum(layout_of(p).shard_tensor(p, tp_rank, dims.tp).numel() for p in params), len(params))
-            for tp_rank in range(dims.tp)]
+    chunks = build_model_chunks(dataclasses.replace(cfg, model=model, train=train), stage_dims)
+    ranks = []
+    for tp_rank in range(dims.tp):
+        elements, tensors, buckets = 0, 0, []
+        for chunk in chunks:
+            params = list(chunk.parameters())
+            shards = [layout_of(p).shard_tensor(p, tp_rank, dims.tp) for p in params]
+            late = [_summed_before_data_parallel(p, dims.tp) for p in params]
+            elements += sum(t.numel() for t in shards)
+            tensors += len(params)
+            buckets += _bucket_elements(shards, late, cfg.parallel.bucket_size_mb)
+        ranks.append(RankParameters(elements, tensors, tuple(buckets)))
+    return ranks
 
 
 def weight_bytes_per_element(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def state_bytes(parameters: int, tensors: int, precision: str, zero1: bool, dp: int) -> dict[str, int]:
-    """Weights, gradients and optimizer state of one rank (formulas in the module docstring)."""
-    weights = parameters * weight_bytes_per_element(precision)
-    gradients = parameters * 4
-    if zero1:
-        optimizer = math.ceil(parameters / dp) * (4 + 8 + 4)
-    else:
+def zero1_group_size(dims: ParallelDims) -> int:
+    """ZeRO-1 shards over the joint dp x cp group."""
+    return dims.dp * dims.cp
+
+
+def state_bytes(parameters: RankParameters, precision: str, zero1: bool, shards: int) -> dict[str, int]:
+    """Weights, gradients, optimizer state and ZeRO-1's communication buffers of one rank (formulas in
+    the module docstring); ``shards``: the ZeRO-1 group's size."""
+    w = weight_bytes_per_element(precision)
+    if not zero1:
         main_params = 0 if precision == "fp32" else 4
-        optimizer = parameters * (main_params + 8) + tensors * 4
-    return {"weights": weights, "gradients": gradients, "optimizer": optimizer}
+        return {"weights": parameters.elements * w, "gradients": parameters.elements * 4,
+                "optimizer": parameters.elements * (main_params + 8) + parameters.tensors * 4, "communication": 0}
+    padded = sum(math.ceil(b / shards) * shards for b in parameters.buckets)
+    owned = padded // shards  # this rank's slice of every bucket
+    reduced = owned * 4 if shards > 1 else 0  # at one shard the gradient buffer is the slice
+    gather = owned * w if shards > 1 and w != 4 else 0  # fp32 all-gathers the master slice itself
+    return {"weights": padded * w, "gradients": padded * 4, "optimizer": owned * (4 + 8) + reduced,
+            "communication": gather}
 
 
 # ----------------------------------------------------------------------------- activations
@@ -158,23 +206,46 @@ class Shape:
 
 
 def _norm_bytes(cfg: Config, shape: Shape) -> int:
-    """What one norm keeps for backward: torch's RMSNorm its fp32 input and normalised output, else
-    the input and fp32 statistics (mean and rstd for LayerNorm, rstd for RMSNorm)."""
+    """What one norm keeps for backward: torch's RMSNorm its fp32 input (two casts of a 16-bit input,
+    the fp32 input itself), its fp32 rstd and normalised output, else the input and fp32 statistics
+    (mean and rstd for LayerNorm, rstd for RMSNorm)."""
     model, local = cfg.model, shape.residual_tokens
     if model.norm == "rmsnorm" and model.norm_backend == "torch":
-        return local * model.hidden_size * (4 + shape.act) + local * 4
+        fp32_inputs = 1 if shape.act == 4 else 2
+        return local * model.hidden_size * (4 * fp32_inputs + shape.act) + local * 4
     stats = 2 if model.norm == "layernorm" else 1
     return local * model.hidden_size * shape.act + local * 4 * stats
 
 
+def planned_device(cfg: Config) -> str:
+    """The device the plan is for: the CPU when the config trains there, else a GPU."""
+    return "cpu" if cfg.train.device == "cpu" else "cuda"
+
+
+def _keeps_probabilities(cfg: Config) -> bool:
+    return attention_keeps_probabilities(cfg.model.attention_backend, cfg.model.dropout, planned_device(cfg))
+
+
 def _attention_core_bytes(cfg: Config, shape: Shape) -> int:
-    """What the attention core keeps beyond its inputs and output: the fp32 log-sum-exp, and with
-    dropout the score-sized softmax, mask and dropped probabilities."""
+    """What the attention core keeps beyond its inputs and output: the fp32 log-sum-exp, and where it
+    keeps its probabilities (torch's math path: dropout off a GPU) the score-sized softmax, mask and
+    dropped probabilities instead."""
     heads = cfg.model.num_heads // shape.tp
-    core = shape.tokens * heads * 4
-    if cfg.model.dropout > 0:
-        core += shape.batch * heads * shape.seq * shape.seq * (2 * shape.act + 1)
-    return core
+    if _keeps_probabilities(cfg):
+        return shape.batch * heads * shape.seq * shape.seq * (2 * shape.act + 1)
+    return shape.tokens * heads * 4
+
+
+def _mlp_activation_bytes(cfg: Config, shape: Shape) -> int:
+    """The MLP activation's output (gelu(h), or silu(gate) * up), the input of the output projection."""
+    return shape.tokens * (cfg.model.ffn_hidden_size // shape.tp) * shape.act
+
+
+def selective_savings(cfg: Config, shape: Shape) -> int:
+    """What ``selective`` drops per layer: the MLP activation's output, and the attention core's
+    kept tensors where the attention keeps its probabilities (else the core is not rerun)."""
+    core = _attention_core_bytes(cfg, shape) if _keeps_probabilities(cfg) else 0
+    return _mlp_activation_bytes(cfg, shape) + core
 
 
 def layer_activation_bytes(cfg: Config, shape: Shape, mode: str) -> int:
@@ -199,8 +270,9 @@ def layer_activation_bytes(cfg: Config, shape: Shape, mode: str) -> int:
         total += 2 * tokens * ffn * a  # fc output, gelu output
     if model.dropout > 0:
         total += 2 * shape.residual_tokens * hidden  # the residual dropout masks (one byte each)
-    if mode == "none":
-        total += _attention_core_bytes(cfg, shape)
+    total += _attention_core_bytes(cfg, shape)
+    if mode == "selective":
+        total -= selective_savings(cfg, shape)
     return total
 
 
@@ -328,13 +400,10 @@ def _rank_activations(cfg: Config, dims: ParallelDims, pp_rank: int, num_micro_b
     return sum(per_chunk), peak, most
 
 
-def _communication_bytes(cfg: Config, dims: ParallelDims, shape: Shape, parameters: int) -> int:
-    total = 0
-    if dims.pp > 1:
-        total += 2 * shape.residual_tokens * cfg.model.hidden_size * shape.act
-    if cfg.parallel.zero1:
-        total += dims.dp * math.ceil(parameters / dims.dp) * 4
-    return total
+def _pipeline_buffer_bytes(cfg: Config, dims: ParallelDims, shape: Shape) -> int:
+    if dims.pp == 1:
+        return 0
+    return 2 * shape.residual_tokens * cfg.model.hidden_size * shape.act
 
 
 def plan_memory(cfg: Config, world_size: int, parameter_cache: dict | None = None) -> Plan:
@@ -352,8 +421,8 @@ def plan_memory(cfg: Config, world_size: int, parameter_cache: dict | None = Non
             if parameter_cache is None:
                 parameter_cache = {}
             parameter_cache[key] = counts
-        for tp_rank, (parameters, tensors) in enumerate(parameter_cache[key]):
-            state = state_bytes(parameters, tensors, cfg.train.precision, cfg.parallel.zero1, dims.dp)
+        for tp_rank, parameters in enumerate(parameter_cache[key]):
+            state = state_bytes(parameters, cfg.train.precision, cfg.parallel.zero1, zero1_group_size(dims))
             per_mb, peak, most = _rank_activations(cfg, dims, pp_rank, num_micro_batches, shape, cfg.train.recompute)
             by_mode = {}
             for sp in ((False, True) if dims.tp > 1 else (False,)):
@@ -361,9 +430,10 @@ def plan_memory(cfg: Config, world_size: int, parameter_cache: dict | None = Non
                 for mode in RECOMPUTE_MODES:
                     by_mode[f"{mode}, sp {'on' if sp else 'off'}"] = sum(
                         chunk_activation_bytes(cfg, dims, mode_shape, pp_rank, c, mode) for c in range(dims.virtual_pp))
-            ranks.append(RankMemory(rank_of(tp_rank, 0, pp_rank, dims.tp, dims.dp), tp_rank, pp_rank, parameters,
-                                    state["weights"], state["gradients"], state["optimizer"], per_mb, most, peak,
-                                    _communication_bytes(cfg, dims, shape, parameters), by_mode))
+            communication = _pipeline_buffer_bytes(cfg, dims, shape) + state["communication"]
+            ranks.append(RankMemory(rank_of(tp_rank, 0, pp_rank, dims.tp, dims.dp), tp_rank, pp_rank,
+                                    parameters.elements, state["weights"], state["gradients"], state["optimizer"],
+                                    per_mb, most, peak, communication, by_mode))
     return Plan(cfg, world_size, dims.dp, num_micro_batches, ranks)
 
 
