@@ -4,20 +4,24 @@
 
 Parameters come from the model itself, built on the meta device for each (tp rank, pp rank), so
 the counts follow every structural field and every sharding rule exactly. Bytes follow from them.
-N is the rank's parameter count, P its number of parameter tensors, S = ceil(N / dp) its ZeRO-1
-slice, w the 16-bit or 32-bit weight size (2 for bf16/fp16, 4 for fp32):
+N is the rank's parameter count, P its number of parameter tensors, w the 16-bit or 32-bit weight
+size (2 for bf16/fp16, 4 for fp32). Under ZeRO-1 each chunk's parameters are split into gradient
+buckets of ``parallel.bucket_size_mb`` exactly as training splits them, each bucket padded to a
+multiple of G = dp x cp; Np is their padded sum and S = Np / G this rank's slices:
 
-    weights     = N * w
-    gradients   = N * 4                        fp32 gradients (fp32) or fp32 main grads (bf16/fp16)
+    weights     = N * w                        (ZeRO-1: Np * w, the parameters are views into the buckets)
+    gradients   = N * 4                        fp32 main-grad buffers, also for 16-bit weights (ZeRO-1: Np * 4)
     optimizer   = N * 8 + P * 4                fp32: Adam's two moments + a step counter per tensor
                 = N * (4 + 8) + P * 4          bf16/fp16: fp32 main params + the two moments
-                = S * (4 + 8 + 4)              ZeRO-1: fp32 main slice, the moments, the reduced-grad slice
+                = S * (4 + 8 + 4)              ZeRO-1: fp32 master slices, the moments, the reduced-grad
+                                               slices (at G = 1 the gradient buffer is the slice: S * 12)
     activations = per micro-batch x in flight (below) + one layer's full set under recompute=full
     communication = 2 * b * s_r * h * a        pp > 1: the activation and gradient receive buffers
-                  + dp * S * 4                 ZeRO-1: the flat gradient vector reduce-scattered after backward
-                                               (plain dp: none; parallel.bucket_size_mb buckets are the
-                                               gradients themselves, all-reduced in place)
-    total       = the sum (an upper bound: the ZeRO-1 vector lives only after backward)
+                  + S * w                      ZeRO-1 with 16-bit weights and G > 1: the updated slices cast
+                                               for the all-gather, in flight until the next forward
+                                               (fp32 gathers the master slice itself; gradients are reduced
+                                               in place in their buckets)
+    total       = the sum
 
 Activations per micro-batch (b micro-batch, s sequence, s_r = s / tp under sequence parallelism
 else s, h hidden, nh / nkv local query / kv heads, hd head dim, f = ffn / tp, V vocabulary / tp,
@@ -27,10 +31,15 @@ a = 2 bytes under bf16/fp16 else 4) are the tensors autograd keeps for backward,
                the sequence 2 * b*s*h*a, the qkv output b*s*(nh + 2 nkv)*hd*a, the rotated q and k
                b*s*(nh + nkv)*hd*a (RoPE), the attention output b*s*nh*hd*a and its fp32 log-sum-exp,
                the MLP's first output b*s*f*a (2f for SwiGLU) and activation output b*s*f*a (with
-               torch's SwiGLU also silu(gate), b*s*f*a); with dropout the score-sized tensors
-               b*nh*s*s*(2a + 1) and the residual masks; torch's RMSNorm keeps its fp32 input and
-               normalised output (b*s_r*h*(4 + a)) instead of the input and statistics
-    selective  none without the attention core's score-sized tensors and log-sum-exp (recomputed)
+               torch's SwiGLU also silu(gate), b*s*f*a); where the attention keeps its probabilities
+               (dropout on the CPU) the score-sized tensors b*nh*s*s*(2a + 1) instead of the
+               log-sum-exp; with dropout the residual masks; torch's RMSNorm keeps its fp32 input
+               (twice, cast apart, for 16-bit weights), rstd and normalised output
+               (b*s_r*h*(4 + a), b*s_r*h*(8 + a) at 16 bits) instead of the input and statistics
+    selective  none without the MLP activation's output b*s*f*a (rebuilt from its input), and where
+               the attention keeps its probabilities (torch's math path: dropout, planned for
+               ``train.device=cpu``) without the attention core's score-sized tensors (rerun);
+               elsewhere the attention keeps only its log-sum-exp and is not rerun
     full       the layer input b*s_r*h*a; the first ``train.recompute_layers`` layers of each chunk
                only, when set
 
@@ -455,7 +464,8 @@ class CostModel:
             f"step time = FLOPs x recompute factor / (world x {self.peak_tflops:g} TFLOP/s x {self.efficiency:g})"
             f" x (1 + (pp - 1) / (micro-batches x virtual_pp)) + tp traffic / {self.tp_bandwidth_gbs:g} GB/s"
             f" + dp traffic / {self.dp_bandwidth_gbs:g} GB/s; recompute factor: full adds the recomputed layers'"
-            f" forward (a third of their FLOPs), selective the attention scores' forward; tp traffic: 4 all-reduce"
+            f" forward (a third of their FLOPs), selective the attention scores' forward where the attention keeps its"
+            f" probabilities (dropout on the CPU; elsewhere only the MLP activation, an elementwise op); tp traffic: 4 all-reduce"
             f" volumes of b*s*h per layer and micro-batch (6 under full recompute), 2(tp-1)/tp each; dp traffic:"
             f" 2(dp-1)/dp x the fp32 gradients"
         )
@@ -467,8 +477,8 @@ class CostModel:
         layer_flops = per_token - 6.0 * padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, 1) \
             * model.hidden_size
         recomputed = _recomputed_fraction(cfg, dims)
-        extra = {"none": 0.0, "selective": 4.0 * model.num_layers * model.hidden_size * model.seq_length,
-                 "full": layer_flops / 3 * recomputed}[cfg.train.recompute]
+        rerun_core = 4.0 * model.num_layers * model.hidden_size * model.seq_length if _keeps_probabilities(cfg) else 0.0
+        extra = {"none": 0.0, "selective": rerun_core, "full": layer_flops / 3 * recomputed}[cfg.train.recompute]
         compute = tokens * (per_token + extra) / (dims.world_size * self.peak_tflops * 1e12 * self.efficiency)
         compute *= 1 + (dims.pp - 1) / (num_micro_batches * dims.virtual_pp)
         collectives = 4 + (2 * recomputed if cfg.train.recompute == "full" else 0)
