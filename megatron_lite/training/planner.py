@@ -52,7 +52,8 @@ for the interleaved schedule on stage 0 Megatron's L * act * (1 + (pp - 1) / (pp
 Gradient accumulation at pp = 1 holds one micro-batch.
 
 A layout the training run would refuse is refused here with the training run's message: the
-grid and model checks of ``model.layout_check`` and the batch split of ``step.validate_batch_layout``.
+grid and model checks of ``model.layout_check``, the batch split of ``step.validate_batch_layout``
+and the refusals of ``train.compile`` (``setup.check_compile``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from megatron_lite.model.recompute import attention_keeps_probabilities
 from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size, rank_of
 from megatron_lite.parallel.layout import layout_of
 from megatron_lite.parallel.pipeline import build_schedule, chunk_layers
+from megatron_lite.training.setup import check_compile
 from megatron_lite.training.step import validate_batch_layout
 
 GIB = 2**30
@@ -103,6 +105,7 @@ def check_plannable(cfg: Config, world_size: int) -> ParallelDims:
     validate_layout(cfg.parallel, cfg.model, world_size)
     dims = ParallelDims.for_world(cfg.parallel, world_size, kv_replicas=kv_replicas_for(cfg.model, cfg.parallel.tp))
     validate_batch_layout(cfg, dims)
+    check_compile(cfg)
     return dims
 
 

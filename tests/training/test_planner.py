@@ -424,3 +424,14 @@ def test_state_bytes_equal_a_real_run_and_activations_the_saved_tensors():
                     assert planned.activations_per_micro_batch == pytest.approx(real["activations"], rel=0.15), where
     padded = planner.plan_memory(_real_config("gpt2", "dp2_zero1_small_buckets", "fp32"), 2).ranks[0]
     assert padded.weights > 4 * padded.parameters  # the case above does pad
+
+
+def test_compile_refusal_gives_the_training_message(monkeypatch):
+    from megatron_lite.training.setup import check_compile
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = tiny("gpt2", "train.compile=true", "model.norm_backend=triton")
+    expected = _message(lambda: check_compile(cfg))
+    assert expected.startswith("train.compile=true cannot apply: model.norm_backend=triton")
+    assert _message(lambda: planner.plan_memory(cfg, 1)) == expected
+    planner.plan_memory(tiny("gpt2", "train.compile=true"), 1)  # the torch backends compile
