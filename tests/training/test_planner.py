@@ -332,6 +332,7 @@ REAL_LAYOUTS = {
     # small buckets, some of odd size (gpt2's fc bias): each is padded to a multiple of dp
     "dp2_zero1_small_buckets": ["parallel.zero1=true", "parallel.bucket_size_mb=0.01", "model.ffn_hidden_size=171"],
     "tp2_zero1": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero1=true"],
+    "pp2_zero1": ["parallel.pp=2", "parallel.zero1=true"],  # the tied embedding copies in buckets of their own
 }
 PRECISIONS = ("fp32", "bf16")
 
