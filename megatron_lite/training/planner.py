@@ -32,7 +32,8 @@ a = 2 bytes under bf16/fp16 else 4) are the tensors autograd keeps for backward,
                b*s*(nh + nkv)*hd*a (RoPE), the attention output b*s*nh*hd*a and its fp32 log-sum-exp,
                the MLP's first output b*s*f*a (2f for SwiGLU) and activation output b*s*f*a (with
                torch's SwiGLU also silu(gate), b*s*f*a); where the attention keeps its probabilities
-               (dropout on the CPU) the score-sized tensors b*nh*s*s*(2a + 1) instead of the
+               (dropout on the CPU) the score-sized softmax, dropout mask and dropped probabilities
+               b*nh*s*s*3a and the math path's scaled copies of q and k 2*b*s*nh*hd*a instead of the
                log-sum-exp; with dropout the residual masks; torch's RMSNorm keeps its fp32 input
                (twice, cast apart, for 16-bit weights), rstd and normalised output
                (b*s_r*h*(4 + a), b*s_r*h*(8 + a) at 16 bits) instead of the input and statistics
@@ -240,11 +241,13 @@ def _keeps_probabilities(cfg: Config) -> bool:
 
 def _attention_core_bytes(cfg: Config, shape: Shape) -> int:
     """What the attention core keeps beyond its inputs and output: the fp32 log-sum-exp, and where it
-    keeps its probabilities (torch's math path: dropout off a GPU) the score-sized softmax, mask and
-    dropped probabilities instead."""
+    keeps its probabilities (torch's math path: dropout off a GPU) instead the score-sized softmax,
+    dropout mask (in the activation type) and dropped probabilities, and its scaled copies of q and
+    k (k widened to every query head)."""
     heads = cfg.model.num_heads // shape.tp
     if _keeps_probabilities(cfg):
-        return shape.batch * heads * shape.seq * shape.seq * (2 * shape.act + 1)
+        operands = 2 * shape.tokens * heads * cfg.model.head_dim * shape.act
+        return shape.batch * heads * shape.seq * shape.seq * 3 * shape.act + operands
     return shape.tokens * heads * 4
 
 
