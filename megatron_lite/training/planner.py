@@ -33,14 +33,15 @@ a = 2 bytes under bf16/fp16 else 4) are the tensors autograd keeps for backward,
                the MLP's first output b*s*f*a (2f for SwiGLU) and activation output b*s*f*a (with
                torch's SwiGLU also silu(gate), b*s*f*a); where the attention keeps its probabilities
                (dropout on the CPU) the score-sized softmax, dropout mask and dropped probabilities
-               b*nh*s*s*3a and the math path's scaled copies of q and k 2*b*s*nh*hd*a instead of the
-               log-sum-exp; with dropout the residual masks; torch's RMSNorm keeps its fp32 input
-               (twice, cast apart, for 16-bit weights), rstd and normalised output
-               (b*s_r*h*(4 + a), b*s_r*h*(8 + a) at 16 bits) instead of the input and statistics
+               b*nh*s*s*3a and the math path's scaled copies of q, k and v 3*b*s*nh*hd*a instead of
+               q, k, v and the log-sum-exp; with dropout the residual masks (in the activation type
+               on the CPU, one byte each on a GPU); torch's RMSNorm keeps its fp32 input (twice,
+               cast apart, for 16-bit weights), rstd and normalised output (b*s_r*h*(4 + a),
+               b*s_r*h*(8 + a) at 16 bits) instead of the input and statistics
     selective  none without the MLP activation's output b*s*f*a (rebuilt from its input), and where
                the attention keeps its probabilities (torch's math path: dropout, planned for
-               ``train.device=cpu``) without the attention core's score-sized tensors (rerun);
-               elsewhere the attention keeps only its log-sum-exp and is not rerun
+               ``train.device=cpu``) with q, k, v in place of the core's own tensors (rerun);
+               elsewhere the attention keeps q, k, v and its log-sum-exp and is not rerun
     full       the layer input b*s_r*h*a; the first ``train.recompute_layers`` layers of each chunk
                only, when set
 
@@ -239,15 +240,34 @@ def _keeps_probabilities(cfg: Config) -> bool:
     return attention_keeps_probabilities(cfg.model.attention_backend, cfg.model.dropout, planned_device(cfg))
 
 
+def _dropout_mask_bytes(cfg: Config, shape: Shape) -> int:
+    """Bytes per element of a dropout's saved mask: a bool on a GPU (torch's fused dropout), the
+    activation's own type on the CPU (dropout multiplies by a noise tensor there)."""
+    return 1 if planned_device(cfg) == "cuda" else shape.act
+
+
+def _attention_input_bytes(cfg: Config, shape: Shape) -> int:
+    """q, k and v as the attention core receives them: the qkv output (v is a view of it) and
+    RoPE's rotated q and k."""
+    model, tokens, a = cfg.model, shape.tokens, shape.act
+    q_width = model.num_heads // shape.tp * model.head_dim
+    kv_width = local_kv_heads(model, shape.tp) * model.head_dim
+    inputs = tokens * (q_width + 2 * kv_width) * a
+    if model.position_embedding == "rope":
+        inputs += tokens * (q_width + kv_width) * a
+    return inputs
+
+
 def _attention_core_bytes(cfg: Config, shape: Shape) -> int:
-    """What the attention core keeps beyond its inputs and output: the fp32 log-sum-exp, and where it
-    keeps its probabilities (torch's math path: dropout off a GPU) instead the score-sized softmax,
-    dropout mask (in the activation type) and dropped probabilities, and its scaled copies of q and
-    k (k widened to every query head)."""
+    """What the attention core keeps besides its output. A fused attention: its inputs (counted by
+    ``_attention_input_bytes``) and the fp32 log-sum-exp. Where it keeps its probabilities (torch's
+    math path: dropout off a GPU) it keeps its own scaled, head-widened copies of q, k and v instead
+    of the inputs (so their storages are freed), the score-sized softmax, dropout mask (in the
+    activation type) and dropped probabilities."""
     heads = cfg.model.num_heads // shape.tp
     if _keeps_probabilities(cfg):
-        operands = 2 * shape.tokens * heads * cfg.model.head_dim * shape.act
-        return shape.batch * heads * shape.seq * shape.seq * 3 * shape.act + operands
+        copies = 3 * shape.tokens * heads * cfg.model.head_dim * shape.act
+        return shape.batch * heads * shape.seq * shape.seq * 3 * shape.act + copies - _attention_input_bytes(cfg, shape)
     return shape.tokens * heads * 4
 
 
@@ -257,8 +277,9 @@ def _mlp_activation_bytes(cfg: Config, shape: Shape) -> int:
 
 
 def selective_savings(cfg: Config, shape: Shape) -> int:
-    """What ``selective`` drops per layer: the MLP activation's output, and the attention core's
-    kept tensors where the attention keeps its probabilities (else the core is not rerun)."""
+    """What ``selective`` drops per layer: the MLP activation's output, and where the attention keeps
+    its probabilities the core's own tensors (the rerun keeps its inputs; elsewhere the core is not
+    rerun)."""
     core = _attention_core_bytes(cfg, shape) if _keeps_probabilities(cfg) else 0
     return _mlp_activation_bytes(cfg, shape) + core
 
@@ -270,12 +291,9 @@ def layer_activation_bytes(cfg: Config, shape: Shape, mode: str) -> int:
     if mode == "full":
         return shape.residual_tokens * hidden * a
     q_width = model.num_heads // shape.tp * model.head_dim
-    kv_width = local_kv_heads(model, shape.tp) * model.head_dim
     ffn = model.ffn_hidden_size // shape.tp
     total = 2 * _norm_bytes(cfg, shape) + 2 * tokens * hidden * a  # norms; qkv and fc inputs
-    total += tokens * (q_width + 2 * kv_width) * a  # qkv output (v is a view of it)
-    if model.position_embedding == "rope":
-        total += tokens * (q_width + kv_width) * a  # rotated q and k
+    total += _attention_input_bytes(cfg, shape) + _attention_core_bytes(cfg, shape)
     total += tokens * q_width * a  # attention output, the projection's input
     if model.activation == "swiglu":
         # [gate; up] and the product; torch's SwiGLU keeps silu(gate) too, the fused kernel recomputes it
@@ -284,8 +302,7 @@ def layer_activation_bytes(cfg: Config, shape: Shape, mode: str) -> int:
     else:
         total += 2 * tokens * ffn * a  # fc output, gelu output
     if model.dropout > 0:
-        total += 2 * shape.residual_tokens * hidden  # the residual dropout masks (one byte each)
-    total += _attention_core_bytes(cfg, shape)
+        total += 2 * shape.residual_tokens * hidden * _dropout_mask_bytes(cfg, shape)  # the residual dropouts
     if mode == "selective":
         total -= selective_savings(cfg, shape)
     return total
@@ -300,7 +317,7 @@ def _first_chunk_bytes(cfg: Config, shape: Shape) -> int:
     else:
         extra += 2 * shape.tokens * cfg.model.head_dim * 4
     if cfg.model.dropout > 0:
-        extra += shape.residual_tokens * cfg.model.hidden_size
+        extra += shape.residual_tokens * cfg.model.hidden_size * _dropout_mask_bytes(cfg, shape)
     return extra
 
 
