@@ -4,22 +4,26 @@
 
 Parameters come from the model itself, built on the meta device for each (tp rank, pp rank), so
 the counts follow every structural field and every sharding rule exactly. Bytes follow from them.
-N is the rank's parameter count, P its number of parameter tensors, S = ceil(N / dp) its ZeRO-1
-slice, w the 16-bit or 32-bit weight size (2 for bf16/fp16, 4 for fp32):
+N is the rank's parameter count, P its number of parameter tensors, w the 16-bit or 32-bit weight
+size (2 for bf16/fp16, 4 for fp32). Under ZeRO-1 each chunk's parameters are split into gradient
+buckets of ``parallel.bucket_size_mb`` exactly as training splits them, each bucket padded to a
+multiple of G = dp x cp; Np is their padded sum and S = Np / G this rank's slices:
 
-    weights     = N * w
-    gradients   = N * 4                        fp32 gradients (fp32) or fp32 main grads (bf16/fp16)
+    weights     = N * w                        (ZeRO-1: Np * w, the parameters are views into the buckets)
+    gradients   = N * 4                        fp32 main-grad buffers, also for 16-bit weights (ZeRO-1: Np * 4)
     optimizer   = N * 8 + P * 4                fp32: Adam's two moments + a step counter per tensor
                 = N * (4 + 8) + P * 4          bf16/fp16: fp32 main params + the two moments
-                = S * (4 + 8 + 4)              ZeRO-1: fp32 main slice, the moments, the reduced-grad slice
+                = S * (4 + 8 + 4)              ZeRO-1: fp32 master slices, the moments, the reduced-grad
+                                               slices (at G = 1 the gradient buffer is the slice: S * 12)
     activations = per micro-batch x in flight (below) + one layer's full set under recompute=full
     communication = 2 * b * s_r * h * a        pp > 1: the activation and gradient receive buffers
                   + 2 * b*s*cp*nkv*hd*a        cp > 1: one layer's all-gathered K and V (and in backward
                                                the dK, dV it reduce-scatters), over the whole sequence
-                  + dp * S * 4                 ZeRO-1: the flat gradient vector reduce-scattered after backward
-                                               (plain dp: none; parallel.bucket_size_mb buckets are the
-                                               gradients themselves, all-reduced in place)
-    total       = the sum (an upper bound: the ZeRO-1 vector lives only after backward)
+                  + S * w                      ZeRO-1 with 16-bit weights and G > 1: the updated slices cast
+                                               for the all-gather, in flight until the next forward
+                                               (fp32 gathers the master slice itself; gradients are reduced
+                                               in place in their buckets)
+    total       = the sum
 
 Activations per micro-batch (b micro-batch, s the positions of the sequence a rank holds, its
 length / cp, s_r = s / tp under sequence parallelism else s, h hidden, nh / nkv local query /
@@ -30,14 +34,21 @@ the tensors autograd keeps for backward, per layer:
                the sequence 2 * b*s*h*a, the qkv output b*s*(nh + 2 nkv)*hd*a, the rotated q and k
                b*s*(nh + nkv)*hd*a (RoPE), the attention output b*s*nh*hd*a and its fp32 log-sum-exp,
                the MLP's first output b*s*f*a (2f for SwiGLU) and activation output b*s*f*a (with
-               torch's SwiGLU also silu(gate), b*s*f*a); with dropout the score-sized tensors
-               b*nh*s*s*(2a + 1) and the residual masks; torch's RMSNorm keeps its fp32 input and
-               normalised output (b*s_r*h*(4 + a)) instead of the input and statistics; under
-               cp > 1 also the layer's K and V all-gathered over the whole sequence
-               2 * b*s*cp*nkv*hd*a, and dropout's score-sized tensors cover each held chunk's
-               queries against the keys before them, b*nh*L^2*(2cp + 1) with L = s / 2
-    selective  none without the attention core's score-sized tensors, log-sum-exp and gathered
-               K/V (recomputed)
+               torch's SwiGLU also silu(gate), b*s*f*a); where the attention keeps its probabilities
+               (dropout on the CPU) the score-sized softmax, dropout mask and dropped probabilities
+               b*nh*s*s*3a and the math path's scaled copies of q, k and v 3*b*s*nh*hd*a instead of
+               q, k, v and the log-sum-exp; with dropout the residual masks (in the activation type
+               on the CPU, one byte each on a GPU); torch's RMSNorm keeps its fp32 input (twice,
+               cast apart, for 16-bit weights), rstd and normalised output (b*s_r*h*(4 + a),
+               b*s_r*h*(8 + a) at 16 bits) instead of the input and statistics; under cp > 1 each
+               layer also keeps its K and V all-gathered over the whole sequence, 2 * b*s*cp*nkv*hd*a,
+               and the score-sized tensors cover each held chunk's queries against the keys before
+               them, b*nh*L^2*(2cp + 1) with L = s / 2, in place of s*s
+    selective  none without the MLP activation's output b*s*f*a (rebuilt from its input), and where
+               the attention keeps its probabilities (torch's math path: dropout, planned for
+               ``train.device=cpu``) with q, k, v in place of the core's own tensors (rerun, which
+               gathers K and V again under cp); elsewhere the attention keeps q, k, v and its
+               log-sum-exp and is not rerun
     full       the layer input b*s_r*h*a; the first ``train.recompute_layers`` layers of each chunk
                only, when set
 
@@ -50,7 +61,8 @@ for the interleaved schedule on stage 0 Megatron's L * act * (1 + (pp - 1) / (pp
 Gradient accumulation at pp = 1 holds one micro-batch.
 
 A layout the training run would refuse is refused here with the training run's message: the
-grid and model checks of ``model.layout_check`` and the batch split of ``step.validate_batch_layout``.
+grid and model checks of ``model.layout_check``, the batch split of ``step.validate_batch_layout``
+and the refusals of ``train.compile`` (``setup.check_compile``).
 """
 
 from __future__ import annotations
@@ -65,9 +77,11 @@ import torch
 from megatron_lite.config import RECOMPUTE_MODES, Config, ConfigError
 from megatron_lite.model.gpt import flops_per_token, local_kv_heads
 from megatron_lite.model.layout_check import kv_replicas_for, validate_layout
+from megatron_lite.model.recompute import attention_keeps_probabilities
 from megatron_lite.parallel.dims import ParallelDims, padded_vocab_size, rank_of
 from megatron_lite.parallel.layout import layout_of
 from megatron_lite.parallel.pipeline import build_schedule, chunk_layers
+from megatron_lite.training.setup import check_compile
 from megatron_lite.training.step import validate_batch_layout
 
 GIB = 2**30
@@ -100,14 +114,43 @@ def check_plannable(cfg: Config, world_size: int) -> ParallelDims:
     validate_layout(cfg.parallel, cfg.model, world_size)
     dims = ParallelDims.for_world(cfg.parallel, world_size, kv_replicas=kv_replicas_for(cfg.model, cfg.parallel.tp))
     validate_batch_layout(cfg, dims)
+    check_compile(cfg)
     return dims
 
 
 # ----------------------------------------------------------------------------- parameters and state
 
 
-def stage_parameters(cfg: Config, dims: ParallelDims, pp_rank: int) -> list[tuple[int, int]]:
-    """(elements, tensors) of the parameters each tp rank of stage ``pp_rank`` holds, tp rank order.
+@dataclass(frozen=True)
+class RankParameters:
+    """One rank's parameters: ``elements`` in ``tensors`` tensors, and the elements of each gradient
+    bucket ZeRO-1 would build over them (``parallel.bucket_size_mb``, one reducer per chunk, the
+    parameters summed over tp or the embedding group first in buckets of their own)."""
+
+    elements: int
+    tensors: int
+    buckets: tuple[int, ...]
+
+
+def _bucket_elements(shards: list[torch.Tensor], late: list[bool], bucket_size_mb: float) -> list[int]:
+    """What ``GradReducer`` splits one chunk's parameters into (the same split function)."""
+    from megatron_lite.parallel.data_parallel import _split_buckets
+
+    limit = int(bucket_size_mb * 2**20)
+    early = _split_buckets([t for t, is_late in zip(shards, late) if not is_late], limit)
+    later = _split_buckets([t for t, is_late in zip(shards, late) if is_late], limit)
+    return [sum(t.numel() for t in bucket) for bucket in early + later]
+
+
+def _summed_before_data_parallel(param: torch.Tensor, tp: int) -> bool:
+    """``parallel.grad_sync.summed_before_data_parallel`` for one parameter, without process groups: a
+    marked tied-embedding copy is summed over the embedding group (which exists wherever it is marked)."""
+    layout = layout_of(param)
+    return (tp > 1 and layout.summed_over_tp) or layout.tied_embedding or layout.tp_replicas(tp) > 1
+
+
+def stage_parameters(cfg: Config, dims: ParallelDims, pp_rank: int) -> list[RankParameters]:
+    """The parameters each tp rank of stage ``pp_rank`` holds, tp rank order.
 
     The stage's chunks are built on the meta device without process groups, so every layer holds
     its full (tp = 1) tensor with its layout attached; each rank's shard is cut from it by the same
@@ -117,28 +160,47 @@ def stage_parameters(cfg: Config, dims: ParallelDims, pp_rank: int) -> list[tupl
     # Shapes do not depend on the kernels; torch backends build anywhere.
     model = dataclasses.replace(cfg.model, attention_backend="torch", norm_backend="torch", loss_backend="torch",
                                 elementwise_backend="torch")
+    train = dataclasses.replace(cfg.train, compile=False)
     rank = rank_of(0, 0, pp_rank, dims.tp, dims.dp, 0, dims.cp)
     stage_dims = dataclasses.replace(dims, rank=rank, device=torch.device("meta"))
-    chunks = build_model_chunks(dataclasses.replace(cfg, model=model), stage_dims)
-    params = [p for chunk in chunks for p in chunk.parameters()]
-    return [(sum(layout_of(p).shard_tensor(p, tp_rank, dims.tp).numel() for p in params), len(params))
-            for tp_rank in range(dims.tp)]
+    chunks = build_model_chunks(dataclasses.replace(cfg, model=model, train=train), stage_dims)
+    ranks = []
+    for tp_rank in range(dims.tp):
+        elements, tensors, buckets = 0, 0, []
+        for chunk in chunks:
+            params = list(chunk.parameters())
+            shards = [layout_of(p).shard_tensor(p, tp_rank, dims.tp) for p in params]
+            late = [_summed_before_data_parallel(p, dims.tp) for p in params]
+            elements += sum(t.numel() for t in shards)
+            tensors += len(params)
+            buckets += _bucket_elements(shards, late, cfg.parallel.bucket_size_mb)
+        ranks.append(RankParameters(elements, tensors, tuple(buckets)))
+    return ranks
 
 
 def weight_bytes_per_element(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def state_bytes(parameters: int, tensors: int, precision: str, zero1: bool, dp: int) -> dict[str, int]:
-    """Weights, gradients and optimizer state of one rank (formulas in the module docstring)."""
-    weights = parameters * weight_bytes_per_element(precision)
-    gradients = parameters * 4
-    if zero1:
-        optimizer = math.ceil(parameters / dp) * (4 + 8 + 4)
-    else:
+def zero1_group_size(dims: ParallelDims) -> int:
+    """ZeRO-1 shards over the joint dp x cp group."""
+    return dims.dp * dims.cp
+
+
+def state_bytes(parameters: RankParameters, precision: str, zero1: bool, shards: int) -> dict[str, int]:
+    """Weights, gradients, optimizer state and ZeRO-1's communication buffers of one rank (formulas in
+    the module docstring); ``shards``: the ZeRO-1 group's size."""
+    w = weight_bytes_per_element(precision)
+    if not zero1:
         main_params = 0 if precision == "fp32" else 4
-        optimizer = parameters * (main_params + 8) + tensors * 4
-    return {"weights": weights, "gradients": gradients, "optimizer": optimizer}
+        return {"weights": parameters.elements * w, "gradients": parameters.elements * 4,
+                "optimizer": parameters.elements * (main_params + 8) + parameters.tensors * 4, "communication": 0}
+    padded = sum(math.ceil(b / shards) * shards for b in parameters.buckets)
+    owned = padded // shards  # this rank's slice of every bucket
+    reduced = owned * 4 if shards > 1 else 0  # at one shard the gradient buffer is the slice
+    gather = owned * w if shards > 1 and w != 4 else 0  # fp32 all-gathers the master slice itself
+    return {"weights": padded * w, "gradients": padded * 4, "optimizer": owned * (4 + 8) + reduced,
+            "communication": gather}
 
 
 # ----------------------------------------------------------------------------- activations
@@ -171,25 +233,72 @@ class Shape:
 
 
 def _norm_bytes(cfg: Config, shape: Shape) -> int:
-    """What one norm keeps for backward: torch's RMSNorm its fp32 input and normalised output, else
-    the input and fp32 statistics (mean and rstd for LayerNorm, rstd for RMSNorm)."""
+    """What one norm keeps for backward: torch's RMSNorm its fp32 input (two casts of a 16-bit input,
+    the fp32 input itself), its fp32 rstd and normalised output, else the input and fp32 statistics
+    (mean and rstd for LayerNorm, rstd for RMSNorm)."""
     model, local = cfg.model, shape.residual_tokens
     if model.norm == "rmsnorm" and model.norm_backend == "torch":
-        return local * model.hidden_size * (4 + shape.act) + local * 4
+        fp32_inputs = 1 if shape.act == 4 else 2
+        return local * model.hidden_size * (4 * fp32_inputs + shape.act) + local * 4
     stats = 2 if model.norm == "layernorm" else 1
     return local * model.hidden_size * shape.act + local * 4 * stats
 
 
+def planned_device(cfg: Config) -> str:
+    """The device the plan is for: the CPU when the config trains there, else a GPU."""
+    return "cpu" if cfg.train.device == "cpu" else "cuda"
+
+
+def _keeps_probabilities(cfg: Config) -> bool:
+    return attention_keeps_probabilities(cfg.model.attention_backend, cfg.model.dropout, planned_device(cfg))
+
+
+def _dropout_mask_bytes(cfg: Config, shape: Shape) -> int:
+    """Bytes per element of a dropout's saved mask: a bool on a GPU (torch's fused dropout), the
+    activation's own type on the CPU (dropout multiplies by a noise tensor there)."""
+    return 1 if planned_device(cfg) == "cuda" else shape.act
+
+
+def _attention_input_bytes(cfg: Config, shape: Shape) -> int:
+    """q, k and v as the attention core receives them: the qkv output (v is a view of it) and
+    RoPE's rotated q and k."""
+    model, tokens, a = cfg.model, shape.tokens, shape.act
+    q_width = model.num_heads // shape.tp * model.head_dim
+    kv_width = local_kv_heads(model, shape.tp) * model.head_dim
+    inputs = tokens * (q_width + 2 * kv_width) * a
+    if model.position_embedding == "rope":
+        inputs += tokens * (q_width + kv_width) * a
+    return inputs
+
+
 def _attention_core_bytes(cfg: Config, shape: Shape) -> int:
-    """What the attention core keeps beyond its inputs and output: the fp32 log-sum-exp, and with
-    dropout the score-sized softmax, mask and dropped probabilities."""
+    """What the attention core keeps besides its output. A fused attention: its inputs (counted by
+    ``_attention_input_bytes``) and the fp32 log-sum-exp. Where it keeps its probabilities (torch's
+    math path: dropout off a GPU) it keeps its own scaled, head-widened copies of q, k and v instead
+    of the inputs (so their storages are freed), the score-sized softmax, dropout mask (in the
+    activation type) and dropped probabilities."""
     heads = cfg.model.num_heads // shape.tp
-    core = shape.tokens * heads * 4
-    if cfg.model.dropout > 0:
-        core += shape.batch * heads * _score_pairs(shape) * (2 * shape.act + 1)
+    if _keeps_probabilities(cfg):
+        copies = 3 * shape.tokens * heads * cfg.model.head_dim * shape.act
+        core = shape.batch * heads * _score_pairs(shape) * 3 * shape.act + copies - _attention_input_bytes(cfg, shape)
+    else:
+        core = shape.tokens * heads * 4
     if shape.cp > 1:
         core += _gathered_kv_bytes(cfg, shape)
     return core
+
+
+def _mlp_activation_bytes(cfg: Config, shape: Shape) -> int:
+    """The MLP activation's output (gelu(h), or silu(gate) * up), the input of the output projection."""
+    return shape.tokens * (cfg.model.ffn_hidden_size // shape.tp) * shape.act
+
+
+def selective_savings(cfg: Config, shape: Shape) -> int:
+    """What ``selective`` drops per layer: the MLP activation's output, and where the attention keeps
+    its probabilities the core's own tensors (the rerun keeps its inputs; elsewhere the core is not
+    rerun)."""
+    core = _attention_core_bytes(cfg, shape) if _keeps_probabilities(cfg) else 0
+    return _mlp_activation_bytes(cfg, shape) + core
 
 
 def _score_pairs(shape: Shape) -> int:
@@ -214,12 +323,9 @@ def layer_activation_bytes(cfg: Config, shape: Shape, mode: str) -> int:
     if mode == "full":
         return shape.residual_tokens * hidden * a
     q_width = model.num_heads // shape.tp * model.head_dim
-    kv_width = local_kv_heads(model, shape.tp) * model.head_dim
     ffn = model.ffn_hidden_size // shape.tp
     total = 2 * _norm_bytes(cfg, shape) + 2 * tokens * hidden * a  # norms; qkv and fc inputs
-    total += tokens * (q_width + 2 * kv_width) * a  # qkv output (v is a view of it)
-    if model.position_embedding == "rope":
-        total += tokens * (q_width + kv_width) * a  # rotated q and k
+    total += _attention_input_bytes(cfg, shape) + _attention_core_bytes(cfg, shape)
     total += tokens * q_width * a  # attention output, the projection's input
     if model.activation == "swiglu":
         # [gate; up] and the product; torch's SwiGLU keeps silu(gate) too, the fused kernel recomputes it
@@ -228,9 +334,9 @@ def layer_activation_bytes(cfg: Config, shape: Shape, mode: str) -> int:
     else:
         total += 2 * tokens * ffn * a  # fc output, gelu output
     if model.dropout > 0:
-        total += 2 * shape.residual_tokens * hidden  # the residual dropout masks (one byte each)
-    if mode == "none":
-        total += _attention_core_bytes(cfg, shape)
+        total += 2 * shape.residual_tokens * hidden * _dropout_mask_bytes(cfg, shape)  # the residual dropouts
+    if mode == "selective":
+        total -= selective_savings(cfg, shape)
     return total
 
 
@@ -243,7 +349,7 @@ def _first_chunk_bytes(cfg: Config, shape: Shape) -> int:
     else:
         extra += 2 * shape.tokens * cfg.model.head_dim * 4
     if cfg.model.dropout > 0:
-        extra += shape.residual_tokens * cfg.model.hidden_size
+        extra += shape.residual_tokens * cfg.model.hidden_size * _dropout_mask_bytes(cfg, shape)
     return extra
 
 
@@ -358,14 +464,13 @@ def _rank_activations(cfg: Config, dims: ParallelDims, pp_rank: int, num_micro_b
     return sum(per_chunk), peak, most
 
 
-def _communication_bytes(cfg: Config, dims: ParallelDims, shape: Shape, parameters: int) -> int:
+def _pipeline_buffer_bytes(cfg: Config, dims: ParallelDims, shape: Shape) -> int:
+    """The pipeline's receive buffers, and under cp one layer's all-gathered K and V."""
     total = 0
     if dims.pp > 1:
         total += 2 * shape.residual_tokens * cfg.model.hidden_size * shape.act
     if dims.cp > 1:
         total += _gathered_kv_bytes(cfg, shape)
-    if cfg.parallel.zero1:
-        total += dims.dp * math.ceil(parameters / dims.dp) * 4
     return total
 
 
@@ -384,8 +489,8 @@ def plan_memory(cfg: Config, world_size: int, parameter_cache: dict | None = Non
             if parameter_cache is None:
                 parameter_cache = {}
             parameter_cache[key] = counts
-        for tp_rank, (parameters, tensors) in enumerate(parameter_cache[key]):
-            state = state_bytes(parameters, tensors, cfg.train.precision, cfg.parallel.zero1, dims.dp)
+        for tp_rank, parameters in enumerate(parameter_cache[key]):
+            state = state_bytes(parameters, cfg.train.precision, cfg.parallel.zero1, zero1_group_size(dims))
             per_mb, peak, most = _rank_activations(cfg, dims, pp_rank, num_micro_batches, shape, cfg.train.recompute)
             by_mode = {}
             for sp in ((False, True) if dims.tp > 1 else (False,)):
@@ -393,10 +498,10 @@ def plan_memory(cfg: Config, world_size: int, parameter_cache: dict | None = Non
                 for mode in RECOMPUTE_MODES:
                     by_mode[f"{mode}, sp {'on' if sp else 'off'}"] = sum(
                         chunk_activation_bytes(cfg, dims, mode_shape, pp_rank, c, mode) for c in range(dims.virtual_pp))
-            rank = rank_of(tp_rank, 0, pp_rank, dims.tp, dims.dp, 0, dims.cp)
-            ranks.append(RankMemory(rank, tp_rank, pp_rank, parameters, state["weights"], state["gradients"],
-                                    state["optimizer"], per_mb, most, peak,
-                                    _communication_bytes(cfg, dims, shape, parameters), by_mode))
+            communication = _pipeline_buffer_bytes(cfg, dims, shape) + state["communication"]
+            ranks.append(RankMemory(rank_of(tp_rank, 0, pp_rank, dims.tp, dims.dp, 0, dims.cp), tp_rank, pp_rank,
+                                    parameters.elements, state["weights"], state["gradients"], state["optimizer"],
+                                    per_mb, most, peak, communication, by_mode))
     return Plan(cfg, world_size, dims.dp, num_micro_batches, ranks)
 
 
@@ -418,7 +523,8 @@ class CostModel:
             f"step time = FLOPs x recompute factor / (world x {self.peak_tflops:g} TFLOP/s x {self.efficiency:g})"
             f" x (1 + (pp - 1) / (micro-batches x virtual_pp)) + tp traffic / {self.tp_bandwidth_gbs:g} GB/s"
             f" + dp traffic / {self.dp_bandwidth_gbs:g} GB/s; recompute factor: full adds the recomputed layers'"
-            f" forward (a third of their FLOPs), selective the attention scores' forward; tp traffic: 4 all-reduce"
+            f" forward (a third of their FLOPs), selective the attention scores' forward where the attention keeps its"
+            f" probabilities (dropout on the CPU; elsewhere only the MLP activation, an elementwise op); tp traffic: 4 all-reduce"
             f" volumes of b*s*h per layer and micro-batch (6 under full recompute), 2(tp-1)/tp each; dp traffic:"
             f" 2(dp-1)/dp x the fp32 gradients"
         )
@@ -430,8 +536,8 @@ class CostModel:
         layer_flops = per_token - 6.0 * padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, 1) \
             * model.hidden_size
         recomputed = _recomputed_fraction(cfg, dims)
-        extra = {"none": 0.0, "selective": 4.0 * model.num_layers * model.hidden_size * model.seq_length,
-                 "full": layer_flops / 3 * recomputed}[cfg.train.recompute]
+        rerun_core = 4.0 * model.num_layers * model.hidden_size * model.seq_length if _keeps_probabilities(cfg) else 0.0
+        extra = {"none": 0.0, "selective": rerun_core, "full": layer_flops / 3 * recomputed}[cfg.train.recompute]
         compute = tokens * (per_token + extra) / (dims.world_size * self.peak_tflops * 1e12 * self.efficiency)
         compute *= 1 + (dims.pp - 1) / (num_micro_batches * dims.virtual_pp)
         collectives = 4 + (2 * recomputed if cfg.train.recompute == "full" else 0)

@@ -169,12 +169,19 @@ def compile_refusal(cfg: Config) -> str | None:
     return None
 
 
-def compile_layers(chunks: list[torch.nn.Module], cfg: Config) -> None:
-    """Regional compilation: each transformer layer is compiled on its own (``Module.compile``), so
-    the layers share one compiled graph and the embedding, the head and the parallel step stay eager."""
-    refusal = compile_refusal(cfg)
+def check_compile(cfg: Config) -> None:
+    """Refuse ``train.compile=true`` where it cannot apply, with the reason (training and the planner)."""
+    refusal = compile_refusal(cfg) if cfg.train.compile else None
     if refusal is not None:
         raise ConfigError(f"train.compile=true cannot apply: {refusal}")
+
+
+def compile_layers(chunks: list[torch.nn.Module], cfg: Config) -> None:
+    """Regional compilation: each transformer layer is compiled on its own (``Module.compile``), so
+    the layers share one compiled graph and the embedding, the head and the parallel step stay eager.
+    It composes with ``train.recompute`` (a fully recomputed layer reruns its compiled forward) and
+    with 16-bit weights (tests/training/test_compile.py)."""
+    check_compile(cfg)
     for chunk in chunks:
         for block in chunk.layers.values():
             block.compile(options={"fallback_random": True})

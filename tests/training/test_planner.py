@@ -13,6 +13,7 @@ from megatron_lite.model.gpt import GPT
 from megatron_lite.model.layout_check import validate_layout
 from megatron_lite.parallel.dims import ParallelDims, coords_of
 from megatron_lite.training import planner
+from megatron_lite.training.activation_memory import saved_activation_bytes
 from megatron_lite.training.step import validate_batch_layout
 from tests.distributed import run_distributed
 
@@ -46,32 +47,6 @@ def saved_bytes(run, params) -> int:
     return sum(kept.values())
 
 
-class _Checkpointed(torch.autograd.Function):
-    """Minimal full recomputation: keep the layer input, rerun the layer in backward."""
-
-    @staticmethod
-    def forward(ctx, layer, x):
-        ctx.layer = layer
-        ctx.save_for_backward(x)
-        with torch.no_grad():
-            return layer(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        x = x.detach().requires_grad_()
-        with torch.enable_grad():
-            torch.autograd.backward(ctx.layer(x), grad)
-        return None, x.grad
-
-
-def recompute_every_layer(model: GPT) -> None:
-    for block in model.layers.values():
-        forward = block.forward
-        block.forward = lambda x, rope=None, kv_cache=None, attention_mask=None, document_ids=None, forward=forward: \
-            _Checkpointed.apply(lambda inner: forward(inner, rope, kv_cache, attention_mask, document_ids), x)
-
-
 def model_saved_bytes(model: GPT, cfg, inputs=None) -> int:
     b, t = cfg.train.micro_batch_size, cfg.model.seq_length
     ids = torch.randint(0, cfg.model.vocab_size, (b, t), generator=torch.Generator().manual_seed(0))
@@ -79,16 +54,46 @@ def model_saved_bytes(model: GPT, cfg, inputs=None) -> int:
     return saved_bytes(lambda: model(x, labels=ids).mean(), list(model.parameters()))
 
 
+# Each recompute mode as the model runs it, with dropout (the attention keeps its probabilities on the
+# CPU, so selective reruns the core) and without, in fp32 and with 16-bit weights.
+ACTIVATION_CASES = {
+    "none": [],
+    "selective": ["train.recompute=selective"],
+    "full": ["train.recompute=full"],
+    "full, first 2 layers": ["train.recompute=full", "train.recompute_layers=2"],
+    "none, dropout": ["model.dropout=0.1"],
+    "selective, dropout": ["train.recompute=selective", "model.dropout=0.1"],
+    "full, dropout": ["train.recompute=full", "model.dropout=0.1"],
+    "none, bf16": ["train.precision=bf16"],
+    "selective, bf16": ["train.recompute=selective", "train.precision=bf16"],
+    "full, bf16": ["train.recompute=full", "train.precision=bf16"],
+}
+
+
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
-@pytest.mark.parametrize("mode", ["none", "full"])
-def test_activations_match_saved_tensors(flavor, mode):
-    cfg = tiny(flavor, f"train.recompute={mode}")
-    model = GPT(cfg.model)
-    if mode == "full":
-        recompute_every_layer(model)
-    measured = model_saved_bytes(model, cfg)
+@pytest.mark.parametrize("case", sorted(ACTIVATION_CASES))
+def test_activations_match_saved_tensors(flavor, case):
+    cfg = tiny(flavor, *ACTIVATION_CASES[case])
+    measured = saved_activation_bytes(cfg)
     planned = planner.plan_memory(cfg, 1).ranks[0].activations_per_micro_batch
     assert planned == pytest.approx(measured, rel=0.15)
+
+
+def test_selective_keeps_the_attention_core_where_the_attention_drops_its_probabilities():
+    """Without dropout (or on a GPU) the attention keeps only its log-sum-exp: selective rebuilds the
+    MLP activation alone; with dropout on the CPU it reruns the attention core too."""
+    for extra in ([], ["model.dropout=0.1"], ["model.dropout=0.1", "train.device=auto"]):
+        cfg = tiny("gpt2", *extra)
+        shape = planner.activation_shape(cfg, ParallelDims())
+        mlp_output = shape.tokens * cfg.model.ffn_hidden_size * 4
+        rerun_core = extra == ["model.dropout=0.1"]
+        core = planner._attention_core_bytes(cfg, shape) if rerun_core else 0
+        assert planner.selective_savings(cfg, shape) == mlp_output + core, extra
+        none, selective = (planner.layer_activation_bytes(cfg, shape, mode) for mode in ("none", "selective"))
+        assert none - selective == mlp_output + core, extra
+    on_gpu = tiny("gpt2", "model.dropout=0.1", "train.device=auto")
+    shape = planner.activation_shape(on_gpu, ParallelDims())
+    assert planner._attention_core_bytes(on_gpu, shape) == shape.tokens * on_gpu.model.num_heads * 4  # lse only
 
 
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
@@ -103,25 +108,13 @@ def test_activations_match_saved_tensors_with_the_triton_kernels(flavor):
     assert planned != planner.plan_memory(torch_cfg, 1).ranks[0].activations_per_micro_batch
 
 
-def test_full_recompute_checkpoint_still_trains():
-    """The test's checkpoint wrapper gives the plain model's gradients (so its measurement is of a real run)."""
-    cfg = tiny("llama")
-    plain, recomputed = GPT(cfg.model), GPT(cfg.model)
-    recompute_every_layer(recomputed)
-    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
-    for model in (plain, recomputed):
-        model(ids, labels=ids).mean().backward()
-    for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
-
-
 def test_recompute_modes_order_and_recompute_layers():
     cfg = tiny("gpt2", "model.dropout=0.1")
     rank = planner.plan_memory(cfg, 1).ranks[0]
     none, selective, full = (rank.by_mode[f"{m}, sp off"] for m in ("none", "selective", "full"))
     assert full < selective < none
     shape = planner.activation_shape(cfg, ParallelDims())
-    assert none - selective == cfg.model.num_layers * planner._attention_core_bytes(cfg, shape)
+    assert none - selective == cfg.model.num_layers * planner.selective_savings(cfg, shape)
     first_two = planner.plan_memory(tiny("gpt2", "train.recompute=full", "train.recompute_layers=2"), 1).ranks[0]
     every = planner.plan_memory(tiny("gpt2", "train.recompute=full"), 1).ranks[0]
     plain = tiny("gpt2")
@@ -330,10 +323,22 @@ def test_fp16_and_bf16_use_16_bit_weights_and_fp32_main_state():
 
 REAL_LAYOUTS = {
     "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    "tp2_sp_selective": ["parallel.tp=2", "parallel.sequence_parallel=true", "train.recompute=selective",
+                         "model.dropout=0.1"],
     "pp2": ["parallel.pp=2"],
+    "pp2_full": ["parallel.pp=2", "train.recompute=full"],
     "dp2": [],
     "dp2_zero1": ["parallel.zero1=true"],
+    # small buckets, some of odd size (gpt2's fc bias): each is padded to a multiple of dp
+    "dp2_zero1_small_buckets": ["parallel.zero1=true", "parallel.bucket_size_mb=0.01", "model.ffn_hidden_size=171"],
+    "tp2_zero1": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero1=true"],
+    "pp2_zero1": ["parallel.pp=2", "parallel.zero1=true"],  # the tied embedding copies in buckets of their own
 }
+PRECISIONS = ("fp32", "bf16")
+
+
+def _real_config(flavor, name, precision):
+    return tiny(flavor, *REAL_LAYOUTS[name], f"train.precision={precision}")
 
 
 def _storage_bytes(tensors) -> int:
@@ -341,11 +346,24 @@ def _storage_bytes(tensors) -> int:
 
 
 def _optimizer_bytes(optimizer) -> int:
-    if hasattr(optimizer, "master"):  # ZeRO-1
-        return sum(t.numel() * t.element_size() for t in (optimizer.master, optimizer.exp_avg,
-                                                           optimizer.exp_avg_sq, optimizer.grad))
-    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
-               if torch.is_tensor(v))
+    """fp32 main params (16-bit weights), AdamW's state; under ZeRO-1 the master slices, moments and the
+    reduced-gradient slices (at dp = 1 the gradient buffer itself)."""
+    if hasattr(optimizer, "_sharded"):  # ZeRO-1
+        tensors = [t for sb in optimizer._sharded for t in (sb.master, sb.exp_avg, sb.exp_avg_sq)]
+        reduced = [sb.bucket.grad_shard for sb in optimizer._sharded if sb.bucket.grad_shard is not sb.bucket.buffer]
+        return _storage_bytes(tensors) + _storage_bytes(reduced)
+    main = list(getattr(optimizer, "main_params", []))
+    inner = getattr(optimizer, "inner", optimizer)
+    state = [v for entry in inner.state.values() for v in entry.values() if torch.is_tensor(v)]
+    return _storage_bytes(main) + _storage_bytes(state)
+
+
+def _communication_bytes(optimizer) -> int:
+    """ZeRO-1's 16-bit copies of the updated slices, in flight until the next forward waits for them."""
+    if not hasattr(optimizer, "_sharded"):
+        return 0
+    return _storage_bytes([sb.gather_input for sb in optimizer._sharded
+                           if sb.gather_input is not None and sb.gather_input is not sb.master])
 
 
 def _real_allocations(rank, world):
@@ -355,49 +373,69 @@ def _real_allocations(rank, world):
     torch.manual_seed(rank)
     results = {}
     for flavor in FLAVORS:
-        for name, extra in REAL_LAYOUTS.items():
-            cfg = tiny(flavor, *extra)
-            dims = setup_dims(cfg)
-            model = build_trained_model(cfg, dims)
-            params = [p for _, p in model.named_params]
-            b, t = cfg.train.micro_batch_size, cfg.model.seq_length
-            per_rank = cfg.train.global_batch_size // dims.dp
-            ids = torch.randint(0, cfg.model.vocab_size, (per_rank // b, b, t))
-            model.parallel_step.forward_backward([(x, x) for x in ids], model.autocast(), 1.0)
-            gradients = _storage_bytes([p.grad for p in params])
-            model.parallel_step.optimizer_step(model.scaler, 0.0, True)
-            entry = {"weights": _storage_bytes(params), "gradients": gradients,
-                     "optimizer": _optimizer_bytes(model.optimizer)}
-            if dims.pp == 1 or not dims.is_first_stage:
-                chunk = model.chunks[0]
-                inputs = None
-                if not chunk.pre_process:  # a later stage: its input is the previous stage's hidden states
-                    inputs = torch.randn(b, t, cfg.model.hidden_size, requires_grad=True)
-                entry["activations"] = model_saved_bytes(chunk, cfg, inputs)
-            else:
-                entry["activations"] = saved_bytes(lambda: chunk_forward_first_stage(model, cfg), params)
-            results[(flavor, name)] = entry
+        for name in REAL_LAYOUTS:
+            for precision in PRECISIONS:
+                cfg = _real_config(flavor, name, precision)
+                dims = setup_dims(cfg)
+                model = build_trained_model(cfg, dims)
+                params = [p for _, p in model.named_params]
+                b, t = cfg.train.micro_batch_size, cfg.model.seq_length
+                per_rank = cfg.train.global_batch_size // dims.dp
+                ids = torch.randint(0, cfg.model.vocab_size, (per_rank // b, b, t))
+                model.parallel_step.forward_backward([(x, x) for x in ids], model.autocast(), 1.0)
+                gradients = _storage_bytes([p.main_grad for p in params])
+                model.parallel_step.optimizer_step(model.scaler, 0.0, True)
+                results[(flavor, name, precision)] = {
+                    "weights": _storage_bytes(params), "gradients": gradients,
+                    "optimizer": _optimizer_bytes(model.optimizer),
+                    "communication": _communication_bytes(model.optimizer),
+                    "activations": _activation_bytes(cfg, dims),
+                }
     return results
 
 
-def chunk_forward_first_stage(model, cfg):
-    ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_length))
-    return model.chunks[0](ids).sum()
+def _activation_bytes(cfg, dims) -> int:
+    from megatron_lite.training.setup import build_model_chunks
+
+    if dims.pp == 1 or dims.is_first_stage:
+        return saved_activation_bytes(cfg, dims)
+    # a later stage receives the previous stage's hidden states in the weights' dtype
+    chunk = build_model_chunks(cfg, dims)[0]
+    b, t = cfg.train.micro_batch_size, cfg.model.seq_length
+    dtype = next(chunk.parameters()).dtype
+    inputs = torch.randn(b, t, cfg.model.hidden_size, dtype=dtype, requires_grad=True)
+    return model_saved_bytes(chunk, cfg, inputs)
 
 
 def test_state_bytes_equal_a_real_run_and_activations_the_saved_tensors():
     results = run_distributed(_real_allocations, 2)
     for flavor in FLAVORS:
-        for name, extra in REAL_LAYOUTS.items():
-            plan = planner.plan_memory(tiny(flavor, *extra), 2)
-            for rank, measured in enumerate(results):
-                tp_rank, _, pp_rank = coords_of(rank, plan.config.parallel.tp, plan.dp)
-                planned = next(r for r in plan.ranks if (r.tp_rank, r.pp_rank) == (tp_rank, pp_rank))
-                real = measured[(flavor, name)]
-                where = f"{flavor} {name} rank {rank}"
-                assert (planned.weights, planned.gradients, planned.optimizer) == (
-                    real["weights"], real["gradients"], real["optimizer"]), where
-                assert planned.activations_per_micro_batch == pytest.approx(real["activations"], rel=0.15), where
+        for name in REAL_LAYOUTS:
+            for precision in PRECISIONS:
+                plan = planner.plan_memory(_real_config(flavor, name, precision), 2)
+                for rank, measured in enumerate(results):
+                    tp_rank, _, pp_rank = coords_of(rank, plan.config.parallel.tp, plan.dp)
+                    planned = next(r for r in plan.ranks if (r.tp_rank, r.pp_rank) == (tp_rank, pp_rank))
+                    real = measured[(flavor, name, precision)]
+                    where = f"{flavor} {name} {precision} rank {rank}"
+                    assert (planned.weights, planned.gradients, planned.optimizer) == (
+                        real["weights"], real["gradients"], real["optimizer"]), where
+                    if plan.config.parallel.pp == 1:  # the pipeline's receive buffers are not measured
+                        assert planned.communication == real["communication"], where
+                    assert planned.activations_per_micro_batch == pytest.approx(real["activations"], rel=0.15), where
+    padded = planner.plan_memory(_real_config("gpt2", "dp2_zero1_small_buckets", "fp32"), 2).ranks[0]
+    assert padded.weights > 4 * padded.parameters  # the case above does pad
+
+
+def test_compile_refusal_gives_the_training_message(monkeypatch):
+    from megatron_lite.training.setup import check_compile
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = tiny("gpt2", "train.compile=true", "model.norm_backend=triton")
+    expected = _message(lambda: check_compile(cfg))
+    assert expected.startswith("train.compile=true cannot apply: model.norm_backend=triton")
+    assert _message(lambda: planner.plan_memory(cfg, 1)) == expected
+    planner.plan_memory(tiny("gpt2", "train.compile=true"), 1)  # the torch backends compile
 
 
 # ----------------------------------------------------------------------------- context parallelism
