@@ -7,7 +7,8 @@
 ``eval`` answers the held-out questions (the split that ``rlhf.valid_fraction`` and
 ``train.seed`` leave out of the SFT and GRPO runs reading the same file) with greedy decoding,
 scores each answer with ``rewards.numeric_answer`` and prints the accuracy with its standard
-error. ``--compare OTHER`` scores a second checkpoint on the same questions and adds the paired
+error (``--temperature 1 --samples 8``: the share of sampled answers that are right, as the
+GRPO rollouts draw them). ``--compare OTHER`` scores a second checkpoint on the same questions and adds the paired
 difference (per-question change) with its standard error, the figure that says whether RL helped.
 """
 
@@ -34,15 +35,18 @@ def held_out_records(path: str | Path, valid_fraction: float, seed: int) -> list
     return [records[i] for i in valid]
 
 
-def score_checkpoint(load: str, records: list[dict], max_new_tokens: int, batch: int) -> np.ndarray:
-    """1.0 or 0.0 per record: the greedy answer of ``load`` checked against the record's answer."""
-    scores = []
-    for start in range(0, len(records), batch):
-        chunk = records[start:start + batch]
-        answers = generate_text(load, [r["prompt"] for r in chunk], max_new_tokens, temperature=0.0,
-                                device="cpu", chat=True)
-        scores += numeric_answer(None, answers, None, answer=[r["answer"] for r in chunk])
-    return np.asarray(scores, dtype=np.float64)
+def score_checkpoint(load: str, records: list[dict], max_new_tokens: int, batch: int, temperature: float = 0.0,
+                     samples: int = 1) -> np.ndarray:
+    """Per record, the share of ``samples`` answers of ``load`` (greedy at temperature 0) that the
+    record's answer checks as right."""
+    scores = np.zeros(len(records))
+    for sample in range(samples):
+        for start in range(0, len(records), batch):
+            chunk = records[start:start + batch]
+            answers = generate_text(load, [r["prompt"] for r in chunk], max_new_tokens, temperature=temperature,
+                                    seed=sample, device="cpu", chat=True)
+            scores[start:start + len(chunk)] += numeric_answer(None, answers, None, answer=[r["answer"] for r in chunk])
+    return scores / samples
 
 
 def mean_and_error(values: np.ndarray) -> tuple[float, float]:
@@ -59,11 +63,13 @@ def _build(args) -> None:
 
 def _eval(args) -> None:
     records = held_out_records(args.data, args.valid_fraction, args.seed)
-    scores = score_checkpoint(args.load, records, args.max_new_tokens, args.batch)
+    decoding = "greedy" if args.temperature == 0 else f"{args.samples} samples at temperature {args.temperature}"
+    scores = score_checkpoint(args.load, records, args.max_new_tokens, args.batch, args.temperature, args.samples)
     accuracy, error = mean_and_error(scores)
-    print(f"{args.load}: held-out accuracy {accuracy:.3f} +- {error:.3f} ({len(records)} questions, greedy)")
+    print(f"{args.load}: held-out accuracy {accuracy:.3f} +- {error:.3f} ({len(records)} questions, {decoding})")
     if args.compare:
-        other = score_checkpoint(args.compare, records, args.max_new_tokens, args.batch)
+        other = score_checkpoint(args.compare, records, args.max_new_tokens, args.batch, args.temperature,
+                                 args.samples)
         other_accuracy, other_error = mean_and_error(other)
         change, change_error = mean_and_error(other - scores)
         print(f"{args.compare}: held-out accuracy {other_accuracy:.3f} +- {other_error:.3f}")
@@ -87,13 +93,18 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--seed", type=int, required=True, help="the runs' train.seed")
     evaluate.add_argument("--max-new-tokens", type=int, default=6)
     evaluate.add_argument("--batch", type=int, default=64)
+    evaluate.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampled answers")
+    evaluate.add_argument("--samples", type=int, default=1, help="answers per question when sampling")
     args = parser.parse_args(argv)
     if args.command == "build":
         if args.count < 1:
             parser.error(f"--count {args.count}: need at least one question")
         _build(args)
-    else:
-        _eval(args)
+        return
+    if args.samples < 1 or (args.temperature == 0 and args.samples > 1):
+        parser.error(f"--samples {args.samples}: need at least 1, and 1 with greedy decoding (--temperature 0); "
+                     f"sample with --temperature 1 for more")
+    _eval(args)
 
 
 if __name__ == "__main__":

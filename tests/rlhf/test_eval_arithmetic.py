@@ -43,3 +43,10 @@ def test_mean_and_standard_error():
     assert mean == 0.5 and error == pytest.approx(np.sqrt(1 / 3) / 2)
     with pytest.raises(ValueError, match="needs at least two questions, got 1; raise --valid-fraction"):
         tool.mean_and_error(np.array([1.0]))
+
+
+def test_greedy_decoding_takes_one_sample(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tool.main(["eval", "--load", str(tmp_path), "--data", str(tmp_path / "a.jsonl"), "--valid-fraction", "0.2",
+                   "--seed", "1", "--samples", "4"])
+    assert "--samples 4: need at least 1, and 1 with greedy decoding" in capsys.readouterr().err
