@@ -77,7 +77,7 @@ def _word(rng: random.Random) -> str:
     return rng.choice([w for w in keyword.kwlist if w.isalpha()])
 
 
-def _expression(rng: random.Random) -> str:
+def _mixed_expression(rng: random.Random) -> str:
     a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
     forms = [
         lambda: f"len('{_word(rng)}') + {a}",
@@ -93,11 +93,32 @@ def _expression(rng: random.Random) -> str:
     return rng.choice(forms)()
 
 
-def arithmetic_records(count: int, seed: int = 0) -> list[dict]:
-    """``count`` distinct records (fewer when the forms run out), in a seeded order."""
+def _easy_expression(rng: random.Random) -> str:
+    # one step each, over digits and keywords: answers of one or two digits, within a tiny model's reach
+    a, b, c = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 9)
+    forms = [
+        lambda: f"{a} + {b}",
+        lambda: f"{max(a, b)} - {min(a, b)}",
+        lambda: f"max({a}, {b}, {c})",
+        lambda: f"min({a}, {b}, {c})",
+        lambda: f"len('{_word(rng)}')",
+        lambda: f"len('{_word(rng)}') + {a}",
+    ]
+    return rng.choice(forms)()
+
+
+# question kinds: "mixed" has two-step forms (products, remainders, joined words); "easy" one step each
+LEVELS = {"mixed": _mixed_expression, "easy": _easy_expression}
+
+
+def arithmetic_records(count: int, seed: int = 0, level: str = "mixed") -> list[dict]:
+    """``count`` distinct records of ``level`` (fewer when the forms run out), in a seeded order."""
+    if level not in LEVELS:
+        raise ValueError(f"arithmetic level {level!r} is not one of {sorted(LEVELS)}; pick one of those")
+    expression_of = LEVELS[level]
     rng, records, seen = random.Random(seed), [], set()
     for _ in range(count * 20):
-        expression = _expression(rng)
+        expression = expression_of(rng)
         if expression in seen:
             continue
         seen.add(expression)
@@ -108,17 +129,17 @@ def arithmetic_records(count: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def build_arithmetic_data(out_dir: str | Path, count: int = 4000, seed: int = 0) -> Path:
-    """``out_dir``/arithmetic.jsonl with ``count`` records (written once per settings: a marker
+def build_arithmetic_data(out_dir: str | Path, count: int = 4000, seed: int = 0, level: str = "mixed") -> Path:
+    """``out_dir``/arithmetic.jsonl with ``count`` records of ``level`` (written once per settings: a marker
     beside it records them; a temporary name first, so an interrupted build leaves no half file)."""
     out_dir = Path(out_dir)
     path, marker = out_dir / "arithmetic.jsonl", out_dir / "arithmetic.json"
-    settings = {"count": count, "seed": seed, "version": _VERSION}
+    settings = {"count": count, "seed": seed, "level": level, "version": _VERSION}
     if path.is_file() and marker.is_file() and marker.read_text() == json.dumps(settings):
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps(record) + "\n" for record in arithmetic_records(count, seed)))
+    partial.write_text("".join(json.dumps(record) + "\n" for record in arithmetic_records(count, seed, level)))
     os.replace(partial, path)
     marker.write_text(json.dumps(settings))
     return path

@@ -63,3 +63,27 @@ def test_the_file_is_built_once_and_found_by_rlhf_demo(tmp_path):
     found = stage_data_path(cfg, SimpleNamespace(rank=0), "grpo", "arithmetic")  # one process: rank 0 builds
     assert found == tmp_path / "found" / "arithmetic.jsonl" and len(found.read_text().splitlines()) == 30
 
+
+
+def test_easy_questions_are_one_step_with_short_answers():
+    records = arithmetic_records(400, seed=3, level="easy")
+    assert len(records) == 400 and len({r["prompt"] for r in records}) == 400
+    for record in records:
+        expression = record["prompt"].split("`")[1]
+        assert record["answer"] == record["response"] == str(evaluate_expression(expression))
+        assert 0 <= int(record["answer"]) <= 18  # a digit or a two-digit sum
+        assert "*" not in expression and "%" not in expression and "//" not in expression
+    assert arithmetic_records(400, seed=3, level="easy") == records
+    assert records != arithmetic_records(400, seed=3)  # the mixed questions differ
+
+
+def test_an_unknown_level_names_the_choices():
+    with pytest.raises(ValueError, match=r"level 'hard' is not one of \['easy', 'mixed'\]"):
+        arithmetic_records(10, level="hard")
+
+
+def test_a_new_level_rebuilds_the_file(tmp_path):
+    path = build_arithmetic_data(tmp_path, count=30, seed=0)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == arithmetic_records(30, seed=0)
+    assert build_arithmetic_data(tmp_path, count=30, seed=0, level="easy") == path
+    assert [json.loads(line) for line in path.read_text().splitlines()] == arithmetic_records(30, seed=0, level="easy")
