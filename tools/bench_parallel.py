@@ -48,7 +48,6 @@ from megatron_lite.parallel.comm_stats import CommStats
 from megatron_lite.parallel.context_parallel import split_sequence
 from megatron_lite.parallel.launch import run_distributed
 from megatron_lite.parallel.pipeline import forward_backward
-from megatron_lite.training.checkpoint import named_parameters
 from megatron_lite.training.optim import LossScaler
 from megatron_lite.training.setup import autocast_context, build_model_chunks, resolve, seed_everything, setup_dims
 from megatron_lite.training.step import ParallelStep, build_parallel_optimizer
