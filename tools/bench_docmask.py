@@ -32,6 +32,7 @@ if not torch.cuda.is_available():
 
 from kernel_bench.docmask import as_json, docmask_markdown, ragged_lengths, run_docmask  # noqa: E402
 
+from benchmark_docs import record_table_row  # noqa: E402
 from megatron_lite.cli import run_reporting  # noqa: E402
 from megatron_lite.config import ConfigError, load_config  # noqa: E402
 from megatron_lite.training.metrics import device_name  # noqa: E402
@@ -135,23 +136,7 @@ def bench_train(args: argparse.Namespace) -> int:
 
 
 def record_row(docs: Path, row: str) -> None:
-    """Append ``row`` to the section's table, creating the section when missing."""
-    text = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    if not any(line.rstrip() == SECTION for line in lines):
-        sep = "" if text.endswith("\n") else "\n"
-        docs.parent.mkdir(parents=True, exist_ok=True)
-        docs.write_text(text + sep + "\n" + SECTION + "\n\n" + TABLE_HEADER + row)
-        return
-    start = next(i for i, line in enumerate(lines) if line.rstrip() == SECTION)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    table = [i for i in range(start, end) if lines[i].startswith("| date")]
-    if not table:
-        lines[end:end] = ["\n", TABLE_HEADER, row]
-    else:
-        last = max(i for i in range(table[0], end) if lines[i].startswith("|"))
-        lines.insert(last + 1, row)
-    docs.write_text("".join(lines))
+    record_table_row(docs, SECTION, TABLE_HEADER, row)
 
 
 # ----------------------------------------------------------------------------- kernels

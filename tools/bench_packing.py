@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmark_docs import record_table_row
 from megatron_lite.cli import run_reporting
 from megatron_lite.config import load_config
 from megatron_lite.rlhf import STAGES
@@ -99,21 +100,7 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def record_row(docs: Path, row: str) -> None:
-    """Append ``row`` to the section's table, creating the section (at the end) when missing."""
-    text = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    if not any(line.rstrip() == SECTION for line in lines):
-        docs.parent.mkdir(parents=True, exist_ok=True)
-        docs.write_text(text + ("" if text.endswith("\n") else "\n") + "\n" + SECTION + "\n\n" + TABLE_HEADER + row)
-        return
-    start = next(i for i, line in enumerate(lines) if line.rstrip() == SECTION)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    table = [i for i in range(start, end) if lines[i].startswith("| date")]
-    if not table:
-        lines[end:end] = ["\n", TABLE_HEADER, row]
-    else:
-        lines.insert(max(i for i in range(table[0], end) if lines[i].startswith("|")) + 1, row)
-    docs.write_text("".join(lines))
+    record_table_row(docs, SECTION, TABLE_HEADER, row)
 
 
 def main(argv=None) -> int:
